@@ -1,0 +1,5 @@
+import sys
+
+from batchrun.cli import main
+
+sys.exit(main())
