@@ -1,0 +1,157 @@
+"""The exceptions batchrun raises, and what each one means for a run.
+
+    BatchrunError                   anything batchrun reports to the user as one readable message
+    ├── UsageError                  bad flag or argument (exit 2)
+    ├── ManifestError               the manifest is invalid; carries every Problem found (exit 2)
+    ├── LedgerError                 the ledger is corrupt, truncated or from a newer batchrun
+    ├── OutputDirLocked             another run holds this output directory (exit 75)
+    ├── ApiError                    the API answered with an error, or could not be reached
+    │   ├── TransientApiError       worth retrying: connection failure, timeout, 408, 429, 5xx
+    │   ├── AuthError               token or balance problem: stop submitting (exit 3)
+    │   ├── InvalidRequestError     the API rejected the input (400/422): retrying cannot help
+    │   └── RequestNotFound         the request id is unknown or expired (404)
+    ├── SubmitOutcomeUnknown        a POST was sent and may or may not have created a job
+    └── DownloadError               a video could not be fetched or stored
+        ├── OutputUrlExpired        the storage host refused the URL (403/404): refresh it from the result
+        ├── DownloadTooLarge        over the size cap
+        └── DiskFull                no space left: stop the run, mark nothing done
+
+Messages never contain the API token: the client never puts request headers into an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BatchrunError(Exception):
+    """Base of every error batchrun reports as a message rather than a traceback."""
+
+
+class UsageError(BatchrunError):
+    """A flag, argument or path given on the command line is wrong."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest, located as precisely as we can.
+
+    `where` is the job-relative path such as ``jobs[3] (id=harbor).duration``; `line` and `column`
+    are 1-based. `severity` is "error" or "warning".
+    """
+
+    file: str
+    line: int
+    column: int
+    where: str
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        prefix = "warning: " if self.severity == "warning" else ""
+        where = f" {self.where}:" if self.where else ""
+        return f"{self.file}:{self.line}:{self.column}:{where} {prefix}{self.message}"
+
+
+class ManifestError(BatchrunError):
+    """The manifest cannot be used. `problems` lists every error found, in file order."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems[:1]) or "invalid manifest")
+
+
+class LedgerError(BatchrunError):
+    """The ledger cannot be opened safely; it is left untouched."""
+
+
+class OutputDirLocked(BatchrunError):
+    """Another batchrun process holds the output directory's lock."""
+
+    def __init__(self, path: str, pid: int | None):
+        self.path = path
+        self.pid = pid
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"{path} is in use by {holder}; wait for that run to finish")
+
+
+class ApiError(BatchrunError):
+    """An error answer from the API, or no answer at all.
+
+    `status` is the HTTP status (None when no answer arrived), `code` RunComfy's numeric
+    `error_code` when the body had one, `retry_after` seconds the server asked us to wait.
+    """
+
+    kind = "api"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: int | None = None,
+        retry_after: float | None = None,
+    ):
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+        self.message = message
+        super().__init__(message)
+
+
+class TransientApiError(ApiError):
+    """Retrying later may succeed: connection failure, timeout, 408, 429, 5xx."""
+
+    kind = "transient"
+
+    def __init__(self, message: str, *, connected: bool = True, **kwargs):
+        # connected=False means the request never reached the server, so a POST could not
+        # have created a job and may be retried safely.
+        self.connected = connected
+        super().__init__(message, **kwargs)
+
+
+class AuthError(ApiError):
+    """The token is missing, invalid or revoked, or the balance is exhausted."""
+
+    kind = "auth"
+
+
+class InvalidRequestError(ApiError):
+    """The API refused the request's content (validation, unknown model)."""
+
+    kind = "invalid"
+
+
+class RequestNotFound(ApiError):
+    """The API does not know this request id (nonexistent, deleted or expired)."""
+
+    kind = "not_found"
+
+
+class SubmitOutcomeUnknown(BatchrunError):
+    """A POST was sent but its answer was lost or unusable: a job may exist remotely."""
+
+    kind = "unknown"
+
+
+class DownloadError(BatchrunError):
+    """A video could not be downloaded or stored."""
+
+    kind = "download"
+
+
+class OutputUrlExpired(DownloadError):
+    """The storage host refused the output URL; the result call gives a fresh one."""
+
+    kind = "url_expired"
+
+
+class DownloadTooLarge(DownloadError):
+    kind = "too_large"
+
+
+class DiskFull(DownloadError):
+    """No space left on the output device."""
+
+    kind = "disk_full"
