@@ -12,6 +12,7 @@
     │   └── RequestNotFound         the request id is unknown or expired (404)
     ├── SubmitOutcomeUnknown        a POST was sent and may or may not have created a job
     └── DownloadError               a video could not be fetched or stored
+        ├── DownloadInterrupted     the transfer stopped part-way: retry later, the .part is resumed
         ├── OutputUrlExpired        the storage host refused the URL (403/404): refresh it from the result
         ├── DownloadTooLarge        over the size cap
         └── DiskFull                no space left: stop the run, mark nothing done
@@ -139,6 +140,20 @@ class DownloadError(BatchrunError):
     """A video could not be downloaded or stored."""
 
     kind = "download"
+
+
+class DownloadInterrupted(DownloadError):
+    """The transfer stopped part-way (connection lost, timeout, short body, 408/429/5xx).
+
+    Retrying later may succeed; the partial file is kept and the next attempt resumes it.
+    `retry_after` is the seconds the server asked us to wait, if it said.
+    """
+
+    kind = "interrupted"
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class OutputUrlExpired(DownloadError):

@@ -1,0 +1,165 @@
+"""Validation of one job's model input: the vendored JSON Schema plus the rules stated only in prose.
+
+Every finding is a `Finding` with a path inside the input (such as ``("multi_prompt", 1, "duration")``);
+the manifest turns paths into file positions. Nothing here stops at the first problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+
+from batchrun.models import Model
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: tuple
+    message: str
+    severity: str = "error"
+    at_key: bool = False  # point at the key itself (unknown keys), not its value
+
+
+_validators: dict[str, Any] = {}
+
+
+def validator_for(model: Model):
+    """A compiled validator per model, built once: schema checking dominates a 100,000-job validate."""
+    validator = _validators.get(model.model_id)
+    if validator is None:
+        cls = jsonschema.validators.validator_for(model.input_schema)
+        cls.check_schema(model.input_schema)
+        validator = _validators[model.model_id] = cls(model.input_schema)
+    return validator
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "text", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
+    path = tuple(error.absolute_path)
+    kind = error.validator
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = error.schema.get("properties", {})
+        return [
+            Finding(path + (key,), f"unknown field {key!r}{_did_you_mean(key, allowed)}", at_key=True)
+            for key in error.instance
+            if key not in allowed
+        ]
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return [Finding(path, f"missing required field {missing!r}")]
+    if kind == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        expected = {"string": "text", "object": "a mapping", "array": "a list", "integer": "a whole number",
+                    "number": "a number", "boolean": "true or false"}.get(expected, expected)
+        return [Finding(path, f"must be {expected}, not {_type_name(error.instance)} {error.instance!r}"[:300])]
+    if kind in ("minimum", "maximum"):
+        word = "at least" if kind == "minimum" else "at most"
+        return [Finding(path, f"must be {word} {error.validator_value}, got {error.instance!r}")]
+    if kind == "enum":
+        options = ", ".join(repr(v) for v in error.validator_value)
+        return [Finding(path, f"must be one of {options}, got {error.instance!r}")]
+    if kind in ("maxItems", "minItems"):
+        word = "at most" if kind == "maxItems" else "at least"
+        return [Finding(path, f"must have {word} {error.validator_value} items, has {len(error.instance)}")]
+    return [Finding(path, error.message[:300])]
+
+
+def _values_at(value: Any, spec: str, path: tuple = ()):
+    """Yield (path, value) for a field spec such as ``elements[].reference_image_urls[]``."""
+    if not spec:
+        yield path, value
+        return
+    head, _, rest = spec.partition(".")
+    many = head.endswith("[]")
+    name = head[:-2] if many else head
+    if not isinstance(value, dict) or name not in value:
+        return
+    child = value[name]
+    if many:
+        if isinstance(child, list):
+            for i, item in enumerate(child):
+                yield from _values_at(item, rest, path + (name, i))
+    else:
+        yield from _values_at(child, rest, path + (name,))
+
+
+def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Finding]:
+    if not isinstance(value, str):
+        return []  # the schema reports the type
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.netloc:
+        if parts.scheme == "http":
+            return [Finding(path, "must be an https:// URL (RunComfy fetches inputs over HTTPS only)")]
+        return [Finding(path, f"must be an https:// URL, got {value[:80]!r}")]
+    ending = parts.path.rsplit(".", 1)[-1].lower() if "." in parts.path.rsplit("/", 1)[-1] else ""
+    if extensions and ending not in extensions:
+        allowed = ", ".join(extensions)
+        return [Finding(path, f"the URL does not end in a known image type ({allowed}); "
+                              "fine if the host serves an image anyway", "warning")]
+    return []
+
+
+def _prose_rules(model: Model, job_input: dict[str, Any]) -> list[Finding]:
+    findings: list[Finding] = []
+    rules = model.rules
+    for rule in rules.get("sum_equals", []):
+        items = job_input.get(rule["items"])
+        if not isinstance(items, list) or not items:
+            continue
+        item_field = rule["item_field"]
+        item_default = (
+            model.input_schema["properties"][rule["items"]].get("items", {})
+            .get("properties", {}).get(item_field, {}).get("default", 0)
+        )
+        parts = [item.get(item_field, item_default) if isinstance(item, dict) else 0 for item in items]
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in parts):
+            continue  # the schema reports the types
+        total = job_input.get(rule["total"], model.default(rule["total"]))
+        if isinstance(total, int) and sum(parts) != total:
+            shown = " + ".join(str(p) for p in parts)
+            findings.append(Finding((rule["items"],),
+                                    f"segment {item_field}s add up to {shown} = {sum(parts)}, "
+                                    f"but {rule['total']} is {total}; they must be equal"))
+    for spec, limit in rules.get("warn_max_chars", {}).items():
+        for path, value in _values_at(job_input, spec):
+            if isinstance(value, str) and len(value) > limit:
+                findings.append(Finding(path, f"is {len(value)} characters; Kling accepts at most {limit}",
+                                        "warning"))
+    for spec, limit in rules.get("warn_max_items", {}).items():
+        for path, value in _values_at(job_input, spec):
+            if isinstance(value, list) and len(value) > limit:
+                findings.append(Finding(path, f"has {len(value)} items; Kling accepts at most {limit}",
+                                        "warning"))
+    for spec in model.url_fields.get("image", []):
+        for path, value in _values_at(job_input, spec):
+            findings.extend(_check_url(path, value, model.image_extensions))
+    for spec in model.url_fields.get("video", []):
+        for path, value in _values_at(job_input, spec):
+            findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
+    return findings
+
+
+def check_input(model: Model, job_input: dict[str, Any]) -> list[Finding]:
+    """Every problem with one job's full input, errors and warnings, in a stable order."""
+    findings: list[Finding] = []
+    for error in validator_for(model).iter_errors(job_input):
+        findings.extend(_schema_findings(error))
+    findings.extend(_prose_rules(model, job_input))
+    return sorted(findings, key=lambda f: [str(p) for p in f.path])

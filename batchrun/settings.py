@@ -1,0 +1,103 @@
+"""Run settings: every top-level manifest setting, its type, safe default and meaning, in one table.
+
+The README's manifest reference is generated from `SETTINGS` (see `reference_table`), so the two
+cannot drift apart. Command-line flags override the manifest; `Settings.with_overrides` applies them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type
+    default: Any
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    optional: bool = False  # None (absent) is a meaningful value
+
+    def check(self, value: Any) -> str | None:
+        """A message saying what is wrong with `value`, or None when it is acceptable."""
+        if value is None and self.optional:
+            return None
+        if self.kind is bool:
+            ok = isinstance(value, bool)
+        elif self.kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif self.kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, self.kind)
+        if not ok:
+            names = {bool: "true or false", float: "a number", int: "a whole number", str: "text"}
+            return f"must be {names.get(self.kind, self.kind.__name__)}, got {value!r}"
+        if self.minimum is not None and value < self.minimum:
+            return f"must be at least {self.minimum:g}, got {value!r}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be at most {self.maximum:g}, got {value!r}"
+        return None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("concurrency", int, 4, "jobs in flight remotely at once (submitted, not yet finished)", 1, 1000),
+    Setting("budget_usd", float, None, "hard cap on spend for this output dir; no job is submitted that "
+            "would take done + in-flight + its estimate over it", 0, optional=True),
+    Setting("requests_per_second", float, 5.0, "rate limit over all API calls of one run", 0.1, 1000),
+    Setting("poll_min_interval", float, 1.0, "shortest wait between two status checks of one job, seconds",
+            0.0, 3600),
+    Setting("poll_max_interval", float, 30.0, "longest wait between two status checks of one job, seconds",
+            0.0, 3600),
+    Setting("job_timeout", float, 1800.0, "seconds after submission before a job is given up on: cancelled "
+            "if still queued, otherwise left for a later run to collect", 1, 7 * 86400),
+    Setting("max_attempts", int, 8, "tries per status, result or download call before the job is left "
+            "for a later run", 1, 100),
+    Setting("resubmit_unknown", bool, False, "resubmit jobs whose POST may or may not have reached the "
+            "server (for unattended runs; risks paying twice for those jobs)"),
+    Setting("max_wait", float, None, "seconds after which a run stops submitting and leaves, leaving "
+            "jobs in flight for the next run", 1, optional=True),
+    Setting("max_video_mb", float, 2048.0, "refuse a download larger than this, MiB", 1, 1 << 20),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    concurrency: int = 4
+    budget_usd: float | None = None
+    requests_per_second: float = 5.0
+    poll_min_interval: float = 1.0
+    poll_max_interval: float = 30.0
+    job_timeout: float = 1800.0
+    max_attempts: int = 8
+    resubmit_unknown: bool = False
+    max_wait: float | None = None
+    max_video_mb: float = 2048.0
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with every override that is not None applied (flags left unset keep the manifest's)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for name, value in given.items():
+            problem = BY_NAME[name].check(value)
+            if problem:
+                from batchrun.errors import UsageError
+
+                raise UsageError(f"--{name.replace('_', '-')} {problem}")
+        return dataclasses.replace(self, **given)
+
+
+assert {f.name for f in dataclasses.fields(Settings)} == set(BY_NAME), "SETTINGS and Settings differ"
+assert all(getattr(Settings(), s.name) == s.default for s in SETTINGS), "defaults differ"
+
+
+def reference_table() -> str:
+    """The settings as a Markdown table, for the README."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = "none" if s.default is None else str(s.default).lower()
+        rows.append(f"| `{s.name}` | {default} | {s.doc} |")
+    return "\n".join(rows)
