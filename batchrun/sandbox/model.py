@@ -1,0 +1,88 @@
+"""What the sandbox knows about each model: its input schema, prose-only rules and price.
+
+Read from batchrun's vendored model files (``batchrun/models/*.json``), never from client code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+
+def input_sha256(obj: Any) -> str:
+    """sha256 of the canonical JSON of a model input: the key of ``Sandbox.posts_by_input``."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Model:
+    """A model the sandbox knows, loaded from one of batchrun's vendored model files."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.model_id: str = data["model_id"]
+        self.schema: dict[str, Any] = data["input_schema"]
+        self.validator = jsonschema.Draft202012Validator(self.schema)
+        self.price: dict[str, Any] = data.get("price", {})
+        self.sum_rules: list[dict[str, str]] = data.get("rules", {}).get("sum_equals", [])
+
+    def _default(self, *path: str) -> Any:
+        node: Any = self.schema
+        for key in path:
+            node = node.get(key, {})
+        return node if not isinstance(node, dict) else None
+
+    def problems(self, body: Any) -> list[dict[str, Any]]:
+        found = []
+        for err in sorted(self.validator.iter_errors(body), key=lambda e: list(map(str, e.path))):
+            loc = ["body", *err.absolute_path]
+            if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+                # Point at each unknown key, as FastAPI-style APIs do, not at the enclosing object.
+                known = err.schema.get("properties", {})
+                for key in sorted(k for k in err.instance if k not in known):
+                    found.append({"loc": [*loc, key], "msg": "extra inputs are not permitted",
+                                  "type": "extra_forbidden"})
+            else:
+                found.append({"loc": loc, "msg": err.message, "type": err.validator})
+        if found:
+            return found
+        # The one rule the schema states only in prose: segment durations add up to the total.
+        for rule in self.sum_rules:
+            items, field, total_key = rule["items"], rule["item_field"], rule["total"]
+            if not body.get(items):
+                continue
+            each = self._default("properties", items, "items", "properties", field, "default")
+            got = sum(item.get(field, each) for item in body[items])
+            total = body.get(total_key, self._default("properties", total_key, "default"))
+            if got != total:
+                msg = f"the {field}s of {items} add up to {got}, but {total_key} is {total}"
+                found.append({"loc": ["body", items], "msg": msg, "type": "sum_equals"})
+        return found
+
+    def cost(self, body: dict[str, Any]) -> float:
+        price = self.price
+        duration_field = price.get("duration_field", "duration")
+        seconds = body.get(duration_field, self._default("properties", duration_field, "default"))
+        audio_field = price.get("audio_field", "generate_audio")
+        audio = body.get(audio_field, self._default("properties", audio_field, "default"))
+        rate = price.get("usd_per_second_with_audio") if audio else price.get("usd_per_second")
+        return round(float(seconds or 0) * float(rate or 0), 6)
+
+
+def _load_models() -> dict[str, Model]:
+    """Every model file batchrun vendors, keyed by model id."""
+    models = {}
+    for entry in resources.files("batchrun").joinpath("models").iterdir():
+        if entry.name.endswith(".json"):
+            data = json.loads(entry.read_text(encoding="utf-8"))
+            if "model_id" in data and "input_schema" in data:
+                models[data["model_id"]] = Model(data)
+    return models
+
+
+MODELS = _load_models()
+_DEFAULT_FILE = resources.files("batchrun").joinpath("models", "kling-3.0-standard-image-to-video.json")
+MODEL_ID: str = json.loads(_DEFAULT_FILE.read_text("utf-8"))["model_id"]

@@ -1,0 +1,444 @@
+"""An emulator of RunComfy's Model API on loopback, with fault knobs, for tests and `--sandbox` runs.
+
+It deliberately imports nothing from batchrun's client code, so tests never check the client
+against itself: the contract lives here a second time, written from the API page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import random
+import re
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from .model import MODEL_ID, MODELS, input_sha256
+from .queue import CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, IN_QUEUE, Job, SimQueue
+
+__all__ = ["MODEL_ID", "Faults", "Sandbox", "input_sha256", "serve_forever"]
+
+FAIL_MESSAGE = "content policy violation (sandbox)"
+RANDOM_FAIL_MESSAGE = "generation failed (sandbox)"
+VIDEO_NAME = "video.mp4"
+# Room for a request carrying inline data: URI images (RunComfy's own clients cap one at 64 MiB).
+MAX_BODY = 65 * 1024 * 1024
+_NOT_JSON = object()
+# Where the gate leaves the parsed submit body for the handler (RequestKey exists from aiohttp 3.11).
+_INPUT: Any = web.RequestKey("sandbox_input", object) if hasattr(web, "RequestKey") else "sandbox_input"
+
+
+@dataclass
+class Faults:
+    """What the sandbox gets wrong on purpose. Every knob is off by default except the fail marker.
+
+    Rates are fractions in [0, 1] drawn from the sandbox's seeded RNG, one RNG per knob so that
+    turning one knob on does not change what another one does.
+    """
+
+    rate_limit_every: int = 0  # every Nth authorised /v1/ call answers 429
+    retry_after: str = "1"  # the Retry-After header of those 429s (seconds or an HTTP-date)
+    error_5xx_rate: float = 0.0  # status/result/download calls answering 500 or 503
+    http200_error_rate: float = 0.0  # status/result calls answering 200 with an error_code body
+    url_ttl: float | None = None  # seconds an output URL stays valid; then /files answers 403
+    cut_download_rate: float = 0.0  # downloads whose connection closes early...
+    cut_after_bytes: int = 1024  # ...after this many body bytes (Content-Length stays full)
+    fail_marker: str = "[fail]"  # a prompt containing it ends `failed`; "" disables
+    fail_rate: float = 0.0  # other jobs ending `failed` at random
+    lose_submit_answer: int = 0  # the first N created jobs get a 502 non-JSON answer instead
+    no_balance_after: int | None = None  # after N created jobs, submits answer 402 / 400002
+    odd_statuses: bool = False  # in-progress jobs report `starting` then `processing`
+
+
+def _sample_video() -> bytes:
+    return resources.files("batchrun.sandbox").joinpath("sample.mp4").read_bytes()
+
+
+def _error(status: int, code: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error_code": code, "error_message": message, **extra}, status=status)
+
+
+class Sandbox:
+    """An in-process emulator of RunComfy's Model API, served on a real loopback socket.
+
+    ``render_seconds`` is a float or a callable ``(rng) -> float`` giving each job's render time;
+    ``clock`` drives the simulation (tests pass a fake clock and advance it). Counters for tests:
+    ``posts_total``, ``posts_by_input`` / ``posts_for()``, ``jobs_created``, ``jobs``,
+    ``jobs_by_input`` / ``jobs_for()``, ``peak_in_flight``, ``calls``.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 4,
+        render_seconds: float | Callable[[random.Random], float] = 0.0,
+        faults: Faults | None = None,
+        token: str | None = None,
+        video_bytes: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int = 0,
+    ) -> None:
+        self.faults = faults or Faults()
+        self.render_seconds = render_seconds
+        self.clock = clock
+        self.video_bytes = _sample_video() if video_bytes is None else video_bytes
+        self.models = MODELS
+        self.queue = SimQueue(capacity)
+        self._token = token
+        knobs = ("ids", "render", "fail", "5xx", "200err", "cut", "sig")
+        self._rngs = {name: random.Random(f"{seed}/{name}") for name in knobs}
+        self._sig_key = self._rngs["sig"].randbytes(16)
+        # Map the sandbox clock (monotonic or fake) onto wall time for created_at / finished_at.
+        self._clock0, self._wall0 = clock(), time.time()
+
+        self.posts_total = 0
+        self.posts_by_input: Counter[str] = Counter()
+        self.jobs_created = 0
+        self.jobs: dict[str, Job] = {}
+        self.jobs_by_input: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+        self._api_calls = 0
+        self._answers_lost = 0
+
+        self.base_url: str | None = None
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[web.middleware(self._gate_fn())])
+        r = self.app.router
+        r.add_post("/v1/models/{model_id:.+}", self._submit, name="submit")
+        r.add_get("/v1/requests/{request_id}/status", self._status, name="status")
+        r.add_get("/v1/requests/{request_id}/result", self._result, name="result")
+        r.add_post("/v1/requests/{request_id}/cancel", self._cancel, name="cancel")
+        r.add_get("/files/{request_id}/{name}", self._download, name="download")
+
+    # -- counters ---------------------------------------------------------------------------
+
+    @property
+    def peak_in_flight(self) -> int:
+        return self.queue.peak_in_flight
+
+    @property
+    def in_flight(self) -> int:
+        self.queue.advance(self.clock())
+        return self.queue.in_flight
+
+    def posts_for(self, input_dict: Any) -> int:
+        """How many POSTs carried this input, whatever they were answered."""
+        return self.posts_by_input[input_sha256(input_dict)]
+
+    def jobs_for(self, input_dict: Any) -> int:
+        """How many jobs (paid requests) were created for this input."""
+        return self.jobs_by_input[input_sha256(input_dict)]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = False) -> str:
+        """Listen on ``host:port`` (0 picks a free port) and return the base URL."""
+        kwargs = {} if access_log else {"access_log": None}
+        self._runner = web.AppRunner(self.app, **kwargs)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        bound_port = self._runner.addresses[0][1]
+        shown = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{shown}:{bound_port}"
+        return self.base_url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        now = self.clock()
+        self.queue.advance(now)
+        return now
+
+    def _iso(self, t: float | None) -> str | None:
+        if t is None:
+            return None
+        return datetime.fromtimestamp(self._wall0 + (t - self._clock0), timezone.utc).isoformat()
+
+    def _base(self, request: web.Request) -> str:
+        return self.base_url or str(request.url.origin())
+
+    def _roll(self, knob: str, rate: float) -> bool:
+        return rate > 0 and self._rngs[knob].random() < rate
+
+    def _gate_fn(self) -> Callable:
+        # aiohttp marks middlewares with an attribute, which a bound method cannot carry.
+        async def gate(request: web.Request, handler: Callable) -> web.StreamResponse:
+            return await self._gate(request, handler)
+
+        return gate
+
+    async def _gate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """Count every call, then apply auth and the rate limit to the /v1/ API."""
+        kind = getattr(request.match_info.route, "name", None)
+        if kind is None:
+            return await handler(request)
+        self.calls[kind] += 1
+        if kind == "download":
+            return await handler(request)
+        if kind == "submit":
+            self.posts_total += 1
+            try:
+                request[_INPUT] = json.loads(await request.read())
+                self.posts_by_input[input_sha256(request[_INPUT])] += 1
+            except ValueError:
+                request[_INPUT] = _NOT_JSON
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip() or (
+            self._token is not None and not hmac.compare_digest(given.strip(), self._token)
+        ):
+            return _error(401, 401001, "unauthorized: a valid 'Authorization: Bearer <token>' is required")
+        self._api_calls += 1
+        every = self.faults.rate_limit_every
+        if every and self._api_calls % every == 0:
+            resp = _error(429, 429001, "rate limited (sandbox)")
+            resp.headers["Retry-After"] = self.faults.retry_after
+            return resp
+        return await handler(request)
+
+    def _job(self, request: web.Request) -> Job:
+        job = self.jobs.get(request.match_info["request_id"])
+        if job is None:
+            raise web.HTTPNotFound(
+                text=json.dumps({"error_code": 404001, "error_message": "request not found"}),
+                content_type="application/json",
+            )
+        return job
+
+    def _server_fault(self, with_http200: bool) -> web.Response | None:
+        if self._roll("5xx", self.faults.error_5xx_rate):
+            if self._rngs["5xx"].random() < 0.5:
+                return _error(500, 500001, "internal error")
+            return _error(503, 500001, "service unavailable")
+        if with_http200 and self._roll("200err", self.faults.http200_error_rate):
+            return _error(200, 500001, "internal error")
+        return None
+
+    def _urls(self, base: str, request_id: str) -> dict[str, str]:
+        root = f"{base}/v1/requests/{request_id}"
+        return {f"{kind}_url": f"{root}/{kind}" for kind in ("status", "result", "cancel")}
+
+    def _shown_status(self, job: Job, now: float) -> str:
+        if job.status == IN_PROGRESS and self.faults.odd_statuses:
+            halfway = job.started_at + job.render_seconds / 2
+            return "starting" if now < halfway else "processing"
+        return job.status
+
+    def _status_body(self, request: web.Request, job: Job, now: float) -> dict[str, Any]:
+        body = {"request_id": job.request_id, "status": self._shown_status(job, now)}
+        if job.status == IN_QUEUE:
+            body["queue_position"] = self.queue.position(job)
+        urls = self._urls(self._base(request), job.request_id)
+        return body | {"status_url": urls["status_url"], "result_url": urls["result_url"]}
+
+    def _sign(self, path: str, expires: str) -> str:
+        return hmac.new(self._sig_key, f"{path}?{expires}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _video_url(self, request: web.Request, job: Job, now: float) -> str:
+        path = f"/files/{job.request_id}/{VIDEO_NAME}"
+        job.urls_minted += 1
+        if self.faults.url_ttl is None:
+            return self._base(request) + path
+        expires = f"{now + self.faults.url_ttl:.6f}"
+        return f"{self._base(request)}{path}?expires={expires}&sig={self._sign(path, expires)}"
+
+    # -- the API ----------------------------------------------------------------------------
+
+    async def _submit(self, request: web.Request) -> web.Response:
+        model = self.models.get(request.match_info["model_id"])
+        if model is None:
+            return _error(400, 400001, f"unknown model: {request.match_info['model_id']}")
+        body = request[_INPUT]
+        if body is _NOT_JSON:
+            detail = [{"loc": ["body"], "msg": "the body is not valid JSON", "type": "json_invalid"}]
+            return _error(422, 422001, "validation error: the body is not valid JSON", detail=detail)
+        problems = model.problems(body)
+        if problems:
+            first = problems[0]
+            where = ".".join(map(str, first["loc"][1:])) or "body"
+            return _error(422, 422001, f"validation error: {where}: {first['msg']}", detail=problems)
+        limit = self.faults.no_balance_after
+        if limit is not None and self.jobs_created >= limit:
+            return _error(402, 400002, "no remaining balance")
+
+        now = self._now()
+        job = Job(
+            request_id=str(uuid.UUID(int=self._rngs["ids"].getrandbits(128), version=4)),
+            model_id=model.model_id,
+            input=body,
+            input_sha256=input_sha256(body),
+            render_seconds=self._render_time(),
+            created_at=now,
+            error=self._planned_error(body),
+        )
+        self.jobs[job.request_id] = job
+        self.jobs_created += 1
+        self.jobs_by_input[job.input_sha256] += 1
+        self.queue.add(job, now)
+
+        if self._answers_lost < self.faults.lose_submit_answer:
+            # The job exists and will be billed, but the client never learns its id.
+            self._answers_lost += 1
+            job.lost_answer = True
+            return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                                content_type="text/html")
+        urls = self._urls(self._base(request), job.request_id)
+        return web.json_response({"request_id": job.request_id, **urls})
+
+    def _render_time(self) -> float:
+        spec = self.render_seconds
+        seconds = spec(self._rngs["render"]) if callable(spec) else spec
+        return max(0.0, float(seconds))
+
+    def _planned_error(self, body: dict[str, Any]) -> str | None:
+        marker = self.faults.fail_marker
+        prompts = [body.get("prompt", "")] + [seg.get("prompt", "") for seg in body.get("multi_prompt") or []]
+        if marker and any(marker in p for p in prompts):
+            return FAIL_MESSAGE
+        if self._roll("fail", self.faults.fail_rate):
+            return RANDOM_FAIL_MESSAGE
+        return None
+
+    async def _status(self, request: web.Request) -> web.Response:
+        now = self._now()
+        job = self._job(request)
+        fault = self._server_fault(with_http200=True)
+        return fault or web.json_response(self._status_body(request, job, now))
+
+    async def _result(self, request: web.Request) -> web.Response:
+        now = self._now()
+        job = self._job(request)
+        fault = self._server_fault(with_http200=True)
+        if fault:
+            return fault
+        if job.status not in FINISHED:
+            return web.json_response(self._status_body(request, job, now))
+        body: dict[str, Any] = {
+            "request_id": job.request_id,
+            "status": job.status,
+            "output": {"video": self._video_url(request, job, now)} if job.status == COMPLETED else None,
+            "created_at": self._iso(job.created_at),
+            "finished_at": self._iso(job.finished_at),
+            "error": job.error if job.status == FAILED else None,
+        }
+        if request.query.get("include_cost", "").lower() in ("true", "1"):
+            body["cost"] = self.models[job.model_id].cost(job.input) if job.status == COMPLETED else 0.0
+        return web.json_response(body)
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        now = self._now()
+        job = self._job(request)
+        if self.queue.cancel(job, now):
+            return web.json_response({"request_id": job.request_id, "outcome": CANCELLED})
+        return web.json_response({"request_id": job.request_id, "outcome": "not_cancellable",
+                                  "status": self._shown_status(job, now)})
+
+    # -- the storage host -------------------------------------------------------------------
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        now = self._now()
+        job = self.jobs.get(request.match_info["request_id"])
+        if job is None or job.status != COMPLETED or request.match_info["name"] != VIDEO_NAME:
+            return web.Response(status=404, text="NoSuchKey")
+        fault = self._server_fault(with_http200=False)
+        if fault:
+            return fault
+        if self.faults.url_ttl is not None:
+            expires = request.query.get("expires", "")
+            signed = hmac.compare_digest(request.query.get("sig", ""), self._sign(request.path, expires))
+            if not signed or now > float(expires):
+                return web.Response(status=403, text="AccessDenied: Request has expired")
+
+        data, total = self.video_bytes, len(self.video_bytes)
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "video/mp4"}
+        status, start, end = 200, 0, total - 1
+        wanted = _parse_range(request.headers.get("Range"), total)
+        if wanted == "unsatisfiable":
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{total}"})
+        if wanted is not None:
+            status, (start, end) = 206, wanted
+            headers["Content-Range"] = f"bytes {start}-{end}/{total}"
+        body = data[start : end + 1]
+
+        if request.method == "GET" and self._roll("cut", self.faults.cut_download_rate):
+            # A dropped connection: the full Content-Length is promised, fewer bytes arrive.
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.content_length = len(body)
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write(body[: self.faults.cut_after_bytes])
+            return resp
+        return web.Response(status=status, body=body, headers=headers)
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _parse_range(header: str | None, total: int) -> tuple[int, int] | str | None:
+    """One byte range as (first, last), "unsatisfiable", or None to send the whole file.
+
+    Like most storage hosts, a header it cannot parse (or a multi-range) is ignored.
+    """
+    match = _RANGE.match((header or "").strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first == "":  # suffix range: the last N bytes
+        n = int(last)
+        return (max(0, total - n), total - 1) if n > 0 and total > 0 else "unsatisfiable"
+    start = int(first)
+    end = min(int(last), total - 1) if last else total - 1
+    if start >= total:
+        return "unsatisfiable"
+    if end < start:
+        return None
+    return start, end
+
+
+def serve_forever(host: str = "127.0.0.1", port: int = 8765, **kwargs: Any) -> None:
+    """Serve a sandbox until Ctrl-C (`batchrun sandbox --port N`); kwargs go to ``Sandbox``."""
+
+    access = logging.getLogger("aiohttp.access")
+    if not access.handlers:
+        access.addHandler(logging.StreamHandler(sys.stdout))
+        access.setLevel(logging.INFO)
+
+    async def main() -> None:
+        sandbox = Sandbox(**kwargs)
+        base = await sandbox.start(host, port, access_log=True)
+        print(f"batchrun sandbox: RunComfy Model API emulator at {base}", flush=True)
+        hint = "the token you set" if kwargs.get("token") else "any token, e.g. sandbox"
+        print(f"  try: RUNCOMFY_BASE_URL={base} RUNCOMFY_API_TOKEN=<{hint}> batchrun run MANIFEST",
+              flush=True)
+        print("  Ctrl-C to stop", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await sandbox.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        print("sandbox stopped", flush=True)
