@@ -7,12 +7,16 @@ library user would need.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from typing import TextIO
 
 from batchrun import __version__
 from batchrun.errors import BatchrunError, ManifestError, OutputDirLocked, Problem, UsageError
-from batchrun.manifest import load_manifest
+from batchrun.manifest import Manifest, load_manifest
+
+DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_USAGE, EXIT_AUTH, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
 MAX_PROBLEMS_SHOWN = 50
@@ -61,6 +65,67 @@ def cmd_validate(args, out: TextIO, err: TextIO) -> int:
     return status
 
 
+def _load_for_run(args, err: TextIO) -> Manifest:
+    manifest = load_manifest(args.manifest, output=args.output)
+    for warning in manifest.warnings[:MAX_PROBLEMS_SHOWN]:
+        print(warning, file=err)
+    overrides = {"concurrency": args.concurrency, "budget_usd": args.budget, "max_wait": args.max_wait}
+    manifest.settings = manifest.settings.with_overrides(**overrides)
+    return manifest
+
+
+def _connection(args) -> tuple[str | None, str | None]:
+    """Base URL and token: flag, then environment, then default. The token never leaves this pair."""
+    if args.sandbox:
+        return None, None
+    base_url = args.base_url or os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
+    token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
+    if not token:
+        raise UsageError("set RUNCOMFY_API_TOKEN to your RunComfy API token (or use --sandbox to try for free)")
+    return base_url, token
+
+
+def cmd_plan(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.plan import show_plan
+
+    manifest = _load_for_run(args, err)
+    return show_plan(manifest, out, as_json=getattr(args, "json", False))
+
+
+def cmd_run(args, out: TextIO, err: TextIO) -> int:
+    if args.dry_run:
+        return cmd_plan(args, out, err)
+    from batchrun.run import run_manifest
+    from batchrun.scheduler import RunOptions
+
+    manifest = _load_for_run(args, err)
+    base_url, token = _connection(args)
+    options = RunOptions(retry_failed=args.retry_failed, resubmit_unknown=args.resubmit_unknown)
+    outcome = asyncio.run(run_manifest(manifest, base_url=base_url, token=token, options=options,
+                                       sandbox=args.sandbox, stream=err,
+                                       progress=False if args.no_progress else None))
+    for line in outcome.lines:
+        print(line, file=out)
+    return outcome.exit_code
+
+
+def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.sandbox import serve_forever
+
+    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds)
+    return EXIT_OK
+
+
+def _add_run_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("manifest", metavar="MANIFEST")
+    command.add_argument("--output", metavar="DIR", help="output directory (default: the manifest's output:, "
+                         "else output/<manifest name>)")
+    command.add_argument("--concurrency", type=int, metavar="N", help="jobs in flight remotely at once")
+    command.add_argument("--budget", type=float, metavar="USD", help="hard cap on spend for this output dir")
+    command.add_argument("--max-wait", type=float, metavar="SECONDS",
+                         help="stop submitting after this long and leave jobs in flight for the next run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchrun", description="Run batches of image-to-video jobs on RunComfy's Model API.")
     parser.add_argument("--version", action="version", version=f"batchrun {__version__}")
@@ -68,6 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check manifests offline; exit 0 valid, 2 invalid")
     validate.add_argument("manifests", nargs="+", metavar="MANIFEST")
     validate.set_defaults(handler=cmd_validate)
+
+    run = commands.add_parser("run", help="submit, poll, download and record every job of a manifest")
+    _add_run_flags(run)
+    run.add_argument("--sandbox", action="store_true", help="run against the built-in emulator (free, no token)")
+    run.add_argument("--base-url", metavar="URL", help=f"API base URL (default: $RUNCOMFY_BASE_URL or "
+                     f"{DEFAULT_BASE_URL})")
+    run.add_argument("--retry-failed", action="store_true", help="submit failed and cancelled jobs again")
+    run.add_argument("--resubmit-unknown", action="store_true",
+                     help="submit again jobs whose first POST may have reached the server (may pay twice)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar; periodic log lines instead")
+    run.add_argument("--dry-run", action="store_true", help="show what would be done (same as 'plan')")
+    run.set_defaults(handler=cmd_run)
+
+    plan = commands.add_parser("plan", help="what a run would do and cost, without sending anything")
+    _add_run_flags(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=cmd_plan)
+
+    sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8765)
+    sandbox.add_argument("--render-seconds", type=float, default=2.0, metavar="S", help="simulated render time")
+    sandbox.set_defaults(handler=cmd_sandbox)
     return parser
 
 

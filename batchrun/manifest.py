@@ -160,7 +160,7 @@ def _check_ids(jobs: list[Job], out: _Collector) -> None:
                     "their files would collide on case-insensitive disks")
     for job in jobs:
         base, dash, number = job.id.rpartition("-")
-        if dash and number.isdigit() and int(number) >= 2 and base.lower() in by_folded:
+        if dash and number.isdigit() and number[0] != "0" and int(number) >= 2 and base.lower() in by_folded:
             out.add(("jobs", job.index), job.label,
                     f"id {job.id!r} would collide with output #{number} of job {base!r} ({base}-{number}.mp4)")
 
@@ -194,7 +194,7 @@ def _check_jobs(doc: dict, model: Model, out: _Collector) -> list[Job]:
         job_input = {**defaults, **own}
         digest = input_sha256(model.model_id, job_input)
         job_id = _check_id(raw["id"], path + ("id",), f"jobs[{index}].id", out) if "id" in raw else derived_id(digest)
-        label = f"jobs[{index}] (id={job_id or raw.get('id')!s})"
+        label = f"jobs[{index}] (id={job_id or str(raw.get('id'))[:70]})"
         for finding in schema.check_input(model, job_input):
             key = finding.path[0] if finding.path else None
             if key is not None and key not in own and key in defaults:
@@ -224,7 +224,7 @@ def load_manifest(path: str | Path, *, output: str | Path | None = None) -> Mani
     doc, marks = load_file(path)
     out = _Collector(str(path), marks)
     if not isinstance(doc, dict):
-        got = "a list" if isinstance(doc, list) else f"{type(doc).__name__} {doc!r}"[:60]
+        got = "a list" if isinstance(doc, list) else "null" if doc is None else f"{schema._type_name(doc)} {doc!r}"[:60]
         out.add((), "", f"a manifest must be a mapping with a 'jobs:' list, not {got}")
         raise ManifestError(out.problems)
     for key in doc:
@@ -238,7 +238,7 @@ def load_manifest(path: str | Path, *, output: str | Path | None = None) -> Mani
     except UnknownModel as exc:
         out.add(("model",), "model", str(exc))
         raise ManifestError(out.problems) from None
-    if "output" in doc and not (isinstance(doc["output"], str) and doc["output"]):
+    if "output" in doc and not (isinstance(doc["output"], str) and doc["output"] and "\0" not in doc["output"]):
         out.add(("output",), "output", "must be a folder path (text)")
     settings = _check_settings(doc, out)
     price = _check_price(doc, model, out)

@@ -50,6 +50,11 @@ def _type_name(value: Any) -> str:
     )
 
 
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
     path = tuple(error.absolute_path)
     kind = error.validator
@@ -68,13 +73,13 @@ def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
         expected = " or ".join(expected) if isinstance(expected, list) else expected
         expected = {"string": "text", "object": "a mapping", "array": "a list", "integer": "a whole number",
                     "number": "a number", "boolean": "true or false"}.get(expected, expected)
-        return [Finding(path, f"must be {expected}, not {_type_name(error.instance)} {error.instance!r}"[:300])]
+        return [Finding(path, f"must be {expected}, not {_type_name(error.instance)} {_show(error.instance)}")]
     if kind in ("minimum", "maximum"):
         word = "at least" if kind == "minimum" else "at most"
-        return [Finding(path, f"must be {word} {error.validator_value}, got {error.instance!r}")]
+        return [Finding(path, f"must be {word} {error.validator_value}, got {_show(error.instance)}")]
     if kind == "enum":
         options = ", ".join(repr(v) for v in error.validator_value)
-        return [Finding(path, f"must be one of {options}, got {error.instance!r}")]
+        return [Finding(path, f"must be one of {options}, got {_show(error.instance)}")]
     if kind in ("maxItems", "minItems"):
         word = "at most" if kind == "maxItems" else "at least"
         return [Finding(path, f"must have {word} {error.validator_value} items, has {len(error.instance)}")]
@@ -103,7 +108,11 @@ def _values_at(value: Any, spec: str, path: tuple = ()):
 def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Finding]:
     if not isinstance(value, str):
         return []  # the schema reports the type
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        return [Finding(path, f"is not a valid URL: {value[:80]!r}")]
     if parts.scheme != "https" or not parts.netloc:
         if parts.scheme == "http":
             return [Finding(path, "must be an https:// URL (RunComfy fetches inputs over HTTPS only)")]

@@ -7,6 +7,7 @@ cannot drift apart. Command-line flags override the manifest; `Settings.with_ove
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +34,16 @@ class Setting:
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:
             ok = isinstance(value, self.kind)
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         if not ok:
             names = {bool: "true or false", float: "a number", int: "a whole number", str: "text"}
-            return f"must be {names.get(self.kind, self.kind.__name__)}, got {value!r}"
+            return f"must be {names.get(self.kind, self.kind.__name__)}, got {shown}"
+        if self.kind is float and not math.isfinite(value):  # nan would defeat every comparison, budget included
+            return f"must be a finite number, got {shown}"
         if self.minimum is not None and value < self.minimum:
-            return f"must be at least {self.minimum:g}, got {value!r}"
+            return f"must be at least {self.minimum:g}, got {shown}"
         if self.maximum is not None and value > self.maximum:
-            return f"must be at most {self.maximum:g}, got {value!r}"
+            return f"must be at most {self.maximum:g}, got {shown}"
         return None
 
 

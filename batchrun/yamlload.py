@@ -12,6 +12,7 @@ over a size cap, and bytes that are not UTF-8.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 MAX_FILE_BYTES = 32 * 1024 * 1024
 # Counted after alias expansion; a 100,000-job manifest has about 500,000 nodes.
 MAX_EXPANDED_NODES = 5_000_000
+# Nesting deeper than this is refused (it would otherwise exhaust Python's recursion limit).
+MAX_DEPTH = 100
 
 Pos = tuple[int, int]  # 1-based line and column
 
@@ -86,6 +89,11 @@ def _pos(mark) -> Pos:
     return (mark.line + 1, mark.column + 1)
 
 
+def _tag_refused(tag: str) -> str:
+    shown = "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
+    return f"the tag {shown} is not allowed (only plain YAML data)"
+
+
 class _Refused(Exception):
     def __init__(self, pos: Pos, message: str):
         self.pos = pos
@@ -99,13 +107,17 @@ def _scalar(event: ev.ScalarEvent) -> Any:
             return event.value
         tag = _resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
     if tag not in _SCALAR_TAGS:
-        raise _Refused(_pos(event.start_mark), f"the tag {tag} is not allowed (only plain YAML data)")
+        raise _Refused(_pos(event.start_mark), _tag_refused(tag))
     if tag in (_STR, "tag:yaml.org,2002:timestamp"):  # dates stay as typed: inputs are JSON
         return event.value
+    shown = event.value if len(event.value) <= 40 else event.value[:37] + "..."
     try:
-        return _constructor.yaml_constructors[tag](_constructor, yaml.ScalarNode(tag, event.value))
-    except (ValueError, yaml.YAMLError) as exc:
-        raise _Refused(_pos(event.start_mark), f"{event.value!r} is not a valid {tag.rsplit(':', 1)[-1]}") from exc
+        value = _constructor.yaml_constructors[tag](_constructor, yaml.ScalarNode(tag, event.value))
+    except (ValueError, yaml.YAMLError) as exc:  # also ints over Python's 4,300-digit limit
+        raise _Refused(_pos(event.start_mark), f"{shown!r} is not a valid {tag.rsplit(':', 1)[-1]}") from exc
+    if isinstance(value, float) and not math.isfinite(value):  # JSON has no NaN or infinity
+        raise _Refused(_pos(event.start_mark), f"{shown!r} is not a finite number (manifest values must be JSON)")
+    return value
 
 
 class _Builder:
@@ -115,6 +127,7 @@ class _Builder:
         self.events = events
         self.anchors: dict[str, tuple[Any, Marks | Pos, int]] = {}
         self.expanded = 0
+        self.depth = 0
 
     def _count(self, n: int, pos: Pos) -> None:
         self.expanded += n
@@ -132,10 +145,12 @@ class _Builder:
         if isinstance(event, ev.ScalarEvent):
             self._count(1, _pos(event.start_mark))
             built = (_scalar(event), _pos(event.start_mark), 1)
-        elif isinstance(event, ev.SequenceStartEvent):
-            built = self._sequence(event)
-        elif isinstance(event, ev.MappingStartEvent):
-            built = self._mapping(event)
+        elif isinstance(event, (ev.SequenceStartEvent, ev.MappingStartEvent)):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise _Refused(_pos(event.start_mark), f"nested more than {MAX_DEPTH} levels deep")
+            built = self._sequence(event) if isinstance(event, ev.SequenceStartEvent) else self._mapping(event)
+            self.depth -= 1
         else:  # pragma: no cover - the parser guarantees node events here
             raise _Refused(_pos(event.start_mark), "unexpected YAML structure")
         if event.anchor:
@@ -144,7 +159,7 @@ class _Builder:
 
     def _sequence(self, start: ev.SequenceStartEvent):
         if start.tag not in _SEQ_TAGS:
-            raise _Refused(_pos(start.start_mark), f"the tag {start.tag} is not allowed (only plain YAML data)")
+            raise _Refused(_pos(start.start_mark), _tag_refused(start.tag))
         items, marks, size = [], [], 1
         self._count(1, _pos(start.start_mark))
         for event in self.events:
@@ -158,7 +173,7 @@ class _Builder:
 
     def _mapping(self, start: ev.MappingStartEvent):
         if start.tag not in _MAP_TAGS:
-            raise _Refused(_pos(start.start_mark), f"the tag {start.tag} is not allowed (only plain YAML data)")
+            raise _Refused(_pos(start.start_mark), _tag_refused(start.tag))
         value: dict[str, Any] = {}
         marks: dict[str, tuple[Pos, Marks | Pos]] = {}
         merged: list[tuple[dict, Marks]] = []
@@ -170,6 +185,8 @@ class _Builder:
             if not isinstance(event, ev.ScalarEvent):
                 raise _Refused(_pos(event.start_mark), "mapping keys must be plain text")
             key, key_pos = event.value, _pos(event.start_mark)
+            if event.tag not in (None, "!") and event.tag not in _SCALAR_TAGS:
+                raise _Refused(key_pos, _tag_refused(event.tag))
             child, child_marks, n = self.node(next(self.events))
             size += n
             if key == "<<" and event.implicit[0]:
@@ -204,19 +221,33 @@ def _decode(data: bytes, name: str) -> str:
     except UnicodeDecodeError as exc:
         before = data[: exc.start]
         line = before.count(b"\n") + 1
-        column = exc.start - (before.rfind(b"\n") + 1) + 1
+        column = len(before[before.rfind(b"\n") + 1 :].decode("utf-8")) + 1  # in characters, as editors count
         raise ManifestError(
             [Problem(name, line, column, "", f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})")]
         ) from None
 
 
-def _yaml_error_problem(exc: yaml.YAMLError, name: str) -> Problem:
+def _reader_error_problem(exc: yaml.reader.ReaderError, text: str, name: str) -> Problem:
+    """A character YAML forbids (control characters). libyaml gives a UTF-8 byte offset."""
+    offset = exc.position
+    if _Loader.__name__.startswith("C"):
+        offset = len(text.encode("utf-8")[: exc.position].decode("utf-8", errors="ignore"))
+    before = text[:offset]
+    line, column = before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
+    char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    return Problem(name, line, column, "", f"the character U+{char:04X} is not allowed in YAML ({exc.reason})")
+
+
+def _yaml_error_problem(exc: yaml.YAMLError, text: str, name: str) -> Problem:
+    if isinstance(exc, yaml.reader.ReaderError):
+        return _reader_error_problem(exc, text, name)
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     line, column = _pos(mark) if mark else (1, 1)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
-    message = f"YAML syntax error: {problem}" + (f" ({context})" if context else "")
-    if "\\t" in message or "'\t'" in message or "tab" in message:
+    message = " ".join(f"YAML syntax error: {problem}".split()) + (f" ({context})" if context else "")
+    at_tab = mark is not None and text[mark.index : mark.index + 1] == "\t"
+    if at_tab or "tab character" in message:
         message += "; use spaces, not tabs, to indent"
     return Problem(name, line, column, "", message)
 
@@ -240,7 +271,7 @@ def load_text(text: str, name: str) -> tuple[Any, Marks | Pos]:
     except _Refused as exc:
         raise ManifestError([Problem(name, exc.pos[0], exc.pos[1], "", exc.message)]) from None
     except yaml.YAMLError as exc:
-        raise ManifestError([_yaml_error_problem(exc, name)]) from None
+        raise ManifestError([_yaml_error_problem(exc, text, name)]) from None
 
 
 def load_file(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Any, Marks | Pos]:
@@ -253,11 +284,17 @@ def load_file(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Any, Mark
                 [Problem(name, 1, 1, "", f"the file is {size / 2**20:.1f} MiB; manifests are limited to "
                          f"{max_bytes // 2**20} MiB (split the batch into several manifests)")]
             )
-        data = path.read_bytes()
+        with path.open("rb") as f:  # bounded: st_size is 0 for pipes and devices such as /dev/zero
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ManifestError([Problem(name, 1, 1, "", f"the file is over {max_bytes // 2**20} MiB; manifests are "
+                                         "limited to that size (split the batch into several manifests)")])
     except IsADirectoryError:
         raise ManifestError([Problem(name, 1, 1, "", "is a directory, not a manifest file")]) from None
     except FileNotFoundError:
         raise ManifestError([Problem(name, 1, 1, "", "no such file")]) from None
     except OSError as exc:
-        raise ManifestError([Problem(name, 1, 1, "", f"cannot read the file: {exc.strerror}")]) from None
+        raise ManifestError([Problem(name, 1, 1, "", f"cannot read the file: {exc.strerror or exc}")]) from None
+    except ValueError as exc:  # such as a NUL byte in the path
+        raise ManifestError([Problem(name, 1, 1, "", f"cannot read the file: {exc}")]) from None
     return load_text(_decode(data, name), name)

@@ -1,0 +1,337 @@
+"""The ledger: one SQLite file per output directory, the source of truth for every job.
+
+Invariants a run relies on:
+- a job's intent (`submitting`, `submissions` + 1) is durable on disk before its POST is sent,
+  and its `request_id` is made durable right after the answer arrives;
+- a job is `done` only once every output file is in place under its final name and recorded with
+  its size and sha256;
+- nothing else ever deletes a `request_id`: a paid job can always be collected again.
+
+WAL mode keeps `status` readable while a run writes. Commits that guard money (intent, request_id)
+run with `synchronous=FULL`; the others with NORMAL, which in WAL mode is still crash-consistent
+and is made durable by the next FULL commit. Schema changes are ordered migrations recorded in
+`PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from batchrun.errors import LedgerError
+
+LEDGER_NAME = "ledger.sqlite"
+
+STATES = ("pending", "submitting", "unknown", "queued", "running", "downloading", "done", "failed", "cancelled")
+IN_FLIGHT = ("queued", "running")  # accepted remotely, not finished
+HAS_REQUEST = ("queued", "running", "downloading")
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        model TEXT NOT NULL,
+        input_json TEXT NOT NULL,
+        input_sha256 TEXT NOT NULL,
+        request_id TEXT,
+        submissions INTEGER NOT NULL DEFAULT 0,
+        remote_status TEXT,
+        estimated_cost_usd REAL,
+        cost_usd REAL,
+        error_kind TEXT,
+        error_message TEXT,
+        output_urls TEXT,
+        first_seen_at TEXT NOT NULL,
+        submitted_at TEXT,
+        started_at TEXT,
+        finished_at TEXT,
+        downloaded_at TEXT,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE TABLE outputs (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        idx INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (job_id, idx)
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        exit_code INTEGER,
+        summary TEXT
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Output:
+    idx: int
+    path: str  # relative to the output dir
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    state: str
+    model: str
+    input: dict[str, Any]
+    input_sha256: str
+    request_id: str | None
+    submissions: int
+    remote_status: str | None
+    estimated_cost_usd: float | None
+    cost_usd: float | None
+    error_kind: str | None
+    error_message: str | None
+    output_urls: list[str]
+    first_seen_at: str
+    submitted_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    downloaded_at: str | None
+    outputs: tuple[Output, ...] = ()
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        return {"kind": self.error_kind, "message": self.error_message or ""} if self.error_kind else None
+
+
+def _row(record: sqlite3.Row, outputs: tuple[Output, ...]) -> JobRow:
+    data = dict(record)
+    data["input"] = json.loads(data.pop("input_json"))
+    data["output_urls"] = json.loads(data["output_urls"] or "[]")
+    data.pop("updated_at")
+    return JobRow(**data, outputs=outputs)
+
+
+class Ledger:
+    """Open with `Ledger.open(output_dir)`; every method commits before it returns."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+        # States mirrored in memory so progress displays never query a 100,000-row table.
+        self._states: dict[str, str] = {}
+        self._counts: Counter[str] = Counter()
+
+    def _moved(self, job_id: str, state: str) -> None:
+        old = self._states.get(job_id)
+        if old is not None:
+            self._counts[old] -= 1
+        self._states[job_id] = state
+        self._counts[state] += 1
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, output_dir: Path, *, create: bool = True, readonly: bool = False) -> Ledger:
+        path = output_dir / LEDGER_NAME
+        if not path.exists():
+            if not create:
+                raise LedgerError(f"no ledger at {path}: nothing has run with this output directory yet")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+        elif path.is_symlink() or not path.is_file():
+            raise LedgerError(f"{path} is not a regular file; refusing to use it")
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            ledger = cls(conn, path)
+            ledger._prepare(readonly)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path} is not a usable batchrun ledger ({exc}); it was left untouched. "
+                              "Move it aside to start over, or restore it from a backup") from None
+        return ledger
+
+    def _prepare(self, readonly: bool) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"{self.path} was written by a newer batchrun (ledger schema {version}, this "
+                              f"batchrun knows up to {SCHEMA_VERSION}); upgrade batchrun to use it")
+        check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+        if readonly:
+            self._load_states()
+            return
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        for number in range(version, SCHEMA_VERSION):
+            with self._transaction(durable=True):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version={number + 1}")
+        self._load_states()
+
+    def _load_states(self) -> None:
+        for job_id, state in self.conn.execute("SELECT id, state FROM jobs"):
+            self._moved(job_id, state)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        if durable:
+            self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        finally:
+            if durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+
+    # -- reading -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRow | None:
+        record = self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _row(record, self._outputs(job_id)) if record else None
+
+    def _outputs(self, job_id: str) -> tuple[Output, ...]:
+        rows = self.conn.execute("SELECT idx, path, bytes, sha256 FROM outputs WHERE job_id=? ORDER BY idx",
+                                 (job_id,))
+        return tuple(Output(*r) for r in rows)
+
+    def all(self) -> list[JobRow]:
+        outputs: dict[str, list[Output]] = {}
+        for r in self.conn.execute("SELECT job_id, idx, path, bytes, sha256 FROM outputs ORDER BY job_id, idx"):
+            outputs.setdefault(r[0], []).append(Output(*r[1:]))
+        rows = self.conn.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid")
+        return [_row(r, tuple(outputs.get(r["id"], ()))) for r in rows]
+
+    def state_of(self, job_id: str) -> str | None:
+        return self._states.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state, from memory (this process's view)."""
+        return {state: n for state, n in self._counts.items() if n}
+
+    def spent_usd(self) -> float:
+        """Money committed: actual or estimated cost of every job that has been sent and not failed."""
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(COALESCE(cost_usd, estimated_cost_usd)), 0) FROM jobs "
+            "WHERE submissions > 0 AND state NOT IN ('failed', 'cancelled', 'pending')"
+        ).fetchone()
+        return float(row[0])
+
+    # -- writing -------------------------------------------------------------------------------
+    def add_pending(self, jobs: Iterable[tuple[str, str, dict, str, float]]) -> None:
+        """Record jobs first seen in a manifest as `pending`: (id, model, input, input_sha256, estimate).
+
+        A pending job whose input changed since is updated; a job that was ever sent is not touched.
+        """
+        now = utc_now()
+        with self._transaction() as conn:
+            for job_id, model, job_input, digest, estimate in jobs:
+                conn.execute(
+                    "INSERT INTO jobs (id, state, model, input_json, input_sha256, estimated_cost_usd, first_seen_at,"
+                    " updated_at) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+                    " model=excluded.model, input_json=excluded.input_json, input_sha256=excluded.input_sha256,"
+                    " estimated_cost_usd=excluded.estimated_cost_usd, updated_at=excluded.updated_at"
+                    " WHERE jobs.state='pending' AND jobs.submissions=0 AND jobs.input_sha256 != excluded.input_sha256",
+                    (job_id, model, json.dumps(job_input, sort_keys=True), digest, estimate, now, now),
+                )
+                if job_id not in self._states:
+                    self._moved(job_id, "pending")
+
+    def mark_submitting(self, job_ids: list[str]) -> None:
+        """The intent: durable before any of these POSTs is sent."""
+        now = utc_now()
+        with self._transaction(durable=True) as conn:
+            conn.executemany(
+                "UPDATE jobs SET state='submitting', submissions=submissions+1, submitted_at=?, request_id=NULL,"
+                " error_kind=NULL, error_message=NULL, cost_usd=NULL, remote_status=NULL, started_at=NULL,"
+                " finished_at=NULL, downloaded_at=NULL, output_urls=NULL, updated_at=? WHERE id=?",
+                [(now, now, job_id) for job_id in job_ids],
+            )
+            conn.executemany("DELETE FROM outputs WHERE job_id=?", [(job_id,) for job_id in job_ids])
+        for job_id in job_ids:
+            self._moved(job_id, "submitting")
+
+    def mark_submitted(self, job_id: str, request_id: str) -> None:
+        now = utc_now()
+        with self._transaction(durable=True) as conn:
+            conn.execute("UPDATE jobs SET state='queued', request_id=?, remote_status='in_queue', updated_at=?"
+                         " WHERE id=?", (request_id, now, job_id))
+        self._moved(job_id, "queued")
+
+    def mark_not_sent(self, job_id: str, kind: str, message: str, *, reached_server: bool) -> None:
+        """The POST certainly created no job: back to pending (the attempt counts only if it was sent)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET state='pending', submissions=submissions-?, error_kind=?, error_message=?,"
+                " updated_at=? WHERE id=?", (0 if reached_server else 1, kind, message, utc_now(), job_id))
+        self._moved(job_id, "pending")
+
+    def set_state(self, job_id: str, state: str, *, error: tuple[str, str] | None = None,
+                  clear_error: bool = False, **fields: Any) -> None:
+        """Move a job to `state`, optionally recording an error and other columns."""
+        assert state in STATES, state
+        columns = {"state": state, "updated_at": utc_now(), **fields}
+        if error is not None:
+            columns["error_kind"], columns["error_message"] = error
+        elif clear_error:
+            columns["error_kind"] = columns["error_message"] = None
+        if "output_urls" in columns:
+            columns["output_urls"] = json.dumps(columns["output_urls"])
+        assignments = ", ".join(f"{name}=?" for name in columns)
+        with self._transaction() as conn:
+            conn.execute(f"UPDATE jobs SET {assignments} WHERE id=?", (*columns.values(), job_id))
+        self._moved(job_id, state)
+
+    def record_remote(self, job_id: str, remote_status: str, state: str, *, started: bool) -> None:
+        """A poll answer: keep the raw status, and the first time the job was seen running."""
+        now = utc_now()
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET remote_status=?, state=?, started_at=CASE WHEN ? AND started_at IS NULL THEN ?"
+                " ELSE started_at END, updated_at=? WHERE id=?", (remote_status, state, started, now, now, job_id))
+        self._moved(job_id, state)
+
+    def record_output(self, job_id: str, output: Output) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO outputs (job_id, idx, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
+                         (job_id, output.idx, output.path, output.bytes, output.sha256))
+
+    # -- runs ----------------------------------------------------------------------------------
+    def start_run(self) -> int:
+        with self._transaction() as conn:
+            cursor = conn.execute("INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), utc_now()))
+            return int(cursor.lastrowid)
+
+    def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
+        with self._transaction(durable=True) as conn:
+            conn.execute("UPDATE runs SET finished_at=?, exit_code=?, summary=? WHERE id=?",
+                         (utc_now(), exit_code, json.dumps(summary), run_id))
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM runs ORDER BY id")]

@@ -1,0 +1,60 @@
+"""What a person (or cron's mail) sees while a run goes: a tqdm bar on a terminal, else a plain
+timestamped line every few seconds. Both read the ledger's in-memory counts, never the database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TextIO
+
+from tqdm import tqdm
+
+ORDER = ("done", "downloading", "running", "queued", "submitting", "pending", "unknown", "failed", "cancelled")
+
+
+def describe(counts: dict[str, int]) -> str:
+    return " ".join(f"{state}={counts[state]}" for state in ORDER if counts.get(state))
+
+
+class Progress:
+    """Call `refresh()` whenever convenient; `run_periodically()` keeps it fresh in the background."""
+
+    def __init__(
+        self,
+        total: int,
+        counts: Callable[[], dict[str, int]],
+        spent: Callable[[], float],
+        *,
+        stream: TextIO,
+        bar: bool,
+        interval: float | None = None,
+    ):
+        self.total = total
+        self._counts = counts
+        self._spent = spent
+        self._stream = stream
+        self._bar = tqdm(total=total, unit="job", file=stream, dynamic_ncols=True, leave=True) if bar else None
+        self.interval = interval if interval is not None else (0.5 if bar else 5.0)
+        self._last_line = ""
+
+    def refresh(self) -> None:
+        counts = self._counts()
+        text = f"{describe(counts)} spent=${self._spent():.2f}"
+        if self._bar is not None:
+            self._bar.n = counts.get("done", 0)
+            self._bar.set_postfix_str(text, refresh=True)
+        elif text != self._last_line:
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"{stamp} {counts.get('done', 0)}/{self.total} done; {text}", file=self._stream, flush=True)
+            self._last_line = text
+
+    async def run_periodically(self) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(self.interval)
+
+    def close(self) -> None:
+        self.refresh()
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,238 @@
+"""One run of a manifest, end to end: lock the output dir, plan from the ledger, schedule, report.
+
+`run_manifest` is the library entry point behind `batchrun run`; it owns the sessions, the signal
+handlers, run.log and results.jsonl, and returns a `RunOutcome` whose `exit_code` follows SPEC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+from tqdm import tqdm
+
+from batchrun.api import Client, make_limiter
+from batchrun.errors import UsageError
+from batchrun.ledger import Ledger
+from batchrun.lock import OutputDirLock
+from batchrun.manifest import Manifest
+from batchrun.progress import Progress, describe
+from batchrun.results import write_results
+from batchrun.scheduler import Plan, RunOptions, Scheduler, make_plan
+
+log = logging.getLogger("batchrun")
+RUN_LOG = "run.log"
+SANDBOX_TOKEN = "sandbox-token"
+
+EXIT_OK, EXIT_NOT_DONE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    counts: dict[str, int]  # states of the manifest's jobs after the run
+    spent_usd: float
+    lines: list[str] = field(default_factory=list)  # the closing report, for people
+
+
+class _ConsoleHandler(logging.Handler):
+    """Warnings to the terminal without tearing the progress bar."""
+
+    def __init__(self, stream: TextIO):
+        super().__init__(logging.WARNING)
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(f"batchrun: {record.getMessage()}", file=self.stream)
+
+
+def _open_run_log(output_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(output_dir / RUN_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    handler.setLevel(logging.INFO)
+    return handler
+
+
+def _prepare_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{output_dir} exists and is not a directory") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create the output directory {output_dir}: {exc.strerror}") from None
+    if not output_dir.is_dir():
+        raise UsageError(f"{output_dir} is not a directory")
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    parts = [f"{len(plan.submit)} to submit", f"{len(plan.poll)} to resume", f"{len(plan.collect)} to download",
+             f"{len(plan.skip)} already done"]
+    if plan.held:
+        parts.append(f"{len(plan.held)} held")
+    if plan.refused:
+        parts.append(f"{len(plan.refused)} refused")
+    lines = ["plan: " + ", ".join(parts)]
+    lines += [f"  refused: {message}" for _, message in plan.refused]
+    lines += [f"  held: {job.id}: {why}" for job, why in plan.held[:20]]
+    if len(plan.held) > 20:
+        lines.append(f"  ... and {len(plan.held) - 20} more held (see 'batchrun status')")
+    return lines
+
+
+def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> list[str]:
+    counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
+    lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}; spent in this output dir: ${scheduler.committed_usd:.2f} "
+             f"(actual where the API reported it, else estimated)"]
+    attention = [row for row in (ledger.get(job.id) for job in manifest.jobs) if row and row.state != "done"]
+    for row in attention[:20]:
+        why = f": {row.error['message']}" if row.error else ""
+        lines.append(f"  {row.id}: {row.state}{why}")
+    if len(attention) > 20:
+        lines.append(f"  ... and {len(attention) - 20} more (see 'batchrun status')")
+    reason = {
+        "budget": f"budget reached: no job was submitted that would take spend over ${manifest.settings.budget_usd}",
+        "auth": f"stopped by the API: {scheduler.auth_error}",
+        "deadline": "max_wait reached: no new jobs submitted; jobs in flight are collected by the next run",
+        "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
+        "disk_full": f"stopped: {scheduler.fatal_error}",
+    }.get(scheduler.stop_reason or "")
+    if reason:
+        lines.append(reason)
+    lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
+    return lines
+
+
+def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler) -> int:
+    if scheduler.stop_reason == "interrupted":
+        return EXIT_INTERRUPTED
+    if scheduler.stop_reason == "auth":
+        return EXIT_AUTH
+    all_done = all(ledger.state_of(job.id) == "done" for job in manifest.jobs)
+    return EXIT_OK if all_done else EXIT_NOT_DONE
+
+
+def _install_signals(scheduler: Scheduler, stream: TextIO) -> Callable[[], None]:
+    """First Ctrl-C: stop submitting and finish what is in flight. Second, or SIGTERM: leave now."""
+    loop = asyncio.get_running_loop()
+    presses = {"n": 0}
+
+    def on_interrupt() -> None:
+        presses["n"] += 1
+        if presses["n"] == 1:
+            tqdm.write("batchrun: stopping: no new jobs; finishing those in flight (Ctrl-C again to leave now)",
+                       file=stream)
+            scheduler.stop_submitting("interrupted")
+        else:
+            scheduler.abort()
+
+    def on_terminate() -> None:
+        scheduler.abort()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        loop.add_signal_handler(signal.SIGTERM, on_terminate)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        return lambda: None
+
+    def remove() -> None:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+
+    return remove
+
+
+async def run_manifest(
+    manifest: Manifest,
+    *,
+    base_url: str | None,
+    token: str | None,
+    options: RunOptions = RunOptions(),
+    sandbox: bool = False,
+    stream: TextIO = sys.stderr,
+    progress: bool | None = None,
+    handle_signals: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    rand: Callable[[], float] = random.random,
+) -> RunOutcome:
+    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator."""
+    output_dir = manifest.output_dir
+    _prepare_output_dir(output_dir)
+    with OutputDirLock(output_dir):
+        ledger = Ledger.open(output_dir)
+        handler = _open_run_log(output_dir)
+        console = _ConsoleHandler(stream)
+        log.addHandler(handler)
+        log.addHandler(console)
+        log.setLevel(logging.INFO)
+        try:
+            return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
+                                     sandbox=sandbox, stream=stream, progress=progress,
+                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand)
+        finally:
+            log.removeHandler(handler)
+            log.removeHandler(console)
+            handler.close()
+            ledger.close()
+
+
+async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, options, sandbox, stream, progress,
+                      handle_signals, clock, sleep, rand) -> RunOutcome:
+    run_id = ledger.start_run()
+    log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
+    plan = make_plan(manifest, ledger, options)
+    for line in plan_lines(plan):
+        log.info("%s", line)
+        print(line, file=stream)
+    async with AsyncExitStack() as stack:
+        if sandbox:
+            from batchrun.sandbox import Sandbox
+
+            emulator = await stack.enter_async_context(Sandbox(render_seconds=lambda rng: rng.uniform(1.0, 3.0)))
+            base_url, token = emulator.base_url, SANDBOX_TOKEN
+            log.info("using the built-in sandbox at %s", base_url)
+        api_session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        # Downloads use their own session: the storage host must never see API credentials.
+        download_session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        client = Client(api_session, base_url, token,
+                        limiter=make_limiter(manifest.settings.requests_per_second))
+        scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
+                              sleep=sleep, rand=rand)
+        counts = ledger.counts
+        show_bar = stream.isatty() if progress is None else progress and stream.isatty()
+        display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,
+                           bar=show_bar) if progress is not False else None
+        refresher = asyncio.create_task(display.run_periodically()) if display else None
+        remove_signals = _install_signals(scheduler, stream) if handle_signals else (lambda: None)
+        try:
+            await scheduler.run(plan)
+        finally:
+            remove_signals()
+            if refresher:
+                refresher.cancel()
+            if display:
+                display.close()
+    write_results(ledger, manifest.output_dir)
+    exit_code = _exit_code(manifest, ledger, scheduler)
+    if plan.refused and exit_code == EXIT_OK:
+        exit_code = EXIT_NOT_DONE
+    lines = _closing_lines(manifest, ledger, scheduler, plan)
+    for line in lines:
+        log.info("%s", line)
+    counts_now = dict(Counter(ledger.state_of(job.id) for job in manifest.jobs))
+    ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": scheduler.committed_usd,
+                                          "stop_reason": scheduler.stop_reason, "calls": dict(scheduler.stats.calls)})
+    return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines)

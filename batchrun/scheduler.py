@@ -1,0 +1,521 @@
+"""The asyncio heart of a run: decide what each job needs, then submit, poll and collect under caps.
+
+Invariants:
+- at most `concurrency` jobs are in flight remotely (a slot is taken before a submit or a resumed
+  poll and given back once the job has finished remotely); downloads run outside the slots;
+- tasks exist only for jobs being worked on (bounded), never one per manifest job;
+- a job is submitted only after its intent is durable in the ledger, and a POST is repeated only
+  when it certainly created nothing (`retry.submit_is_retryable`);
+- a finished job is never resubmitted to replace a download: expired URLs are refreshed through
+  the result call;
+- an auth or balance error stops all submitting at once; jobs already accepted are still collected.
+
+The API client, the download session, the clock, `sleep` and `rand` are parameters, so tests drive
+a real run against the sandbox without waiting for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from batchrun import download as dl
+from batchrun.api import Client, Result
+from batchrun.errors import (
+    ApiError,
+    AuthError,
+    DiskFull,
+    DownloadError,
+    DownloadInterrupted,
+    OutputUrlExpired,
+    RequestNotFound,
+    SubmitOutcomeUnknown,
+    TransientApiError,
+)
+from batchrun.ledger import JobRow, Ledger, Output, utc_now
+from batchrun.manifest import Job, Manifest
+from batchrun.polling import PollPlanner
+from batchrun.results import write_provenance
+from batchrun.retry import RetryPolicy, next_delay, submit_is_retryable, with_retries
+
+log = logging.getLogger("batchrun.run")
+
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp"}
+MAX_URL_REFRESHES = 3
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    retry_failed: bool = False
+    resubmit_unknown: bool = False
+    download_concurrency: int = 4
+
+
+@dataclass
+class Plan:
+    """What a run will do with each manifest job, decided from the ledger before anything is sent."""
+
+    submit: list[Job] = field(default_factory=list)
+    poll: list[tuple[Job, JobRow]] = field(default_factory=list)  # accepted remotely, not finished
+    collect: list[tuple[Job, JobRow]] = field(default_factory=list)  # finished remotely or files damaged
+    skip: list[Job] = field(default_factory=list)  # done and verified
+    held: list[tuple[Job, str]] = field(default_factory=list)  # not touched, with the reason
+    refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission
+
+
+def _seconds_since(iso: str | None) -> float:
+    if not iso:
+        return 0.0
+    try:
+        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return max(0.0, (datetime.now(timezone.utc) - then).total_seconds())
+
+
+def _server_duration(result: Result) -> float | None:
+    try:
+        start = datetime.fromisoformat((result.created_at or "").replace("Z", "+00:00"))
+        end = datetime.fromisoformat((result.finished_at or "").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    seconds = (end - start).total_seconds()
+    return seconds if seconds >= 0 else None
+
+
+def outputs_intact(output_dir: Path, row: JobRow) -> bool:
+    """Every recorded output of a done job is on disk with its recorded size and sha256."""
+    return bool(row.outputs) and all(
+        dl.verify(output_dir / o.path, o.bytes, o.sha256) for o in row.outputs
+    )
+
+
+def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
+    """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`), then decide."""
+    rows = {row.id: row for row in ledger.all()}
+    for row in rows.values():
+        if row.state == "submitting":  # a run died between the intent and the POST's answer
+            ledger.set_state(row.id, "unknown", error=("unknown", "the run stopped while this job was being "
+                                                       "submitted; the POST may have created a job"))
+    ledger.add_pending(
+        (job.id, manifest.model.model_id, job.input, job.input_sha256, manifest.estimate_cost(job))
+        for job in manifest.jobs
+        if job.id not in rows or rows[job.id].state == "pending"
+    )
+    return decide(manifest, {row.id: row for row in ledger.all()}, options)
+
+
+def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> Plan:
+    """What each manifest job needs, given the ledger's rows. Reads files (to verify), writes nothing."""
+    plan = Plan()
+    resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
+    for job in manifest.jobs:
+        row = rows.get(job.id)
+        if row is None or (row.state == "pending" and row.submissions == 0):
+            plan.submit.append(job)
+            continue
+        if row.input_sha256 != job.input_sha256:
+            plan.refused.append((job, f"{job.label}: its input changed after it was submitted "
+                                      f"(request {row.request_id or 'unknown'}); give the changed job a new id "
+                                      "to run it, or restore the old input"))
+            continue
+        state = "unknown" if row.state == "submitting" else row.state
+        if state == "pending":
+            plan.submit.append(job)
+        elif state in ("queued", "running"):
+            plan.poll.append((job, row))
+        elif state == "downloading":
+            plan.collect.append((job, row))
+        elif state == "done":
+            if outputs_intact(manifest.output_dir, row):
+                plan.skip.append(job)
+            else:
+                log.info("%s: a file is missing or damaged; downloading it again", job.id)
+                plan.collect.append((job, row))
+        elif state == "unknown":
+            if resubmit_unknown:
+                plan.submit.append(job)
+            else:
+                plan.held.append((job, "unknown: its POST may have created a job; check your RunComfy "
+                                       "dashboard, then use --resubmit-unknown to send it again"))
+        elif state in ("failed", "cancelled"):
+            if options.retry_failed:
+                plan.submit.append(job)
+            else:
+                plan.held.append((job, f"{state}: use --retry-failed to submit it again"))
+    return plan
+
+
+@dataclass
+class RunStats:
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+    calls: Counter = field(default_factory=Counter)
+
+
+class Scheduler:
+    """Runs a `Plan` to completion (or until stopped). Create one per run."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        ledger: Ledger,
+        client: Client,
+        download_session: aiohttp.ClientSession,
+        *,
+        options: RunOptions = RunOptions(),
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        retry_policy: RetryPolicy | None = None,
+        on_change: Callable[[], None] | None = None,
+    ):
+        self.manifest = manifest
+        self.settings = manifest.settings
+        self.ledger = ledger
+        self.client = client
+        self.session = download_session
+        self.options = options
+        self.clock = clock
+        self.sleep = sleep
+        self.rand = rand
+        self.policy = retry_policy or RetryPolicy(max_attempts=self.settings.max_attempts)
+        self.on_change = on_change or (lambda: None)
+        self.planner = PollPlanner(self.settings.poll_min_interval, self.settings.poll_max_interval)
+        self.stats = RunStats()
+        # Why submitting stopped, if it did: "interrupted", "auth", "budget", "deadline", "disk_full".
+        self.stop_reason: str | None = None
+        self.auth_error: str | None = None
+        self.fatal_error: str | None = None
+        self.timed_out: set[str] = set()
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._downloads = asyncio.Semaphore(options.download_concurrency)
+        self._tasks: set[asyncio.Task] = set()
+        self._started = clock()
+        self.committed_usd = ledger.spent_usd()
+
+    # -- control -------------------------------------------------------------------------------
+    def stop_submitting(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.info("no further jobs will be submitted (%s)", reason)
+
+    def abort(self) -> None:
+        """Leave now: every task is cancelled; the ledger already holds what each job reached."""
+        self.stop_submitting("interrupted")
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- the run ---------------------------------------------------------------------------------
+    async def run(self, plan: Plan) -> None:
+        # Jobs already paid for come first: their slots and downloads matter more than new ones.
+        work: list[tuple[str, Job, JobRow | None]] = (
+            [("collect", job, row) for job, row in plan.collect]
+            + [("poll", job, row) for job, row in plan.poll]
+            + [("submit", job, None) for job in plan.submit]
+        )
+        # Bounds the number of tasks: remote slots + downloads + a little slack to keep slots busy.
+        room = asyncio.Semaphore(self.settings.concurrency + self.options.download_concurrency + 4)
+        try:
+            for action, job, row in work:
+                if action == "submit" and self._submitting_stopped():
+                    break
+                await room.acquire()
+                if action != "collect":
+                    await self._slots.acquire()
+                    if action == "submit" and self._submitting_stopped():
+                        self._slots.release()
+                        room.release()
+                        break
+                task = asyncio.create_task(self._drive(action, job, row))
+                self._tasks.add(task)
+                task.add_done_callback(lambda t: (self._tasks.discard(t), room.release()))
+            while self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        except asyncio.CancelledError:
+            self.abort()
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            raise
+
+    def _submitting_stopped(self) -> bool:
+        if self.stop_reason is None and self.settings.max_wait is not None:
+            if self.clock() - self._started >= self.settings.max_wait:
+                self.stop_submitting("deadline")
+        return self.stop_reason is not None
+
+    async def _drive(self, action: str, job: Job, row: JobRow | None) -> None:
+        try:
+            if action == "collect":
+                await self._collect(job, row.request_id if row else None, None)
+                return
+            try:
+                if action == "submit":
+                    request_id = await self._submit(job)
+                    if request_id is None:
+                        return
+                    age0 = 0.0
+                else:
+                    request_id, age0 = row.request_id, _seconds_since(row.submitted_at)
+                result = await self._wait_remote(job, request_id, age0)
+            finally:
+                self._slots.release()
+            if result is not None:
+                await self._collect(job, request_id, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no task may die silently: record it on the job and go on
+            log.exception("%s: unexpected error", job.id)
+            self._record_error(job.id, "internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.on_change()
+
+    def _record_error(self, job_id: str, kind: str, message: str) -> None:
+        row = self.ledger.get(job_id)
+        if row is not None:
+            self.ledger.set_state(job_id, row.state, error=(kind, message))
+
+    # -- submit ----------------------------------------------------------------------------------
+    async def _submit(self, job: Job) -> str | None:
+        estimate = self.manifest.estimate_cost(job)
+        budget = self.settings.budget_usd
+        if budget is not None and self.committed_usd + estimate > budget + 1e-9:
+            self.stop_submitting("budget")
+            log.info("%s: not submitted: $%.2f committed + $%.2f would exceed the $%.2f budget",
+                     job.id, self.committed_usd, estimate, budget)
+            return None
+        attempt = 0
+        while True:
+            if self.stop_reason in ("auth", "disk_full", "interrupted"):
+                return None
+            self.ledger.mark_submitting([job.id])
+            self.stats.calls["submit"] += 1
+            try:
+                submitted = await self.client.submit(self.manifest.model.model_id, job.input)
+            except SubmitOutcomeUnknown as exc:
+                self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
+                log.warning("%s: unknown: %s", job.id, exc)
+                self.committed_usd += estimate  # it may have been created: count it against the budget
+                return None
+            except AuthError as exc:
+                self.ledger.mark_not_sent(job.id, "auth", str(exc), reached_server=True)
+                self._auth_failed(exc)
+                return None
+            except TransientApiError as exc:
+                delay = next_delay(exc, attempt, self.policy, self.rand, retryable=submit_is_retryable)
+                self.ledger.mark_not_sent(job.id, exc.kind, str(exc), reached_server=exc.connected)
+                if delay is None:
+                    if not submit_is_retryable(exc):
+                        # Defensive: the client reports such failures as SubmitOutcomeUnknown.
+                        self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
+                    log.warning("%s: not submitted: %s", job.id, exc)
+                    return None
+                log.info("%s: submit refused (%s); retrying in %.1fs", job.id, exc, delay)
+                await self.sleep(delay)
+                attempt += 1
+                continue
+            except ApiError as exc:  # rejected input, unknown model: nothing was created
+                self.ledger.mark_not_sent(job.id, exc.kind, str(exc), reached_server=True)
+                self.ledger.set_state(job.id, "failed", error=(exc.kind, str(exc)))
+                self.stats.failed += 1
+                log.warning("%s: failed: %s", job.id, exc)
+                return None
+            self.ledger.mark_submitted(job.id, submitted.request_id)
+            self.committed_usd += estimate
+            self.stats.submitted += 1
+            log.info("%s: submitted as %s", job.id, submitted.request_id)
+            self.on_change()
+            return submitted.request_id
+
+    def _auth_failed(self, exc: ApiError) -> None:
+        if self.auth_error is None:
+            self.auth_error = str(exc)
+            log.error("stopping: %s", exc)
+        self.stop_submitting("auth")
+
+    # -- poll --------------------------------------------------------------------------------------
+    async def _api(self, kind: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        async def counted():
+            self.stats.calls[kind] += 1
+            return await call()
+
+        return await with_retries(counted, policy=self.policy, sleep=self.sleep, rand=self.rand)
+
+    async def _wait_remote(self, job: Job, request_id: str, age0: float) -> Result | None:
+        """Poll until the job has finished remotely; returns its result, or None to leave it for later."""
+        submitted = self.clock() - age0
+        polls, last_running_age, state = 0, 0.0, "queued"
+        while True:
+            age = self.clock() - submitted
+            if age >= self.settings.job_timeout and polls > 0:
+                return await self._timed_out(job, request_id, state)
+            delay = self.planner.next_delay(age, polls)
+            await self.sleep(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay))
+            try:
+                status = await self._api("status", lambda: self.client.status(request_id))
+            except RequestNotFound as exc:
+                self._remote_gone(job, request_id, exc)
+                return None
+            except AuthError as exc:
+                self._auth_failed(exc)
+                return None
+            except ApiError as exc:
+                self._record_error(job.id, exc.kind, f"status checks failed: {exc}; the next run polls again")
+                return None
+            polls += 1
+            age = self.clock() - submitted
+            if status.state in ("queued", "running"):
+                if status.state != state or polls == 1:
+                    self.ledger.record_remote(job.id, status.raw_status, status.state,
+                                              started=status.state == "running")
+                    self.on_change()
+                state, last_running_age = status.state, age
+                continue
+            try:
+                result = await self._api("result", lambda: self.client.result(request_id))
+            except RequestNotFound as exc:
+                self._remote_gone(job, request_id, exc)
+                return None
+            except AuthError as exc:
+                self._auth_failed(exc)
+                return None
+            except ApiError as exc:
+                self._record_error(job.id, exc.kind, f"fetching the result failed: {exc}; the next run retries")
+                return None
+            if result.state in ("queued", "running"):  # status and result disagree: keep polling
+                continue
+            duration = _server_duration(result)
+            self.planner.observe(duration if duration is not None else (last_running_age + age) / 2)
+            return result
+
+    def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
+        message = (f"the API no longer knows request {request_id} ({exc}); it may have expired. "
+                   "Use --retry-failed to submit the job again")
+        self.ledger.set_state(job.id, "failed", error=("not_found", message))
+        self.stats.failed += 1
+        log.warning("%s: failed: %s", job.id, message)
+
+    async def _timed_out(self, job: Job, request_id: str, state: str) -> None:
+        minutes = self.settings.job_timeout / 60
+        if state == "queued":
+            try:
+                outcome = await self._api("cancel", lambda: self.client.cancel(request_id))
+            except ApiError as exc:
+                outcome = None
+                log.warning("%s: cancelling after the timeout failed: %s", job.id, exc)
+            if outcome is not None and outcome.cancelled:
+                self.ledger.set_state(job.id, "cancelled",
+                                      error=("timeout", f"still queued after {minutes:g} min; cancelled"))
+                log.warning("%s: cancelled: still queued after %g min", job.id, minutes)
+                return None
+        self.timed_out.add(job.id)
+        self.ledger.set_state(job.id, state, error=("timeout", f"not finished after {minutes:g} min; request "
+                                                    f"{request_id} is kept and the next run collects it"))
+        log.warning("%s: timed out after %g min; left for the next run", job.id, minutes)
+        return None
+
+    # -- collect -----------------------------------------------------------------------------------
+    async def _collect(self, job: Job, request_id: str | None, result: Result | None) -> None:
+        """Record a finished job's outcome and download its outputs."""
+        if request_id is None:
+            self.ledger.set_state(job.id, "failed", error=("internal", "no request id recorded"))
+            return
+        try:
+            if result is None:
+                result = await self._api("result", lambda: self.client.result(request_id))
+                if result.state in ("queued", "running"):
+                    self.ledger.record_remote(job.id, result.raw_status, result.state, started=True)
+                    return
+        except RequestNotFound as exc:
+            self._remote_gone(job, request_id, exc)
+            return
+        except AuthError as exc:
+            self._auth_failed(exc)
+            return
+        except ApiError as exc:
+            self._record_error(job.id, exc.kind, f"fetching the result failed: {exc}; the next run retries")
+            return
+        finished = {"finished_at": result.finished_at or utc_now(), "remote_status": result.raw_status}
+        if result.state == "cancelled":
+            self.ledger.set_state(job.id, "cancelled", error=("cancelled", "cancelled remotely"), **finished)
+            return
+        if result.state == "failed" or not result.output_urls:
+            message = result.error or "the job finished without any output"
+            self.ledger.set_state(job.id, "failed", error=("remote", message), cost_usd=result.cost_usd, **finished)
+            self.committed_usd -= self.manifest.estimate_cost(job) if result.cost_usd is None else 0
+            self.stats.failed += 1
+            log.warning("%s: failed remotely: %s", job.id, message)
+            return
+        if result.cost_usd is not None:
+            self.committed_usd += result.cost_usd - self.manifest.estimate_cost(job)
+        self.ledger.set_state(job.id, "downloading", clear_error=True, output_urls=result.output_urls,
+                              cost_usd=result.cost_usd, **finished)
+        self.on_change()
+        async with self._downloads:
+            if await self._download_all(job, request_id, result.output_urls):
+                self.ledger.set_state(job.id, "done", downloaded_at=utc_now())
+                write_provenance(self.manifest.output_dir, self.ledger.get(job.id))
+                self.stats.done += 1
+                log.info("%s: done", job.id)
+
+    def _output_name(self, job: Job, index: int, url: str) -> str:
+        suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
+        suffix = suffix if suffix in VIDEO_SUFFIXES else ".mp4"
+        return f"{job.id}{suffix}" if index == 0 else f"{job.id}-{index + 1}{suffix}"
+
+    async def _download_all(self, job: Job, request_id: str, urls: list[str]) -> bool:
+        output_dir = self.manifest.output_dir
+        max_bytes = int(self.settings.max_video_mb * 1024 * 1024)
+        refreshes = 0
+        index = 0
+        while index < len(urls):
+            name = self._output_name(job, index, urls[index])
+            url = urls[index]
+            try:
+                got = await with_retries(
+                    lambda url=url, name=name: self._count_download(url, output_dir / name, max_bytes),
+                    policy=self.policy, sleep=self.sleep, rand=self.rand,
+                    retryable=lambda e: isinstance(e, (DownloadInterrupted, TransientApiError)),
+                )
+            except OutputUrlExpired as exc:
+                refreshes += 1
+                if refreshes > MAX_URL_REFRESHES:
+                    self._record_error(job.id, exc.kind, f"{exc}; the next run tries again")
+                    return False
+                log.info("%s: output URL refused (%s); fetching a fresh one", job.id, exc)
+                try:
+                    fresh = await self._api("result", lambda: self.client.result(request_id))
+                except ApiError as api_exc:
+                    self._record_error(job.id, api_exc.kind, f"refreshing the output URL failed: {api_exc}")
+                    return False
+                if len(fresh.output_urls) == len(urls):
+                    urls = fresh.output_urls
+                    self.ledger.set_state(job.id, "downloading", output_urls=urls)
+                continue
+            except DiskFull as exc:
+                self.fatal_error = f"disk full while downloading {job.id}: {exc}"
+                self.stop_submitting("disk_full")
+                self._record_error(job.id, exc.kind, str(exc))
+                return False
+            except DownloadError as exc:
+                self._record_error(job.id, exc.kind, f"{exc}; the next run tries the download again")
+                log.warning("%s: download failed: %s", job.id, exc)
+                return False
+            self.ledger.record_output(job.id, Output(index, name, got.bytes, got.sha256))
+            index += 1
+        return True
+
+    async def _count_download(self, url: str, dest: Path, max_bytes: int):
+        self.stats.calls["download"] += 1
+        return await dl.download(self.session, url, dest, max_bytes=max_bytes)
