@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from batchrun import __version__
@@ -116,6 +117,64 @@ def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _resolve_target(target: str, output: str | None = None) -> tuple[Path, Manifest | None]:
+    """MANIFEST_OR_OUTPUT_DIR: a directory is an output dir; a file is a manifest naming one."""
+    path = Path(target)
+    if path.is_dir():
+        return path.absolute(), None
+    if not path.exists():
+        raise UsageError(f"{target}: no such manifest or output directory")
+    manifest = load_manifest(path, output=output)
+    return manifest.output_dir, manifest
+
+
+def cmd_status(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.status import collect, print_report
+
+    output_dir, manifest = _resolve_target(args.target, args.output)
+    print_report(collect(output_dir, manifest), out, as_json=args.json)
+    return EXIT_OK
+
+
+def cmd_export(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.ledger import Ledger
+    from batchrun.results import to_csv, to_jsonl
+
+    output_dir, _ = _resolve_target(args.target, args.output)
+    ledger = Ledger.open(output_dir, create=False, readonly=True)
+    try:
+        rows = ledger.all()
+    finally:
+        ledger.close()
+    data = to_csv(rows) if args.format == "csv" else to_jsonl(rows)
+    out.write(data.decode("utf-8"))
+    out.flush()
+    return EXIT_OK
+
+
+def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.cancel import cancel_queued
+
+    output_dir, manifest = _resolve_target(args.target, args.output)
+    base_url, token = _connection(args)
+    rps = manifest.settings.requests_per_second if manifest else 5.0
+    report = asyncio.run(cancel_queued(output_dir, base_url=base_url, token=token, requests_per_second=rps))
+    for job_id in report.cancelled:
+        print(f"cancelled: {job_id}", file=out)
+    for job_id, detail in report.not_cancellable:
+        print(f"not cancellable (already in progress): {job_id}: {detail}", file=out)
+    for job_id, detail in report.errors:
+        print(f"error: {job_id}: {detail}", file=out)
+    print(f"{plural(len(report.cancelled), 'job')} cancelled, {len(report.not_cancellable)} could not be, "
+          f"{len(report.errors)} errors", file=out)
+    return EXIT_OK if not report.not_cancellable and not report.errors else EXIT_NOT_DONE
+
+
+def _add_target(command: argparse.ArgumentParser) -> None:
+    command.add_argument("target", metavar="MANIFEST_OR_OUTPUT_DIR")
+    command.add_argument("--output", metavar="DIR", help="with a manifest: its output directory, if not the usual")
+
+
 def _add_run_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("manifest", metavar="MANIFEST")
     command.add_argument("--output", metavar="DIR", help="output directory (default: the manifest's output:, "
@@ -150,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=cmd_plan)
+
+    status = commands.add_parser("status", help="counts by state, jobs needing attention, spend (read-only)")
+    _add_target(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="cancel the output dir's jobs that are queued remotely")
+    _add_target(cancel)
+    cancel.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
+    cancel.set_defaults(handler=cmd_cancel, sandbox=False)
+
+    export = commands.add_parser("export", help="the ledger as one line per job")
+    _add_target(export)
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.set_defaults(handler=cmd_export)
 
     sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")

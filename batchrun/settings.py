@@ -51,7 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("concurrency", int, 4, "jobs in flight remotely at once (submitted, not yet finished)", 1, 1000),
     Setting("budget_usd", float, None, "hard cap on spend for this output dir; no job is submitted that "
             "would take done + in-flight + its estimate over it", 0, optional=True),
-    Setting("requests_per_second", float, 5.0, "rate limit over all API calls of one run", 0.1, 1000),
+    Setting("requests_per_second", float, 5.0, "rate limit over all API calls of one run (0 = no limit)", 0,
+            100000),
     Setting("poll_min_interval", float, 1.0, "shortest wait between two status checks of one job, seconds",
             0.0, 3600),
     Setting("poll_max_interval", float, 30.0, "longest wait between two status checks of one job, seconds",

@@ -1,0 +1,160 @@
+"""Benchmarks of `batchrun run` against the sandbox (issue: run a manifest end to end).
+
+    python bench/bench_run.py overhead [--jobs 10000] [--runs 3]
+        10,000 jobs, zero latency, concurrency 64, 64 KB videos: batchrun's wall time against a bare
+        aiohttp script making the same calls in the same run (target <= 1.5x), and batchrun's peak RSS
+        (target <= 250 MB).
+    python bench/bench_run.py busy [--runs 3]
+        100 jobs, capacity = concurrency = 10, render 1 s fixed (ideal makespan 10 s), then uniform
+        0.5-1.5 s: makespan / ideal (target <= 1.10 for fixed) and status+result calls per job (<= 4).
+
+The sandbox runs in this process; batchrun and the baseline run as child processes, whose peak RSS
+comes from wait4. Figures are medians over --runs runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from batchrun.sandbox import Sandbox
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_manifest(path: Path, jobs: int, concurrency: int, extra: str = "") -> None:
+    lines = [
+        "version: 1",
+        f"concurrency: {concurrency}",
+        "requests_per_second: 0",
+        "poll_min_interval: 0.05",
+        "poll_max_interval: 5",
+        extra,
+        "defaults:",
+        "  start_image_url: https://example.com/bench/start.png",
+        "  duration: 5",
+        "  generate_audio: false",
+        "jobs:",
+    ]
+    lines += [f"  - id: job-{i}\n    prompt: bench job {i}" for i in range(jobs)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# Runs the command as a grandchild and reports its peak RSS: asyncio's child watcher reaps our own
+# children, which hides their rusage from wait4.
+_MEASURE = (
+    "import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+    "print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code]))"
+)
+
+
+async def run_child(argv: list[str], env: dict | None = None) -> tuple[float, float, int]:
+    """Run a command; returns (wall seconds, peak RSS MB, exit code)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _MEASURE, *argv, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await proc.communicate()
+    wall, rss_kb, code = json.loads(stdout)
+    if code != 0:
+        sys.stderr.write(stderr.decode(errors="replace")[-2000:])
+    return wall, rss_kb / 1024, code
+
+
+def batchrun_argv(manifest: Path, base_url: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "batchrun", "run", str(manifest), "--base-url", base_url, "--output", str(out),
+            "--no-progress"]
+
+
+def child_env() -> dict:
+    return {**os.environ, "RUNCOMFY_API_TOKEN": "bench-token"}
+
+
+async def overhead_once(jobs: int, workdir: Path) -> dict:
+    video = os.urandom(64 * 1024)
+    manifest = workdir / "overhead.yaml"
+    write_manifest(manifest, jobs, 64)
+    figures = {}
+    for name in ("baseline", "batchrun"):
+        async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
+            out = workdir / f"out-{name}-{time.monotonic_ns()}"
+            if name == "baseline":
+                argv = [sys.executable, str(HERE / "baseline_client.py"), sandbox.base_url, str(jobs), "64", str(out)]
+            else:
+                argv = batchrun_argv(manifest, sandbox.base_url, out)
+            wall, rss, code = await run_child(argv, child_env())
+            figures[name] = {"wall_s": wall, "rss_mb": rss, "exit": code, "calls": dict(sandbox.calls)}
+    figures["ratio"] = figures["batchrun"]["wall_s"] / figures["baseline"]["wall_s"]
+    return figures
+
+
+def makespan(out: Path) -> float:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+    def ts(text):
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+    return max(ts(r["downloaded_at"]) for r in rows) - min(ts(r["submitted_at"]) for r in rows)
+
+
+async def busy_once(render, label: str, workdir: Path) -> dict:
+    manifest = workdir / "busy.yaml"
+    write_manifest(manifest, 100, 10)
+    async with Sandbox(capacity=10, render_seconds=render, seed=int(time.time())) as sandbox:
+        out = workdir / f"out-busy-{label}-{time.monotonic_ns()}"
+        wall, rss, code = await run_child(batchrun_argv(manifest, sandbox.base_url, out), child_env())
+        calls = sandbox.calls
+    span = makespan(out)
+    return {"label": label, "exit": code, "makespan_s": span, "ratio_to_ideal": span / 10.0,
+            "status_result_calls_per_job": (calls["status"] + calls["result"]) / 100, "wall_s": wall}
+
+
+def median(values):
+    return statistics.median(values)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("which", choices=["overhead", "busy"])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.which == "overhead":
+            results = []
+            for i in range(args.runs):
+                figures = await overhead_once(args.jobs, workdir)
+                results.append(figures)
+                print(f"run {i + 1}: baseline {figures['baseline']['wall_s']:.1f}s, batchrun "
+                      f"{figures['batchrun']['wall_s']:.1f}s (exit {figures['batchrun']['exit']}), ratio "
+                      f"{figures['ratio']:.2f}, batchrun peak RSS {figures['batchrun']['rss_mb']:.0f} MB, "
+                      f"calls {figures['batchrun']['calls']}", flush=True)
+            print(f"median over {args.runs} runs of {args.jobs} jobs: ratio "
+                  f"{median([r['ratio'] for r in results]):.2f} (target <= 1.5), batchrun wall "
+                  f"{median([r['batchrun']['wall_s'] for r in results]):.1f}s vs baseline "
+                  f"{median([r['baseline']['wall_s'] for r in results]):.1f}s, peak RSS "
+                  f"{median([r['batchrun']['rss_mb'] for r in results]):.0f} MB (target <= 250)")
+        else:
+            for label, render in (("fixed 1 s", 1.0), ("uniform 0.5-1.5 s", lambda rng: rng.uniform(0.5, 1.5))):
+                results = []
+                for i in range(args.runs):
+                    figures = await busy_once(render, label, workdir)
+                    results.append(figures)
+                    print(f"{label} run {i + 1}: makespan {figures['makespan_s']:.2f}s "
+                          f"({figures['ratio_to_ideal']:.3f}x ideal), "
+                          f"{figures['status_result_calls_per_job']:.2f} status+result calls/job, "
+                          f"exit {figures['exit']}", flush=True)
+                print(f"{label}: median makespan {median([r['ratio_to_ideal'] for r in results]):.3f}x ideal, "
+                      f"{median([r['status_result_calls_per_job'] for r in results]):.2f} calls/job")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
