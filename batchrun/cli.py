@@ -54,15 +54,21 @@ def cmd_validate(args, out: TextIO, err: TextIO) -> int:
         try:
             manifest = load_manifest(path)
         except ManifestError as exc:
-            status = EXIT_USAGE
-            shown += _print_problems(exc.problems, out, shown)
-            hidden = len(exc.problems) - min(len(exc.problems), MAX_PROBLEMS_SHOWN)
-            more = f" (first {MAX_PROBLEMS_SHOWN} shown)" if hidden > 0 else ""
-            print(f"{path}: invalid: {_summary(exc.problems)}{more}", file=out)
-            continue
-        shown += _print_problems(manifest.warnings, out, shown)
-        note = f", {_summary(manifest.warnings).split(', ')[-1]}" if manifest.warnings else ""
-        print(f"{path}: ok, {plural(len(manifest.jobs), 'job')}{note}", file=out)
+            status, problems, verdict = EXIT_USAGE, exc.problems, "invalid: " + _summary(exc.problems)
+        else:
+            problems = manifest.warnings
+            note = f", {_summary(problems).split(', ')[-1]}" if problems else ""
+            verdict = f"ok, {plural(len(manifest.jobs), 'job')}{note}"
+        printed = _print_problems(problems, out, shown)
+        shown += printed
+        hidden = len(problems) - printed
+        if not hidden:
+            more = ""
+        elif printed:
+            more = f" (first {printed} shown)"
+        else:
+            more = f" (not shown: only the first {MAX_PROBLEMS_SHOWN} problems of a call are printed)"
+        print(f"{path}: {verdict}{more}", file=out)
     return status
 
 
