@@ -226,3 +226,27 @@ def test_real_subprocess(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "batchrun", "validate", str(EXAMPLE)],
                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert ok.returncode == 0 and ok.stdout == f"{EXAMPLE}: ok, 4 jobs\n"
+
+
+def _broken_jobs(count: int) -> str:
+    jobs = "".join(f"  - id: j{i}\n    prompt: 5\n    start_image_url: https://e.com/a.png\n" for i in range(count))
+    return "version: 1\njobs:\n" + jobs
+
+
+def test_every_manifest_says_what_was_not_shown(tmp_path):
+    first = write(tmp_path, "first.yaml", _broken_jobs(60))
+    second = write(tmp_path, "second.yaml", _broken_jobs(3))
+    code, out, _ = run_validate(first, second)
+    assert code == 2
+    lines = out.splitlines()
+    assert len(lines) == 52
+    assert lines[-2] == f"{first}: invalid: 60 errors (first 50 shown)"
+    assert lines[-1] == f"{second}: invalid: 3 errors (not shown: only the first 50 problems of a call are printed)"
+
+
+def test_many_warnings_on_a_valid_manifest_say_they_were_cut(tmp_path):
+    jobs = "".join(f"  - id: w{i}\n    prompt: hi\n    start_image_url: https://e.com/noext\n" for i in range(55))
+    path = write(tmp_path, "warn.yaml", "version: 1\njobs:\n" + jobs)
+    code, out, _ = run_validate(path)
+    assert code == 0
+    assert out.splitlines()[-1] == f"{path}: ok, 55 jobs, 55 warnings (first 50 shown)"
