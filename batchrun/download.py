@@ -30,6 +30,7 @@ from typing import TypeVar
 import aiohttp
 from yarl import URL
 
+from .crashpoints import crashpoint
 from .errors import DiskFull, DownloadError, DownloadInterrupted, DownloadTooLarge, OutputUrlExpired
 
 __all__ = ["Downloaded", "download", "part_path", "verify"]
@@ -219,6 +220,7 @@ async def _stream(
 ) -> None:
     async for chunk in resp.content.iter_chunked(chunk_size):
         part.write(chunk)
+        crashpoint("mid_download")
         if part.size > max_bytes:
             part.discard()
             raise DownloadTooLarge(f"{where} sent more than the {max_bytes}-byte cap")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -16,7 +17,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True,
+                 before_rename: Callable[[], None] | None = None) -> None:
     """Replace `path` with `data` so that readers see either the old file or the whole new one.
 
     `durable=False` skips the fsyncs, for files that can be rebuilt from the ledger."""
@@ -28,6 +30,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
             if durable:
                 os.fsync(handle.fileno())
         os.chmod(tmp, mode)
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         try:
