@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from batchrun import __version__
-from batchrun.errors import BatchrunError, ManifestError, OutputDirLocked, Problem, UsageError
+from batchrun.errors import BatchrunError, LedgerError, ManifestError, OutputDirLocked, Problem, UsageError
 from batchrun.manifest import Manifest, load_manifest
 
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
@@ -176,6 +176,14 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if not report.not_cancellable and not report.errors else EXIT_NOT_DONE
 
 
+def cmd_report(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.report import write_report
+
+    output_dir, _ = _resolve_target(args.target, args.output)
+    print(f"report: {write_report(output_dir)}", file=out)
+    return EXIT_OK
+
+
 def _add_target(command: argparse.ArgumentParser) -> None:
     command.add_argument("target", metavar="MANIFEST_OR_OUTPUT_DIR")
     command.add_argument("--output", metavar="DIR", help="with a manifest: its output directory, if not the usual")
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.set_defaults(handler=cmd_export)
 
+    report = commands.add_parser("report", help="write report.html: a gallery to review the videos")
+    _add_target(report)
+    report.set_defaults(handler=cmd_report)
+
     sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     except OutputDirLocked as exc:
         print(f"batchrun: {exc}", file=err)
         return EXIT_LOCKED
-    except UsageError as exc:
+    except (UsageError, LedgerError) as exc:  # nothing was sent
         print(f"batchrun: {exc}", file=err)
         return EXIT_USAGE
     except BatchrunError as exc:
