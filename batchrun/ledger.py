@@ -236,10 +236,12 @@ class Ledger:
         return {state: n for state, n in self._counts.items() if n}
 
     def spent_usd(self) -> float:
-        """Money committed: actual or estimated cost of every job that has been sent and not failed."""
+        """Money committed, counted as results.jsonl counts `cost_usd`: the API's figure wherever it gave
+        one (a failed job it charged for included), else the estimate of every job sent and not failed."""
         row = self.conn.execute(
-            "SELECT COALESCE(SUM(COALESCE(cost_usd, estimated_cost_usd)), 0) FROM jobs "
-            "WHERE submissions > 0 AND state NOT IN ('failed', 'cancelled', 'pending')"
+            "SELECT COALESCE(SUM(CASE WHEN cost_usd IS NOT NULL THEN cost_usd"
+            " WHEN state IN ('failed', 'cancelled', 'pending') THEN 0"
+            " ELSE COALESCE(estimated_cost_usd, 0) END), 0) FROM jobs WHERE submissions > 0"
         ).fetchone()
         return float(row[0])
 

@@ -44,7 +44,8 @@ class PollPlanner:
     def next_delay(self, age: float, polls: int) -> float:
         """Seconds to wait before polling a job that is `age` seconds old and was polled `polls` times."""
         if not self._durations:
-            delay = self.min_interval * 1.5**polls
+            # The exponent is capped: 1.5**polls overflows a float after ~1750 polls of a stuck job.
+            delay = self.min_interval * 1.5 ** min(polls, 64)
             return self._clamp(delay)
         ordered = sorted(self._durations)
         early, late = _quantile(ordered, 0.1), _quantile(ordered, 0.9)

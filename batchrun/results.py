@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
 
@@ -64,14 +65,16 @@ def to_csv(rows: list[JobRow]) -> bytes:
 def write_results(ledger: Ledger, output_dir: Path) -> Path:
     """Rewrite results.jsonl atomically from the ledger."""
     path = output_dir / RESULTS_NAME
-    atomic_write(path, to_jsonl(ledger.all()))
+    atomic_write(path, to_jsonl(ledger.all()), before_rename=lambda: crashpoint("results_rewrite"))
     return path
 
 
 def write_provenance(output_dir: Path, row: JobRow) -> Path:
-    """`<id>.json` beside the video: what was asked, of which model, and what came back."""
+    """`<id>.json` beside the video: what was asked, of which model, and what came back.
+
+    Not fsynced: it is rebuilt from the ledger whenever a run finds it missing."""
     record = job_record(row)
     record.update({"model": row.model, "input": row.input})
     path = output_dir / f"{row.id}.json"
-    atomic_write(path, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write(path, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), durable=False)
     return path

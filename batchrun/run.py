@@ -100,8 +100,9 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
         lines.append(f"  {row.id}: {row.state}{why}")
     if len(attention) > 20:
         lines.append(f"  ... and {len(attention) - 20} more (see 'batchrun status')")
+    budget = manifest.settings.budget_usd
     reason = {
-        "budget": f"budget reached: no job was submitted that would take spend over ${manifest.settings.budget_usd}",
+        "budget": f"budget reached: no job was submitted that would take spend over ${budget or 0:.2f}",
         "auth": f"stopped by the API: {scheduler.auth_error}",
         "deadline": "max_wait reached: no new jobs submitted; jobs in flight are collected by the next run",
         "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
@@ -109,12 +110,14 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     }.get(scheduler.stop_reason or "")
     if reason:
         lines.append(reason)
+    if scheduler.interrupted and scheduler.stop_reason != "interrupted":
+        lines.append("interrupted: jobs in flight are recorded; the next run picks them up")
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
     return lines
 
 
 def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler) -> int:
-    if scheduler.stop_reason == "interrupted":
+    if scheduler.interrupted:
         return EXIT_INTERRUPTED
     if scheduler.stop_reason == "auth":
         return EXIT_AUTH

@@ -32,6 +32,7 @@ import aiohttp
 
 from batchrun import download as dl
 from batchrun.api import Client, Result
+from batchrun.crashpoints import crashpoint
 from batchrun.errors import (
     ApiError,
     AuthError,
@@ -82,6 +83,17 @@ def _seconds_since(iso: str | None) -> float:
     except ValueError:
         return 0.0
     return max(0.0, (datetime.now(timezone.utc) - then).total_seconds())
+
+
+def _utc_iso(text: str | None) -> str:
+    """The API's timestamp as ISO 8601 UTC like the ledger's own (`...Z`); now if it is missing or unreadable."""
+    try:
+        when = datetime.fromisoformat((text or "").strip().replace("Z", "+00:00"))
+    except ValueError:
+        return utc_now()
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _server_duration(result: Result) -> float | None:
@@ -200,6 +212,8 @@ class Scheduler:
         self.auth_error: str | None = None
         self.fatal_error: str | None = None
         self.timed_out: set[str] = set()
+        self.aborted = False
+        self.interrupted = False
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
         self._tasks: set[asyncio.Task] = set()
@@ -208,6 +222,8 @@ class Scheduler:
 
     # -- control -------------------------------------------------------------------------------
     def stop_submitting(self, reason: str) -> None:
+        if reason == "interrupted":
+            self.interrupted = True  # even when submitting had already stopped for another reason
         if self.stop_reason is None:
             self.stop_reason = reason
             log.info("no further jobs will be submitted (%s)", reason)
@@ -215,6 +231,7 @@ class Scheduler:
     def abort(self) -> None:
         """Leave now: every task is cancelled; the ledger already holds what each job reached."""
         self.stop_submitting("interrupted")
+        self.aborted = True  # and no new task starts, not even for a job resumed from the ledger
         for task in list(self._tasks):
             task.cancel()
 
@@ -230,15 +247,16 @@ class Scheduler:
         room = asyncio.Semaphore(self.settings.concurrency + self.options.download_concurrency + 4)
         try:
             for action, job, row in work:
-                if action == "submit" and self._submitting_stopped():
+                if self.aborted or (action == "submit" and self._submitting_stopped()):
                     break
                 await room.acquire()
                 if action != "collect":
                     await self._slots.acquire()
-                    if action == "submit" and self._submitting_stopped():
+                if self.aborted or (action == "submit" and self._submitting_stopped()):
+                    if action != "collect":
                         self._slots.release()
-                        room.release()
-                        break
+                    room.release()
+                    break
                 task = asyncio.create_task(self._drive(action, job, row))
                 self._tasks.add(task)
                 task.add_done_callback(lambda t: (self._tasks.discard(t), room.release()))
@@ -250,10 +268,16 @@ class Scheduler:
             raise
 
     def _submitting_stopped(self) -> bool:
-        if self.stop_reason is None and self.settings.max_wait is not None:
-            if self.clock() - self._started >= self.settings.max_wait:
-                self.stop_submitting("deadline")
+        left = self._time_left()
+        if left is not None and left <= 0:
+            self.stop_submitting("deadline")
         return self.stop_reason is not None
+
+    def _time_left(self) -> float | None:
+        """Seconds until `max_wait` is reached, or None without one."""
+        if self.settings.max_wait is None:
+            return None
+        return self.settings.max_wait - (self.clock() - self._started)
 
     async def _drive(self, action: str, job: Job, row: JobRow | None) -> None:
         try:
@@ -295,21 +319,26 @@ class Scheduler:
             log.info("%s: not submitted: $%.2f committed + $%.2f would exceed the $%.2f budget",
                      job.id, self.committed_usd, estimate, budget)
             return None
+        # Reserved before the first await: jobs submitted concurrently must see each other's spend,
+        # or every slot would pass the budget check at once. Given back if nothing was created.
+        self.committed_usd += estimate
         attempt = 0
         while True:
-            if self.stop_reason in ("auth", "disk_full", "interrupted"):
+            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted"):
+                self.committed_usd -= estimate
                 return None
             self.ledger.mark_submitting([job.id])
+            crashpoint("after_intent")
             self.stats.calls["submit"] += 1
             try:
                 submitted = await self.client.submit(self.manifest.model.model_id, job.input)
             except SubmitOutcomeUnknown as exc:
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
                 log.warning("%s: unknown: %s", job.id, exc)
-                self.committed_usd += estimate  # it may have been created: count it against the budget
-                return None
+                return None  # it may have been created: its estimate stays counted against the budget
             except AuthError as exc:
                 self.ledger.mark_not_sent(job.id, "auth", str(exc), reached_server=True)
+                self.committed_usd -= estimate
                 self._auth_failed(exc)
                 return None
             except TransientApiError as exc:
@@ -319,6 +348,8 @@ class Scheduler:
                     if not submit_is_retryable(exc):
                         # Defensive: the client reports such failures as SubmitOutcomeUnknown.
                         self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
+                    else:
+                        self.committed_usd -= estimate
                     log.warning("%s: not submitted: %s", job.id, exc)
                     return None
                 log.info("%s: submit refused (%s); retrying in %.1fs", job.id, exc, delay)
@@ -328,11 +359,12 @@ class Scheduler:
             except ApiError as exc:  # rejected input, unknown model: nothing was created
                 self.ledger.mark_not_sent(job.id, exc.kind, str(exc), reached_server=True)
                 self.ledger.set_state(job.id, "failed", error=(exc.kind, str(exc)))
+                self.committed_usd -= estimate
                 self.stats.failed += 1
                 log.warning("%s: failed: %s", job.id, exc)
                 return None
+            crashpoint("after_post")
             self.ledger.mark_submitted(job.id, submitted.request_id)
-            self.committed_usd += estimate
             self.stats.submitted += 1
             log.info("%s: submitted as %s", job.id, submitted.request_id)
             self.on_change()
@@ -360,7 +392,13 @@ class Scheduler:
             age = self.clock() - submitted
             if age >= self.settings.job_timeout and polls > 0:
                 return await self._timed_out(job, request_id, state)
+            left = self._time_left()
+            if left is not None and left <= 0:  # max_wait: leave the job recorded for the next run
+                self.stop_submitting("deadline")
+                return None
             delay = self.planner.next_delay(age, polls)
+            if left is not None:
+                delay = min(delay, left)
             await self.sleep(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay))
             try:
                 status = await self._api("status", lambda: self.client.status(request_id))
@@ -402,6 +440,9 @@ class Scheduler:
     def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
         message = (f"the API no longer knows request {request_id} ({exc}); it may have expired. "
                    "Use --retry-failed to submit the job again")
+        before = self.ledger.get(job.id)
+        if before is not None and before.cost_usd is None:
+            self.committed_usd -= self.manifest.estimate_cost(job)  # no longer counted: see Ledger.spent_usd
         self.ledger.set_state(job.id, "failed", error=("not_found", message))
         self.stats.failed += 1
         log.warning("%s: failed: %s", job.id, message)
@@ -417,6 +458,7 @@ class Scheduler:
             if outcome is not None and outcome.cancelled:
                 self.ledger.set_state(job.id, "cancelled",
                                       error=("timeout", f"still queued after {minutes:g} min; cancelled"))
+                self.committed_usd -= self.manifest.estimate_cost(job)
                 log.warning("%s: cancelled: still queued after %g min", job.id, minutes)
                 return None
         self.timed_out.add(job.id)
@@ -446,26 +488,33 @@ class Scheduler:
         except ApiError as exc:
             self._record_error(job.id, exc.kind, f"fetching the result failed: {exc}; the next run retries")
             return
-        finished = {"finished_at": result.finished_at or utc_now(), "remote_status": result.raw_status}
+        finished = {"finished_at": _utc_iso(result.finished_at), "remote_status": result.raw_status}
+        # What `committed_usd` holds for this job so far: its recorded cost (a done job collected
+        # again), else its estimate. Replaced below by what the result says, as `Ledger.spent_usd` counts it.
+        before = self.ledger.get(job.id)
+        held = self.manifest.estimate_cost(job)
+        if before is not None and before.cost_usd is not None:
+            held = before.cost_usd
         if result.state == "cancelled":
             self.ledger.set_state(job.id, "cancelled", error=("cancelled", "cancelled remotely"), **finished)
+            self.committed_usd -= held
             return
         if result.state == "failed" or not result.output_urls:
             message = result.error or "the job finished without any output"
             self.ledger.set_state(job.id, "failed", error=("remote", message), cost_usd=result.cost_usd, **finished)
-            self.committed_usd -= self.manifest.estimate_cost(job) if result.cost_usd is None else 0
+            self.committed_usd += (result.cost_usd or 0.0) - held
             self.stats.failed += 1
             log.warning("%s: failed remotely: %s", job.id, message)
             return
-        if result.cost_usd is not None:
-            self.committed_usd += result.cost_usd - self.manifest.estimate_cost(job)
+        cost = result.cost_usd if result.cost_usd is not None else self.manifest.estimate_cost(job)
+        self.committed_usd += cost - held
         self.ledger.set_state(job.id, "downloading", clear_error=True, output_urls=result.output_urls,
                               cost_usd=result.cost_usd, **finished)
         self.on_change()
         async with self._downloads:
             if await self._download_all(job, request_id, result.output_urls):
                 self.ledger.set_state(job.id, "done", downloaded_at=utc_now())
-                write_provenance(self.manifest.output_dir, self.ledger.get(job.id))
+                await asyncio.to_thread(write_provenance, self.manifest.output_dir, self.ledger.get(job.id))
                 self.stats.done += 1
                 log.info("%s: done", job.id)
 

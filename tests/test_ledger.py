@@ -1,0 +1,146 @@
+"""The ledger on its own: state transitions, the submissions counter, file mode, and refusals."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+from batchrun.errors import LedgerError
+from batchrun.ledger import LEDGER_NAME, Ledger, Output
+
+INPUT = {"prompt": "waves", "start_image_url": "https://example.com/a.png", "duration": 5}
+
+
+def _add(ledger: Ledger, *ids: str) -> None:
+    ledger.add_pending((i, "kling/kling-3.0/standard/image-to-video", INPUT, f"sha-{i}", 0.42) for i in ids)
+
+
+def test_state_transitions_and_submissions_counter(tmp_path):
+    ledger = Ledger.open(tmp_path)
+    try:
+        _add(ledger, "a", "b")
+        a = ledger.get("a")
+        assert (a.state, a.submissions, a.request_id) == ("pending", 0, None)
+        assert a.input == INPUT and a.input_sha256 == "sha-a" and a.estimated_cost_usd == 0.42
+        assert ledger.counts() == {"pending": 2}
+
+        ledger.mark_submitting(["a"])
+        a = ledger.get("a")
+        assert (a.state, a.submissions, a.request_id) == ("submitting", 1, None)
+        assert a.submitted_at
+
+        ledger.mark_submitted("a", "req-1")
+        a = ledger.get("a")
+        assert (a.state, a.request_id, a.remote_status) == ("queued", "req-1", "in_queue")
+
+        ledger.record_remote("a", "in_progress", "running", started=True)
+        a = ledger.get("a")
+        assert (a.state, a.remote_status) == ("running", "in_progress")
+        started = a.started_at
+        assert started
+        ledger.record_remote("a", "in_progress", "running", started=True)
+        assert ledger.get("a").started_at == started  # the first time it was seen running is kept
+
+        ledger.set_state("a", "downloading", output_urls=["https://x/v.mp4"], cost_usd=0.4, finished_at="t")
+        a = ledger.get("a")
+        assert (a.state, a.output_urls, a.cost_usd) == ("downloading", ["https://x/v.mp4"], 0.4)
+        ledger.record_output("a", Output(0, "a.mp4", 10, "f" * 64))
+        ledger.set_state("a", "done", downloaded_at="t2")
+        a = ledger.get("a")
+        assert a.state == "done" and a.outputs == (Output(0, "a.mp4", 10, "f" * 64),)
+        assert a.request_id == "req-1" and a.submissions == 1
+
+        # A POST refused before reaching a job (e.g. 429) returns the job to pending; the POST was sent.
+        ledger.mark_submitting(["b"])
+        ledger.mark_not_sent("b", "transient", "HTTP 429", reached_server=True)
+        b = ledger.get("b")
+        assert (b.state, b.submissions, b.error) == ("pending", 1, {"kind": "transient", "message": "HTTP 429"})
+        # One that never left this machine is not counted.
+        ledger.mark_submitting(["b"])
+        ledger.mark_not_sent("b", "transient", "could not connect", reached_server=False)
+        assert ledger.get("b").submissions == 1
+        ledger.mark_submitting(["b"])
+        ledger.set_state("b", "unknown", error=("unknown", "502"))
+        b = ledger.get("b")
+        assert (b.state, b.submissions, b.request_id) == ("unknown", 2, None)
+        # Resubmitting counts again and clears what the earlier attempt left.
+        ledger.mark_submitting(["b"])
+        ledger.mark_submitted("b", "req-2")
+        b = ledger.get("b")
+        assert (b.state, b.submissions, b.request_id, b.error) == ("queued", 3, "req-2", None)
+
+        assert ledger.counts() == {"done": 1, "queued": 1}
+        assert ledger.state_of("a") == "done"
+        assert ledger.spent_usd() == pytest.approx(0.4 + 0.42)
+    finally:
+        ledger.close()
+
+    # Everything is durable: a fresh open sees the same.
+    again = Ledger.open(tmp_path)
+    try:
+        assert again.get("a").state == "done" and again.get("a").outputs[0].path == "a.mp4"
+        assert again.get("b").request_id == "req-2"
+        assert again.counts() == {"done": 1, "queued": 1}
+    finally:
+        again.close()
+
+
+def test_add_pending_never_touches_a_job_that_was_sent(tmp_path):
+    ledger = Ledger.open(tmp_path)
+    try:
+        _add(ledger, "a")
+        ledger.mark_submitting(["a"])
+        ledger.mark_submitted("a", "req-1")
+        ledger.add_pending([("a", "m", {"prompt": "other"}, "sha-other", 9.0)])
+        a = ledger.get("a")
+        assert (a.state, a.input_sha256, a.request_id, a.input) == ("queued", "sha-a", "req-1", INPUT)
+    finally:
+        ledger.close()
+
+
+def test_ledger_files_are_private(tmp_path):
+    old = os.umask(0)
+    try:
+        ledger = Ledger.open(tmp_path)
+        try:
+            _add(ledger, "a")
+            # While it is open in WAL mode, its companions hold the same data: private too.
+            for name in (LEDGER_NAME, f"{LEDGER_NAME}-wal", f"{LEDGER_NAME}-shm"):
+                assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600, name
+        finally:
+            ledger.close()
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / LEDGER_NAME).st_mode & 0o777 == 0o600
+
+
+def test_a_ledger_from_a_newer_batchrun_is_refused_and_left_alone(tmp_path):
+    ledger = Ledger.open(tmp_path)
+    _add(ledger, "a")
+    ledger.close()
+    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
+    conn.execute("PRAGMA user_version=99")
+    conn.close()
+    before = (tmp_path / LEDGER_NAME).read_bytes()
+    with pytest.raises(LedgerError, match="newer batchrun"):
+        Ledger.open(tmp_path)
+    with pytest.raises(LedgerError, match="newer batchrun"):
+        Ledger.open(tmp_path, readonly=True)
+    assert (tmp_path / LEDGER_NAME).read_bytes() == before
+
+
+def test_a_corrupted_ledger_is_refused_and_not_overwritten(tmp_path):
+    garbage = os.urandom(8192)
+    (tmp_path / LEDGER_NAME).write_bytes(garbage)
+    with pytest.raises(LedgerError, match="left it untouched|left untouched"):
+        Ledger.open(tmp_path)
+    assert (tmp_path / LEDGER_NAME).read_bytes() == garbage
+    assert not (tmp_path / f"{LEDGER_NAME}-wal").exists()
+
+
+def test_no_ledger_without_create(tmp_path):
+    with pytest.raises(LedgerError, match="no ledger"):
+        Ledger.open(tmp_path, create=False)
+    assert not (tmp_path / LEDGER_NAME).exists()
