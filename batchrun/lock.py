@@ -10,7 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from batchrun.errors import OutputDirLocked
+from batchrun.errors import OutputDirLocked, UsageError
 
 LOCK_NAME = "run.lock"
 
@@ -21,7 +21,10 @@ class OutputDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> OutputDirLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot write in the output directory {self.path.parent}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

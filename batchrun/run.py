@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import logging.handlers
 import random
 import signal
 import sys
@@ -33,6 +34,7 @@ from batchrun.scheduler import Plan, RunOptions, Scheduler, make_plan
 
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"
+RUN_LOG_MAX_BYTES = 10 * 1024 * 1024
 SANDBOX_TOKEN = "sandbox-token"
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -58,10 +60,22 @@ class _ConsoleHandler(logging.Handler):
 
 
 def _open_run_log(output_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(output_dir / RUN_LOG, encoding="utf-8")
+    # Rotated so that years of nightly cron runs cannot fill the disk: run.log, run.log.1, run.log.2.
+    handler = logging.handlers.RotatingFileHandler(output_dir / RUN_LOG, maxBytes=RUN_LOG_MAX_BYTES, backupCount=2,
+                                                   encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     handler.setLevel(logging.INFO)
     return handler
+
+
+def _refresh_report(output_dir: Path) -> None:
+    """report.html follows every run; a failure here must not change what the run achieved."""
+    from batchrun.report import write_report
+
+    try:
+        write_report(output_dir)
+    except Exception as exc:  # noqa: BLE001 - the report is a convenience, the ledger is the record
+        log.warning("could not refresh report.html: %s", exc)
 
 
 def _prepare_output_dir(output_dir: Path) -> None:
@@ -229,6 +243,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             if display:
                 display.close()
     write_results(ledger, manifest.output_dir)
+    _refresh_report(manifest.output_dir)
     exit_code = _exit_code(manifest, ledger, scheduler)
     if plan.refused and exit_code == EXIT_OK:
         exit_code = EXIT_NOT_DONE
