@@ -2,13 +2,13 @@
 
 Invariants a run relies on:
 - a job's intent (`submitting`, `submissions` + 1) is durable on disk before its POST is sent,
-  and its `request_id` is made durable right after the answer arrives;
+  and its `request_id` is committed right after the answer arrives (see `mark_submitted`);
 - a job is `done` only once every output file is in place under its final name and recorded with
   its size and sha256;
 - nothing else ever deletes a `request_id`: a paid job can always be collected again.
 
-WAL mode keeps `status` readable while a run writes. Commits that guard money (intent, request_id)
-run with `synchronous=FULL`; the others with NORMAL, which in WAL mode is still crash-consistent
+WAL mode keeps `status` readable while a run writes. The commit that guards money (the intent)
+runs with `synchronous=FULL`; the others with NORMAL, which in WAL mode is still crash-consistent
 and is made durable by the next FULL commit. Schema changes are ordered migrations recorded in
 `PRAGMA user_version`.
 """
@@ -280,8 +280,13 @@ class Ledger:
             self._moved(job_id, "submitting")
 
     def mark_submitted(self, job_id: str, request_id: str) -> None:
+        """Record the request id the API gave. Committed at once (it survives the process being killed),
+        made durable against power loss by the next FULL commit: the next intent or the end of the run.
+        Losing it to a power cut leaves the job `submitting`, which the next run holds as `unknown`:
+        it can cost a result to look up by hand, never a second payment. Forcing it to disk here
+        would double the fsyncs of every job."""
         now = utc_now()
-        with self._transaction(durable=True) as conn:
+        with self._transaction() as conn:
             conn.execute("UPDATE jobs SET state='queued', request_id=?, remote_status='in_queue', updated_at=?"
                          " WHERE id=?", (request_id, now, job_id))
         self._moved(job_id, "queued")
@@ -310,6 +315,12 @@ class Ledger:
             conn.execute(f"UPDATE jobs SET {assignments} WHERE id=?", (*columns.values(), job_id))
         self._moved(job_id, state)
 
+    def set_error(self, job_id: str, kind: str, message: str) -> None:
+        """Record why a job is stuck, leaving its state as it is."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET error_kind=?, error_message=?, updated_at=? WHERE id=?",
+                         (kind, message, utc_now(), job_id))
+
     def record_remote(self, job_id: str, remote_status: str, state: str, *, started: bool) -> None:
         """A poll answer: keep the raw status, and the first time the job was seen running."""
         now = utc_now()
@@ -319,10 +330,21 @@ class Ledger:
                 " ELSE started_at END, updated_at=? WHERE id=?", (remote_status, state, started, now, now, job_id))
         self._moved(job_id, state)
 
-    def record_output(self, job_id: str, output: Output) -> None:
+    def mark_done(self, job_id: str, outputs: list[Output]) -> None:
+        """Every output is in place and verified: record them and the job as `done`, together."""
+        now = utc_now()
         with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO outputs (job_id, idx, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
-                         (job_id, output.idx, output.path, output.bytes, output.sha256))
+            conn.execute("DELETE FROM outputs WHERE job_id=?", (job_id,))
+            conn.executemany("INSERT INTO outputs (job_id, idx, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
+                             [(job_id, o.idx, o.path, o.bytes, o.sha256) for o in outputs])
+            conn.execute("UPDATE jobs SET state='done', downloaded_at=?, error_kind=NULL, error_message=NULL,"
+                         " updated_at=? WHERE id=?", (now, now, job_id))
+        self._moved(job_id, "done")
+
+    def cost_of(self, job_id: str) -> float | None:
+        """The cost the API reported for this job, if it did."""
+        row = self.conn.execute("SELECT cost_usd FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else row[0]
 
     # -- runs ----------------------------------------------------------------------------------
     def start_run(self) -> int:
@@ -337,3 +359,4 @@ class Ledger:
 
     def runs(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM runs ORDER BY id")]
+

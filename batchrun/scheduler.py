@@ -306,9 +306,7 @@ class Scheduler:
             self.on_change()
 
     def _record_error(self, job_id: str, kind: str, message: str) -> None:
-        row = self.ledger.get(job_id)
-        if row is not None:
-            self.ledger.set_state(job_id, row.state, error=(kind, message))
+        self.ledger.set_error(job_id, kind, message)
 
     # -- submit ----------------------------------------------------------------------------------
     async def _submit(self, job: Job) -> str | None:
@@ -440,8 +438,7 @@ class Scheduler:
     def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
         message = (f"the API no longer knows request {request_id} ({exc}); it may have expired. "
                    "Use --retry-failed to submit the job again")
-        before = self.ledger.get(job.id)
-        if before is not None and before.cost_usd is None:
+        if self.ledger.cost_of(job.id) is None:
             self.committed_usd -= self.manifest.estimate_cost(job)  # no longer counted: see Ledger.spent_usd
         self.ledger.set_state(job.id, "failed", error=("not_found", message))
         self.stats.failed += 1
@@ -491,10 +488,8 @@ class Scheduler:
         finished = {"finished_at": _utc_iso(result.finished_at), "remote_status": result.raw_status}
         # What `committed_usd` holds for this job so far: its recorded cost (a done job collected
         # again), else its estimate. Replaced below by what the result says, as `Ledger.spent_usd` counts it.
-        before = self.ledger.get(job.id)
-        held = self.manifest.estimate_cost(job)
-        if before is not None and before.cost_usd is not None:
-            held = before.cost_usd
+        recorded = self.ledger.cost_of(job.id)
+        held = recorded if recorded is not None else self.manifest.estimate_cost(job)
         if result.state == "cancelled":
             self.ledger.set_state(job.id, "cancelled", error=("cancelled", "cancelled remotely"), **finished)
             self.committed_usd -= held
@@ -512,8 +507,9 @@ class Scheduler:
                               cost_usd=result.cost_usd, **finished)
         self.on_change()
         async with self._downloads:
-            if await self._download_all(job, request_id, result.output_urls):
-                self.ledger.set_state(job.id, "done", downloaded_at=utc_now())
+            outputs = await self._download_all(job, request_id, result.output_urls)
+            if outputs is not None:
+                self.ledger.mark_done(job.id, outputs)
                 await asyncio.to_thread(write_provenance, self.manifest.output_dir, self.ledger.get(job.id))
                 self.stats.done += 1
                 log.info("%s: done", job.id)
@@ -523,10 +519,12 @@ class Scheduler:
         suffix = suffix if suffix in VIDEO_SUFFIXES else ".mp4"
         return f"{job.id}{suffix}" if index == 0 else f"{job.id}-{index + 1}{suffix}"
 
-    async def _download_all(self, job: Job, request_id: str, urls: list[str]) -> bool:
+    async def _download_all(self, job: Job, request_id: str, urls: list[str]) -> list[Output] | None:
+        """Every output on disk and verified, or None (the error is recorded) to leave it for later."""
         output_dir = self.manifest.output_dir
         max_bytes = int(self.settings.max_video_mb * 1024 * 1024)
-        refreshes = 0
+        outputs: list[Output] = []
+        refreshes, part_size = 0, 0
         index = 0
         while index < len(urls):
             name = self._output_name(job, index, urls[index])
@@ -538,16 +536,21 @@ class Scheduler:
                     retryable=lambda e: isinstance(e, (DownloadInterrupted, TransientApiError)),
                 )
             except OutputUrlExpired as exc:
-                refreshes += 1
+                # Short-lived URLs on a slow link expire mid-download again and again; as long as each
+                # URL moved the .part forward, keep refreshing.
+                part = dl.part_path(output_dir / name)
+                size = part.stat().st_size if part.exists() else 0
+                refreshes = 1 if size > part_size else refreshes + 1
+                part_size = size
                 if refreshes > MAX_URL_REFRESHES:
                     self._record_error(job.id, exc.kind, f"{exc}; the next run tries again")
-                    return False
+                    return None
                 log.info("%s: output URL refused (%s); fetching a fresh one", job.id, exc)
                 try:
                     fresh = await self._api("result", lambda: self.client.result(request_id))
                 except ApiError as api_exc:
                     self._record_error(job.id, api_exc.kind, f"refreshing the output URL failed: {api_exc}")
-                    return False
+                    return None
                 if len(fresh.output_urls) == len(urls):
                     urls = fresh.output_urls
                     self.ledger.set_state(job.id, "downloading", output_urls=urls)
@@ -556,14 +559,14 @@ class Scheduler:
                 self.fatal_error = f"disk full while downloading {job.id}: {exc}"
                 self.stop_submitting("disk_full")
                 self._record_error(job.id, exc.kind, str(exc))
-                return False
+                return None
             except DownloadError as exc:
                 self._record_error(job.id, exc.kind, f"{exc}; the next run tries the download again")
                 log.warning("%s: download failed: %s", job.id, exc)
-                return False
-            self.ledger.record_output(job.id, Output(index, name, got.bytes, got.sha256))
-            index += 1
-        return True
+                return None
+            outputs.append(Output(index, name, got.bytes, got.sha256))
+            index, refreshes, part_size = index + 1, 0, 0
+        return outputs
 
     async def _count_download(self, url: str, dest: Path, max_bytes: int):
         self.stats.calls["download"] += 1

@@ -53,19 +53,20 @@ def write_manifest(path: Path, jobs: int, concurrency: int, extra: str = "") -> 
 _MEASURE = (
     "import json, resource, subprocess, sys, time; t = time.perf_counter(); "
     "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-    "print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code]))"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(json.dumps([time.perf_counter() - t, u.ru_maxrss, code, u.ru_utime + u.ru_stime]))"
 )
 
 
-async def run_child(argv: list[str], env: dict | None = None) -> tuple[float, float, int]:
-    """Run a command; returns (wall seconds, peak RSS MB, exit code)."""
+async def run_child(argv: list[str], env: dict | None = None) -> tuple[float, float, int, float]:
+    """Run a command; returns (wall seconds, peak RSS MB, exit code, CPU seconds)."""
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _MEASURE, *argv, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await proc.communicate()
-    wall, rss_kb, code = json.loads(stdout)
+    wall, rss_kb, code, cpu = json.loads(stdout)
     if code != 0:
         sys.stderr.write(stderr.decode(errors="replace")[-2000:])
-    return wall, rss_kb / 1024, code
+    return wall, rss_kb / 1024, code, cpu
 
 
 def batchrun_argv(manifest: Path, base_url: str, out: Path) -> list[str]:
@@ -89,8 +90,8 @@ async def overhead_once(jobs: int, workdir: Path) -> dict:
                 argv = [sys.executable, str(HERE / "baseline_client.py"), sandbox.base_url, str(jobs), "64", str(out)]
             else:
                 argv = batchrun_argv(manifest, sandbox.base_url, out)
-            wall, rss, code = await run_child(argv, child_env())
-            figures[name] = {"wall_s": wall, "rss_mb": rss, "exit": code, "calls": dict(sandbox.calls)}
+            wall, rss, code, cpu = await run_child(argv, child_env())
+            figures[name] = {"wall_s": wall, "rss_mb": rss, "exit": code, "cpu_s": cpu, "calls": dict(sandbox.calls)}
     figures["ratio"] = figures["batchrun"]["wall_s"] / figures["baseline"]["wall_s"]
     return figures
 
@@ -109,7 +110,7 @@ async def busy_once(render, label: str, workdir: Path) -> dict:
     write_manifest(manifest, 100, 10)
     async with Sandbox(capacity=10, render_seconds=render, seed=int(time.time())) as sandbox:
         out = workdir / f"out-busy-{label}-{time.monotonic_ns()}"
-        wall, rss, code = await run_child(batchrun_argv(manifest, sandbox.base_url, out), child_env())
+        wall, rss, code, _ = await run_child(batchrun_argv(manifest, sandbox.base_url, out), child_env())
         calls = sandbox.calls
     span = makespan(out)
     return {"label": label, "exit": code, "makespan_s": span, "ratio_to_ideal": span / 10.0,
@@ -133,8 +134,9 @@ async def main() -> None:
             for i in range(args.runs):
                 figures = await overhead_once(args.jobs, workdir)
                 results.append(figures)
-                print(f"run {i + 1}: baseline {figures['baseline']['wall_s']:.1f}s, batchrun "
-                      f"{figures['batchrun']['wall_s']:.1f}s (exit {figures['batchrun']['exit']}), ratio "
+                print(f"run {i + 1}: baseline {figures['baseline']['wall_s']:.1f}s "
+                      f"(cpu {figures['baseline']['cpu_s']:.1f}s), batchrun {figures['batchrun']['wall_s']:.1f}s "
+                      f"(cpu {figures['batchrun']['cpu_s']:.1f}s, exit {figures['batchrun']['exit']}), ratio "
                       f"{figures['ratio']:.2f}, batchrun peak RSS {figures['batchrun']['rss_mb']:.0f} MB, "
                       f"calls {figures['batchrun']['calls']}", flush=True)
             print(f"median over {args.runs} runs of {args.jobs} jobs: ratio "

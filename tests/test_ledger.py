@@ -46,10 +46,10 @@ def test_state_transitions_and_submissions_counter(tmp_path):
         ledger.set_state("a", "downloading", output_urls=["https://x/v.mp4"], cost_usd=0.4, finished_at="t")
         a = ledger.get("a")
         assert (a.state, a.output_urls, a.cost_usd) == ("downloading", ["https://x/v.mp4"], 0.4)
-        ledger.record_output("a", Output(0, "a.mp4", 10, "f" * 64))
-        ledger.set_state("a", "done", downloaded_at="t2")
+        ledger.mark_done("a", [Output(0, "a.mp4", 10, "f" * 64)])
         a = ledger.get("a")
-        assert a.state == "done" and a.outputs == (Output(0, "a.mp4", 10, "f" * 64),)
+        assert a.state == "done" and a.outputs == (Output(0, "a.mp4", 10, "f" * 64),) and a.downloaded_at
+        assert ledger.cost_of("a") == 0.4
         assert a.request_id == "req-1" and a.submissions == 1
 
         # A POST refused before reaching a job (e.g. 429) returns the job to pending; the POST was sent.

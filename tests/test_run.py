@@ -62,7 +62,7 @@ async def test_happy_path_every_file_checked(tmp_path):
         assert sandbox.posts_total == 3 and sandbox.jobs_created == 3
         # Exactly the files SPEC names, nothing half-written left behind.
         names = {p.name for p in out.iterdir()}
-        expected = {"ledger.sqlite", "results.jsonl", "run.log", "run.lock"}
+        expected = {"ledger.sqlite", "results.jsonl", "run.log", "run.lock", "report.html"}
         expected |= {f"{i}.mp4" for i in rows} | {f"{i}.json" for i in rows}
         assert expected <= names
         assert not [n for n in names if n.endswith((".part", ".tmp"))]
