@@ -265,6 +265,12 @@ class Ledger:
                 if job_id not in self._states:
                     self._moved(job_id, "pending")
 
+    def update_input(self, job_id: str, job_input: dict, digest: str, estimate: float) -> None:
+        """A job that never created anything remotely now asks for something else."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET input_json=?, input_sha256=?, estimated_cost_usd=?, updated_at=? WHERE id=?",
+                         (json.dumps(job_input, sort_keys=True), digest, estimate, utc_now(), job_id))
+
     def mark_submitting(self, job_ids: list[str]) -> None:
         """The intent: durable before any of these POSTs is sent."""
         now = utc_now()

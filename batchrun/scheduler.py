@@ -125,7 +125,13 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
         for job in manifest.jobs
         if job.id not in rows or rows[job.id].state == "pending"
     )
-    return decide(manifest, {row.id: row for row in ledger.all()}, options)
+    rows = {row.id: row for row in ledger.all()}
+    plan = decide(manifest, rows, options)
+    for job in plan.submit:
+        row = rows.get(job.id)
+        if row is not None and row.input_sha256 != job.input_sha256:
+            ledger.update_input(job.id, job.input, job.input_sha256, manifest.estimate_cost(job))
+    return plan
 
 
 def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> Plan:
@@ -137,7 +143,9 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         if row is None or (row.state == "pending" and row.submissions == 0):
             plan.submit.append(job)
             continue
-        if row.input_sha256 != job.input_sha256:
+        if row.input_sha256 != job.input_sha256 and (row.request_id or row.state in ("submitting", "unknown")):
+            # Only a job that may exist remotely is refused: one whose POSTs all certainly created
+            # nothing (refused with 429, rejected as invalid) simply runs with its new input.
             plan.refused.append((job, f"{job.label}: its input changed after it was submitted "
                                       f"(request {row.request_id or 'unknown'}); give the changed job a new id "
                                       "to run it, or restore the old input"))
