@@ -1,6 +1,10 @@
 """A manifest file → a validated `Manifest`: settings, model, output dir and jobs with merged input.
 
-Every problem is collected (not just the first) as a `Problem` located at the line and column it
+Jobs come from the `jobs:` list (a job with a `matrix:` makes one job per combination) and from the rows
+of a `jobs_from:` file, in that order; see `batchrun.generators` for both. Image fields may name local
+files, sent inline (see `batchrun.localfiles`).
+
+Every problem is collected (not just the first) as a `Problem` located at the file, line and column it
 comes from; `load_manifest` raises `ManifestError` when any of them is an error.
 """
 
@@ -15,28 +19,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchrun import schema
+from batchrun import generators, localfiles, schema
 from batchrun.errors import ManifestError, Problem
+from batchrun.localfiles import LocalImage, LocalImages
 from batchrun.models import DEFAULT_MODEL, Model, Price, UnknownModel, get_model
 from batchrun.settings import BY_NAME, Settings
-from batchrun.yamlload import Marks, Pos, load_file, position_of
+from batchrun.yamlload import Marks, Pos, load_file, node_at, position_of
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-TOP_LEVEL_KEYS = ("version", "model", "output", "defaults", "jobs", "price", *BY_NAME)
+TOP_LEVEL_KEYS = ("version", "model", "output", "defaults", "jobs", "jobs_from", "price", *BY_NAME)
+MAX_JOBS = generators.MAX_JOBS
+Location = tuple[str, int, int, str]  # file, line, column, where (such as "jobs[3] (id=x).duration")
 PRICE_KEYS = ("usd_per_second", "usd_per_second_with_audio")
 
 
 @dataclass(frozen=True)
 class Job:
-    index: int  # position in the manifest's jobs list
+    """One job to run. `input` is what the manifest says (local image paths as written); `api_input()` is
+    what is sent. `input_sha256` covers the bytes of local images too, so editing one changes the job."""
+
+    index: int  # position in Manifest.jobs (matrices expanded; jobs_from rows after the jobs list)
     id: str
-    input: dict[str, Any]  # defaults overlaid by the job's own keys
+    input: dict[str, Any]  # defaults overlaid by the job's own keys (and its matrix values)
     input_sha256: str
-    line: int
+    line: int  # where the job is written in `file`
+    file: str = ""  # the manifest, or its jobs_from file
+    local_files: dict[str, Path] = field(default_factory=dict)  # field path ("start_image_url") -> absolute path
+    origin: Origin | None = field(default=None, repr=False, compare=False)
+    local_images: tuple[tuple[tuple, LocalImage], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def label(self) -> str:
-        return f"jobs[{self.index}] (id={self.id})"
+        prefix = self.origin.prefix if self.origin is not None else f"jobs[{self.index}]"
+        return f"{prefix} (id={self.id})"
+
+    def api_input(self) -> dict[str, Any]:
+        """The input to submit: each local image path replaced by a `data:` URI of the file, read now.
+
+        Raises `localfiles.LocalFileError` (nothing should be sent) if a file changed since the manifest
+        was loaded. Without local files this is `input` itself: do not modify it.
+        """
+        if not self.local_images:
+            return self.input
+        return localfiles.inline_input(self.input, self.local_images)
+
+    def locate(self, path: tuple = (), *, at_key: bool = False) -> Location:
+        """(file, line, column, where) of a field of this job's input, such as ("start_image_url",)."""
+        if self.origin is None:
+            return self.file, self.line, 1, self.label + _format_path(path)
+        return self.origin.locate(path, self.label, at_key)
 
 
 @dataclass
@@ -80,10 +111,13 @@ class _Collector:
 
     def add(self, path: tuple, where: str, message: str, severity: str = "error", at_key: bool = False) -> None:
         line, column = position_of(self.marks, path, key=at_key)
-        signature = (line, column, where, message)
+        self.add_at(self.file, line, column, where, message, severity)
+
+    def add_at(self, file: str, line: int, column: int, where: str, message: str, severity: str = "error") -> None:
+        signature = (file, line, column, where, message)
         if signature not in self._seen:
             self._seen.add(signature)
-            self.problems.append(Problem(self.file, line, column, where, message, severity))
+            self.problems.append(Problem(file, line, column, where, message, severity))
 
     @property
     def errors(self) -> list[Problem]:
@@ -131,83 +165,400 @@ def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
     return Price(**{**model.price.__dict__, **values})
 
 
-def _check_id(raw: Any, path: tuple, label: str, out: _Collector) -> str | None:
+def _id_problem(raw: Any) -> str | None:
     if not isinstance(raw, str):
-        out.add(path, label, f"id must be text, got {raw!r} (put it in quotes)")
-        return None
+        return f"id must be text, got {raw!r} (put it in quotes)"
     if not ID_PATTERN.fullmatch(raw):
         shown = raw if len(raw) <= 70 else raw[:67] + "..."
-        out.add(path, label, f"id {shown!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
-                             "starting with a letter or digit")
-        return None
-    return raw
+        return (f"id {shown!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
+                "starting with a letter or digit")
+    return None
 
 
 def _check_ids(jobs: list[Job], out: _Collector) -> None:
     """Ids name files, so they must differ even on case-insensitive disks and from extra outputs."""
+
+    def first_used(other: Job, job: Job) -> str:
+        prefix = other.origin.prefix if other.origin is not None else f"jobs[{other.index}]"
+        where = f"line {other.line}" if other.file == job.file else f"line {other.line} of {other.file}"
+        return f"first used by {prefix} on {where}"
+
+    def add(job: Job, message: str) -> None:
+        file, line, column = job.origin.position() if job.origin is not None else (job.file, job.line, 1)
+        out.add_at(file, line, column, job.label, message)
+
     by_folded: dict[str, Job] = {}
     for job in jobs:
         other = by_folded.get(job.id.lower())
         if other is None:
             by_folded[job.id.lower()] = job
         elif other.id == job.id:
-            out.add(("jobs", job.index), job.label,
-                    f"duplicate id {job.id!r} (first used by jobs[{other.index}] on line {other.line})"
-                    + ("; these two jobs have the same input: give each an id to run both"
-                       if other.input_sha256 == job.input_sha256 else ""))
+            add(job, f"duplicate id {job.id!r} ({first_used(other, job)})"
+                + ("; these two jobs have the same input: give each an id to run both"
+                   if other.input_sha256 == job.input_sha256 else ""))
         else:
-            out.add(("jobs", job.index), job.label,
-                    f"id {job.id!r} differs from {other.id!r} (jobs[{other.index}]) only in case; "
-                    "their files would collide on case-insensitive disks")
+            add(job, f"id {job.id!r} differs from {other.id!r} ({other.label.split(' (')[0]}) only in case; "
+                     "their files would collide on case-insensitive disks")
     for job in jobs:
         base, dash, number = job.id.rpartition("-")
         if dash and number.isdigit() and number[0] != "0" and int(number) >= 2 and base.lower() in by_folded:
-            out.add(("jobs", job.index), job.label,
-                    f"id {job.id!r} would collide with output #{number} of job {base!r} ({base}-{number}.mp4)")
+            add(job, f"id {job.id!r} would collide with output #{number} of job {base!r} ({base}-{number}.mp4)")
 
 
-def _check_jobs(doc: dict, model: Model, out: _Collector) -> list[Job]:
+# --- where each job comes from ---------------------------------------------------------------------
+
+
+class _Context:
+    """What every job of one manifest shares for locating its problems.
+
+    The positions of every node (the `Marks` tree) are needed while loading; afterwards they would keep
+    about 1 KB per job alive for the rare caller that locates a problem later (preflight), so `release`
+    drops them and `marks` reads the file again on demand, unless it changed since it was loaded (then
+    problems point at each job's line).
+    """
+
+    def __init__(self, path: Path, stamp: tuple | None, marks: Marks | Pos, defaults: dict[str, Any]):
+        self.path, self.file, self.stamp, self.defaults = path, str(path), stamp, defaults
+        self._marks: Marks | Pos | None = marks
+        self._reloaded = False
+
+    def release(self) -> None:
+        self._marks = None
+
+    @property
+    def marks(self) -> Marks | Pos | None:
+        if self._marks is None and not self._reloaded:
+            self._reloaded = True
+            try:
+                if _stamp(self.path) == self.stamp:
+                    self._marks = load_file(self.path)[1]
+            except ManifestError:
+                pass
+        return self._marks
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
+class Origin:
+    """Where a job is written, to point each problem about its input at a file, line and column.
+
+    A field that comes from `defaults` is located there (and reported once for all jobs), one from a
+    matrix at the value in the matrix's list, one from a jobs file at its cell.
+    """
+
+    __slots__ = ("ctx", "index", "line")
+    prefix: str  # such as "jobs[3]", "jobs_from[0]"
+    file: str  # the file the job is written in
+
+    def position(self) -> tuple[str, int, int]:
+        """The job itself: its list item, or its row (the id cell when there is one)."""
+        raise NotImplementedError
+
+    def locate(self, path: tuple, label: str, at_key: bool = False) -> Location:
+        raise NotImplementedError
+
+    def _from_defaults(self, path: tuple, at_key: bool) -> Location | None:
+        key = path[0] if path else None
+        if key is None or key not in self.ctx.defaults or self._own(key):
+            return None
+        marks = self.ctx.marks
+        line, column = position_of(marks, ("defaults",) + path, key=at_key) if marks is not None else (1, 1)
+        return self.ctx.file, line, column, "defaults" + _format_path(path)
+
+    def _own(self, key: str) -> bool:
+        raise NotImplementedError
+
+
+class _Listed(Origin):
+    """Item `index` of the manifest's `jobs:` list, written on `line`."""
+
+    __slots__ = ()
+
+    def __init__(self, ctx: _Context, index: int, line: int):
+        self.ctx, self.index, self.line = ctx, index, line
+
+    @property
+    def prefix(self) -> str:
+        return f"jobs[{self.index}]"
+
+    @property
+    def file(self) -> str:
+        return self.ctx.file
+
+    def _marks(self) -> Marks | Pos | None:
+        marks = self.ctx.marks
+        return node_at(marks, ("jobs", self.index)) if marks is not None else None
+
+    def _own(self, key: str) -> bool:
+        marks = self._marks()
+        return isinstance(marks, Marks) and isinstance(marks.children, dict) and key in marks.children
+
+    def _at(self, path: tuple, at_key: bool) -> tuple[int, int]:
+        marks = self._marks()
+        return position_of(marks, path, key=at_key) if marks is not None else (self.line, 1)
+
+    def position(self) -> tuple[str, int, int]:
+        return (self.ctx.file, *self._at((), False))
+
+    def locate(self, path: tuple, label: str, at_key: bool = False) -> Location:
+        found = self._from_defaults(path, at_key)
+        if found:
+            return found
+        return (self.ctx.file, *self._at(path, at_key), label + _format_path(path))
+
+
+class _Combination(_Listed):
+    """One combination of the `matrix:` of item `index` of the jobs list."""
+
+    __slots__ = ("keys", "choice")
+
+    def __init__(self, ctx: _Context, index: int, line: int, keys: dict[str, int], choice: tuple[int, ...]):
+        super().__init__(ctx, index, line)
+        self.keys, self.choice = keys, choice
+
+    def _own(self, key: str) -> bool:
+        return key in self.keys or super()._own(key)
+
+    def locate(self, path: tuple, label: str, at_key: bool = False) -> Location:
+        key = path[0] if path else None
+        if key in self.keys:
+            if at_key and len(path) == 1:  # an unknown field named in the matrix
+                return (self.ctx.file, *self._at(("matrix", key), True), f"{self.prefix}.matrix.{key}")
+            chosen = self.choice[self.keys[key]]
+            line, column = self._at(("matrix", key, chosen) + path[1:], at_key)
+            return self.ctx.file, line, column, f"{self.prefix}.matrix.{key}[{chosen}]" + _format_path(path[1:])
+        found = self._from_defaults(path, at_key)
+        if found:
+            return found
+        # The job's own keys are shared by every combination: one problem, not one per combination.
+        return (self.ctx.file, *self._at(path, at_key), self.prefix + _format_path(path))
+
+
+class _Row(Origin):
+    """Row `index` of the `jobs_from:` file, starting on `line`."""
+
+    __slots__ = ("file", "columns", "own")
+
+    def __init__(self, ctx: _Context, file: str, row: generators.Row):
+        self.ctx, self.file, self.index, self.line = ctx, file, row.index, row.line
+        self.columns, self.own = row.columns, tuple(row.values)  # columns: one dict shared by all rows
+
+    @property
+    def prefix(self) -> str:
+        return f"jobs_from[{self.index}]"
+
+    def _own(self, key: str) -> bool:
+        return key in self.own
+
+    def position(self) -> tuple[str, int, int]:
+        return self.file, self.line, self.columns.get("id", 1) if "id" in self.own else 1
+
+    def locate(self, path: tuple, label: str, at_key: bool = False) -> Location:
+        found = self._from_defaults(path, at_key)
+        if found:
+            return found
+        column = self.columns.get(path[0], 1) if path and path[0] in self.own else 1
+        return self.file, self.line, column, label + _format_path(path)
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+class _JobBuilder:
+    """Validates each job's input, checks its local files and makes the `Job`, reporting to `out`."""
+
+    def __init__(self, model: Model, ctx: _Context, images: LocalImages, out: _Collector):
+        self.model, self.ctx, self.images, self.out = model, ctx, images, out
+        self.jobs: list[Job] = []
+
+    def add(self, job_input: dict[str, Any], job_id: str | None, shown_id: str | None, origin: Origin) -> None:
+        """`job_id` None means derive it from the input, unless `shown_id` says the written id was refused."""
+        local_refs: list[tuple[tuple, str]] = []
+        findings = schema.check_input(self.model, job_input, local_refs=local_refs)
+        if local_refs:
+            refs = tuple((path, self.images.check(value)) for path, value in local_refs)
+            digest = input_sha256(self.model.model_id, localfiles.hashed_input(job_input, refs))
+        else:
+            refs = ()
+            digest = input_sha256(self.model.model_id, job_input)
+        if job_id is None and shown_id is None:
+            job_id = derived_id(digest)
+        label = f"{origin.prefix} (id={job_id if job_id is not None else shown_id})"
+        for finding in findings:
+            self.out.add_at(*origin.locate(finding.path, label, finding.at_key), finding.message, finding.severity)
+        if refs and localfiles.inline_size(refs) > localfiles.MAX_REQUEST_BYTES:
+            file, line, column = origin.position()
+            self.out.add_at(file, line, column, label,
+                            f"its local images add up to {localfiles.inline_size(refs) / 2**20:.1f} MiB once encoded; "
+                            f"a request is limited to {localfiles.MAX_REQUEST_BYTES // 2**20} MiB: use https:// URLs "
+                            "for some of them")
+        for path, image in refs:
+            for problem in image.problems:
+                self.out.add_at(*origin.locate(path, label), problem)
+            for warning in image.warnings:
+                self.out.add_at(*origin.locate(path, label), warning, "warning")
+        if job_id is not None:
+            local = {_format_path(path)[1:]: image.path for path, image in refs} if refs else {}
+            self.jobs.append(Job(len(self.jobs), job_id, job_input, digest, origin.line, origin.file, local, origin,
+                                 refs))
+
+
+def _defaults(doc: dict, out: _Collector) -> dict[str, Any]:
     defaults = doc.get("defaults", {})
     if defaults is None:
         defaults = {}
     if not isinstance(defaults, dict):
         out.add(("defaults",), "defaults", "must be a mapping of model input fields")
         defaults = {}
-    if "id" in defaults:
-        out.add(("defaults", "id"), "defaults.id", "ids belong to jobs, not to defaults", at_key=True)
-        defaults = {k: v for k, v in defaults.items() if k != "id"}
+    for key, message in (("id", "ids belong to jobs, not to defaults"),
+                         ("matrix", "a matrix belongs to a job, not to defaults")):
+        if key in defaults:
+            out.add(("defaults", key), f"defaults.{key}", message, at_key=True)
+            defaults = {k: v for k, v in defaults.items() if k != key}
+    return defaults
+
+
+def _listed_jobs(doc: dict, out: _Collector) -> list[tuple[int, dict]] | None:
+    """The items of `jobs:` that are jobs, or None when the list is unusable."""
     raw_jobs = doc.get("jobs")
     if raw_jobs is None:
-        out.add(("jobs",) if "jobs" in doc else (), "jobs", "the manifest has no jobs: add a 'jobs:' list")
-        return []
+        if "jobs_from" not in doc:
+            out.add(("jobs",) if "jobs" in doc else (), "jobs", "the manifest has no jobs: add a 'jobs:' list")
+        return None
     if not isinstance(raw_jobs, list):
         out.add(("jobs",), "jobs", "must be a list of jobs (each item starting with '- ')")
-        return []
-    if not raw_jobs:
+        return None
+    if not raw_jobs and "jobs_from" not in doc:
         out.add(("jobs",), "jobs", "the jobs list is empty")
-    jobs: list[Job] = []
+    listed = []
     for index, raw in enumerate(raw_jobs):
-        path = ("jobs", index)
         if not isinstance(raw, dict):
-            out.add(path, f"jobs[{index}]", "each job must be a mapping of fields (prompt:, start_image_url:, ...)")
+            out.add(("jobs", index), f"jobs[{index}]",
+                    "each job must be a mapping of fields (prompt:, start_image_url:, ...)")
             continue
-        own = {k: v for k, v in raw.items() if k != "id"}
-        job_input = {**defaults, **own}
-        digest = input_sha256(model.model_id, job_input)
-        job_id = _check_id(raw["id"], path + ("id",), f"jobs[{index}].id", out) if "id" in raw else derived_id(digest)
-        label = f"jobs[{index}] (id={job_id or str(raw.get('id'))[:70]})"
-        for finding in schema.check_input(model, job_input):
-            key = finding.path[0] if finding.path else None
-            if key is not None and key not in own and key in defaults:
-                node, where = ("defaults",) + finding.path, "defaults" + _format_path(finding.path)
+        if "matrix" in raw:
+            found = generators.matrix_problems(raw)
+            for path, message, at_key in found:
+                out.add(("jobs", index) + path, f"jobs[{index}]" + _format_path(path), message, at_key=at_key)
+            if found:
+                continue
+        listed.append((index, raw))
+    return listed
+
+
+def _count(listed: list[tuple[int, dict]], out: _Collector) -> int | None:
+    """How many jobs the list makes, or None (with a problem) when that is over MAX_JOBS: checked
+    before building any, so a matrix of a million combinations fails at once."""
+    total = size = index = 0
+    for i, raw in listed:
+        if "matrix" in raw:
+            made = generators.matrix_size(raw["matrix"])
+            if made > size:
+                size, index = made, i
+            total += made
+        else:
+            total += 1
+    if total <= MAX_JOBS:
+        return total
+    if size > MAX_JOBS:
+        matrix = next(raw["matrix"] for i, raw in listed if i == index)
+        sizes = " x ".join(f"{len(values):,}" for values in matrix.values())
+        out.add(("jobs", index, "matrix"), f"jobs[{index}].matrix",
+                f"this matrix makes {size:,} jobs ({sizes}); a manifest may hold at most {MAX_JOBS:,}: "
+                "split the batch into several manifests")
+    else:
+        out.add(("jobs",), "jobs", f"the jobs list makes {total:,} jobs; a manifest may hold at most "
+                                   f"{MAX_JOBS:,}: split the batch into several manifests")
+    return None
+
+
+def _build_listed(listed: list[tuple[int, dict]], defaults: dict, build: _JobBuilder, out: _Collector) -> None:
+    jobs_marks = node_at(out.marks, ("jobs",))
+    for index, raw in listed:
+        line = jobs_marks.children[index].pos[0]
+        shown_id = raw.get("id")
+        job_id = None
+        if "id" in raw:
+            problem = _id_problem(raw["id"])
+            if problem:
+                out.add(("jobs", index, "id"), f"jobs[{index}].id", problem)
+                shown_id = str(raw["id"])[:70]
             else:
-                node, where = path + finding.path, label + _format_path(finding.path)
-            out.add(node, where, finding.message, finding.severity, finding.at_key)
+                job_id = raw["id"]
+        if "matrix" not in raw:
+            own = {k: v for k, v in raw.items() if k != "id"}
+            build.add({**defaults, **own}, job_id, shown_id, _Listed(build.ctx, index, line))
+            continue
+        matrix = raw["matrix"]
         if job_id is not None:
-            line = position_of(out.marks, path)[0]
-            jobs.append(Job(index, job_id, job_input, digest, line))
-    _check_ids(jobs, out)
-    return jobs
+            longest = generators.longest_matrix_id(job_id, matrix)
+            if len(longest) > 64:
+                out.add(("jobs", index, "id"), f"jobs[{index}].id",
+                        f"id {job_id!r} is too long for its matrix: ids would reach {len(longest)} characters "
+                        f"({longest!r}); the limit is 64")
+                continue
+        own = {k: v for k, v in raw.items() if k not in ("id", "matrix")}
+        base = {**defaults, **own}
+        keys = {key: i for i, key in enumerate(matrix)}
+        abbrevs = generators.abbreviations(list(matrix))
+        for choice, values in generators.expand_matrix(matrix):
+            product_id = generators.matrix_id(job_id, abbrevs, choice) if job_id is not None else None
+            build.add({**base, **values}, product_id, shown_id if job_id is None else None,
+                      _Combination(build.ctx, index, line, keys, choice))
+
+
+def _build_from_file(doc: dict, path: Path, defaults: dict, room: int, build: _JobBuilder, out: _Collector) -> None:
+    value = doc["jobs_from"]
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        out.add(("jobs_from",), "jobs_from", "must be the path of a .csv or .jsonl file (relative to the manifest)")
+        return
+    suffix = Path(value).suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        out.add(("jobs_from",), "jobs_from", f"must name a .csv or .jsonl file, not {suffix or 'a file without one'}")
+        return
+    source = path.parent / value
+    shown = str(source)
+    try:
+        rows, problems = generators.read_rows(source, shown, build.model, limit=room)
+    except generators.JobsFileError as exc:
+        out.add(("jobs_from",), "jobs_from", str(exc))
+        return
+    for problem in problems:
+        out.add_at(problem.file, problem.line, problem.column, problem.where, problem.message, problem.severity)
+    for row in rows:
+        own = {k: v for k, v in row.values.items() if k != "id"}
+        origin = _Row(build.ctx, shown, row)
+        job_id = shown_id = None
+        if "id" in row.values:
+            problem = _id_problem(row.values["id"])
+            if problem:
+                out.add_at(*origin.position(), f"{origin.prefix}.id", problem)
+                shown_id = str(row.values["id"])[:70]
+            else:
+                job_id = row.values["id"]
+        build.add({**defaults, **own}, job_id, shown_id, origin)
+
+
+def _check_jobs(doc: dict, path: Path, stamp: tuple | None, model: Model, out: _Collector) -> list[Job]:
+    defaults = _defaults(doc, out)
+    listed = _listed_jobs(doc, out) or []
+    total = _count(listed, out)
+    if total is None:
+        return []
+    ctx = _Context(path, stamp, out.marks, defaults)
+    build = _JobBuilder(model, ctx, LocalImages(path.parent), out)
+    _build_listed(listed, defaults, build, out)
+    if "jobs_from" in doc:
+        _build_from_file(doc, path, defaults, MAX_JOBS - total, build, out)
+    _check_ids(build.jobs, out)
+    ctx.release()
+    return build.jobs
 
 
 def resolve_output_dir(manifest_path: Path, doc_output: Any, override: str | Path | None) -> Path:
@@ -233,6 +584,7 @@ def load_manifest(path: str | Path, *, output: str | Path | None = None) -> Mani
 
 
 def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
+    stamp = _stamp(path)
     doc, marks = load_file(path)
     out = _Collector(str(path), marks)
     if not isinstance(doc, dict):
@@ -254,8 +606,9 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         out.add(("output",), "output", "must be a folder path (text)")
     settings = _check_settings(doc, out)
     price = _check_price(doc, model, out)
-    jobs = _check_jobs(doc, model, out)
-    out.problems.sort(key=lambda p: (p.line, p.column))
+    jobs = _check_jobs(doc, path, stamp, model, out)
+    # The manifest's problems first, then those of its jobs file.
+    out.problems.sort(key=lambda p: (p.file != out.file, p.file, p.line, p.column))
     if out.errors:
         raise ManifestError(out.problems)
     return Manifest(

@@ -6,13 +6,17 @@ the manifest turns paths into file positions. Nothing here stops at the first pr
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
 
+from batchrun import imageinfo
 from batchrun.models import Model
 
 
@@ -111,6 +115,57 @@ def _values_at(value: Any, spec: str, path: tuple = ()):
         yield from _values_at(child, rest, path + (name,))
 
 
+# A value that starts like a URL is checked as one; anything else in an image field is a local file's path.
+_URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(?:https?|ftp|file|s3|gs):", re.IGNORECASE)
+_DATA_URI = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+MAX_DATA_URI_BYTES = 6 * 1024 * 1024  # RunComfy's own clients cap each inline image at 6 MiB
+
+
+def image_ref_kind(value: str) -> str:
+    """How an image field's text is sent: "data" (a data: URI), "url", or "file" (a local path to inline).
+
+    A value with a scheme followed by ``://`` (or a well-known scheme such as ``https:``) is a URL; anything
+    else is a path relative to the manifest's folder.
+    """
+    if value[:5].lower() == "data:":
+        return "data"
+    if _URL_LIKE.match(value):
+        return "url"
+    return "file"
+
+
+def image_values(model: Model, job_input: dict[str, Any]):
+    """Yield (path, value) for every text value of the model's image fields, in field order."""
+    for spec in model.url_fields.get("image", []):
+        for path, value in _values_at(job_input, spec):
+            if isinstance(value, str):
+                yield path, value
+
+
+def _check_data_uri(path: tuple, value: str) -> list[Finding]:
+    """A data: URI written in the manifest: base64, an image type, at most 6 MiB, within Kling's limits."""
+    match = _DATA_URI.match(value)
+    if not match:
+        return [Finding(path, "is not a valid data: URI (expected data:image/png;base64,...)")]
+    mime, params = match.group(1).strip().lower(), match.group(2).lower().split(";")
+    if "base64" not in (p.strip() for p in params):
+        return [Finding(path, "the data: URI must be base64-encoded (data:image/png;base64,...)")]
+    payload = value[match.end():]
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")
+    if size > MAX_DATA_URI_BYTES:
+        return [Finding(path, f"the data: URI holds {size / 2**20:.1f} MiB; an image sent inline is limited to "
+                              f"{MAX_DATA_URI_BYTES // 2**20} MiB")]
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return [Finding(path, "the data: URI's base64 text is not valid")]
+    facts = imageinfo.inspect(data)
+    findings = [Finding(path, f"the data: URI's content {problem}") for problem in imageinfo.image_problems(facts)]
+    if facts.accepted and mime and not mime.startswith("image/"):
+        findings.append(Finding(path, f"the data: URI declares {mime!r}; use {facts.mime}", "warning"))
+    return findings
+
+
 def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Finding]:
     if not isinstance(value, str):
         return []  # the schema reports the type
@@ -131,7 +186,7 @@ def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Fin
     return []
 
 
-def _prose_rules(model: Model, job_input: dict[str, Any]) -> list[Finding]:
+def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | None) -> list[Finding]:
     findings: list[Finding] = []
     rules = model.rules
     for rule in rules.get("sum_equals", []):
@@ -164,7 +219,15 @@ def _prose_rules(model: Model, job_input: dict[str, Any]) -> list[Finding]:
                                         "warning"))
     for spec in model.url_fields.get("image", []):
         for path, value in _values_at(job_input, spec):
-            findings.extend(_check_url(path, value, model.image_extensions))
+            if not isinstance(value, str):
+                continue  # the schema reports the type
+            kind = image_ref_kind(value)
+            if kind == "url":
+                findings.extend(_check_url(path, value, model.image_extensions))
+            elif kind == "data":
+                findings.extend(_check_data_uri(path, value))
+            elif local_refs is not None:
+                local_refs.append((path, value))  # checked by the caller, which knows the manifest's folder
     for spec in model.url_fields.get("video", []):
         for path, value in _values_at(job_input, spec):
             findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
@@ -200,10 +263,15 @@ def _schema_errors(model: Model, job_input: Any):
     return validator_for(model).iter_errors(job_input)
 
 
-def check_input(model: Model, job_input: dict[str, Any]) -> list[Finding]:
-    """Every problem with one job's full input, errors and warnings, in a stable order."""
+def check_input(model: Model, job_input: dict[str, Any], *, local_refs: list | None = None) -> list[Finding]:
+    """Every problem with one job's full input, errors and warnings, in a stable order.
+
+    Image fields may hold an https:// URL, a `data:` URI or a local file's path; paths are not checked
+    here (they are relative to the manifest's folder): when `local_refs` is a list, each image field
+    holding one is appended to it as (path in the input, value).
+    """
     findings: list[Finding] = []
     for error in _schema_errors(model, job_input):
         findings.extend(_schema_findings(error))
-    findings.extend(_prose_rules(model, job_input))
+    findings.extend(_prose_rules(model, job_input, local_refs))
     return sorted(findings, key=lambda f: [str(p) for p in f.path])

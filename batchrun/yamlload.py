@@ -85,6 +85,20 @@ def position_of(marks: Marks | Pos, path: tuple, *, key: bool = False) -> Pos:
     return current.pos if isinstance(current, Marks) else current
 
 
+def node_at(marks: Marks | Pos, path: tuple) -> Marks | Pos:
+    """The marks of the deepest node along `path` that exists (a position for a scalar)."""
+    current = marks
+    for step in path:
+        children = current.children if isinstance(current, Marks) else None
+        if isinstance(children, dict) and isinstance(step, str) and step in children:
+            current = children[step][1]
+        elif isinstance(children, list) and isinstance(step, int) and 0 <= step < len(children):
+            current = children[step]
+        else:
+            break
+    return current
+
+
 def _pos(mark) -> Pos:
     return (mark.line + 1, mark.column + 1)
 
@@ -274,6 +288,22 @@ def load_text(text: str, name: str) -> tuple[Any, Marks | Pos]:
         raise ManifestError([_yaml_error_problem(exc, text, name)]) from None
 
 
+def read_bounded(path: Path, size: int, max_bytes: int) -> bytes:
+    """At most `max_bytes` + 1 bytes of a file whose stat size is `size`, without allocating the whole cap
+    for a small file. Bounded even where st_size is 0 (pipes, devices such as /dev/zero) or grows."""
+    chunks, total = [], 0
+    want = size + 1 if 0 < size <= max_bytes else 1 << 16
+    with path.open("rb") as f:
+        while total <= max_bytes:
+            chunk = f.read(min(want, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = 1 << 20
+    return b"".join(chunks)
+
+
 def load_file(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Any, Marks | Pos]:
     """Read and parse a manifest file, refusing oversized or non-UTF-8 files."""
     name = str(path)
@@ -284,8 +314,7 @@ def load_file(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Any, Mark
                 [Problem(name, 1, 1, "", f"the file is {size / 2**20:.1f} MiB; manifests are limited to "
                          f"{max_bytes // 2**20} MiB (split the batch into several manifests)")]
             )
-        with path.open("rb") as f:  # bounded: st_size is 0 for pipes and devices such as /dev/zero
-            data = f.read(max_bytes + 1)
+        data = read_bounded(path, size, max_bytes)
         if len(data) > max_bytes:
             raise ManifestError([Problem(name, 1, 1, "", f"the file is over {max_bytes // 2**20} MiB; manifests are "
                                          "limited to that size (split the batch into several manifests)")])

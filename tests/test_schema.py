@@ -238,19 +238,56 @@ def test_multi_prompt_empty_list_is_fine(tmp_path):
     "value, message",
     [
         ("http://example.com/a.png", "must be an https:// URL (RunComfy fetches inputs over HTTPS only)"),
-        ("example.com/a.png", "must be an https:// URL, got 'example.com/a.png'"),
-        ("a photo of a cliff", "must be an https:// URL, got 'a photo of a cliff'"),
+        ("'http:example.com/a.png'", "must be an https:// URL (RunComfy fetches inputs over HTTPS only)"),
+        ("'https:example.com/a.png'", "must be an https:// URL, got 'https:example.com/a.png'"),
         ("ftp://example.com/a.png", "must be an https:// URL, got 'ftp://example.com/a.png'"),
         ("'https:///a.png'", "must be an https:// URL, got 'https:///a.png'"),
         ("'https://[::1/a.png'", "is not a valid URL: 'https://[::1/a.png'"),
         ("'https://example.com:99999/a.png'", "is not a valid URL: 'https://example.com:99999/a.png'"),
     ],
-    ids=["http", "no-scheme", "prose", "ftp", "no-host", "bad-ipv6", "bad-port"],
+    ids=["http", "http-no-slashes", "https-no-slashes", "ftp", "no-host", "bad-ipv6", "bad-port"],
 )
 def test_bad_image_urls_are_errors(tmp_path, value, message):
     assert problems(tmp_path, f"jobs:\n  - id: a\n    prompt: p\n    start_image_url: {value}\n") == [
         f"4:22: {J}.start_image_url: {message}"
     ]
+
+
+@pytest.mark.parametrize(
+    "value, hint",
+    [("example.com/a.png", "; for a web address write https://example.com/a.png"), ("a photo of a cliff", "")],
+    ids=["no-scheme", "prose"],
+)
+def test_text_that_is_not_a_url_is_a_local_file_path(tmp_path, value, hint):
+    """Anything in an image field without a scheme is a path relative to the manifest (tests/test_localfiles.py)."""
+    assert problems(tmp_path, f"jobs:\n  - id: a\n    prompt: p\n    start_image_url: {value}\n") == [
+        f"4:22: {J}.start_image_url: {value!r} does not exist (looked for {tmp_path / value}; image paths are "
+        f"relative to the manifest's folder){hint}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value, kind",
+    [("https://e.com/a.png", "url"), ("HTTP://e.com/a.png", "url"), ("s3://bucket/a.png", "url"),
+     ("https:e.com/a.png", "url"), ("data:image/png;base64,AAAA", "data"), ("DATA:image/png;base64,AA", "data"),
+     ("images/a.png", "file"), ("../a.png", "file"), ("/abs/a.png", "file"), ("C:\\pics\\a.png", "file"),
+     ("a photo", "file"), ("", "file")],
+)
+def test_image_ref_kind(value, kind):
+    assert schema.image_ref_kind(value) == kind
+
+
+def test_check_input_collects_local_paths_for_the_caller():
+    model = get_model(DEFAULT_MODEL)
+    refs: list = []
+    job_input = {"prompt": "p", "start_image_url": "a.png",
+                 "elements": [{"frontal_image_url": URL, "reference_image_urls": ["b.png", "data:x"]}]}
+    findings = schema.check_input(model, job_input, local_refs=refs)
+    assert refs == [(("start_image_url",), "a.png"), (("elements", 0, "reference_image_urls", 0), "b.png")]
+    assert [(f.path, f.message) for f in findings] == [
+        (("elements", 0, "reference_image_urls", 1), "is not a valid data: URI (expected data:image/png;base64,...)")
+    ]
+    assert schema.check_input(model, {"prompt": "p", "start_image_url": "a.png"}) == []
 
 
 def test_urls_inside_elements(tmp_path):
