@@ -57,8 +57,13 @@ def cmd_validate(args, out: TextIO, err: TextIO) -> int:
             status, problems, verdict = EXIT_USAGE, exc.problems, "invalid: " + _summary(exc.problems)
         else:
             problems = manifest.warnings
-            note = f", {_summary(problems).split(', ')[-1]}" if problems else ""
-            verdict = f"ok, {plural(len(manifest.jobs), 'job')}{note}"
+            if args.check_urls:
+                problems = sorted(problems + _url_problems(manifest), key=lambda p: (p.file, p.line, p.column))
+            if any(p.severity == "error" for p in problems):
+                status, verdict = EXIT_USAGE, "invalid: " + _summary(problems)
+            else:
+                note = f", {_summary(problems).split(', ')[-1]}" if problems else ""
+                verdict = f"ok, {plural(len(manifest.jobs), 'job')}{note}"
         printed = _print_problems(problems, out, shown)
         shown += printed
         hidden = len(problems) - printed
@@ -70,6 +75,12 @@ def cmd_validate(args, out: TextIO, err: TextIO) -> int:
             more = f" (not shown: only the first {MAX_PROBLEMS_SHOWN} problems of a call are printed)"
         print(f"{path}: {verdict}{more}", file=out)
     return status
+
+
+def _url_problems(manifest: Manifest) -> list[Problem]:
+    from batchrun.preflight import check_manifest, problems_for
+
+    return problems_for(manifest, asyncio.run(check_manifest(manifest)))
 
 
 def _load_for_run(args, err: TextIO) -> Manifest:
@@ -107,7 +118,8 @@ def cmd_run(args, out: TextIO, err: TextIO) -> int:
 
     manifest = _load_for_run(args, err)
     base_url, token = _connection(args)
-    options = RunOptions(retry_failed=args.retry_failed, resubmit_unknown=args.resubmit_unknown)
+    options = RunOptions(retry_failed=args.retry_failed, resubmit_unknown=args.resubmit_unknown,
+                         preflight=not args.no_preflight)
     outcome = asyncio.run(run_manifest(manifest, base_url=base_url, token=token, options=options,
                                        sandbox=args.sandbox, stream=err,
                                        progress=False if args.no_progress else None))
@@ -205,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     validate = commands.add_parser("validate", help="check manifests offline; exit 0 valid, 2 invalid")
     validate.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    validate.add_argument("--check-urls", action="store_true",
+                          help="also fetch each image URL's header: reachable, an image, Kling's size limits")
     validate.set_defaults(handler=cmd_validate)
 
     run = commands.add_parser("run", help="submit, poll, download and record every job of a manifest")
@@ -216,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resubmit-unknown", action="store_true",
                      help="submit again jobs whose first POST may have reached the server (may pay twice)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar; periodic log lines instead")
+    run.add_argument("--no-preflight", action="store_true", help="do not check image URLs before submitting")
     run.add_argument("--dry-run", action="store_true", help="show what would be done (same as 'plan')")
     run.set_defaults(handler=cmd_run)
 

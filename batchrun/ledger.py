@@ -76,6 +76,19 @@ MIGRATIONS: list[str] = [
         summary TEXT
     );
     """,
+    # 2: preflight results of image URLs, so that a re-run does not fetch them again
+    """
+    CREATE TABLE preflight (
+        url TEXT PRIMARY KEY,
+        ok INTEGER NOT NULL,
+        problem TEXT,
+        content_type TEXT,
+        bytes INTEGER,
+        width INTEGER,
+        height INTEGER,
+        checked_at TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -351,6 +364,24 @@ class Ledger:
         """The cost the API reported for this job, if it did."""
         row = self.conn.execute("SELECT cost_usd FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else row[0]
+
+    # -- preflight cache -------------------------------------------------------------------------
+    PREFLIGHT_FIELDS = ("url", "ok", "problem", "content_type", "bytes", "width", "height")
+
+    def preflight_cache(self) -> list[dict[str, Any]]:
+        """Image URLs that passed preflight before (failures are checked again: the host may be fixed)."""
+        columns = ", ".join(self.PREFLIGHT_FIELDS)
+        rows = self.conn.execute(f"SELECT {columns} FROM preflight WHERE ok=1")
+        return [dict(zip(self.PREFLIGHT_FIELDS, row, strict=True)) for row in rows]
+
+    def save_preflight(self, checks: Iterable[dict[str, Any]]) -> None:
+        now = utc_now()
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO preflight (url, ok, problem, content_type, bytes, width, height, checked_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*(c[f] for f in self.PREFLIGHT_FIELDS), now) for c in checks],
+            )
 
     # -- runs ----------------------------------------------------------------------------------
     def start_run(self) -> int:

@@ -43,6 +43,8 @@ def summary(manifest: Manifest, plan: Plan, spent: float) -> dict:
         "budget_usd": budget,
         "budget_left_usd": None if budget is None else round(budget - spent, 4),
         "over_budget": budget is not None and spent + estimate > budget + 1e-9,
+        # Absolute, so a path that climbs out of the manifest's folder with .. is plain to see.
+        "local_files": sorted({str(path) for job in plan.submit for path in job.local_files.values()}),
     }
 
 
@@ -75,6 +77,12 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False) -> int:
     print(f"plan for {info['manifest']} ({info['model']}) into {info['output']}", file=out)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}", file=out)
+    if info["local_files"]:
+        print(f"  local image files sent inline ({len(info['local_files'])}):", file=out)
+        for path in info["local_files"][:20]:
+            print(f"    {path}", file=out)
+        if len(info["local_files"]) > 20:
+            print(f"    ... and {len(info['local_files']) - 20} more (see --json)", file=out)
     for item in info["held"][:20] + info["refused"][:20]:
         print(f"  {item['id']}: {item['reason']}", file=out)
     if info["over_budget"]:

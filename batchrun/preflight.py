@@ -217,3 +217,34 @@ async def _judge(url: str, response: aiohttp.ClientResponse, max_bytes: int) -> 
             text += f" (served as {content_type})"
         return result(text, facts)
     return result(None, facts)
+
+
+# --- for callers: a whole manifest ------------------------------------------------------------------
+
+
+async def check_manifest(
+    manifest: Manifest,
+    *,
+    cached: Mapping[str, ImageCheck] | None = None,
+    ssl: object = None,
+    concurrency: int = 8,
+    timeout: float = 15.0,
+) -> dict[str, ImageCheck]:
+    """Check every distinct image URL of `manifest` with a session of its own (no credentials).
+    `ssl` goes to aiohttp's connector (tests pass a context that trusts their own CA)."""
+    connector = aiohttp.TCPConnector(ssl=ssl if ssl is not None else True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        return await check_urls(image_urls(manifest), session=session, concurrency=concurrency, timeout=timeout,
+                                cached=cached)
+
+
+def doomed_jobs(manifest: Manifest, checks: Mapping[str, ImageCheck]) -> dict[str, str]:
+    """Job id → why an image URL of it failed preflight (the first such reason)."""
+    doomed: dict[str, str] = {}
+    for job in manifest.jobs:
+        for path, value in schema.image_values(manifest.model, job.input):
+            check = checks.get(value)
+            if check is not None and not check.ok and job.id not in doomed:
+                field = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
+                doomed[job.id] = f"{field.lstrip('.')}: {check.problem}"
+    return doomed

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
+from batchrun import schema
 from batchrun.api import Client, make_limiter
 from batchrun.errors import UsageError
 from batchrun.ledger import Ledger
@@ -122,6 +123,39 @@ def _prepare_output_dir(output_dir: Path) -> None:
         raise UsageError(f"cannot create the output directory {output_dir}: {exc.strerror}") from None
     if not output_dir.is_dir():
         raise UsageError(f"{output_dir} is not a directory")
+
+
+async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: RunOptions, stream: TextIO) -> None:
+    """Check the image URLs of the jobs about to be submitted; hold (never pay for) those that would fail."""
+    from batchrun.preflight import ImageCheck, check_urls, doomed_jobs, problems_for
+
+    values = (value for job in plan.submit for _, value in schema.image_values(manifest.model, job.input))
+    urls = list(dict.fromkeys(value for value in values if schema.image_ref_kind(value) == "url"))
+    if not urls:
+        return
+    cached = {row["url"]: ImageCheck(**{**row, "ok": bool(row["ok"])}) for row in ledger.preflight_cache()}
+    connector = aiohttp.TCPConnector(ssl=options.preflight_ssl if options.preflight_ssl is not None else True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        checks = await check_urls(urls, session=session, cached=cached)
+    ledger.save_preflight(vars(c) for c in checks.values() if c.ok and c.url not in cached)
+    fetched = sum(1 for url in urls if url not in cached)
+    doomed = {job_id: why for job_id, why in doomed_jobs(manifest, checks).items()
+              if job_id in {job.id for job in plan.submit}}
+    print(f"preflight: {len(urls)} image URLs, {fetched} fetched, {len(urls) - fetched} known good from earlier runs; "
+          f"{len(doomed)} jobs held", file=stream)
+    if not doomed:
+        return
+    for problem in problems_for(manifest, checks)[:50]:
+        print(problem, file=stream)
+    kept = []
+    for job in plan.submit:
+        if job.id in doomed:
+            reason = f"preflight: {doomed[job.id]}; fix the image or run with --no-preflight"
+            ledger.set_error(job.id, "preflight", reason)
+            plan.held.append((job, reason))
+        else:
+            kept.append(job)
+    plan.submit = kept
 
 
 def plan_lines(plan: Plan) -> list[str]:
@@ -246,6 +280,10 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)
+    if options.preflight and sandbox:
+        print("preflight: skipped with --sandbox (the sandbox does not fetch images)", file=stream)
+    elif options.preflight and plan.submit:
+        await _preflight(manifest, ledger, plan, options, stream)
     for line in plan_lines(plan):
         log.info("%s", line)
         print(line, file=stream)

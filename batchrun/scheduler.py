@@ -45,6 +45,7 @@ from batchrun.errors import (
     TransientApiError,
 )
 from batchrun.ledger import JobRow, Ledger, Output, utc_now
+from batchrun.localfiles import LocalFileError
 from batchrun.manifest import Job, Manifest
 from batchrun.polling import PollPlanner
 from batchrun.results import write_provenance
@@ -61,6 +62,8 @@ class RunOptions:
     retry_failed: bool = False
     resubmit_unknown: bool = False
     download_concurrency: int = 4
+    preflight: bool = True  # check image URLs before paying for jobs that would fail
+    preflight_ssl: object = None  # aiohttp's `ssl` for preflight (tests trust their own CA)
 
 
 @dataclass
@@ -318,6 +321,14 @@ class Scheduler:
 
     # -- submit ----------------------------------------------------------------------------------
     async def _submit(self, job: Job) -> str | None:
+        try:
+            # Local images become data: URIs only now, so the ledger never holds megabytes of base64.
+            payload = await asyncio.to_thread(job.api_input) if job.local_files else job.api_input()
+        except LocalFileError as exc:
+            self.ledger.set_state(job.id, "failed", error=("local_file", f"{exc}; nothing was sent"))
+            self.stats.failed += 1
+            log.warning("%s: failed: %s", job.id, exc)
+            return None
         estimate = self.manifest.estimate_cost(job)
         budget = self.settings.budget_usd
         if budget is not None and self.committed_usd + estimate > budget + 1e-9:
@@ -325,7 +336,7 @@ class Scheduler:
             log.info("%s: not submitted: $%.2f committed + $%.2f would exceed the $%.2f budget",
                      job.id, self.committed_usd, estimate, budget)
             return None
-        # Reserved before the first await: jobs submitted concurrently must see each other's spend,
+        # Reserved before the next await: jobs submitted concurrently must see each other's spend,
         # or every slot would pass the budget check at once. Given back if nothing was created.
         self.committed_usd += estimate
         attempt = 0
@@ -337,7 +348,7 @@ class Scheduler:
             crashpoint("after_intent")
             self.stats.calls["submit"] += 1
             try:
-                submitted = await self.client.submit(self.manifest.model.model_id, job.input)
+                submitted = await self.client.submit(self.manifest.model.model_id, payload)
             except SubmitOutcomeUnknown as exc:
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
                 log.warning("%s: unknown: %s", job.id, exc)

@@ -70,7 +70,8 @@ async def run_child(argv: list[str], env: dict | None = None) -> tuple[float, fl
 
 
 def batchrun_argv(manifest: Path, base_url: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "batchrun", "run", str(manifest), "--base-url", base_url, "--output", str(out),
+    return [sys.executable, "-m", "batchrun", "run", "--no-preflight",
+            str(manifest), "--base-url", base_url, "--output", str(out),
             "--no-progress"]
 
 

@@ -76,7 +76,8 @@ class Harness:
         env.pop("BATCHRUN_CRASH_AT", None)
         if crash_at:
             env["BATCHRUN_CRASH_AT"] = crash_at
-        argv = [sys.executable, "-m", "batchrun", "run", str(self.manifest), "--base-url", self.sandbox.base_url,
+        argv = [sys.executable, "-m", "batchrun", "run", "--no-preflight",
+                str(self.manifest), "--base-url", self.sandbox.base_url,
                 "--output", str(self.output), "--no-progress", *extra]
         return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

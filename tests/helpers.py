@@ -7,6 +7,7 @@ real `Sandbox` served on 127.0.0.1, and only time is simulated.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
@@ -80,9 +81,12 @@ def model_input(manifest_path: Path, job_id: str) -> dict[str, Any]:
 
 async def run(manifest_path: Path, sandbox: Sandbox, *, token: str = TOKEN, clock: FakeClock | None = None,
               options: RunOptions = RunOptions(), rand=lambda: 0.5,
-              handle_signals: bool = False) -> tuple[RunOutcome, str]:
-    """One real run against `sandbox`; returns the outcome and what it wrote to its stream."""
+              handle_signals: bool = False, preflight: bool = False) -> tuple[RunOutcome, str]:
+    """One real run against `sandbox`; returns the outcome and what it wrote to its stream.
+
+    Preflight is off unless asked for: the test manifests' image URLs point at example.com."""
     manifest = load_manifest(manifest_path)
+    options = dataclasses.replace(options, preflight=preflight and options.preflight)
     stream = io.StringIO()
     kwargs: dict[str, Any] = {}
     if clock is not None:

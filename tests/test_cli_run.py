@@ -45,13 +45,15 @@ async def test_the_token_never_appears_in_files_or_output(tmp_path, monkeypatch)
     said: list[str] = []
     async with Sandbox(token=CANARY, video_bytes=VIDEO, faults=Faults(lose_submit_answer=1)) as sandbox:
         # The first job's answer is lost (unknown), one fails, then everything is re-run and resubmitted.
-        code, stdout, stderr = await _main(["run", str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
+        code, stdout, stderr = await _main(["run", "--no-preflight",
+                                            str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
         said += [stdout, stderr]
         assert code == 1, stderr
         rows = results(out)
         assert rows["ok"]["state"] == "unknown" and rows["bad"]["state"] == "failed"
         assert_done(out, rows["lost"], VIDEO)
-        code, stdout, stderr = await _main(["run", str(manifest), "--base-url", sandbox.base_url, "--no-progress",
+        code, stdout, stderr = await _main(["run", "--no-preflight",
+                                            str(manifest), "--base-url", sandbox.base_url, "--no-progress",
                                             "--resubmit-unknown", "--retry-failed"])
         said += [stdout, stderr]
         assert code == 1, stderr
@@ -59,7 +61,8 @@ async def test_the_token_never_appears_in_files_or_output(tmp_path, monkeypatch)
         assert sandbox.jobs_for(model_input(manifest, "ok")) == 2
     async with Sandbox(token="the-right-one") as strict:
         # The API refuses this token: the refusal is reported, the token is not.
-        code, stdout, stderr = await _main(["run", str(manifest), "--base-url", strict.base_url, "--no-progress",
+        code, stdout, stderr = await _main(["run", "--no-preflight",
+                                            str(manifest), "--base-url", strict.base_url, "--no-progress",
                                             "--retry-failed"])
         said += [stdout, stderr]
         assert code == 3
@@ -84,7 +87,8 @@ async def test_dry_run_and_plan_send_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNCOMFY_API_TOKEN", "t")
     manifest = write_manifest(tmp_path, jobs(3), budget_usd=1.0)
     async with Sandbox() as sandbox:
-        code, stdout, _ = await _main(["run", str(manifest), "--base-url", sandbox.base_url, "--dry-run"])
+        code, stdout, _ = await _main(["run", "--no-preflight",
+                                       str(manifest), "--base-url", sandbox.base_url, "--dry-run"])
         assert code == 0
         assert "to submit" in stdout and "3" in stdout
         assert "the budget does not cover every job" in stdout
@@ -100,7 +104,7 @@ async def test_plan_after_a_run_shows_it_done(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNCOMFY_API_TOKEN", "t")
     manifest = write_manifest(tmp_path, jobs(2))
     async with Sandbox(video_bytes=VIDEO) as sandbox:
-        code, stdout, stderr = await _main(["run", str(manifest), "--base-url", sandbox.base_url])
+        code, stdout, stderr = await _main(["run", "--no-preflight", str(manifest), "--base-url", sandbox.base_url])
         assert code == 0, stderr
         assert "2 jobs: done=2" in stdout
         assert "2/2 done; done=2" in stderr  # not a terminal: plain progress lines, no bar
@@ -121,7 +125,7 @@ async def test_run_without_a_token_is_a_usage_error_and_sends_nothing(tmp_path, 
     monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
     manifest = write_manifest(tmp_path, jobs(1))
     async with Sandbox() as sandbox:
-        code, _, stderr = await _main(["run", str(manifest), "--base-url", sandbox.base_url])
+        code, _, stderr = await _main(["run", "--no-preflight", str(manifest), "--base-url", sandbox.base_url])
         assert code == 2
         assert "RUNCOMFY_API_TOKEN" in stderr
         assert sandbox.posts_total == 0
@@ -133,7 +137,8 @@ async def test_a_locked_output_dir_exits_75(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     async with Sandbox() as sandbox:
         with OutputDirLock(tmp_path / "out"):
-            code, _, stderr = await _main(["run", str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
+            code, _, stderr = await _main(["run", "--no-preflight",
+                                           str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
         assert code == 75
         assert "in use" in stderr
         assert sandbox.posts_total == 0
@@ -193,7 +198,8 @@ def sandbox_process():
 
 
 def _start_run(manifest: Path, base_url: str, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(manifest), "--base-url", base_url,
+    return subprocess.Popen([sys.executable, "-m", "batchrun", "run", "--no-preflight",
+                             str(manifest), "--base-url", base_url,
                              "--no-progress", *flags], env=_env(RUNCOMFY_API_TOKEN="sandbox"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

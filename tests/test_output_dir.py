@@ -39,7 +39,8 @@ async def test_an_output_path_that_is_a_file_is_a_usage_error(tmp_path, monkeypa
     (tmp_path / "out").write_text("not a folder")
     manifest = write_manifest(tmp_path, jobs(1))
     async with Sandbox() as sandbox:
-        code, _, err = await _main(["run", str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
+        code, _, err = await _main(["run", "--no-preflight",
+                                    str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
         assert sandbox.posts_total == 0
     assert code == 2
     assert "exists and is not a directory" in err and "Traceback" not in err
@@ -62,7 +63,8 @@ async def test_a_read_only_output_dir_is_refused_before_anything_is_sent(tmp_pat
     monkeypatch.setenv("RUNCOMFY_API_TOKEN", "t")
     manifest = write_manifest(tmp_path, jobs(1), output=str(read_only_dir))
     async with Sandbox() as sandbox:
-        code, _, err = await _main(["run", str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
+        code, _, err = await _main(["run", "--no-preflight",
+                                    str(manifest), "--base-url", sandbox.base_url, "--no-progress"])
         assert sandbox.posts_total == 0
     assert code == 2
     assert "Read-only file system" in err and "Traceback" not in err
@@ -70,13 +72,14 @@ async def test_a_read_only_output_dir_is_refused_before_anything_is_sent(tmp_pat
 
 def test_two_runs_started_together_one_waits_out_with_75(tmp_path):
     """Two real processes racing for one output dir: exactly one runs, the other exits 75 at once."""
-    server = subprocess.Popen([sys.executable, "-m", "batchrun", "sandbox", "--port", "0", "--render-seconds", "1"],
+    server = subprocess.Popen([sys.executable, "-m", "batchrun", "sandbox", "--port", "0", "--render-seconds", "4"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         base_url = server.stdout.readline().split(" at ")[1].strip()
         manifest = write_manifest(tmp_path, jobs(2), poll_min_interval=0.2)
         env = {**os.environ, "RUNCOMFY_API_TOKEN": "t"}
-        argv = [sys.executable, "-m", "batchrun", "run", str(manifest), "--base-url", base_url, "--no-progress"]
+        argv = [sys.executable, "-m", "batchrun", "run", "--no-preflight",
+                str(manifest), "--base-url", base_url, "--no-progress"]
         procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
         outcomes = sorted((p.wait(timeout=60), p.stderr.read()) for p in procs)
