@@ -417,16 +417,8 @@ class Scheduler:
             if left is not None:
                 delay = min(delay, left)
             await self.sleep(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay))
-            try:
-                status = await self._api("status", lambda: self.client.status(request_id))
-            except RequestNotFound as exc:
-                self._remote_gone(job, request_id, exc)
-                return None
-            except AuthError as exc:
-                self._auth_failed(exc)
-                return None
-            except ApiError as exc:
-                self._record_error(job.id, exc.kind, f"status checks failed: {exc}; the next run polls again")
+            status = await self._remote(job, request_id, "status", lambda: self.client.status(request_id))
+            if status is None:
                 return None
             polls += 1
             age = self.clock() - submitted
@@ -437,22 +429,27 @@ class Scheduler:
                     self.on_change()
                 state, last_running_age = status.state, age
                 continue
-            try:
-                result = await self._api("result", lambda: self.client.result(request_id))
-            except RequestNotFound as exc:
-                self._remote_gone(job, request_id, exc)
-                return None
-            except AuthError as exc:
-                self._auth_failed(exc)
-                return None
-            except ApiError as exc:
-                self._record_error(job.id, exc.kind, f"fetching the result failed: {exc}; the next run retries")
+            result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id))
+            if result is None:
                 return None
             if result.state in ("queued", "running"):  # status and result disagree: keep polling
                 continue
             duration = _server_duration(result)
             self.planner.observe(duration if duration is not None else (last_running_age + age) / 2)
             return result
+
+    async def _remote(self, job: Job, request_id: str, kind: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A status or result call, retried; after a final failure, records why on the job and returns None
+        (the job keeps its state and request id, so a later run asks again)."""
+        try:
+            return await self._api(kind, call)
+        except RequestNotFound as exc:
+            self._remote_gone(job, request_id, exc)
+        except AuthError as exc:
+            self._auth_failed(exc)
+        except ApiError as exc:
+            self._record_error(job.id, exc.kind, f"the {kind} call failed: {exc}; the next run asks again")
+        return None
 
     def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
         message = (f"the API no longer knows request {request_id} ({exc}); it may have expired. "
@@ -489,21 +486,13 @@ class Scheduler:
         if request_id is None:
             self.ledger.set_state(job.id, "failed", error=("internal", "no request id recorded"))
             return
-        try:
+        if result is None:
+            result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id))
             if result is None:
-                result = await self._api("result", lambda: self.client.result(request_id))
-                if result.state in ("queued", "running"):
-                    self.ledger.record_remote(job.id, result.raw_status, result.state, started=True)
-                    return
-        except RequestNotFound as exc:
-            self._remote_gone(job, request_id, exc)
-            return
-        except AuthError as exc:
-            self._auth_failed(exc)
-            return
-        except ApiError as exc:
-            self._record_error(job.id, exc.kind, f"fetching the result failed: {exc}; the next run retries")
-            return
+                return
+            if result.state in ("queued", "running"):
+                self.ledger.record_remote(job.id, result.raw_status, result.state, started=True)
+                return
         finished = {"finished_at": _utc_iso(result.finished_at), "remote_status": result.raw_status}
         # What `committed_usd` holds for this job so far: its recorded cost (a done job collected
         # again), else its estimate. Replaced below by what the result says, as `Ledger.spent_usd` counts it.
