@@ -72,6 +72,15 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=RUN_LOG_MAX_BYTES, backupCount=2, encoding="utf-8")
         self._flushed = time.monotonic()
         self._urgent = False
+        self._size = path.stat().st_size if path.exists() else 0
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
+        # Counted here rather than by seeking to the end of the file for every line, as the base class does.
+        self._size += len(self.format(record)) + 1
+        if self._size < self.maxBytes:
+            return False
+        self._size = 0
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         self._urgent = record.levelno >= logging.WARNING

@@ -180,6 +180,40 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
     return plan
 
 
+class _IntentBatch:
+    """Makes the intents of jobs about to be POSTed durable together, with one FULL commit.
+
+    Jobs that reach their POST in the same turn of the event loop share the fsync; each still waits
+    for its own intent to be on disk before sending. A job whose wait is cancelled may have its
+    intent recorded without a POST: the next run then holds it as `unknown`, the safe side.
+    """
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self._waiting: list[tuple[str, asyncio.Future]] = []
+
+    async def commit(self, job_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._waiting.append((job_id, done))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._flush)
+        await done
+
+    def _flush(self) -> None:
+        batch, self._waiting = self._waiting, []
+        try:
+            self.ledger.mark_submitting([job_id for job_id, _ in batch])
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting job
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
+
+
 @dataclass
 class RunStats:
     submitted: int = 0
@@ -226,6 +260,7 @@ class Scheduler:
         self.aborted = False
         self.interrupted = False
         self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._intents = _IntentBatch(ledger)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._started = clock()
@@ -293,7 +328,7 @@ class Scheduler:
     async def _drive(self, action: str, job: Job, row: JobRow | None) -> None:
         try:
             if action == "collect":
-                await self._collect(job, row.request_id if row else None, None)
+                await self._collect(job, row.request_id if row else None, None, row.cost_usd if row else None)
                 return
             try:
                 if action == "submit":
@@ -344,7 +379,7 @@ class Scheduler:
             if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted"):
                 self.committed_usd -= estimate
                 return None
-            self.ledger.mark_submitting([job.id])
+            await self._intents.commit(job.id)
             crashpoint("after_intent")
             self.stats.calls["submit"] += 1
             try:
@@ -481,8 +516,10 @@ class Scheduler:
         return None
 
     # -- collect -----------------------------------------------------------------------------------
-    async def _collect(self, job: Job, request_id: str | None, result: Result | None) -> None:
-        """Record a finished job's outcome and download its outputs."""
+    async def _collect(self, job: Job, request_id: str | None, result: Result | None,
+                       recorded_cost: float | None = None) -> None:
+        """Record a finished job's outcome and download its outputs. `recorded_cost` is what the ledger
+        already holds for a job collected again (its files were damaged), counted in `committed_usd`."""
         if request_id is None:
             self.ledger.set_state(job.id, "failed", error=("internal", "no request id recorded"))
             return
@@ -496,8 +533,7 @@ class Scheduler:
         finished = {"finished_at": _utc_iso(result.finished_at), "remote_status": result.raw_status}
         # What `committed_usd` holds for this job so far: its recorded cost (a done job collected
         # again), else its estimate. Replaced below by what the result says, as `Ledger.spent_usd` counts it.
-        recorded = self.ledger.cost_of(job.id)
-        held = recorded if recorded is not None else self.manifest.estimate_cost(job)
+        held = recorded_cost if recorded_cost is not None else self.manifest.estimate_cost(job)
         if result.state == "cancelled":
             self.ledger.set_state(job.id, "cancelled", error=("cancelled", "cancelled remotely"), **finished)
             self.committed_usd -= held
