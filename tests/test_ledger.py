@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 
 import pytest
 
+from batchrun.cli import main
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, Ledger, Output
 
@@ -144,3 +146,46 @@ def test_no_ledger_without_create(tmp_path):
     with pytest.raises(LedgerError, match="no ledger"):
         Ledger.open(tmp_path, create=False)
     assert not (tmp_path / LEDGER_NAME).exists()
+
+
+def test_a_ledger_of_an_older_schema_is_migrated_in_place(tmp_path):
+    from batchrun.ledger import MIGRATIONS, SCHEMA_VERSION
+
+    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
+    for statement in MIGRATIONS[0].split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    ledger = Ledger.open(tmp_path)
+    try:
+        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        ledger.save_preflight([{"url": "https://x/a.png", "ok": True, "problem": None, "content_type": "image/png",
+                                "bytes": 10, "width": 400, "height": 400}])
+        assert [row["url"] for row in ledger.preflight_cache()] == ["https://x/a.png"]
+    finally:
+        ledger.close()
+
+
+def test_a_truncated_ledger_stops_the_run_with_exit_2_and_is_left_alone(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    ledger = Ledger.open(tmp_path / "out")
+    _add(ledger, "a")
+    for i in range(200):
+        _add(ledger, f"filler-{i}")
+    ledger.close()
+    path = tmp_path / "out" / LEDGER_NAME
+    truncated = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(truncated)
+    for name in (f"{LEDGER_NAME}-wal", f"{LEDGER_NAME}-shm"):
+        (tmp_path / "out" / name).unlink(missing_ok=True)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("version: 1\noutput: out\njobs:\n  - id: a\n    prompt: p\n"
+                        "    start_image_url: https://example.com/a.png\n")
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "t")
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["run", "--no-preflight", str(manifest), "--base-url", "http://127.0.0.1:9"], stdout=out, stderr=err)
+    assert code == 2
+    assert "is not a usable batchrun ledger" in err.getvalue() and "Traceback" not in err.getvalue()
+    assert path.read_bytes() == truncated
