@@ -68,6 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_video_mb", float, 2048.0, "refuse a download larger than this, MiB", 1, 1 << 20),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+FLAGS = {"budget_usd": "--budget"}  # command-line flags whose name differs from the setting's
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Settings:
             if problem:
                 from batchrun.errors import UsageError
 
-                raise UsageError(f"--{name.replace('_', '-')} {problem}")
+                raise UsageError(f"{FLAGS.get(name, '--' + name.replace('_', '-'))} {problem}")
         return dataclasses.replace(self, **given)
 
 

@@ -1,0 +1,38 @@
+"""Bad flags and arguments: one readable line naming the flag, exit 2, nothing sent, no traceback."""
+
+import io
+from pathlib import Path
+
+import pytest
+
+from batchrun.cli import main
+
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "manifests" / "example.yaml")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", EXAMPLE, "--sandbox", "--budget", "-1"], "--budget must be at least 0, got -1.0"),
+    (["run", EXAMPLE, "--sandbox", "--concurrency", "0"], "--concurrency must be at least 1, got 0"),
+    (["run", EXAMPLE, "--sandbox", "--concurrency", "abc"], "argument --concurrency: invalid int value: 'abc'"),
+    (["run", EXAMPLE, "--sandbox", "--max-wait", "nan"], "--max-wait must be a finite number"),
+    (["run", "no-such.yaml", "--sandbox"], "no-such.yaml:1:1: no such file"),
+    (["status"], "the following arguments are required: MANIFEST_OR_OUTPUT_DIR"),
+    (["export", EXAMPLE, "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_flags_give_one_readable_line(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a failed run must leave nothing behind
+    out, err = io.StringIO(), io.StringIO()
+    assert main(argv, stdout=out, stderr=err) == 2
+    text = out.getvalue() + err.getvalue()
+    assert message in text, text
+    assert "Traceback" not in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_without_a_token_says_how_to_get_going(monkeypatch, tmp_path):
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["run", EXAMPLE, "--output", str(tmp_path / "o")], stdout=out, stderr=err) == 2
+    assert "set RUNCOMFY_API_TOKEN" in err.getvalue() and "--sandbox" in err.getvalue()
+    assert not (tmp_path / "o").exists()
