@@ -113,8 +113,8 @@ def cmd_plan(args, out: TextIO, err: TextIO) -> int:
 def cmd_run(args, out: TextIO, err: TextIO) -> int:
     if args.dry_run:
         return cmd_plan(args, out, err)
+    from batchrun.plan import RunOptions
     from batchrun.run import run_manifest
-    from batchrun.scheduler import RunOptions
 
     manifest = _load_for_run(args, err)
     base_url, token = _connection(args)

@@ -1,14 +1,113 @@
-"""`batchrun plan`: what a run would do and what it would cost, without sending or writing anything."""
+"""What a run will do with each job, decided from the ledger before anything is sent, and
+`batchrun plan`: that decision and its cost shown without sending or writing anything."""
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
+from batchrun import download
 from batchrun.errors import LedgerError
-from batchrun.ledger import LEDGER_NAME, Ledger
-from batchrun.manifest import Manifest
-from batchrun.scheduler import Plan, RunOptions, decide
+from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
+from batchrun.manifest import Job, Manifest
+
+log = logging.getLogger("batchrun.run")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    retry_failed: bool = False
+    resubmit_unknown: bool = False
+    download_concurrency: int = 4
+    preflight: bool = True  # check image URLs before paying for jobs that would fail
+    preflight_ssl: object = None  # aiohttp's `ssl` for preflight (tests trust their own CA)
+
+
+@dataclass
+class Plan:
+    """What a run will do with each manifest job, decided from the ledger before anything is sent."""
+
+    submit: list[Job] = field(default_factory=list)
+    poll: list[tuple[Job, JobRow]] = field(default_factory=list)  # accepted remotely, not finished
+    collect: list[tuple[Job, JobRow]] = field(default_factory=list)  # finished remotely or files damaged
+    skip: list[Job] = field(default_factory=list)  # done and verified
+    held: list[tuple[Job, str]] = field(default_factory=list)  # not touched, with the reason
+    refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission
+
+
+def outputs_intact(output_dir: Path, row: JobRow) -> bool:
+    """Every recorded output of a done job is on disk with its recorded size and sha256."""
+    return bool(row.outputs) and all(
+        download.verify(output_dir / o.path, o.bytes, o.sha256) for o in row.outputs
+    )
+
+
+def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
+    """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`), then decide."""
+    rows = {row.id: row for row in ledger.all()}
+    for row in rows.values():
+        if row.state == "submitting":  # a run died between the intent and the POST's answer
+            ledger.set_state(row.id, "unknown", error=("unknown", "the run stopped while this job was being "
+                                                       "submitted; the POST may have created a job"))
+    ledger.add_pending(
+        (job.id, manifest.model.model_id, job.input, job.input_sha256, manifest.estimate_cost(job))
+        for job in manifest.jobs
+        if job.id not in rows or rows[job.id].state == "pending"
+    )
+    rows = {row.id: row for row in ledger.all()}
+    plan = decide(manifest, rows, options)
+    for job in plan.submit:
+        row = rows.get(job.id)
+        if row is not None and row.input_sha256 != job.input_sha256:
+            ledger.update_input(job.id, job.input, job.input_sha256, manifest.estimate_cost(job))
+    return plan
+
+
+def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> Plan:
+    """What each manifest job needs, given the ledger's rows. Reads files (to verify), writes nothing."""
+    plan = Plan()
+    resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
+    for job in manifest.jobs:
+        row = rows.get(job.id)
+        if row is None or (row.state == "pending" and row.submissions == 0):
+            plan.submit.append(job)
+            continue
+        if row.input_sha256 != job.input_sha256 and (row.request_id or row.state in ("submitting", "unknown")):
+            # Only a job that may exist remotely is refused: one whose POSTs all certainly created
+            # nothing (refused with 429, rejected as invalid) simply runs with its new input.
+            plan.refused.append((job, f"{job.label}: its input changed after it was submitted "
+                                      f"(request {row.request_id or 'unknown'}); give the changed job a new id "
+                                      "to run it, or restore the old input"))
+            continue
+        state = "unknown" if row.state == "submitting" else row.state
+        if state == "pending":
+            plan.submit.append(job)
+        elif state in ("queued", "running"):
+            plan.poll.append((job, row))
+        elif state == "downloading":
+            plan.collect.append((job, row))
+        elif state == "done":
+            if outputs_intact(manifest.output_dir, row):
+                plan.skip.append(job)
+            else:
+                log.info("%s: a file is missing or damaged; downloading it again", job.id)
+                plan.collect.append((job, row))
+        elif state == "unknown":
+            if resubmit_unknown:
+                plan.submit.append(job)
+            else:
+                plan.held.append((job, "unknown: its POST may have created a job; check your RunComfy "
+                                       "dashboard, then use --resubmit-unknown to send it again"))
+        elif state in ("failed", "cancelled"):
+            if options.retry_failed:
+                plan.submit.append(job)
+            else:
+                plan.held.append((job, f"{state}: use --retry-failed to submit it again"))
+    return plan
+
 
 
 def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Plan, float]:

@@ -29,9 +29,10 @@ from batchrun.errors import UsageError
 from batchrun.ledger import Ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
+from batchrun.plan import Plan, RunOptions, make_plan
 from batchrun.progress import Progress, describe
 from batchrun.results import write_results
-from batchrun.scheduler import Plan, RunOptions, Scheduler, make_plan
+from batchrun.scheduler import Scheduler
 
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"

@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from batchrun.manifest import load_manifest
+from batchrun.plan import RunOptions
 from batchrun.run import RunOutcome, run_manifest
 from batchrun.sandbox import Sandbox
-from batchrun.scheduler import RunOptions
 
 IMAGE = "https://example.com/cliff.png"
 TOKEN = "test-token"

@@ -421,7 +421,7 @@ def test_defaults_error_is_reported_once_for_many_jobs(tmp_path):
 def test_flag_overrides_refuse_non_finite_numbers(name):
     from batchrun.errors import UsageError
 
-    flag = "--" + name.replace("_", "-")
+    flag = {"budget_usd": "--budget"}.get(name, "--" + name.replace("_", "-"))  # the flag the user typed
     with pytest.raises(UsageError, match=f"^{flag} must be a finite number, got nan$"):
         Settings().with_overrides(**{name: float("nan")})
     with pytest.raises(UsageError, match=f"^{flag} must be a finite number, got inf$"):

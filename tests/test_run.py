@@ -30,8 +30,8 @@ from helpers import (
 
 from batchrun.ledger import Ledger
 from batchrun.manifest import load_manifest
+from batchrun.plan import RunOptions
 from batchrun.sandbox import Faults, Sandbox
-from batchrun.scheduler import RunOptions
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40  # ~10 KB, distinct from the sample
 

@@ -12,8 +12,8 @@ from helpers import results, run
 from test_preflight import host, image, tls_contexts  # noqa: F401 - `host` is a fixture
 
 from batchrun.cli import main
+from batchrun.plan import RunOptions
 from batchrun.sandbox import Sandbox
-from batchrun.scheduler import RunOptions
 
 
 def _manifest(tmp_path, jobs_list, **settings) -> object:

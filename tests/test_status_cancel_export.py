@@ -138,7 +138,7 @@ async def test_a_request_id_the_server_no_longer_knows_fails_the_job_clearly(tmp
         assert "no longer knows request" in row["error"]["message"]
         assert forgetful.calls["status"] == 1 and forgetful.posts_total == 0
 
-        from batchrun.scheduler import RunOptions
+        from batchrun.plan import RunOptions
 
         again, _ = await run(manifest, forgetful, options=RunOptions(retry_failed=True))
         assert again.exit_code == 0
