@@ -1,4 +1,4 @@
-"""The asyncio heart of a run: decide what each job needs, then submit, poll and collect under caps.
+"""The asyncio heart of a run: submit, poll and collect the jobs a `plan.Plan` names, under caps.
 
 Invariants:
 - at most `concurrency` jobs are in flight remotely (a slot is taken before a submit or a resumed
