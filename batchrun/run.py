@@ -37,6 +37,7 @@ from batchrun.scheduler import Scheduler
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"
 RUN_LOG_MAX_BYTES = 10 * 1024 * 1024
+AUTO_REPORT_MAX_JOBS = 10_000
 SANDBOX_TOKEN = "sandbox-token"
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -114,10 +115,15 @@ def _open_run_log(output_dir: Path) -> _RunLogHandler:
     return handler
 
 
-def _refresh_report(output_dir: Path) -> None:
+def _refresh_report(output_dir: Path, jobs_in_ledger: int) -> None:
     """report.html follows every run; a failure here must not change what the run achieved."""
     from batchrun.report import write_report
 
+    if jobs_in_ledger > AUTO_REPORT_MAX_JOBS:
+        # A gallery of that many cards takes longer to write than a nightly run should spend on it.
+        log.info("report.html not refreshed for %d jobs (over %d): run 'batchrun report' to write it",
+                 jobs_in_ledger, AUTO_REPORT_MAX_JOBS)
+        return
     try:
         write_report(output_dir)
     except Exception as exc:  # noqa: BLE001 - the report is a convenience, the ledger is the record
@@ -330,7 +336,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             if display:
                 display.close()
     write_results(ledger, manifest.output_dir)
-    _refresh_report(manifest.output_dir)
+    _refresh_report(manifest.output_dir, sum(ledger.counts().values()))
     exit_code = _exit_code(manifest, ledger, scheduler)
     if plan.refused and exit_code == EXIT_OK:
         exit_code = EXIT_NOT_DONE
