@@ -140,6 +140,10 @@ def _row(record: sqlite3.Row, outputs: tuple[Output, ...]) -> JobRow:
     return JobRow(**data, outputs=outputs)
 
 
+class LedgerWriteError(LedgerError):
+    """A ledger write failed (disk full, I/O error): the run cannot record what happens, so it stops."""
+
+
 class Ledger:
     """Open with `Ledger.open(output_dir)`; every method commits before it returns."""
 
@@ -210,19 +214,35 @@ class Ledger:
 
     @contextmanager
     def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
-        if durable:
-            self.conn.execute("PRAGMA synchronous=FULL")
+        """One write transaction. A write SQLite cannot make (disk full, I/O error) is rolled back and
+        raised as `LedgerWriteError`: the ledger keeps its last committed state."""
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
-        finally:
             if durable:
-                self.conn.execute("PRAGMA synchronous=NORMAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    self._rollback()
+                    raise
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error:
+                    self._rollback()
+                    raise
+            finally:
+                if durable:
+                    self.conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError as exc:
+            raise LedgerWriteError(f"cannot write the ledger {self.path}: {exc}") from None
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite already rolled it back
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRow | None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from batchrun import schema
 from batchrun.api import Client, make_limiter
-from batchrun.errors import UsageError
+from batchrun.errors import LedgerError, UsageError
 from batchrun.ledger import Ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
@@ -70,11 +70,19 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
 
     FLUSH_SECONDS = 0.5
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, stream: TextIO):
         super().__init__(path, maxBytes=RUN_LOG_MAX_BYTES, backupCount=2, encoding="utf-8")
         self._flushed = time.monotonic()
         self._urgent = False
         self._size = path.stat().st_size if path.exists() else 0
+        self._console = stream
+        self._broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        # A full disk must not turn every later log line into a traceback: say it once, then drop lines.
+        if not self._broken:
+            self._broken = True
+            tqdm.write(f"batchrun: cannot write {RUN_LOG} any more: {sys.exc_info()[1]}", file=self._console)
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
         # Counted here rather than by seeking to the end of the file for every line, as the base class does.
@@ -85,6 +93,8 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._broken:
+            return
         self._urgent = record.levelno >= logging.WARNING
         super().emit(record)
 
@@ -95,11 +105,17 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
 
     def force_flush(self) -> None:
         self._flushed = time.monotonic()
-        super().flush()
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(None)
 
     def close(self) -> None:
         self.force_flush()
-        super().close()
+        try:
+            super().close()
+        except OSError:
+            self.handleError(None)
 
 
 async def _flush_periodically(handler: _RunLogHandler) -> None:
@@ -108,8 +124,8 @@ async def _flush_periodically(handler: _RunLogHandler) -> None:
         handler.force_flush()
 
 
-def _open_run_log(output_dir: Path) -> _RunLogHandler:
-    handler = _RunLogHandler(output_dir / RUN_LOG)
+def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
+    handler = _RunLogHandler(output_dir / RUN_LOG, stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     handler.setLevel(logging.INFO)
     return handler
@@ -275,7 +291,7 @@ async def run_manifest(
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
         ledger = Ledger.open(output_dir)
-        handler = _open_run_log(output_dir)
+        handler = _open_run_log(output_dir, stream)
         console = _ConsoleHandler(stream)
         log.addHandler(handler)
         log.addHandler(console)
@@ -335,7 +351,10 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                 refresher.cancel()
             if display:
                 display.close()
-    write_results(ledger, manifest.output_dir)
+    try:
+        write_results(ledger, manifest.output_dir)
+    except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
+        log.warning("could not rewrite results.jsonl: %s", exc)
     _refresh_report(manifest.output_dir, sum(ledger.counts().values()))
     exit_code = _exit_code(manifest, ledger, scheduler)
     if plan.refused and exit_code == EXIT_OK:
@@ -344,6 +363,10 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     for line in lines:
         log.info("%s", line)
     counts_now = dict(Counter(ledger.state_of(job.id) for job in manifest.jobs))
-    ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": scheduler.committed_usd,
-                                          "stop_reason": scheduler.stop_reason, "calls": dict(scheduler.stats.calls)})
+    try:
+        ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": scheduler.committed_usd,
+                                              "stop_reason": scheduler.stop_reason,
+                                              "calls": dict(scheduler.stats.calls)})
+    except LedgerError as exc:
+        log.warning("could not record the end of this run: %s", exc)
     return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines)

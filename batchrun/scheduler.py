@@ -44,7 +44,7 @@ from batchrun.errors import (
     SubmitOutcomeUnknown,
     TransientApiError,
 )
-from batchrun.ledger import JobRow, Ledger, Output, utc_now
+from batchrun.ledger import JobRow, Ledger, LedgerWriteError, Output, utc_now
 from batchrun.localfiles import LocalFileError
 from batchrun.manifest import Job, Manifest
 from batchrun.plan import Plan, RunOptions
@@ -186,9 +186,22 @@ class Scheduler:
     def abort(self) -> None:
         """Leave now: every task is cancelled; the ledger already holds what each job reached."""
         self.stop_submitting("interrupted")
+        self._cancel_all()
+
+    def _halt(self, reason: str, message: str) -> None:
+        """Stop the whole run because it can no longer record or store what happens (disk full)."""
+        if self.fatal_error is None:
+            self.fatal_error = message
+            log.error("stopping: %s", message)
+        self.stop_submitting(reason)
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
         self.aborted = True  # and no new task starts, not even for a job resumed from the ledger
+        current = asyncio.current_task()
         for task in list(self._tasks):
-            task.cancel()
+            if task is not current:
+                task.cancel()
 
     # -- the run ---------------------------------------------------------------------------------
     async def run(self, plan: Plan) -> None:
@@ -254,6 +267,8 @@ class Scheduler:
                 await self._collect(job, request_id, result)
         except asyncio.CancelledError:
             raise
+        except LedgerWriteError as exc:
+            self._halt("disk_full", f"{exc}; every job keeps the state last recorded")
         except Exception as exc:  # no task may die silently: record it on the job and go on
             log.exception("%s: unexpected error", job.id)
             self._record_error(job.id, "internal", f"{type(exc).__name__}: {exc}")
@@ -325,7 +340,13 @@ class Scheduler:
                 log.warning("%s: failed: %s", job.id, exc)
                 return None
             crashpoint("after_post")
-            self.ledger.mark_submitted(job.id, submitted.request_id)
+            try:
+                self.ledger.mark_submitted(job.id, submitted.request_id)
+            except LedgerWriteError:
+                # The job exists and is paid for: say its request id where a person can see it.
+                log.error("%s: accepted as request %s, but the ledger could not record it", job.id,
+                          submitted.request_id)
+                raise
             self.stats.submitted += 1
             log.info("%s: submitted as %s", job.id, submitted.request_id)
             self.on_change()
@@ -509,9 +530,7 @@ class Scheduler:
                     self.ledger.set_state(job.id, "downloading", output_urls=urls)
                 continue
             except DiskFull as exc:
-                self.fatal_error = f"disk full while downloading {job.id}: {exc}"
-                self.stop_submitting("disk_full")
-                self._record_error(job.id, exc.kind, str(exc))
+                self._halt("disk_full", f"disk full while downloading {job.id}: {exc}")
                 return None
             except DownloadError as exc:
                 self._record_error(job.id, exc.kind, f"{exc}; the next run tries the download again")
