@@ -32,7 +32,6 @@ LEDGER_NAME = "ledger.sqlite"
 
 STATES = ("pending", "submitting", "unknown", "queued", "running", "downloading", "done", "failed", "cancelled")
 IN_FLIGHT = ("queued", "running")  # accepted remotely, not finished
-HAS_REQUEST = ("queued", "running", "downloading")
 
 MIGRATIONS: list[str] = [
     # 1: the first schema

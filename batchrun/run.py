@@ -366,7 +366,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     try:
         ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": scheduler.committed_usd,
                                               "stop_reason": scheduler.stop_reason,
-                                              "calls": dict(scheduler.stats.calls)})
+                                              "calls": dict(scheduler.calls)})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
     return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines)

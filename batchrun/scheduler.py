@@ -22,7 +22,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -123,14 +122,6 @@ class _IntentBatch:
                 done.set_result(None)
 
 
-@dataclass
-class RunStats:
-    submitted: int = 0
-    done: int = 0
-    failed: int = 0
-    calls: Counter = field(default_factory=Counter)
-
-
 class Scheduler:
     """Runs a `Plan` to completion (or until stopped). Create one per run."""
 
@@ -160,12 +151,11 @@ class Scheduler:
         self.policy = retry_policy or RetryPolicy(max_attempts=self.settings.max_attempts)
         self.on_change = on_change or (lambda: None)
         self.planner = PollPlanner(self.settings.poll_min_interval, self.settings.poll_max_interval)
-        self.stats = RunStats()
+        self.calls: Counter[str] = Counter()  # API and download calls made, for the run's record
         # Why submitting stopped, if it did: "interrupted", "auth", "budget", "deadline", "disk_full".
         self.stop_reason: str | None = None
         self.auth_error: str | None = None
         self.fatal_error: str | None = None
-        self.timed_out: set[str] = set()
         self.aborted = False
         self.interrupted = False
         self._slots = asyncio.Semaphore(self.settings.concurrency)
@@ -285,7 +275,6 @@ class Scheduler:
             payload = await asyncio.to_thread(job.api_input) if job.local_files else job.api_input()
         except LocalFileError as exc:
             self.ledger.set_state(job.id, "failed", error=("local_file", f"{exc}; nothing was sent"))
-            self.stats.failed += 1
             log.warning("%s: failed: %s", job.id, exc)
             return None
         estimate = self.manifest.estimate_cost(job)
@@ -305,7 +294,7 @@ class Scheduler:
                 return None
             await self._intents.commit(job.id)
             crashpoint("after_intent")
-            self.stats.calls["submit"] += 1
+            self.calls["submit"] += 1
             try:
                 submitted = await self.client.submit(self.manifest.model.model_id, payload)
             except SubmitOutcomeUnknown as exc:
@@ -336,7 +325,6 @@ class Scheduler:
                 self.ledger.mark_not_sent(job.id, exc.kind, str(exc), reached_server=True)
                 self.ledger.set_state(job.id, "failed", error=(exc.kind, str(exc)))
                 self.committed_usd -= estimate
-                self.stats.failed += 1
                 log.warning("%s: failed: %s", job.id, exc)
                 return None
             crashpoint("after_post")
@@ -347,7 +335,6 @@ class Scheduler:
                 log.error("%s: accepted as request %s, but the ledger could not record it", job.id,
                           submitted.request_id)
                 raise
-            self.stats.submitted += 1
             log.info("%s: submitted as %s", job.id, submitted.request_id)
             self.on_change()
             return submitted.request_id
@@ -361,7 +348,7 @@ class Scheduler:
     # -- poll --------------------------------------------------------------------------------------
     async def _api(self, kind: str, call: Callable[[], Awaitable[Any]]) -> Any:
         async def counted():
-            self.stats.calls[kind] += 1
+            self.calls[kind] += 1
             return await call()
 
         return await with_retries(counted, policy=self.policy, sleep=self.sleep, rand=self.rand)
@@ -422,7 +409,6 @@ class Scheduler:
         if self.ledger.cost_of(job.id) is None:
             self.committed_usd -= self.manifest.estimate_cost(job)  # no longer counted: see Ledger.spent_usd
         self.ledger.set_state(job.id, "failed", error=("not_found", message))
-        self.stats.failed += 1
         log.warning("%s: failed: %s", job.id, message)
 
     async def _timed_out(self, job: Job, request_id: str, state: str) -> None:
@@ -439,7 +425,6 @@ class Scheduler:
                 self.committed_usd -= self.manifest.estimate_cost(job)
                 log.warning("%s: cancelled: still queued after %g min", job.id, minutes)
                 return None
-        self.timed_out.add(job.id)
         self.ledger.set_state(job.id, state, error=("timeout", f"not finished after {minutes:g} min; request "
                                                     f"{request_id} is kept and the next run collects it"))
         log.warning("%s: timed out after %g min; left for the next run", job.id, minutes)
@@ -472,7 +457,6 @@ class Scheduler:
             message = result.error or "the job finished without any output"
             self.ledger.set_state(job.id, "failed", error=("remote", message), cost_usd=result.cost_usd, **finished)
             self.committed_usd += (result.cost_usd or 0.0) - held
-            self.stats.failed += 1
             log.warning("%s: failed remotely: %s", job.id, message)
             return
         cost = result.cost_usd if result.cost_usd is not None else self.manifest.estimate_cost(job)
@@ -485,7 +469,6 @@ class Scheduler:
             if outputs is not None:
                 self.ledger.mark_done(job.id, outputs)
                 await asyncio.to_thread(write_provenance, self.manifest.output_dir, self.ledger.get(job.id))
-                self.stats.done += 1
                 log.info("%s: done", job.id)
 
     def _output_name(self, job: Job, index: int, url: str) -> str:
@@ -541,5 +524,5 @@ class Scheduler:
         return outputs
 
     async def _count_download(self, url: str, dest: Path, max_bytes: int):
-        self.stats.calls["download"] += 1
+        self.calls["download"] += 1
         return await dl.download(self.session, url, dest, max_bytes=max_bytes)

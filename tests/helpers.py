@@ -12,12 +12,15 @@ import hashlib
 import io
 import json
 import sqlite3
+import textwrap
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from batchrun.errors import ManifestError
 from batchrun.manifest import load_manifest
 from batchrun.plan import RunOptions
 from batchrun.run import RunOutcome, run_manifest
@@ -157,3 +160,18 @@ def assert_spend_consistent(outcome: RunOutcome, output_dir: Path) -> None:
     """The spend a run reports is what results.jsonl adds up to (and what the next run starts from)."""
     total = sum(row["cost_usd"] or 0.0 for row in results(output_dir).values())
     assert abs(outcome.spent_usd - total) < 1e-6, (outcome.spent_usd, total)
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
+    """A manifest written from indented test text."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def manifest_problems(tmp_path: Path, text: str) -> list[str]:
+    """Every problem the manifest has, as 'LINE:COL: where: message'."""
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    return [str(p).removeprefix(f"{path}:") for p in info.value.problems]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import textwrap
 
 import pytest
+from helpers import manifest_problems as problems
+from helpers import write_yaml as write
 
-from batchrun.errors import ManifestError
 from batchrun.manifest import load_manifest
 from batchrun.models import DEFAULT_MODEL
 from batchrun.settings import Settings
@@ -15,18 +15,6 @@ from batchrun.settings import Settings
 URL = "https://example.com/a.png"
 
 
-def write(tmp_path, text: str, name: str = "m.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
-
-
-def problems(tmp_path, text: str) -> list[str]:
-    """Every problem the manifest has, as 'LINE:COL: where: message'."""
-    path = write(tmp_path, text)
-    with pytest.raises(ManifestError) as info:
-        load_manifest(path)
-    return [str(p).removeprefix(f"{path}:") for p in info.value.problems]
 
 
 def jobs_text(*ids: str) -> str:

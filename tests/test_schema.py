@@ -6,14 +6,14 @@ Job-level cases go through `load_manifest` so the exact `LINE:COL: where: messag
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import jsonschema
 import pytest
+from helpers import manifest_problems as problems
+from helpers import write_yaml as write
 
 from batchrun import schema
-from batchrun.errors import ManifestError
 from batchrun.manifest import load_manifest
 from batchrun.models import DEFAULT_MODEL, UnknownModel, all_models, get_model
 
@@ -23,17 +23,6 @@ URL = "https://example.com/a.png"
 J = "jobs[0] (id=a)"
 
 
-def write(tmp_path, text: str):
-    path = tmp_path / "m.yaml"
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
-
-
-def problems(tmp_path, text: str) -> list[str]:
-    path = write(tmp_path, text)
-    with pytest.raises(ManifestError) as info:
-        load_manifest(path)
-    return [str(p).removeprefix(f"{path}:") for p in info.value.problems]
 
 
 def warnings(tmp_path, text: str) -> list[str]:

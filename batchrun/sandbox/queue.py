@@ -44,10 +44,6 @@ class Job:
     urls_minted: int = 0
     ticket: int = field(default=-1, repr=False)
 
-    @property
-    def ends_at(self) -> float | None:
-        return None if self.started_at is None else self.started_at + self.render_seconds
-
 
 class SimQueue:
     """``capacity`` render slots in front of a FIFO queue.
