@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from batchrun.errors import OutputDirLocked, UsageError
 
 LOCK_NAME = "run.lock"
+
+
+_PID_WIDTH = 20
+
+
+def _read_holder(fd: int, wait: float = 1.0, step: float = 0.01) -> int | None:
+    """The holder's PID. A run that won the lock a moment ago may not have written it yet, so wait a little."""
+    deadline = time.monotonic() + wait
+    while True:
+        text = os.pread(fd, _PID_WIDTH + 1, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return int(text)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(step)
 
 
 class OutputDirLock:
@@ -28,11 +44,11 @@ class OutputDirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            holder = _read_holder(fd)
             os.close(fd)
-            raise OutputDirLocked(str(self.path.parent), int(holder) if holder.isdigit() else None) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            raise OutputDirLocked(str(self.path.parent), holder) from None
+        # Fixed width, written in place: the file is never empty or half-written for a racing reader.
+        os.pwrite(fd, f"{os.getpid():<{_PID_WIDTH}}\n".encode(), 0)
         self._fd = fd
         return self
 

@@ -12,6 +12,8 @@ import pytest
 from helpers import jobs, run, write_manifest
 
 from batchrun.cli import main
+from batchrun.errors import OutputDirLocked
+from batchrun.lock import OutputDirLock
 from batchrun.run import RUN_LOG_MAX_BYTES
 from batchrun.sandbox import Sandbox
 
@@ -88,6 +90,34 @@ def test_two_runs_started_together_one_waits_out_with_75(tmp_path):
         server.wait(timeout=10)
     assert [code for code, _ in outcomes] == [0, 75]
     assert "is in use by process" in outcomes[1][1]
+
+
+def test_the_holder_is_named_even_when_it_has_locked_but_not_yet_written_its_pid(tmp_path):
+    """The race CI once lost: the loser looked at run.lock in the instant between the winner's flock and its write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(0.3)\n"
+         "os.pwrite(fd, str(os.getpid()).encode(), 0)\n"
+         "time.sleep(30)\n",
+         str(out / "run.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirLocked) as caught:
+            OutputDirLock(out).acquire()
+        assert caught.value.pid == holder.pid
+        assert f"is in use by process {holder.pid}" in str(caught.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputDirLock(out):  # the killed holder's lock is gone with it
+        pass
 
 
 async def test_run_log_is_rotated_instead_of_growing_forever(tmp_path):
