@@ -41,6 +41,10 @@ class PollPlanner:
     def known(self) -> int:
         return len(self._durations)
 
+    def likely_done(self, age: float) -> bool:
+        """Whether a job this old has probably finished: past the early edge of the learned durations."""
+        return bool(self._durations) and age >= _quantile(sorted(self._durations), 0.1)
+
     def next_delay(self, age: float, polls: int) -> float:
         """Seconds to wait before polling a job that is `age` seconds old and was polled `polls` times."""
         if not self._durations:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from batchrun import download as dl
-from batchrun.api import Client, Result
+from batchrun.api import Client, Result, Status
 from batchrun.crashpoints import crashpoint
 from batchrun.errors import (
     ApiError,
@@ -151,6 +151,7 @@ class Scheduler:
         self.policy = retry_policy or RetryPolicy(max_attempts=self.settings.max_attempts)
         self.on_change = on_change or (lambda: None)
         self.planner = PollPlanner(self.settings.poll_min_interval, self.settings.poll_max_interval)
+        self._result_polls = True  # cleared if the API refuses result calls for unfinished jobs
         self.calls: Counter[str] = Counter()  # API and download calls made, for the run's record
         # Why submitting stopped, if it did: "interrupted", "auth", "budget", "deadline", "disk_full".
         self.stop_reason: str | None = None
@@ -369,7 +370,7 @@ class Scheduler:
             if left is not None:
                 delay = min(delay, left)
             await self.sleep(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay))
-            status = await self._remote(job, request_id, "status", lambda: self.client.status(request_id))
+            status = await self._poll(job, request_id, self.clock() - submitted)
             if status is None:
                 return None
             polls += 1
@@ -381,21 +382,41 @@ class Scheduler:
                     self.on_change()
                 state, last_running_age = status.state, age
                 continue
-            result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id))
-            if result is None:
-                return None
-            if result.state in ("queued", "running"):  # status and result disagree: keep polling
-                continue
+            if isinstance(status, Result):
+                result = status
+            else:
+                result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id))
+                if result is None:
+                    return None
+                if result.state in ("queued", "running"):  # status and result disagree: keep polling
+                    continue
             duration = _server_duration(result)
             self.planner.observe(duration if duration is not None else (last_running_age + age) / 2)
             return result
 
-    async def _remote(self, job: Job, request_id: str, kind: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _poll(self, job: Job, request_id: str, age: float) -> Status | Result | None:
+        """Ask where a job stands. Once it has probably finished, ask with the result call: the API
+        answers it with the current status while the job is unfinished, and a finished job then costs
+        one call instead of status + result."""
+        if self._result_polls and self.planner.likely_done(age):
+            try:
+                return await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
+                                          raise_not_found=True)
+            except RequestNotFound:
+                # Not what the API documents, but a 404 here must not fail a paid job: status decides.
+                self._result_polls = False
+                log.info("the API refused a result call for a job that may be unfinished; polling with status")
+        return await self._remote(job, request_id, "status", lambda: self.client.status(request_id))
+
+    async def _remote(self, job: Job, request_id: str, kind: str, call: Callable[[], Awaitable[Any]], *,
+                      raise_not_found: bool = False) -> Any:
         """A status or result call, retried; after a final failure, records why on the job and returns None
         (the job keeps its state and request id, so a later run asks again)."""
         try:
             return await self._api(kind, call)
         except RequestNotFound as exc:
+            if raise_not_found:
+                raise
             self._remote_gone(job, request_id, exc)
         except AuthError as exc:
             self._auth_failed(exc)

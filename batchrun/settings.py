@@ -53,9 +53,9 @@ SETTINGS: tuple[Setting, ...] = (
             "would take done + in-flight + its estimate over it", 0, optional=True),
     Setting("requests_per_second", float, 5.0, "rate limit over all API calls of one run (0 = no limit)", 0,
             100000),
-    Setting("poll_min_interval", float, 1.0, "shortest wait between two status checks of one job, seconds",
+    Setting("poll_min_interval", float, 1.0, "shortest wait between two polls of one job, seconds",
             0.0, 3600),
-    Setting("poll_max_interval", float, 30.0, "longest wait between two status checks of one job, seconds",
+    Setting("poll_max_interval", float, 30.0, "longest wait between two polls of one job, seconds",
             0.0, 3600),
     Setting("job_timeout", float, 1800.0, "seconds after submission before a job is given up on: cancelled "
             "if still queued, otherwise left for a later run to collect", 1, 7 * 86400),

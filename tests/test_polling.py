@@ -67,3 +67,12 @@ def test_negative_durations_are_ignored_and_the_window_is_bounded():
 def test_a_job_polled_for_days_without_history_does_not_overflow():
     planner = PollPlanner(min_interval=1.0, max_interval=30.0)
     assert planner.next_delay(age=7 * 86400.0, polls=20_000) == 30.0
+
+
+def test_a_job_is_likely_done_from_the_early_edge_of_learned_durations():
+    planner = PollPlanner(min_interval=0.1, max_interval=30.0)
+    assert not planner.likely_done(age=1000.0)  # nothing learned: no guess
+    for duration in (8.0, 9.0, 10.0, 11.0, 12.0):
+        planner.observe(duration)
+    assert not planner.likely_done(age=7.9)
+    assert planner.likely_done(age=8.0)

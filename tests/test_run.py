@@ -182,13 +182,47 @@ async def test_server_errors_are_retried(tmp_path):
 async def test_http_200_error_bodies_are_retried(tmp_path):
     manifest = write_manifest(tmp_path, jobs(8))
     clock = FakeClock()
-    async with Sandbox(video_bytes=VIDEO, faults=Faults(http200_error_rate=0.3), clock=clock, seed=5) as sandbox:
+    async with Sandbox(video_bytes=VIDEO, faults=Faults(http200_error_rate=0.5), clock=clock, seed=5) as sandbox:
         outcome, said = await run(manifest, sandbox, clock=clock)
         assert outcome.exit_code == 0, said
         for row in results(tmp_path / "out").values():
             assert_done(tmp_path / "out", row, VIDEO)
         assert sandbox.jobs_created == 8
-        assert sandbox.calls["status"] + sandbox.calls["result"] > 8 * 2
+        assert sandbox.faults_served["http200_error"] >= 2
+
+
+async def test_once_durations_are_learned_a_finished_job_costs_one_poll(tmp_path):
+    """Jobs of a steady 10 s: after the first, each is asked once, with the result call, when it is due."""
+    manifest = write_manifest(tmp_path, jobs(6), concurrency=1, poll_min_interval=1, poll_max_interval=30)
+    clock = FakeClock()
+    async with Sandbox(render_seconds=10, video_bytes=VIDEO, clock=clock) as sandbox:
+        outcome, said = await run(manifest, sandbox, clock=clock)
+        assert outcome.exit_code == 0, said
+        for row in results(tmp_path / "out").values():
+            assert_done(tmp_path / "out", row, VIDEO)
+        # The first job, with nothing learned yet, is probed at 1, 1.5, 2.25, 3.4 and 5.1 s (13.2 s in
+        # all) and then fetched; every later job is asked once, with the result call, at 10 s.
+        assert sandbox.calls["status"] == 5
+        assert sandbox.calls["result"] == 6
+
+
+async def test_an_api_refusing_result_for_unfinished_jobs_falls_back_to_status(tmp_path):
+    """The docs say result answers the current status while a job runs. If an API answers 404 instead,
+    no paid job may be failed for it: the run goes back to status polls and collects everything."""
+    manifest = write_manifest(tmp_path, jobs(8), concurrency=2, poll_min_interval=0.5)
+    clock = FakeClock()
+    renders = iter([10, 10, 10, 10, 30, 30, 30, 30])
+    faults = Faults(result_404_until_finished=True)
+    async with Sandbox(render_seconds=lambda _rng: next(renders), video_bytes=VIDEO, clock=clock,
+                       faults=faults) as sandbox:
+        outcome, said = await run(manifest, sandbox, clock=clock)
+        assert outcome.exit_code == 0, said
+        rows = results(tmp_path / "out")
+        for row in rows.values():
+            assert_done(tmp_path / "out", row, VIDEO)
+            assert row["submissions"] == 1
+        assert sandbox.faults_served["result_404"] >= 1
+        assert sandbox.posts_total == sandbox.jobs_created == 8
 
 
 async def test_cut_downloads_resume_and_expired_urls_are_refreshed_without_resubmitting(tmp_path):

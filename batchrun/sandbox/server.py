@@ -60,6 +60,7 @@ class Faults:
     lose_submit_answer: int = 0  # the first N created jobs get a 502 non-JSON answer instead
     no_balance_after: int | None = None  # after N created jobs, submits answer 402 / 400002
     odd_statuses: bool = False  # in-progress jobs report `starting` then `processing`
+    result_404_until_finished: bool = False  # unlike the docs, result answers 404 for an unfinished job
 
 
 def _sample_video() -> bytes:
@@ -108,6 +109,7 @@ class Sandbox:
         self.jobs: dict[str, Job] = {}
         self.jobs_by_input: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+        self.faults_served: Counter[str] = Counter()  # status/result answers replaced by a fault, by kind
         self._api_calls = 0
         self._answers_lost = 0
 
@@ -229,10 +231,12 @@ class Sandbox:
 
     def _server_fault(self, with_http200: bool) -> web.Response | None:
         if self._roll("5xx", self.faults.error_5xx_rate):
+            self.faults_served["5xx"] += 1
             if self._rngs["5xx"].random() < 0.5:
                 return _error(500, 500001, "internal error")
             return _error(503, 500001, "service unavailable")
         if with_http200 and self._roll("200err", self.faults.http200_error_rate):
+            self.faults_served["http200_error"] += 1
             return _error(200, 500001, "internal error")
         return None
 
@@ -334,6 +338,9 @@ class Sandbox:
         if fault:
             return fault
         if job.status not in FINISHED:
+            if self.faults.result_404_until_finished:
+                self.faults_served["result_404"] += 1
+                return _error(404, 404, "result not ready")
             return web.json_response(self._status_body(request, job, now))
         body: dict[str, Any] = {
             "request_id": job.request_id,
