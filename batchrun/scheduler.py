@@ -401,27 +401,31 @@ class Scheduler:
         if self._result_polls and self.planner.likely_done(age):
             try:
                 return await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
-                                          raise_not_found=True)
-            except RequestNotFound:
-                # Not what the API documents, but a 404 here must not fail a paid job: status decides.
+                                          raise_refusal=True)
+            except ApiError as exc:
+                # Not what the API documents, but such an answer must not fail or strand a paid job:
+                # the status call decides, for this job and every later one.
                 self._result_polls = False
-                log.info("the API refused a result call for a job that may be unfinished; polling with status")
+                log.info("the API refused a result call for a job that may be unfinished (%s); polling with "
+                         "status from now on", exc)
         return await self._remote(job, request_id, "status", lambda: self.client.status(request_id))
 
     async def _remote(self, job: Job, request_id: str, kind: str, call: Callable[[], Awaitable[Any]], *,
-                      raise_not_found: bool = False) -> Any:
+                      raise_refusal: bool = False) -> Any:
         """A status or result call, retried; after a final failure, records why on the job and returns None
-        (the job keeps its state and request id, so a later run asks again)."""
+        (the job keeps its state and request id, so a later run asks again). With `raise_refusal`, an
+        answer refusing the call (not a transient or auth error) is raised instead of recorded."""
         try:
             return await self._api(kind, call)
-        except RequestNotFound as exc:
-            if raise_not_found:
-                raise
-            self._remote_gone(job, request_id, exc)
         except AuthError as exc:
             self._auth_failed(exc)
         except ApiError as exc:
-            self._record_error(job.id, exc.kind, f"the {kind} call failed: {exc}; the next run asks again")
+            if raise_refusal and not isinstance(exc, TransientApiError):
+                raise
+            if isinstance(exc, RequestNotFound):
+                self._remote_gone(job, request_id, exc)
+            else:
+                self._record_error(job.id, exc.kind, f"the {kind} call failed: {exc}; the next run asks again")
         return None
 
     def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:

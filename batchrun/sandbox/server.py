@@ -60,7 +60,8 @@ class Faults:
     lose_submit_answer: int = 0  # the first N created jobs get a 502 non-JSON answer instead
     no_balance_after: int | None = None  # after N created jobs, submits answer 402 / 400002
     odd_statuses: bool = False  # in-progress jobs report `starting` then `processing`
-    result_404_until_finished: bool = False  # unlike the docs, result answers 404 for an unfinished job
+    result_refused_until_finished: int | None = None  # unlike the docs, result answers this HTTP status
+    # (e.g. 404 or 409) for an unfinished job instead of its current status
 
 
 def _sample_video() -> bytes:
@@ -338,9 +339,10 @@ class Sandbox:
         if fault:
             return fault
         if job.status not in FINISHED:
-            if self.faults.result_404_until_finished:
-                self.faults_served["result_404"] += 1
-                return _error(404, 404, "result not ready")
+            refusal = self.faults.result_refused_until_finished
+            if refusal:
+                self.faults_served["result_refused"] += 1
+                return _error(refusal, refusal, "result not ready")
             return web.json_response(self._status_body(request, job, now))
         body: dict[str, Any] = {
             "request_id": job.request_id,
