@@ -278,19 +278,23 @@ class _Part:
         self.sha = hashlib.sha256()
 
     async def commit(self, dest: Path) -> Downloaded:
-        """Make the bytes durable, then give them their final name."""
+        """Make the bytes durable, then give them their final name, durably too."""
         try:
-            await _with_fd_in_thread(self.fd, os.fsync)
-            held, named = os.fstat(self.fd), os.lstat(self.path)
-            if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
-                raise DownloadError(f"{self.path} was replaced by something else during the download")
-            _check_dest(dest)
-            os.replace(self.path, dest)
+            # One trip to a worker thread for the fsyncs and the rename: each trip costs GIL hand-offs.
+            await _with_fd_in_thread(self.fd, self._sync_and_rename, dest)
         except OSError as exc:
             raise self._storage_error(exc, "finish") from exc
         self.close()
-        await asyncio.to_thread(_fsync_dir, dest.parent)
         return Downloaded(dest, self.size, self.sha.hexdigest())
+
+    def _sync_and_rename(self, fd: int, dest: Path) -> None:
+        os.fsync(fd)
+        held, named = os.fstat(fd), os.lstat(self.path)
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            raise DownloadError(f"{self.path} was replaced by something else during the download")
+        _check_dest(dest)
+        os.replace(self.path, dest)
+        _fsync_dir(dest.parent)
 
     def discard(self) -> None:
         self.close()
