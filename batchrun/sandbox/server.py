@@ -78,7 +78,7 @@ class Sandbox:
     ``render_seconds`` is a float or a callable ``(rng) -> float`` giving each job's render time;
     ``clock`` drives the simulation (tests pass a fake clock and advance it). Counters for tests:
     ``posts_total``, ``posts_by_input`` / ``posts_for()``, ``jobs_created``, ``jobs``,
-    ``jobs_by_input`` / ``jobs_for()``, ``peak_in_flight``, ``calls``.
+    ``jobs_by_input`` / ``jobs_for()``, ``peak_in_flight``, ``calls``, ``faults_served``.
     """
 
     def __init__(
