@@ -19,16 +19,29 @@ LOCK_NAME = "run.lock"
 _PID_WIDTH = 20
 
 
-def _read_holder(fd: int, wait: float = 1.0, step: float = 0.01) -> int | None:
-    """The holder's PID. A run that won the lock a moment ago may not have written it yet, so wait a little."""
+def _read_holder(fd: int, wait: float = 2.0, step: float = 0.01) -> int | None:
+    """The holder's PID. A run that won the lock a moment ago may not have written it yet (the file is
+    empty, or still names an earlier run that has exited), so wait a little for a live one."""
     deadline = time.monotonic() + wait
     while True:
         text = os.pread(fd, _PID_WIDTH + 1, 0).decode("ascii", "replace").strip()
-        if text.isdigit():
+        if text.isdigit() and pid_alive(int(text)):
             return int(text)
         if time.monotonic() >= deadline:
             return None
         time.sleep(step)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    except (OverflowError, ValueError):
+        return False
+    return pid > 0
 
 
 class OutputDirLock:

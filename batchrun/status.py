@@ -6,14 +6,13 @@ Opens the ledger read-only, so it is safe while a run is writing (SQLite WAL rea
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from batchrun.ledger import STATES, JobRow, Ledger
-from batchrun.lock import LOCK_NAME
+from batchrun.lock import LOCK_NAME, pid_alive
 from batchrun.manifest import Manifest
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
@@ -34,11 +33,9 @@ def _running_pid(output_dir: Path) -> int | None:
     """The PID written in run.lock, if that process is still alive (a hint for people, not a lock check)."""
     try:
         text = (output_dir / LOCK_NAME).read_text().strip()
-        pid = int(text)
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+    except (OSError, UnicodeDecodeError):
         return None
-    return pid
+    return int(text) if text.isdigit() and pid_alive(int(text)) else None
 
 
 def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:

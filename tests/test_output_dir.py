@@ -92,18 +92,21 @@ def test_two_runs_started_together_one_waits_out_with_75(tmp_path):
     assert "is in use by process" in outcomes[1][1]
 
 
-def test_the_holder_is_named_even_when_it_has_locked_but_not_yet_written_its_pid(tmp_path):
-    """The race CI once lost: the loser looked at run.lock in the instant between the winner's flock and its write."""
+@pytest.mark.parametrize("left_by_earlier_run", ["", "4194999\n"])
+def test_the_holder_is_named_even_when_it_has_locked_but_not_yet_written_its_pid(tmp_path, left_by_earlier_run):
+    """The race CI once lost: the loser read run.lock between the winner's flock and its write, when the
+    file was empty (a first run) or still named an earlier run's process, long gone."""
     out = tmp_path / "out"
     out.mkdir()
+    (out / "run.lock").write_text(left_by_earlier_run)
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import fcntl, os, sys, time\n"
          "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
          "fcntl.flock(fd, fcntl.LOCK_EX)\n"
          "print('locked', flush=True)\n"
-         "time.sleep(0.3)\n"
-         "os.pwrite(fd, str(os.getpid()).encode(), 0)\n"
+         "time.sleep(0.2)\n"
+         "os.pwrite(fd, f'{os.getpid():<20}\\n'.encode(), 0)\n"
          "time.sleep(30)\n",
          str(out / "run.lock")],
         stdout=subprocess.PIPE, text=True)
