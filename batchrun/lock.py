@@ -24,24 +24,24 @@ def _read_holder(fd: int, wait: float = 2.0, step: float = 0.01) -> int | None:
     empty, or still names an earlier run that has exited), so wait a little for a live one."""
     deadline = time.monotonic() + wait
     while True:
-        text = os.pread(fd, _PID_WIDTH + 1, 0).decode("ascii", "replace").strip()
-        if text.isdigit() and pid_alive(int(text)):
-            return int(text)
-        if time.monotonic() >= deadline:
-            return None
+        pid = live_pid(os.pread(fd, _PID_WIDTH + 1, 0).decode("ascii", "replace"))
+        if pid is not None or time.monotonic() >= deadline:
+            return pid
         time.sleep(step)
 
 
-def pid_alive(pid: int) -> bool:
+def live_pid(text: str) -> int | None:
+    """The PID a run.lock's text names, if that process is alive."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+        os.kill(int(text), 0)
     except PermissionError:
-        return True  # someone else's process: alive
-    except (OverflowError, ValueError):
-        return False
-    return pid > 0
+        pass  # someone else's process: alive
+    except (ProcessLookupError, OverflowError):
+        return None
+    return int(text)
 
 
 class OutputDirLock:

@@ -370,20 +370,20 @@ class Scheduler:
             if left is not None:
                 delay = min(delay, left)
             await self.sleep(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay))
-            status = await self._poll(job, request_id, self.clock() - submitted)
-            if status is None:
+            answer = await self._poll(job, request_id, self.clock() - submitted)
+            if answer is None:
                 return None
             polls += 1
             age = self.clock() - submitted
-            if status.state in ("queued", "running"):
-                if status.state != state or polls == 1:
-                    self.ledger.record_remote(job.id, status.raw_status, status.state,
-                                              started=status.state == "running")
+            if answer.state in ("queued", "running"):
+                if answer.state != state or polls == 1:
+                    self.ledger.record_remote(job.id, answer.raw_status, answer.state,
+                                              started=answer.state == "running")
                     self.on_change()
-                state, last_running_age = status.state, age
+                state, last_running_age = answer.state, age
                 continue
-            if isinstance(status, Result):
-                result = status
+            if isinstance(answer, Result):
+                result = answer
             else:
                 result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id))
                 if result is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from batchrun.ledger import STATES, JobRow, Ledger
-from batchrun.lock import LOCK_NAME, pid_alive
+from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
@@ -32,10 +32,9 @@ class StatusReport:
 def _running_pid(output_dir: Path) -> int | None:
     """The PID written in run.lock, if that process is still alive (a hint for people, not a lock check)."""
     try:
-        text = (output_dir / LOCK_NAME).read_text().strip()
+        return live_pid((output_dir / LOCK_NAME).read_text())
     except (OSError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() and pid_alive(int(text)) else None
 
 
 def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:

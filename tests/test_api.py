@@ -88,12 +88,6 @@ async def server():
 
 
 @pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 def client(server, session):
     return Client(session, server.base_url, TOKEN, request_timeout=2.0)
 

@@ -177,12 +177,6 @@ async def server():
 
 
 @pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 def dest(tmp_path: Path) -> Path:
     return tmp_path / "out" / "job.mp4"
 

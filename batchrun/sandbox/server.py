@@ -110,7 +110,7 @@ class Sandbox:
         self.jobs: dict[str, Job] = {}
         self.jobs_by_input: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
-        self.faults_served: Counter[str] = Counter()  # status/result answers replaced by a fault, by kind
+        self.faults_served: Counter[str] = Counter()  # answers replaced by a fault, by kind
         self._api_calls = 0
         self._answers_lost = 0
 
