@@ -266,26 +266,55 @@ def _yaml_error_problem(exc: yaml.YAMLError, text: str, name: str) -> Problem:
     return Problem(name, line, column, "", message)
 
 
+def _build(text: str, loader) -> tuple[Any, Marks | Pos] | None:
+    """Build the single document of `text` with `loader`'s parser; None for an empty stream."""
+    events = iter(yaml.parse(text, Loader=loader))
+    builder = _Builder(events)
+    document = None
+    for event in events:
+        if isinstance(event, ev.DocumentStartEvent):
+            if document is not None:
+                raise _Refused(_pos(event.start_mark), "only one YAML document is allowed per manifest")
+            document = builder.node(next(events))
+    return document
+
+
+def _own_refusal_before(text: str, exc: yaml.YAMLError) -> _Refused | None:
+    """batchrun's own refusal (depth, aliases, tags...) in the text before a parser error, if any.
+
+    libyaml scans up to 1,024 characters ahead of the events it hands out, so a limit of its own
+    (PyYAML 6.0.4's wheels refuse nesting past 1,000) can fire before the builder has seen the node
+    that breaks batchrun's limit. Re-reading just the text before the error with the pure-Python
+    parser, which has no such limit, lets batchrun's own, documented refusal be the one reported.
+    """
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None or _Loader is yaml.SafeLoader or isinstance(exc, yaml.reader.ReaderError):
+        return None
+    try:
+        _build(text[: mark.index], yaml.SafeLoader)
+    except _Refused as refused:
+        return refused
+    except yaml.YAMLError:  # the prefix ends mid-node: whatever it says, the first error stands
+        return None
+    return None
+
+
 def load_text(text: str, name: str) -> tuple[Any, Marks | Pos]:
     """Parse one YAML document into (value, marks). Raises ManifestError with one Problem."""
     if not text.strip():
         raise ManifestError([Problem(name, 1, 1, "", "the manifest is empty")])
     try:
-        events = iter(yaml.parse(text, Loader=_Loader))
-        builder = _Builder(events)
-        document = None
-        for event in events:
-            if isinstance(event, ev.DocumentStartEvent):
-                if document is not None:
-                    raise _Refused(_pos(event.start_mark), "only one YAML document is allowed per manifest")
-                document = builder.node(next(events))
-        if document is None:
-            raise ManifestError([Problem(name, 1, 1, "", "the manifest is empty")])
-        return document[0], document[1]
+        document = _build(text, _Loader)
     except _Refused as exc:
         raise ManifestError([Problem(name, exc.pos[0], exc.pos[1], "", exc.message)]) from None
     except yaml.YAMLError as exc:
+        own = _own_refusal_before(text, exc)
+        if own is not None:
+            raise ManifestError([Problem(name, own.pos[0], own.pos[1], "", own.message)]) from None
         raise ManifestError([_yaml_error_problem(exc, text, name)]) from None
+    if document is None:
+        raise ManifestError([Problem(name, 1, 1, "", "the manifest is empty")])
+    return document[0], document[1]
 
 
 def read_bounded(path: Path, size: int, max_bytes: int) -> bytes:

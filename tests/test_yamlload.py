@@ -210,6 +210,33 @@ def test_deep_nesting_is_refused_not_a_recursion_error():
     assert refusal("jobs: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n") == "1:403: nested more than 100 levels deep"
 
 
+def _block(depth: int) -> str:
+    return "".join("  " * i + "a:\n" for i in range(depth)) + "  " * depth + "x: 1\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # One line, so the parser's look-ahead runs far past batchrun's limit before the builder sees it:
+        # libyaml builds with a nesting limit of their own (PyYAML 6.0.4's wheels: 1,000) must not win.
+        ("[" * 999 + "]" * 999, "1:101: nested more than 100 levels deep"),
+        ("[" * 1001 + "]" * 1001, "1:101: nested more than 100 levels deep"),
+        ("x: " + "[" * 20000, "1:103: nested more than 100 levels deep"),
+        ("- " * 1500 + "1\n", "1:201: nested more than 100 levels deep"),
+        (_block(1200), "101:201: nested more than 100 levels deep"),
+        ("\n".join(["["] * 1500), "101:1: nested more than 100 levels deep"),
+    ],
+    ids=["flow-999", "flow-1001", "flow-unclosed", "block-seq-one-line", "block-maps", "flow-many-lines"],
+)
+def test_batchrun_s_own_depth_limit_fires_first_whatever_the_parser_s_limit(text, expected):
+    assert refusal(text) == expected
+
+
+def test_a_syntax_error_after_shallow_nesting_is_still_the_parser_s_located_error():
+    problem = refusal("a: [1, 2\nb: ]]\n")
+    assert problem.startswith("2:") and "YAML syntax error" in problem
+
+
 @pytest.mark.parametrize(
     "text",
     ["? [a, b]\n: c\n", "{a: 1}: 2\n", "a: &k key\n*k : 1\n"],
