@@ -1,9 +1,16 @@
 """Fetch one output video: streamed to a .part file, resumed with Range, verified, renamed into place.
 
 `download()` is one attempt. Whatever an earlier attempt, or a process that crashed, left in
-`<dest>.part` is resumed with a Range request when the server allows it; the caller owns the retry
-loop and calls again after a `DownloadInterrupted`. The final name appears only once the whole file
-is on disk and fsynced, so a file under its final name is always complete.
+`<dest>.part` is resumed with a Range request only when the server allows it and the file is still the
+same one: the first answer's validator (a strong ETag, else Last-Modified) is kept beside the .part in
+`<dest>.part.meta` and sent as `If-Range`. The caller owns the retry loop and calls again after a
+`DownloadInterrupted`. The final name appears only once the whole file is on disk, fsynced, and its
+first bytes are the container signature of the media kind expected (`batchrun.media`), so a file under
+its final name is always complete and never an error page.
+
+A body sent with a Content-Encoding (gzip, deflate; br when the `brotli` package is installed) although
+we asked for identity is decoded as it streams and complete only once the encoded stream's end is read;
+such a body cannot be resumed (a Range counts encoded bytes), so its next attempt starts over.
 
 Error messages name the URL's host and path but never its query string: signed storage URLs carry
 their signature there.
@@ -16,25 +23,39 @@ import contextlib
 import email.utils
 import errno
 import hashlib
+import json
 import math
 import os
 import re
 import stat
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
 
+from . import media
 from .crashpoints import crashpoint
-from .errors import DiskFull, DownloadError, DownloadInterrupted, DownloadTooLarge, OutputUrlExpired
+from .errors import (
+    DiskFull,
+    DownloadError,
+    DownloadInterrupted,
+    DownloadTooLarge,
+    OutputNotMedia,
+    OutputUrlExpired,
+    OutputUrlRefused,
+)
+from .outputhosts import HostPolicy, refusal_of
 
-__all__ = ["Downloaded", "download", "part_path", "verify"]
+__all__ = ["MAX_REDIRECTS", "Downloaded", "download", "meta_path", "part_path", "verify"]
 
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _EXPIRED = frozenset({403, 404, 410})
 # EFBIG too: a filesystem or RLIMIT_FSIZE cap on file size is as fatal to the run as a full disk.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -59,11 +80,19 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def verify(path: Path, expected_bytes: int, expected_sha256: str) -> bool:
-    """True when `path` is a regular file (not a symlink) of exactly this size and sha256.
+def meta_path(dest: Path) -> Path:
+    """Where the validator of `<dest>.part` is kept: `dest` + ".part.meta" (small JSON)."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".part.meta")
+
+
+def verify(path: Path, expected_bytes: int, expected_sha256: str, kind: str | None = None) -> bool:
+    """True when `path` is a regular file (not a symlink) of exactly this size and sha256 whose first
+    bytes are the container signature of media of `kind` ("video", "image", "audio"; None: any of them).
 
     Reads the file in blocks, so it suits large videos; run it in a thread from async code.
-    False when the file is missing, unreadable, of another type, or differs in any way.
+    False when the file is missing, unreadable, of another type, not media (an error page accepted by
+    an older batchrun), or differs in any way.
     """
     try:
         # O_NONBLOCK so that a FIFO planted at the path cannot hang us; fstat rejects it below.
@@ -77,9 +106,11 @@ def verify(path: Path, expected_bytes: int, expected_sha256: str) -> bool:
         sha = hashlib.sha256()
         size = 0
         while block := os.read(fd, _READ_BLOCK):
+            if size == 0 and not media.accepts(kind, block[: media.HEAD_BYTES]):
+                return False
             sha.update(block)
             size += len(block)
-        return size == expected_bytes and sha.hexdigest() == expected_sha256.lower()
+        return 0 < size == expected_bytes and sha.hexdigest() == expected_sha256.lower()
     except OSError:
         return False
     finally:
@@ -91,36 +122,48 @@ async def download(
     url: str,
     dest: Path,
     *,
+    kind: str | None = None,
+    hosts: HostPolicy | None = None,
     max_bytes: int = 2 * 1024**3,
     chunk_size: int = 256 * 1024,
     timeout: float = 300.0,
 ) -> Downloaded:
     """Download `url` to `dest` in one attempt, resuming `<dest>.part` if an earlier attempt left one.
 
-    `timeout` bounds each HTTP request of the attempt, body included; a timeout keeps the .part, so
-    the next attempt continues where this one stopped. `session` must carry no credentials: the
-    storage host is not the API (ValueError otherwise).
+    `kind` is the media the output must be ("video", "image", "audio"; None: any of them), judged from the
+    bytes, not from Content-Type. A file already at `dest` that is not such media (an error page saved by
+    an older batchrun) is removed first, so nothing broken stays under the final name. `hosts`, when given,
+    is checked on the URL and on each of at most MAX_REDIRECTS redirects, and `session` must be one made by
+    `hosts.session()` (its resolver checks names). `timeout` bounds each HTTP request of the attempt, body
+    included; a timeout keeps the .part, so the next attempt continues where this one stopped. `session`
+    must carry no credentials: the storage host is not the API (ValueError otherwise).
 
     Raises:
         DownloadInterrupted: connection lost, timeout, short body, 408/429/5xx; the .part is kept.
             `retry_after` holds the server's Retry-After when it sent one.
         OutputUrlExpired: 403/404/410 from the storage host; the .part is kept for the fresh URL.
+        OutputNotMedia (an OutputUrlExpired): the body is not media of `kind` (an HTML "link expired" page,
+            JSON, an empty or cut header...); nothing is kept, the message says what was received.
+        OutputUrlRefused: the URL or a redirect points at an address `hosts` refuses, or is not http(s).
         DownloadTooLarge: over `max_bytes` by header or by bytes received; the .part is removed.
         DiskFull: no space (or quota, or file-size limit) while writing; the .part is removed so
             that the ledger and log can still be written.
         DownloadError: anything else, e.g. a symlink or a non-regular file at the .part path, a
-            directory at `dest`, an unexpected HTTP status.
+            directory at `dest`, an unexpected HTTP status, too many redirects, an undecodable body.
     """
     _refuse_credentials(session)
+    if hosts is not None and not hosts.applies_to(session):
+        raise ValueError("download() with `hosts` needs a session made by hosts.session(): names are checked there")
     dest = Path(dest)
     where = _redact(url)
     _check_dest(dest)
+    _drop_non_media(dest, kind)
     part = await _Part.open(part_path(dest))
     try:
         if part.size > max_bytes:
             part.discard()
             raise DownloadTooLarge(f"{part.path} already holds {part.size} bytes, over the {max_bytes}-byte cap")
-        await _fetch(session, url, where, part, max_bytes, chunk_size, timeout)
+        await _fetch(session, url, where, part, _Limits(kind, hosts, max_bytes, chunk_size, timeout))
         return await part.commit(dest)
     except BaseException:
         if part.size == 0:
@@ -132,74 +175,111 @@ async def download(
         part.close()
 
 
-async def _fetch(
-    session: aiohttp.ClientSession,
-    url: str,
-    where: str,
-    part: _Part,
-    max_bytes: int,
-    chunk_size: int,
-    timeout: float,
-) -> None:
-    """Stream the body into `part`, with a Range request if it already holds bytes."""
-    ranged = part.size > 0
+@dataclass(frozen=True)
+class _Limits:
+    kind: str | None
+    hosts: HostPolicy | None
+    max_bytes: int
+    chunk_size: int
+    timeout: float
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, where: str, part: _Part, limits: _Limits) -> None:
+    """Stream the body into `part`, with a Range request if it holds bytes of a file we can name (If-Range)."""
+    ranged = part.size > 0 and part.if_range is not None
     while True:
         # identity: Range offsets and Content-Length must count the stored bytes, not a compressed form.
         headers = {"Accept-Encoding": "identity"}
         if ranged:
             headers["Range"] = f"bytes={part.size}-"
+            headers["If-Range"] = part.if_range
         try:
-            async with session.get(
-                url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout), raise_for_status=False
-            ) as resp:
-                plan = _plan(resp, part.size if ranged else None, where)
+            async with _follow(session, url, where, headers, limits) as resp:
+                plan = _plan(resp, part, part.size if ranged else None, where)
                 if plan is None:
-                    # The server cannot resume these bytes: start over with a plain request.
+                    # The server cannot resume these bytes (or they belong to another file): start over.
                     part.restart()
                     ranged = False
                     continue
-                start, total = plan
-                if total is not None and total > max_bytes:
+                start, total, encoding = plan
+                if total is not None and total > limits.max_bytes:
                     part.discard()
-                    raise DownloadTooLarge(f"{where} is {total} bytes, over the {max_bytes}-byte cap")
+                    raise DownloadTooLarge(f"{where} is {total} bytes, over the {limits.max_bytes}-byte cap")
                 if start != part.size:
-                    part.restart()  # a 200 answer to our Range: its body is the whole file
-                await _stream(resp, part, total, where, max_bytes, chunk_size)
+                    part.restart()  # a 200 answer (to our Range, or to a plain request): the whole file
+                if start == 0:
+                    # Before any byte of this body lands: the validator a later attempt resumes against.
+                    part.remember(None if encoding else _validator(resp.headers), total)
+                await _stream(resp, part, total, _decoder(encoding, where), where, limits)
                 return
         except (aiohttp.InvalidURL, aiohttp.TooManyRedirects) as exc:
-            raise DownloadError(f"cannot download {where}: {_describe(exc, timeout)}") from None
+            raise DownloadError(f"cannot download {where}: {_describe(exc, limits.timeout)}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            refused = refusal_of(exc)
+            if refused is not None:
+                raise OutputUrlRefused(f"{where}: {refused}; refused because the API is not on a private "
+                                       "network") from None
             # `from None`: aiohttp's own exceptions may print the full signed URL.
             raise DownloadInterrupted(
-                f"download of {where} interrupted at {part.size} bytes: {_describe(exc, timeout)}"
+                f"download of {where} interrupted at {part.size} bytes: {_describe(exc, limits.timeout)}"
             ) from None
 
 
-def _plan(resp: aiohttp.ClientResponse, offset: int | None, where: str) -> tuple[int, int | None] | None:
-    """Decide what to do with an answer: (offset its body starts at, expected total size or None).
+@contextlib.asynccontextmanager
+async def _follow(session: aiohttp.ClientSession, url: str, where: str, headers: dict[str, str],
+                  limits: _Limits) -> AsyncIterator[aiohttp.ClientResponse]:
+    """GET `url`, following at most MAX_REDIRECTS redirects ourselves so that `limits.hosts` checks each hop."""
+    target = URL(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        if limits.hosts is not None:
+            hop = where if str(target) == url else f"{where} (redirected to {_redact(str(target))})"
+            limits.hosts.check_url(target, hop)
+        resp = await session.get(target, headers=headers, allow_redirects=False, auto_decompress=False,
+                                 timeout=aiohttp.ClientTimeout(total=limits.timeout), raise_for_status=False)
+        location = resp.headers.get("Location") if resp.status in _REDIRECTS else None
+        if location is None:
+            try:
+                yield resp
+            finally:
+                resp.release()
+            return
+        resp.release()
+        try:
+            target = target.join(URL(location))
+        except (TypeError, ValueError):
+            raise DownloadError(f"{where} redirected to an unusable Location") from None
+    raise DownloadError(f"{where} redirected more than {MAX_REDIRECTS} times")
 
-    `offset` is where our Range started, None when we sent none. Returns None when the answer
-    to a Range request cannot continue the .part, so the caller should start over. Raises for
-    every status that carries no usable body.
+
+def _plan(resp: aiohttp.ClientResponse, part: _Part, offset: int | None,
+          where: str) -> tuple[int, int | None, str | None] | None:
+    """Decide what to do with an answer: (offset its body starts at, expected total size or None, its
+    Content-Encoding or None for identity).
+
+    `offset` is where our Range started, None when we sent none. Returns None when the answer to a
+    Range request cannot continue the .part (another offset, another file, an encoded range), so the
+    caller should start over. Raises for every status that carries no usable body.
     """
     status = resp.status
-    if status in (200, 206):
-        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise DownloadError(f"{where} sent a {encoding}-encoded body although we asked for identity")
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = None if encoding in ("", "identity") else encoding
     if status == 200:
-        return 0, resp.content_length
+        return 0, None if encoding else resp.content_length, encoding
     if status == 206:
         parsed = _parse_content_range(resp.headers.get("Content-Range"))
         expected_start = offset or 0
+        if offset is not None and (encoding or not part.same_file(resp.headers, parsed)):
+            return None
         if parsed is None or parsed[0] != expected_start:
             if offset is not None:
                 return None
             raise DownloadError(f"{where} answered 206 with an unusable Content-Range to a plain request")
         total = parsed[2]
-        if total is None and resp.content_length is not None:
+        if encoding:
+            total = None  # the range counts encoded bytes; the decoder says when the body is whole
+        elif total is None and resp.content_length is not None:
             total = expected_start + resp.content_length
-        return expected_start, total
+        return expected_start, total, encoding
     if status == 416 and offset is not None:
         return None
     if status in _EXPIRED:
@@ -214,41 +294,176 @@ async def _stream(
     resp: aiohttp.ClientResponse,
     part: _Part,
     total: int | None,
+    decoder: _Decoder | None,
     where: str,
-    max_bytes: int,
-    chunk_size: int,
+    limits: _Limits,
 ) -> None:
-    async for chunk in resp.content.iter_chunked(chunk_size):
-        part.write(chunk)
-        crashpoint("mid_download")
-        if part.size > max_bytes:
-            part.discard()
-            raise DownloadTooLarge(f"{where} sent more than the {max_bytes}-byte cap")
-        if total is not None and part.size > total:
-            # Bytes we cannot place: nothing in the .part can be trusted any more.
-            part.discard()
-            raise DownloadInterrupted(f"{where} sent more than the {total} bytes it announced")
+    checked = part.size >= media.HEAD_BYTES  # a resumed part's head was checked when it was written
+    async for raw in resp.content.iter_chunked(limits.chunk_size):
+        for chunk in decoder.feed(raw) if decoder else (raw,):
+            part.write(chunk)
+            crashpoint("mid_download")
+            if part.size > limits.max_bytes:
+                part.discard()
+                raise DownloadTooLarge(f"{where} sent more than the {limits.max_bytes}-byte cap")
+            if total is not None and part.size > total:
+                # Bytes we cannot place: nothing in the .part can be trusted any more.
+                part.discard()
+                raise DownloadInterrupted(f"{where} sent more than the {total} bytes it announced")
+            if not checked and part.size >= media.HEAD_BYTES:
+                checked = True  # early, so a large page that is not media is not downloaded whole
+                _check_media(part, resp, total, where, limits.kind)
+    if decoder is not None and not decoder.finished:
+        # The framing said the body was whole, but the encoded stream did not end: cut short.
+        part.restart()
+        raise DownloadInterrupted(f"download of {where} ended before the end of its {decoder.encoding} stream")
     if total is not None and part.size != total:
         raise DownloadInterrupted(f"download of {where} ended at {part.size} of {total} bytes")
+    _check_media(part, resp, total, where, limits.kind)
+
+
+_KIND_NAMES = {"video": "a video", "image": "an image", "audio": "an audio file"}
+
+
+def _check_media(part: _Part, resp: aiohttp.ClientResponse, total: int | None, where: str,
+                 kind: str | None) -> None:
+    if media.accepts(kind, part.head):
+        return
+    size = total if total is not None else part.size
+    what = media.describe(part.head, size, resp.headers.get("Content-Type"))
+    part.discard()
+    raise OutputNotMedia(f"{where} sent {what} instead of {_KIND_NAMES.get(kind or '', 'a media file')}")
+
+
+class _Decoder:
+    """Decodes a gzip or deflate (zlib or raw) body as it streams; brotli when its package is installed.
+
+    Output is produced in blocks of at most 1 MiB per input chunk step, so a small compressed body
+    cannot balloon in memory; the size cap is applied to the decoded bytes by the caller.
+    """
+
+    def __init__(self, encoding: str, where: str):
+        self.encoding = encoding
+        self.where = where
+        self._z: Any = None
+        self._brotli = None
+        self._done = False
+        if encoding == "br":
+            try:
+                import brotli  # type: ignore[import-not-found]
+            except ImportError:
+                raise DownloadError(f"{where} sent a br-encoded body; install the 'brotli' package to decode "
+                                    "it") from None
+            self._brotli = brotli.Decompressor()
+        elif encoding not in ("gzip", "x-gzip", "deflate"):
+            raise DownloadError(f"{where} sent a body in an encoding batchrun cannot decode: "
+                                f"{media.printable(encoding, 40)}")
+
+    @property
+    def finished(self) -> bool:
+        if self._brotli is not None:
+            return self._brotli.is_finished()
+        return self._done
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            if self._brotli is not None:
+                yield self._brotli.process(data)
+                return
+            while data:
+                if self._z is None or self._z.eof:
+                    if self._done and self.encoding == "deflate":
+                        return  # trailing bytes after a deflate stream: nothing more to decode
+                    self._z = zlib.decompressobj(self._wbits(data))
+                    self._done = False
+                out = self._z.decompress(data, _READ_BLOCK)
+                while True:
+                    yield out
+                    if not self._z.unconsumed_tail:
+                        break
+                    out = self._z.decompress(self._z.unconsumed_tail, _READ_BLOCK)
+                if self._z.eof:
+                    self._done = True
+                    data = self._z.unused_data  # another gzip member may follow
+                else:
+                    data = b""
+        except zlib.error as exc:
+            raise DownloadError(f"{self.where} sent a {self.encoding} body that does not decode: {exc}") from None
+        except Exception as exc:  # brotli.error, whatever its module calls it
+            if self._brotli is None:
+                raise
+            raise DownloadError(f"{self.where} sent a br body that does not decode: {exc}") from None
+
+    def _wbits(self, first: bytes) -> int:
+        if self.encoding != "deflate":
+            return 16 + zlib.MAX_WBITS
+        # "deflate" is meant to be zlib-wrapped, but some servers send raw deflate: tell them apart.
+        if len(first) >= 2 and first[0] & 0x0F == 8 and (first[0] << 8 | first[1]) % 31 == 0:
+            return zlib.MAX_WBITS
+        return -zlib.MAX_WBITS
+
+
+def _decoder(encoding: str | None, where: str) -> _Decoder | None:
+    return _Decoder(encoding, where) if encoding else None
+
+
+def _validator(headers: Any) -> str | None:
+    """What If-Range can name this file by: a strong ETag, else a Last-Modified date; None without one."""
+    etag = (headers.get("ETag") or "").strip()
+    if etag.startswith('"') and etag.endswith('"') and len(etag) >= 2 and len(etag) <= 1024:
+        return etag
+    modified = (headers.get("Last-Modified") or "").strip()
+    try:
+        if modified and len(modified) <= 64 and email.utils.parsedate_to_datetime(modified) is not None:
+            return modified
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _drop_non_media(dest: Path, kind: str | None) -> None:
+    """Remove a regular file at `dest` that is not media of `kind`: not a result, only in the way."""
+    try:
+        fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # missing, a symlink (replaced on commit), unreadable: _check_dest and commit decide
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or media.accepts(kind, os.pread(fd, media.HEAD_BYTES, 0)):
+            return
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(dest)
+    except OSError as exc:
+        raise DownloadError(f"cannot remove {dest}, which is not a media file: {exc.strerror}") from exc
 
 
 class _Part:
-    """The open .part file, with its size and the running sha256 of what it holds."""
+    """The open .part file, with its size, the running sha256 and the first bytes of what it holds, and
+    the validator (If-Range value) and total size of the file those bytes came from, kept in its .meta."""
 
-    def __init__(self, path: Path, fd: int, size: int, sha: hashlib._Hash):
+    def __init__(self, path: Path, fd: int, size: int, sha: hashlib._Hash, head: bytes = b"",
+                 if_range: str | None = None, total: int | None = None):
         self.path = path
+        self.meta = path.with_name(path.name + ".meta")
         self.fd = fd
         self.size = size
         self.sha = sha
+        self.head = head
+        self.if_range = if_range
+        self.total = total
 
     @classmethod
     async def open(cls, path: Path) -> _Part:
         fd = _open_part(path)
         try:
             size = os.fstat(fd).st_size
-            sha = hashlib.sha256()
+            sha, head = hashlib.sha256(), b""
             if size:
                 sha, size = await _with_fd_in_thread(fd, _hash_prefix, size)
+                head = os.pread(fd, min(size, media.HEAD_BYTES), 0)
             os.lseek(fd, size, os.SEEK_SET)
         except OSError as exc:
             os.close(fd)
@@ -256,7 +471,42 @@ class _Part:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, size, sha)
+        part = cls(path, fd, size, sha, head)
+        if size:
+            part.if_range, part.total = _read_meta(part.meta)
+        return part
+
+    def same_file(self, headers: Any, content_range: tuple[int, int, int | None] | None) -> bool:
+        """Whether a 206 answer is a range of the file the .part holds: its ETag (or Last-Modified) and its
+        total size, where it states them, match what the first answer said. Servers that ignore If-Range
+        are caught here."""
+        validator = self.if_range or ""
+        if validator.startswith('"'):
+            sent = (headers.get("ETag") or "").strip()
+            if sent and sent != validator:
+                return False
+        else:
+            sent = (headers.get("Last-Modified") or "").strip()
+            if sent and sent != validator:
+                return False
+        total = content_range[2] if content_range else None
+        return self.total is None or total is None or total == self.total
+
+    def remember(self, if_range: str | None, total: int | None) -> None:
+        """Record what later attempts resume against; None forgets it (they start over)."""
+        self.if_range, self.total = if_range, total
+        try:
+            if if_range is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.meta)
+                return
+            fd = os.open(self.meta, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, json.dumps({"if_range": if_range, "total": total}).encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._storage_error(exc, "record the validator of") from exc
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -266,6 +516,8 @@ class _Part:
         except OSError as exc:
             raise self._storage_error(exc, "write") from exc
         self.sha.update(data)
+        if len(self.head) < media.HEAD_BYTES:
+            self.head += data[: media.HEAD_BYTES - len(self.head)]
         self.size += len(data)
 
     def restart(self) -> None:
@@ -276,6 +528,8 @@ class _Part:
             raise self._storage_error(exc, "truncate") from exc
         self.size = 0
         self.sha = hashlib.sha256()
+        self.head = b""
+        self.remember(None, None)
 
     async def commit(self, dest: Path) -> Downloaded:
         """Make the bytes durable, then give them their final name, durably too."""
@@ -294,16 +548,19 @@ class _Part:
             raise DownloadError(f"{self.path} was replaced by something else during the download")
         _check_dest(dest)
         os.replace(self.path, dest)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.meta)
         _fsync_dir(dest.parent)
 
     def discard(self) -> None:
         self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise DownloadError(f"cannot remove {self.path}: {exc.strerror}") from exc
+        for path in (self.path, self.meta):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DownloadError(f"cannot remove {path}: {exc.strerror}") from exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -316,6 +573,27 @@ class _Part:
             self.discard()
             return DiskFull(f"cannot {doing} {self.path}: {exc.strerror}; the partial file was removed")
         return DownloadError(f"cannot {doing} {self.path}: {exc.strerror}")
+
+
+def _read_meta(path: Path) -> tuple[str | None, int | None]:
+    """The If-Range value and total size kept beside a .part; (None, None) when absent or unusable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None, None
+    try:
+        data = json.loads(os.read(fd, 4096)) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (OSError, ValueError):
+        data = None
+    finally:
+        os.close(fd)
+    if not isinstance(data, dict):
+        return None, None
+    if_range, total = data.get("if_range"), data.get("total")
+    # It goes into a request header: printable ASCII only.
+    if not isinstance(if_range, str) or not if_range or not all(" " <= ch <= "~" for ch in if_range):
+        return None, None
+    return if_range, total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
 
 
 def _open_part(path: Path) -> int:

@@ -14,6 +14,8 @@
     └── DownloadError               a video could not be fetched or stored
         ├── DownloadInterrupted     the transfer stopped part-way: retry later, the .part is resumed
         ├── OutputUrlExpired        the storage host refused the URL (403/404): refresh it from the result
+        │   └── OutputNotMedia      it sent something that is not the model's media (an error page): the same
+        ├── OutputUrlRefused        the URL (or a redirect) points at a loopback/private address: not fetched
         ├── DownloadTooLarge        over the size cap
         └── DiskFull                no space left: stop the run, mark nothing done
 
@@ -160,6 +162,21 @@ class OutputUrlExpired(DownloadError):
     """The storage host refused the output URL; the result call gives a fresh one."""
 
     kind = "url_expired"
+
+
+class OutputNotMedia(OutputUrlExpired):
+    """The storage host answered with bytes that are not the media the model makes (a "link expired" page,
+    JSON, an empty body), whatever its status and Content-Type said. Nothing is kept; refreshed like an
+    expired URL."""
+
+    kind = "not_media"
+
+
+class OutputUrlRefused(DownloadError):
+    """An output URL, or a redirect from it, points at a loopback, private, link-local or unspecified address
+    while the API is public, or is not http(s): it is not fetched."""
+
+    kind = "url_refused"
 
 
 class DownloadTooLarge(DownloadError):

@@ -24,6 +24,10 @@ class RunOptions:
     download_concurrency: int = 4
     preflight: bool = True  # check image URLs before paying for jobs that would fail
     preflight_ssl: object = None  # aiohttp's `ssl` for preflight (tests trust their own CA)
+    # Which addresses output downloads may reach: an `outputhosts.HostPolicy`, or None to decide from the
+    # API base URL (public API: public addresses only; API on loopback/private network: any address).
+    # Tests serving on loopback pass a policy that treats their server as the public internet.
+    output_hosts: object = None
 
 
 @dataclass
@@ -38,10 +42,11 @@ class Plan:
     refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission
 
 
-def outputs_intact(output_dir: Path, row: JobRow) -> bool:
-    """Every recorded output of a done job is on disk with its recorded size and sha256."""
+def outputs_intact(output_dir: Path, row: JobRow, kind: str | None = None) -> bool:
+    """Every recorded output of a done job is on disk with its recorded size and sha256, and is media of
+    `kind` (None: any media), so an error page accepted by an older batchrun is fetched again."""
     return bool(row.outputs) and all(
-        download.verify(output_dir / o.path, o.bytes, o.sha256) for o in row.outputs
+        download.verify(output_dir / o.path, o.bytes, o.sha256, kind) for o in row.outputs
     )
 
 
@@ -90,7 +95,7 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         elif state == "downloading":
             plan.collect.append((job, row))
         elif state == "done":
-            if outputs_intact(manifest.output_dir, row):
+            if outputs_intact(manifest.output_dir, row, manifest.model.output_kind):
                 plan.skip.append(job)
             else:
                 log.info("%s: a file is missing or damaged; downloading it again", job.id)

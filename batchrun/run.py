@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import schema
+from batchrun import outputhosts, schema
 from batchrun.api import Client, make_limiter
 from batchrun.errors import LedgerError, UsageError
 from batchrun.ledger import Ledger
@@ -330,13 +330,17 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             log.info("using the built-in sandbox at %s", base_url)
         api_session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
-        # Downloads use their own session: the storage host must never see API credentials.
+        # Downloads use their own session: the storage host must never see API credentials. Unless the API
+        # itself is on loopback or a private network, outputs there are refused (no fetching local services).
+        hosts = options.output_hosts
+        if hosts is None and not await outputhosts.is_private_base(base_url or ""):
+            hosts = outputhosts.HostPolicy()
         download_session = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+            hosts.session() if hosts is not None else aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
         client = Client(api_session, base_url, token,
                         limiter=make_limiter(manifest.settings.requests_per_second))
         scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
-                              sleep=sleep, rand=rand)
+                              sleep=sleep, rand=rand, output_hosts=hosts)
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,

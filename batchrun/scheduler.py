@@ -46,6 +46,7 @@ from batchrun.errors import (
 from batchrun.ledger import JobRow, Ledger, LedgerWriteError, Output, utc_now
 from batchrun.localfiles import LocalFileError
 from batchrun.manifest import Job, Manifest
+from batchrun.outputhosts import HostPolicy
 from batchrun.plan import Plan, RunOptions
 from batchrun.polling import PollPlanner
 from batchrun.results import write_provenance
@@ -138,12 +139,14 @@ class Scheduler:
         rand: Callable[[], float] = random.random,
         retry_policy: RetryPolicy | None = None,
         on_change: Callable[[], None] | None = None,
+        output_hosts: HostPolicy | None = None,
     ):
         self.manifest = manifest
         self.settings = manifest.settings
         self.ledger = ledger
         self.client = client
         self.session = download_session
+        self.output_hosts = output_hosts  # checked on every download hop; `download_session` is made by it
         self.options = options
         self.clock = clock
         self.sleep = sleep
@@ -550,4 +553,5 @@ class Scheduler:
 
     async def _count_download(self, url: str, dest: Path, max_bytes: int):
         self.calls["download"] += 1
-        return await dl.download(self.session, url, dest, max_bytes=max_bytes)
+        return await dl.download(self.session, url, dest, kind=self.manifest.model.output_kind,
+                                 hosts=self.output_hosts, max_bytes=max_bytes)

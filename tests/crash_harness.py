@@ -23,7 +23,9 @@ from pathlib import Path
 from batchrun.manifest import load_manifest
 from batchrun.sandbox import Sandbox
 
-VIDEO = hashlib.sha256(b"crash-harness").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: several chunks
+# 3 MiB: several chunks; it starts as an MP4 does, or batchrun would refuse it as not a video.
+VIDEO = (b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+         + hashlib.sha256(b"crash-harness").digest() * (3 * 1024 * 1024 // 32))[: 3 * 1024 * 1024]
 
 
 class ThreadedSandbox:

@@ -41,6 +41,7 @@ class Model:
     image_extensions: tuple[str, ...]
     rules: dict[str, Any]
     expected_seconds: float
+    output_kind: str = "video"  # what its outputs must be: "video", "image" or "audio" (batchrun.media)
 
     def default(self, field: str) -> Any:
         return self.input_schema.get("properties", {}).get(field, {}).get("default")
@@ -67,6 +68,7 @@ def _from_data(data: dict[str, Any]) -> Model:
         image_extensions=tuple(data.get("image_extensions", ())),
         rules=data.get("rules", {}),
         expected_seconds=float(data.get("expected_seconds", 90)),
+        output_kind=data.get("output_kind", "video"),
     )
 
 

@@ -7,6 +7,8 @@ against itself: the contract lives here a second time, written from the API page
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import gzip
 import hashlib
 import hmac
 import json
@@ -16,6 +18,7 @@ import re
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +65,20 @@ class Faults:
     odd_statuses: bool = False  # in-progress jobs report `starting` then `processing`
     result_refused_until_finished: int | None = None  # unlike the docs, result answers this HTTP status
     # (e.g. 404 or 409) for an unfinished job instead of its current status
+    # -- the storage host (what /files/... serves) --
+    not_media_downloads: int = 0  # the first N download answers are 200 with the body below instead of the
+    not_media_body: bytes = b"<html><body><h1>This link has expired</h1></body></html>"  # video, with a
+    not_media_type: str = "text/html"  # correct Content-Length and this Content-Type
+    download_encoding: str | None = None  # "gzip" or "deflate": the video is stored encoded and sent with
+    # that Content-Encoding whatever the client asked (S3 objects with such metadata); Range counts encoded bytes
+    replace_video_after: int | None = None  # after N download answers the file changes: new bytes, new ETag
+    replacement_video: bytes | None = None  # ...these bytes (default: the video with its tail reversed)
+    ignore_if_range: bool = False  # answer a Range from the current file even when If-Range names another
+    cut_framing: str = "length"  # how a cut download is framed: "length" (Content-Length promised) or
+    # "chunked" (no Content-Length; the connection closes mid-body, with no final chunk)
+    output_host: str | None = None  # output URLs name this host instead of the sandbox's (e.g. "localhost",
+    # "10.0.0.7", "[::1]"), same port
+    redirect_downloads_to: str | None = None  # the storage host answers 302 to this base URL + the same path
 
 
 def _sample_video() -> bytes:
@@ -113,6 +130,8 @@ class Sandbox:
         self.faults_served: Counter[str] = Counter()  # answers replaced by a fault, by kind
         self._api_calls = 0
         self._answers_lost = 0
+        self._downloads_served = 0
+        self._stored: dict[int, tuple[bytes, bytes, str, str]] = {}  # by version: (source, served, ETag, date)
 
         self.base_url: str | None = None
         self._runner: web.AppRunner | None = None
@@ -264,10 +283,33 @@ class Sandbox:
     def _video_url(self, request: web.Request, job: Job, now: float) -> str:
         path = f"/files/{job.request_id}/{VIDEO_NAME}"
         job.urls_minted += 1
+        base = self._base(request)
+        if self.faults.output_host:
+            base = f"http://{self.faults.output_host}:{base.rsplit(':', 1)[1]}"
         if self.faults.url_ttl is None:
-            return self._base(request) + path
+            return base + path
         expires = f"{now + self.faults.url_ttl:.6f}"
-        return f"{self._base(request)}{path}?expires={expires}&sig={self._sign(path, expires)}"
+        return f"{base}{path}?expires={expires}&sig={self._sign(path, expires)}"
+
+    def _stored_video(self) -> tuple[bytes, str, str]:
+        """The file the storage host holds now, its ETag and Last-Modified (both change with the file)."""
+        after = self.faults.replace_video_after
+        version = 1 if after is not None and self._downloads_served > after else 0
+        cached = self._stored.get(version)
+        if cached is None or cached[0] is not self.video_bytes:  # computed once per file, not per download
+            source = self.video_bytes
+            data = source if version == 0 else self.faults.replacement_video or source[:32] + source[32:][::-1]
+            cached = self._stored[version] = (source, *self._encode(data, version))
+        return cached[1:]
+
+    def _encode(self, data: bytes, version: int) -> tuple[bytes, str, str]:
+        encoding = self.faults.download_encoding
+        if encoding == "gzip":
+            data = gzip.compress(data, mtime=0)
+        elif encoding == "deflate":
+            data = zlib.compress(data)
+        etag = f'"{hashlib.sha256(data).hexdigest()[:20]}"'
+        return data, etag, email.utils.formatdate(self._wall0 - 86400 + version, usegmt=True)
 
     # -- the API ----------------------------------------------------------------------------
 
@@ -380,10 +422,24 @@ class Sandbox:
             if not signed or now > float(expires):
                 return web.Response(status=403, text="AccessDenied: Request has expired")
 
-        data, total = self.video_bytes, len(self.video_bytes)
-        headers = {"Accept-Ranges": "bytes", "Content-Type": "video/mp4"}
+        self._downloads_served += 1
+        if self._downloads_served <= self.faults.not_media_downloads:
+            self.faults_served["not_media"] += 1
+            return web.Response(body=self.faults.not_media_body, headers={"Content-Type": self.faults.not_media_type})
+        if self.faults.redirect_downloads_to:
+            self.faults_served["redirect"] += 1
+            raise web.HTTPFound(self.faults.redirect_downloads_to.rstrip("/") + request.path_qs)
+
+        data, etag, modified = self._stored_video()
+        total = len(data)
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "video/mp4", "ETag": etag, "Last-Modified": modified}
+        if self.faults.download_encoding:
+            headers["Content-Encoding"] = self.faults.download_encoding
         status, start, end = 200, 0, total - 1
         wanted = _parse_range(request.headers.get("Range"), total)
+        if_range = request.headers.get("If-Range")
+        if wanted is not None and if_range and if_range not in (etag, modified) and not self.faults.ignore_if_range:
+            wanted = None  # RFC 9110: a Range whose If-Range names another file gets the whole new file
         if wanted == "unsatisfiable":
             return web.Response(status=416, headers={"Content-Range": f"bytes */{total}"})
         if wanted is not None:
@@ -394,10 +450,15 @@ class Sandbox:
         if request.method == "GET" and self._roll("cut", self.faults.cut_download_rate):
             # A dropped connection: the full Content-Length is promised, fewer bytes arrive.
             resp = web.StreamResponse(status=status, headers=headers)
-            resp.content_length = len(body)
+            if self.faults.cut_framing == "chunked":
+                resp.enable_chunked_encoding()
+            else:
+                resp.content_length = len(body)
             resp.force_close()
             await resp.prepare(request)
             await resp.write(body[: self.faults.cut_after_bytes])
+            if self.faults.cut_framing == "chunked" and request.transport is not None:
+                request.transport.close()  # before the final chunk: the body ends early, framing unfinished
             return resp
         return web.Response(status=status, body=body, headers=headers)
 
