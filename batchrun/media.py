@@ -94,11 +94,11 @@ def describe(head: bytes, size: int, content_type: str | None = None) -> str:
     if size == 0:
         what = "an empty body"
     elif container is not None:
-        what = f"{'an' if container.name[0] in 'aeiou' else 'a'} {container.name.upper()} file"
-    elif text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        what = "an HTML page"
+        what = f"{'an' if container.name in _AN else 'a'} {container.name.upper()} file"
     elif text.startswith(b"<?xml") or text.startswith(b"<error"):
         what = "an XML document"
+    elif text.startswith(b"<"):
+        what = "an HTML page"
     elif text.startswith((b"{", b"[")):
         what = "JSON"
     elif head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
@@ -119,6 +119,7 @@ def describe(head: bytes, size: int, content_type: str | None = None) -> str:
     return f"{what} ({details}){preview}"
 
 
+_AN = {"mp4", "mp3", "m4a", "avi", "aac", "ogg", "avif"}  # "an MP4 file", as read aloud
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"OggS", b"fLaC", b"\x1a\x45\xdf\xa3", b"ID3")
 
 

@@ -45,12 +45,14 @@ def is_public(address: IPAddress) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def _kind(address: IPAddress) -> str:
-    for test, name in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
-                       ("is_unspecified", "unspecified"), ("is_multicast", "multicast"), ("is_private", "private")):
-        if getattr(address, test):
-            return name
-    return "non-public"
+def _kind(address: IPAddress | None) -> str:
+    """"a loopback address", "an unspecified address"...: what kind of address was refused."""
+    name = "unusable"
+    if address is not None:
+        tests = (("is_loopback", "loopback"), ("is_link_local", "link-local"), ("is_unspecified", "unspecified"),
+                 ("is_multicast", "multicast"), ("is_private", "private"))
+        name = next((name for test, name in tests if getattr(address, test)), "non-public")
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} address"
 
 
 def _literal(host: str | None) -> IPAddress | None:
@@ -89,7 +91,7 @@ class HostPolicy:
             raise OutputUrlRefused(f"{where}: refusing a {url.scheme or 'relative'}: URL; only http and https")
         address = _literal(url.host)
         if address is not None and not self.allowed(address):
-            raise OutputUrlRefused(f"{where} points at {address}, a {_kind(address)} address; refused because "
+            raise OutputUrlRefused(f"{where} points at {address}, {_kind(address)}; refused because "
                                    "the API is not on a private network")
 
 
@@ -112,8 +114,7 @@ class _CheckedResolver(AbstractResolver):
             address = _literal(str(entry["host"]).partition("%")[0])
             if address is None or not self.policy.allowed(address):
                 shown = address if address is not None else entry["host"]
-                raise AddressRefused(f"{host} resolves to {shown}, a "
-                                     f"{_kind(address) if address is not None else 'unusable'} address")
+                raise AddressRefused(f"{host} resolves to {shown}, {_kind(address)}")
         return found
 
     async def close(self) -> None:
