@@ -58,6 +58,7 @@ class Faults:
     url_ttl: float | None = None  # seconds an output URL stays valid; then /files answers 403
     cut_download_rate: float = 0.0  # downloads whose connection closes early...
     cut_after_bytes: int = 1024  # ...after this many body bytes (Content-Length stays full)
+    cut_downloads: int = 0  # the first N video answers are cut like that, whatever the rate
     fail_marker: str = "[fail]"  # a prompt containing it ends `failed`; "" disables
     fail_rate: float = 0.0  # other jobs ending `failed` at random
     lose_submit_answer: int = 0  # the first N created jobs get a 502 non-JSON answer instead
@@ -131,6 +132,7 @@ class Sandbox:
         self._api_calls = 0
         self._answers_lost = 0
         self._downloads_served = 0
+        self._downloads_cut = 0
         self._stored: dict[int, tuple[bytes, bytes, str, str]] = {}  # by version: (source, served, ETag, date)
 
         self.base_url: str | None = None
@@ -447,7 +449,10 @@ class Sandbox:
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
         body = data[start : end + 1]
 
-        if request.method == "GET" and self._roll("cut", self.faults.cut_download_rate):
+        if request.method == "GET" and (self._downloads_cut < self.faults.cut_downloads
+                                        or self._roll("cut", self.faults.cut_download_rate)):
+            self._downloads_cut += 1
+            self.faults_served["cut"] += 1
             # A dropped connection: the full Content-Length is promised, fewer bytes arrive.
             resp = web.StreamResponse(status=status, headers=headers)
             if self.faults.cut_framing == "chunked":
