@@ -134,10 +134,10 @@ def refusal_of(exc: BaseException) -> AddressRefused | None:
     return None
 
 
-async def is_private_base(base_url: str) -> bool:
+async def is_private_base(base_url: str, timeout: float = 5.0) -> bool:
     """True when the API base URL's host is (or resolves only to) non-public addresses: then the API is the
     sandbox, a test server or a private gateway, and outputs on such addresses are expected. A name that
-    does not resolve counts as public (the stricter side)."""
+    does not resolve within `timeout` seconds counts as public (the stricter side)."""
     try:
         host = URL(base_url).host or ""
     except (TypeError, ValueError):
@@ -148,8 +148,9 @@ async def is_private_base(base_url: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout)
+    except (OSError, UnicodeError, asyncio.TimeoutError):
         return False
     addresses = [_literal(str(info[4][0]).partition("%")[0]) for info in infos]
     return bool(addresses) and all(a is not None and not is_public(a) for a in addresses)
