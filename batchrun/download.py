@@ -8,9 +8,9 @@ same one: the first answer's validator (a strong ETag, else Last-Modified) is ke
 first bytes are the container signature of the media kind expected (`batchrun.media`), so a file under
 its final name is always complete and never an error page.
 
-A body sent with a Content-Encoding (gzip, deflate; br when the `brotli` package is installed) although
-we asked for identity is decoded as it streams and complete only once the encoded stream's end is read;
-such a body cannot be resumed (a Range counts encoded bytes), so its next attempt starts over.
+A body sent with a Content-Encoding (gzip, deflate) although we asked for identity is decoded as it
+streams (`batchrun.contentcoding`) and complete only once the encoded stream's end is read; such a body
+cannot be resumed (a Range counts encoded bytes), so its next attempt starts over.
 
 Error messages name the URL's host and path but never its query string: signed storage URLs carry
 their signature there.
@@ -29,8 +29,7 @@ import os
 import re
 import stat
 import time
-import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
@@ -40,6 +39,7 @@ import aiohttp
 from yarl import URL
 
 from . import media
+from .contentcoding import BodyDecoder, decoder_for
 from .crashpoints import crashpoint
 from .errors import (
     DiskFull,
@@ -210,7 +210,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, where: str, part: _Pa
                 if start == 0:
                     # Before any byte of this body lands: the validator a later attempt resumes against.
                     part.remember(None if encoding else _validator(resp.headers), total)
-                await _stream(resp, part, total, _decoder(encoding, where), where, limits)
+                await _stream(resp, part, total, decoder_for(encoding, where), where, limits)
                 return
         except (aiohttp.InvalidURL, aiohttp.TooManyRedirects) as exc:
             raise DownloadError(f"cannot download {where}: {_describe(exc, limits.timeout)}") from None
@@ -294,7 +294,7 @@ async def _stream(
     resp: aiohttp.ClientResponse,
     part: _Part,
     total: int | None,
-    decoder: _Decoder | None,
+    decoder: BodyDecoder | None,
     where: str,
     limits: _Limits,
 ) -> None:
@@ -333,78 +333,6 @@ def _check_media(part: _Part, resp: aiohttp.ClientResponse, total: int | None, w
     what = media.describe(part.head, size, resp.headers.get("Content-Type"))
     part.discard()
     raise OutputNotMedia(f"{where} sent {what} instead of {_KIND_NAMES.get(kind or '', 'a media file')}")
-
-
-class _Decoder:
-    """Decodes a gzip or deflate (zlib or raw) body as it streams; brotli when its package is installed.
-
-    Output is produced in blocks of at most 1 MiB per input chunk step, so a small compressed body
-    cannot balloon in memory; the size cap is applied to the decoded bytes by the caller.
-    """
-
-    def __init__(self, encoding: str, where: str):
-        self.encoding = encoding
-        self.where = where
-        self._z: Any = None
-        self._brotli = None
-        self._done = False
-        if encoding == "br":
-            try:
-                import brotli  # type: ignore[import-not-found]
-            except ImportError:
-                raise DownloadError(f"{where} sent a br-encoded body; install the 'brotli' package to decode "
-                                    "it") from None
-            self._brotli = brotli.Decompressor()
-        elif encoding not in ("gzip", "x-gzip", "deflate"):
-            raise DownloadError(f"{where} sent a body in an encoding batchrun cannot decode: "
-                                f"{media.printable(encoding, 40)}")
-
-    @property
-    def finished(self) -> bool:
-        if self._brotli is not None:
-            return self._brotli.is_finished()
-        return self._done
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        try:
-            if self._brotli is not None:
-                yield self._brotli.process(data)
-                return
-            while data:
-                if self._z is None or self._z.eof:
-                    if self._done and self.encoding == "deflate":
-                        return  # trailing bytes after a deflate stream: nothing more to decode
-                    self._z = zlib.decompressobj(self._wbits(data))
-                    self._done = False
-                out = self._z.decompress(data, _READ_BLOCK)
-                while True:
-                    yield out
-                    if not self._z.unconsumed_tail:
-                        break
-                    out = self._z.decompress(self._z.unconsumed_tail, _READ_BLOCK)
-                if self._z.eof:
-                    self._done = True
-                    data = self._z.unused_data  # another gzip member may follow
-                else:
-                    data = b""
-        except zlib.error as exc:
-            raise DownloadError(f"{self.where} sent a {self.encoding} body that does not decode: {exc}") from None
-        except Exception as exc:  # brotli.error, whatever its module calls it
-            if self._brotli is None:
-                raise
-            raise DownloadError(f"{self.where} sent a br body that does not decode: {exc}") from None
-
-    def _wbits(self, first: bytes) -> int:
-        if self.encoding != "deflate":
-            return 16 + zlib.MAX_WBITS
-        # "deflate" is meant to be zlib-wrapped, but some servers send raw deflate: tell them apart.
-        if len(first) >= 2 and first[0] & 0x0F == 8 and (first[0] << 8 | first[1]) % 31 == 0:
-            return zlib.MAX_WBITS
-        return -zlib.MAX_WBITS
-
-
-def _decoder(encoding: str | None, where: str) -> _Decoder | None:
-    return _Decoder(encoding, where) if encoding else None
 
 
 def _validator(headers: Any) -> str | None:
