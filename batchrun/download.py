@@ -230,10 +230,9 @@ async def _follow(session: aiohttp.ClientSession, url: str, where: str, headers:
                   limits: _Limits) -> AsyncIterator[aiohttp.ClientResponse]:
     """GET `url`, following at most MAX_REDIRECTS redirects ourselves so that `limits.hosts` checks each hop."""
     target = URL(url)
-    for _ in range(MAX_REDIRECTS + 1):
+    for hop in range(MAX_REDIRECTS + 1):
         if limits.hosts is not None:
-            hop = where if str(target) == url else f"{where} (redirected to {_redact(str(target))})"
-            limits.hosts.check_url(target, hop)
+            limits.hosts.check_url(target, f"{where} (redirected to {_redact(str(target))})" if hop else where)
         resp = await session.get(target, headers=headers, allow_redirects=False, auto_decompress=False,
                                  timeout=aiohttp.ClientTimeout(total=limits.timeout), raise_for_status=False)
         location = resp.headers.get("Location") if resp.status in _REDIRECTS else None
