@@ -621,11 +621,12 @@ def _refuse_credentials(session: aiohttp.ClientSession) -> None:
 
 
 def _redact(url: str) -> str:
-    """The URL without query, fragment or user info, for messages."""
+    """The URL without query, fragment or user info, for messages; at most 200 characters."""
     try:
-        return str(URL(url).with_query(None).with_fragment(None).with_user(None))
+        shown = str(URL(url).with_query(None).with_fragment(None).with_user(None))
     except (TypeError, ValueError):
         return "<invalid URL>"
+    return shown if len(shown) <= 200 else shown[:197] + "..."
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

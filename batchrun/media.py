@@ -18,6 +18,7 @@ __all__ = ["HEAD_BYTES", "KINDS", "Container", "accepts", "describe", "printable
 HEAD_BYTES = 64  # every signature below is decided within the first 64 bytes
 KINDS = ("video", "image", "audio")
 
+_QUICKTIME_BOXES = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 _AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "}
 _IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
@@ -39,6 +40,8 @@ def sniff(head: bytes) -> Container | None:
     with, or None when it is none of them (a web page, JSON, an empty or truncated file...)."""
     if len(head) >= 12 and head[4:8] == b"ftyp":
         return _iso_bmff(head)
+    if len(head) >= 8 and head[4:8] in _QUICKTIME_BOXES and struct.unpack(">I", head[:4])[0] not in range(2, 8):
+        return _c("mov", "video")  # a QuickTime file from before ftyp opens with one of these boxes
     if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML
         return _c("webm" if b"webm" in head[:HEAD_BYTES] else "matroska", "video", "audio")
     if head.startswith(b"\x89PNG\r\n\x1a\n"):

@@ -542,3 +542,10 @@ async def test_a_policy_needs_its_own_session(host, session, dest):
         await download(session, host.url("/video.mp4"), dest, hosts=HostPolicy())
     assert host.requests == []
 
+
+
+async def test_a_long_url_is_named_capped_in_messages(host, session, dest):
+    url = host.url("/body/expired-page") + "/" * 3 + "x" * 5000
+    with pytest.raises(DownloadError) as caught:
+        await download(session, url, dest, kind="video")
+    assert len(str(caught.value)) < 400 and "..." in str(caught.value)

@@ -34,6 +34,8 @@ def wav() -> bytes:
         (ftyp(b"isom"), "mp4", {"video", "audio"}),
         (ftyp(b"mp42", 32), "mp4", {"video", "audio"}),
         (ftyp(b"qt  ", 20), "mov", {"video"}),
+        (b"\x00\x00\x00\x08wide\x00\x10\x00\x00mdat", "mov", {"video"}),  # QuickTime without ftyp
+        (b"\x00\x00\x03\xe8moov\x00\x00\x00\x6cmvhd", "mov", {"video"}),
         (ftyp(b"M4A "), "m4a", {"audio"}),
         (ftyp(b"avif"), "avif", {"image"}),
         (ftyp(b"heic"), "heif", {"image"}),
@@ -69,6 +71,7 @@ def test_known_signatures(head, name, kinds):
         b"\x00\x00\x00\x18ftyp",  # cut inside the first box
         b"\x00\x00\x00\x18ftyp\x00\x01\x02\x03",  # a brand that is not text
         b"\x00\x00\x00\x07ftypisom",  # a box size no ftyp can have
+        b"\x00\x00\x00\x04moov",  # a box size no box can have
         b"\x89PNG",  # cut inside the signature
         b"\xff\xd8",
         b"RIFF\x00\x00\x00\x00JUNK",
