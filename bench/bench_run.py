@@ -80,7 +80,7 @@ def child_env() -> dict:
 
 
 async def overhead_once(jobs: int, workdir: Path) -> dict:
-    video = os.urandom(64 * 1024)
+    video = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + os.urandom(64 * 1024 - 24)  # starts as an MP4
     manifest = workdir / "overhead.yaml"
     write_manifest(manifest, jobs, 64)
     figures = {}
