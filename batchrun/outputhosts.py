@@ -29,19 +29,24 @@ from .errors import OutputUrlRefused
 __all__ = ["HostPolicy", "is_private_base", "is_public", "refusal_of"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64, IPv4-compatible (deprecated, ::/96, which
+# also holds :: and ::1) and IPv4-translated (::ffff:0:0/96).
+_CARRY_IPV4 = tuple(ipaddress.ip_network(net) for net in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
 
 
 def is_public(address: IPAddress) -> bool:
     """True for a globally reachable unicast address. IPv6 forms that carry an IPv4 address (mapped
-    ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::a.b.c.d``, 6to4 ``2002:ab:cd::``) are judged by that address."""
+    ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::a.b.c.d``, IPv4-compatible ``::a.b.c.d``, 6to4 ``2002:ab:cd::``)
+    are judged by that address; deprecated site-local ``fec0::/10`` is not public."""
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return is_public(address.ipv4_mapped)
-        if address in _NAT64:
+        if any(address in net for net in _CARRY_IPV4):
             return is_public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         if address.sixtofour is not None:
             return is_public(address.sixtofour)
+        if address.is_site_local:
+            return False
     return address.is_global and not address.is_multicast
 
 

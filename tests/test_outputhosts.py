@@ -18,6 +18,7 @@ from batchrun.outputhosts import HostPolicy, is_private_base, is_public
         "100.64.0.1", "224.0.0.1", "255.255.255.255",
         "::1", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1",
         "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::1", "2002:a00:1::1",
+        "::127.0.0.1", "::ffff:0:7f00:1", "fec0::1", "2001::1", "2001:db8::1", "198.18.0.1", "240.0.0.1",
     ],
 )
 def test_non_public_addresses(address):
