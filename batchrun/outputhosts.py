@@ -152,6 +152,8 @@ async def is_private_base(base_url: str, timeout: float = 5.0) -> bool:
         return not is_public(address)
     if host == "localhost" or host.endswith(".localhost"):
         return True
+    if not host:
+        return False
     try:
         infos = await asyncio.wait_for(
             asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout)

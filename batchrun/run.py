@@ -330,6 +330,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             log.info("using the built-in sandbox at %s", base_url)
         api_session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        client = Client(api_session, base_url, token,
+                        limiter=make_limiter(manifest.settings.requests_per_second))
         # Downloads use their own session: the storage host must never see API credentials. Unless the API
         # itself is on loopback or a private network, outputs there are refused (no fetching local services).
         hosts = options.output_hosts
@@ -337,8 +339,6 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             hosts = outputhosts.HostPolicy()
         download_session = await stack.enter_async_context(
             hosts.session() if hosts is not None else aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
-        client = Client(api_session, base_url, token,
-                        limiter=make_limiter(manifest.settings.requests_per_second))
         scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
                               sleep=sleep, rand=rand, output_hosts=hosts)
         counts = ledger.counts
