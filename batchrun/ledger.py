@@ -88,6 +88,10 @@ MIGRATIONS: list[str] = [
         checked_at TEXT NOT NULL
     );
     """,
+    # 3: why the manifest's job was not run as written (its input changed after it was submitted)
+    """
+    ALTER TABLE jobs ADD COLUMN refusal TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -125,6 +129,7 @@ class JobRow:
     finished_at: str | None
     downloaded_at: str | None
     outputs: tuple[Output, ...] = ()
+    refusal: str | None = None  # why the manifest's job of this id was not run as written, at the last run
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -296,6 +301,14 @@ class Ledger:
                 )
                 if job_id not in self._states:
                     self._moved(job_id, "pending")
+
+    def set_refusals(self, refusals: dict[str, str]) -> None:
+        """Record, for this run, which jobs the manifest asks for with an input they were not made with
+        (id -> why); every other job's refusal is cleared."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET refusal=NULL WHERE refusal IS NOT NULL")
+            conn.executemany("UPDATE jobs SET refusal=? WHERE id=?",
+                             [(why, job_id) for job_id, why in refusals.items()])
 
     def update_input(self, job_id: str, job_input: dict, digest: str, estimate: float) -> None:
         """A job that never created anything remotely now asks for something else."""
