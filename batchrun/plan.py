@@ -74,9 +74,9 @@ def refusal(job: Job, row: JobRow) -> str | None:
         return None
     made = f"request {row.request_id}" if row.request_id else "a POST that may have created a job"
     if row.request_id and row.state in COLLECTABLE:
-        kept = f"its render of the previous input is kept as {row.id}'s record and files"
+        kept = "the render of its previous input is collected and kept under this id"
     else:
-        kept = f"the ledger keeps it as it was made ({row.state})"
+        kept = f"the ledger keeps the job as it was submitted ({row.state})"
     return (f"{job.label}: its input changed after it was submitted ({made}); {kept}; "
             "to run the new input give the job a new id, or restore the old input")
 

@@ -101,11 +101,12 @@ async def watch(output_dir: Path, stop_submitting: Callable[[], None], posts_in_
     then acknowledge by removing the request. Runs until cancelled."""
     path = output_dir / REQUEST_NAME
     while True:
-        await asyncio.sleep(interval)
         if not os.path.lexists(path):
+            await asyncio.sleep(interval)
             continue
         log.warning("'batchrun cancel' asked this run to stop submitting; jobs already accepted are collected")
         stop_submitting()
         while posts_in_flight():
             await asyncio.sleep(interval / 4)
         clear(output_dir)
+        await asyncio.sleep(interval)

@@ -216,3 +216,21 @@ async def test_a_local_image_edited_mid_run_is_sent_by_the_next_plain_run_as_the
         assert again.exit_code == 0, said
         assert sandbox.posts_total == 2
         assert results(tmp_path / "out")["harbor"]["state"] == "done"
+
+
+async def test_an_edited_job_whose_render_went_missing_gets_its_paid_render_back_not_a_new_one(tmp_path):
+    out = tmp_path / "out"
+    async with Sandbox(video_bytes=VIDEO) as sandbox:
+        manifest = write_manifest(tmp_path, [job("voice", "a voice over the sea")])
+        assert (await run(manifest, sandbox))[0].exit_code == 0
+        (out / "voice.mp4").unlink()
+        (out / "voice.json").unlink()
+        manifest = write_manifest(tmp_path, [job("voice", "a whisper over the sea")])
+        code, shown, _ = await _main(["plan", str(manifest)])
+        assert "to collect: voice, made with its previous input" in shown
+        outcome, said = await run(manifest, sandbox)
+        assert outcome.exit_code == 1, said
+        assert sandbox.posts_total == 1
+    assert (out / "voice.mp4").read_bytes() == VIDEO
+    assert json.loads((out / "voice.json").read_text())["input"]["prompt"] == "a voice over the sea"
+    assert "collected 1 render made with its previous input: voice" in outcome.lines
