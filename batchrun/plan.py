@@ -45,7 +45,7 @@ class Plan:
     refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission
     previous: dict[str, tuple[JobRow, str]] = field(default_factory=dict)  # id -> (row, PREVIOUS_INPUT | GONE)
     gone: list[JobRow] = field(default_factory=list)  # ledger jobs the manifest no longer lists
-    new: list[Job] = field(default_factory=list)  # manifest jobs the ledger has never seen
+    new: list[Job] = field(default_factory=list)  # manifest jobs never sent (not in the ledger, or pending)
     provenance: list[JobRow] = field(default_factory=list)  # done jobs whose <id>.json is missing or damaged
 
 
@@ -112,9 +112,8 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
     for job in manifest.jobs:
         listed.add(job.id)
         row = rows.get(job.id)
-        if row is None:
-            plan.new.append(job)
         if row is None or (row.state == "pending" and row.submissions == 0):
+            plan.new.append(job)
             plan.submit.append(job)
             continue
         why = refusal(job, row)

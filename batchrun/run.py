@@ -212,6 +212,9 @@ def plan_lines(plan: Plan) -> list[str]:
     lines += [f"  refused: {message}" for _, message in plan.refused[:20]]
     if len(plan.refused) > 20:
         lines.append(f"  ... and {len(plan.refused) - 20} more refused (see 'batchrun status')")
+    if plan.gone and plan.new:  # such as a job without an id whose input changed: its derived id did too
+        lines.append(f"  new: {_ids([job.id for job in plan.new])}")
+        lines.append(f"  no longer in the manifest (kept in the ledger): {_ids([row.id for row in plan.gone])}")
     for why in (GONE, PREVIOUS_INPUT):
         ids = [job_id for job_id, (_, reason) in plan.previous.items() if reason == why]
         if ids:

@@ -127,6 +127,11 @@ async def test_a_job_without_an_id_whose_input_changed_is_new_beside_the_old_one
         assert info["no_longer_in_manifest"] == [{"id": old_id, "state": "done"}]
         assert f"new (1): {new_id}" in shown
         assert f"no longer in the manifest (1, kept in the ledger): {old_id} (done)" in shown
+        outcome, said = await run(manifest, sandbox)
+        assert outcome.exit_code == 0, said
+        assert f"  new: {new_id}\n  no longer in the manifest (kept in the ledger): {old_id}" in said
+        assert sandbox.posts_total == 3
+    assert (tmp_path / "out" / f"{old_id}.mp4").read_bytes() == VIDEO  # the old render stays
 
 
 async def test_jobs_refused_after_a_post_run_edit_are_in_the_closing_lines_status_and_results(tmp_path):
