@@ -190,11 +190,11 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
     plan.submit = kept
 
 
-def _rewrite_provenance(output_dir: Path, plan: Plan) -> None:
+def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
     """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger."""
     for row in plan.provenance:
         try:
-            write_provenance(output_dir, row)
+            write_provenance(output_dir, ledger.get(row.id) or row)
         except OSError as exc:
             log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, exc)
         else:
@@ -392,7 +392,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     for line in plan_lines(plan):
         log.info("%s", line)
         print(line, file=stream)
-    _rewrite_provenance(manifest.output_dir, plan)
+    _rewrite_provenance(manifest.output_dir, ledger, plan)
     async with AsyncExitStack() as stack:
         if sandbox:
             from batchrun.sandbox import Sandbox

@@ -100,6 +100,10 @@ class _IntentBatch:
         self.ledger = ledger
         self._waiting: list[tuple[str, asyncio.Future]] = []
 
+    def __len__(self) -> int:
+        """Jobs waiting for their intent to be committed: each sends its POST right after."""
+        return len(self._waiting)
+
     async def commit(self, job_id: str) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -194,7 +198,7 @@ class Scheduler:
     def posts_in_flight(self) -> int:
         """Jobs whose POST is about to be sent or not yet answered: once submitting has stopped and this
         is 0, no further request can appear in the ledger."""
-        return len(self._intents._waiting) + self.ledger.counts().get("submitting", 0)
+        return len(self._intents) + self.ledger.counts().get("submitting", 0)
 
     def _estimate(self, job: Job) -> float:
         row = self._previous.get(job.id)
@@ -446,8 +450,9 @@ class Scheduler:
         return None
 
     def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
-        message = (f"the API no longer knows request {request_id} ({exc}); it may have expired. "
-                   "Use --retry-failed to submit the job again")
+        message = f"the API no longer knows request {request_id} ({exc}); it may have expired"
+        if job.id not in self._previous:  # --retry-failed runs only the manifest's job as written
+            message += ". Use --retry-failed to submit the job again"
         if self.ledger.cost_of(job.id) is None:
             self.committed_usd -= self._estimate(job)  # no longer counted: see Ledger.spent_usd
         self.ledger.set_state(job.id, "failed", error=("not_found", message))

@@ -239,3 +239,20 @@ async def test_an_edited_job_whose_render_went_missing_gets_its_paid_render_back
     assert (out / "voice.mp4").read_bytes() == VIDEO
     assert json.loads((out / "voice.json").read_text())["input"]["prompt"] == "a voice over the sea"
     assert "collected 1 render made with its previous input: voice" in outcome.lines
+
+
+async def test_a_removed_job_whose_request_expired_fails_once_without_a_hint_that_cannot_work(tmp_path):
+    clock = FakeClock()
+    async with Sandbox(capacity=8, render_seconds=1000, video_bytes=VIDEO, clock=clock) as first:
+        await _in_flight(tmp_path, first, clock, jobs(2))
+    manifest = write_manifest(tmp_path, [job("clip-00")], **SLOW)
+    async with Sandbox(video_bytes=VIDEO) as forgetful:  # a server that has never heard of those requests
+        outcome, said = await run(manifest, forgetful)
+        assert outcome.exit_code == 1, said
+        gone = results(tmp_path / "out")["clip-01"]
+        assert gone["state"] == "failed" and gone["error"]["kind"] == "not_found"
+        assert "--retry-failed" not in gone["error"]["message"]  # it would not run a job no longer listed
+        assert any(line.startswith("  clip-01 (no longer in the manifest, request ") and "failed: the API no "
+                   "longer knows request" in line for line in outcome.lines)
+        await run(manifest, forgetful)  # failed for good: not polled again
+        assert forgetful.calls["status"] == 2 and forgetful.posts_total == 0
