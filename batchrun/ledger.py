@@ -302,6 +302,16 @@ class Ledger:
                 if job_id not in self._states:
                     self._moved(job_id, "pending")
 
+    def explain_pending(self, job_ids: Iterable[str], kind: str, message: str) -> None:
+        """Say why jobs still `pending` were not submitted (the run stopped submitting for `kind`). A reason
+        of their own (a preflight hold, a refused POST) is kept; one left by an earlier stop is replaced.
+        Cleared by their next intent, like every error."""
+        with self._transaction() as conn:
+            conn.executemany("UPDATE jobs SET error_kind=?, error_message=?, updated_at=? WHERE id=? AND"
+                             " state='pending' AND (error_kind IS NULL OR error_kind IN"
+                             " ('budget', 'deadline', 'cancel', 'auth'))",
+                             [(kind, message, utc_now(), job_id) for job_id in job_ids])
+
     def set_refusals(self, refusals: dict[str, str]) -> None:
         """Record, for this run, which jobs the manifest asks for with an input they were not made with
         (id -> why); every other job's refusal is cleared."""

@@ -300,6 +300,25 @@ def _previous_lines(ledger: Ledger, plan: Plan) -> list[str]:
     return lines
 
 
+def _explain_not_submitted(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> None:
+    """Jobs left `pending` because submitting stopped get the reason on their row, so results.jsonl and
+    `status` say why they were not sent, not only the closing lines."""
+    budget = manifest.settings.budget_usd
+    message = {
+        "budget": f"not submitted: it would take spend over the ${budget or 0:.2f} budget",
+        "deadline": "not submitted: max_wait was reached; the next run submits it",
+        "cancel": "not submitted: 'batchrun cancel' stopped this run's submitting; the next run submits it",
+        "auth": f"not submitted: the API stopped the run: {scheduler.auth_error}",
+    }.get(scheduler.stop_reason or "")
+    if message is None or scheduler.interrupted:
+        return
+    waiting = [job.id for job in plan.submit if ledger.state_of(job.id) == "pending"]
+    try:
+        ledger.explain_pending(waiting, scheduler.stop_reason, message)
+    except LedgerError as exc:
+        log.warning("could not record why %d jobs were not submitted: %s", len(waiting), exc)
+
+
 def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> int:
     if scheduler.interrupted:
         return EXIT_INTERRUPTED
@@ -426,6 +445,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                 refresher.cancel()
             if display:
                 display.close()
+    _explain_not_submitted(manifest, ledger, scheduler, plan)
     try:
         write_results(ledger, manifest.output_dir)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again

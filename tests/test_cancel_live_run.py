@@ -70,7 +70,7 @@ async def test_cancel_stops_a_live_run_submitting_then_cancels_its_queued_jobs(t
     rows = results(tmp_path / "out")
     assert rows["clip-00"]["state"] == "done" and rows["clip-01"]["state"] == "cancelled"
     assert all(rows[f"clip-0{i}"]["state"] == "pending" and rows[f"clip-0{i}"]["submissions"] == 0
-               for i in (2, 3, 4))
+               and rows[f"clip-0{i}"]["error"]["kind"] == "cancel" for i in (2, 3, 4))
     assert not (tmp_path / "out" / "cancel.request").exists()
 
 

@@ -256,3 +256,16 @@ async def test_a_removed_job_whose_request_expired_fails_once_without_a_hint_tha
                    "longer knows request" in line for line in outcome.lines)
         await run(manifest, forgetful)  # failed for good: not polled again
         assert forgetful.calls["status"] == 2 and forgetful.posts_total == 0
+
+
+async def test_jobs_not_submitted_because_the_budget_was_reached_say_so_in_results_and_status(tmp_path):
+    manifest = write_manifest(tmp_path, jobs(5), concurrency=1, budget_usd=1.0)
+    async with Sandbox(video_bytes=VIDEO) as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+        assert outcome.exit_code == 1 and sandbox.posts_total == 2
+    waiting = {i: r for i, r in results(tmp_path / "out").items() if r["state"] == "pending"}
+    assert len(waiting) == 3
+    assert all(r["error"] == {"kind": "budget", "message": "not submitted: it would take spend over the $1.00 "
+                              "budget"} for r in waiting.values())
+    code, shown, _ = await _main(["status", str(manifest), "--json"])
+    assert {a["id"] for a in json.loads(shown)["attention"]} == set(waiting)
