@@ -176,7 +176,16 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
     output_dir, manifest = _resolve_target(args.target, args.output)
     base_url, token = _connection(args)
     rps = manifest.settings.requests_per_second if manifest else 5.0
-    report = asyncio.run(cancel_queued(output_dir, base_url=base_url, token=token, requests_per_second=rps))
+    report = asyncio.run(cancel_queued(output_dir, base_url=base_url, token=token, requests_per_second=rps,
+                                       stop_wait=args.wait))
+    run = report.run
+    if run.live and run.stopped:
+        print(f"a run (pid {run.pid or 'unknown'}) was going in {output_dir}: it has stopped submitting and goes "
+              "on collecting the jobs already accepted", file=out)
+    elif run.live:
+        print(f"a run (pid {run.pid or 'unknown'}) is still submitting in {output_dir}: it was asked to stop and "
+              "has not answered yet; jobs it submits from now on are not cancelled: run 'batchrun cancel' again "
+              "once it has stopped", file=out)
     for job_id in report.cancelled:
         print(f"cancelled: {job_id}", file=out)
     for job_id, detail in report.not_cancellable:
@@ -185,7 +194,8 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
         print(f"error: {job_id}: {detail}", file=out)
     print(f"{plural(len(report.cancelled), 'job')} cancelled, {len(report.not_cancellable)} could not be, "
           f"{len(report.errors)} errors", file=out)
-    return EXIT_OK if not report.not_cancellable and not report.errors else EXIT_NOT_DONE
+    all_stopped = run.stopped and not report.not_cancellable and not report.errors
+    return EXIT_OK if all_stopped else EXIT_NOT_DONE
 
 
 def cmd_report(args, out: TextIO, err: TextIO) -> int:
@@ -247,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel the output dir's jobs that are queued remotely")
     _add_target(cancel)
     cancel.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
+    cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for a run going in the output dir to stop submitting (default 30)")
     cancel.set_defaults(handler=cmd_cancel, sandbox=False)
 
     export = commands.add_parser("export", help="the ledger as one line per job")

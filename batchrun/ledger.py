@@ -88,6 +88,10 @@ MIGRATIONS: list[str] = [
         checked_at TEXT NOT NULL
     );
     """,
+    # 3: why the manifest's job was not run as written (its input changed after it was submitted)
+    """
+    ALTER TABLE jobs ADD COLUMN refusal TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -125,6 +129,7 @@ class JobRow:
     finished_at: str | None
     downloaded_at: str | None
     outputs: tuple[Output, ...] = ()
+    refusal: str | None = None  # why the manifest's job of this id was not run as written, at the last run
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -296,6 +301,24 @@ class Ledger:
                 )
                 if job_id not in self._states:
                     self._moved(job_id, "pending")
+
+    def explain_pending(self, job_ids: Iterable[str], kind: str, message: str) -> None:
+        """Say why jobs still `pending` were not submitted (the run stopped submitting for `kind`). A reason
+        of their own (a preflight hold, a refused POST) is kept; one left by an earlier stop is replaced.
+        Cleared by their next intent, like every error."""
+        with self._transaction() as conn:
+            conn.executemany("UPDATE jobs SET error_kind=?, error_message=?, updated_at=? WHERE id=? AND"
+                             " state='pending' AND (error_kind IS NULL OR error_kind IN"
+                             " ('budget', 'deadline', 'cancel', 'auth'))",
+                             [(kind, message, utc_now(), job_id) for job_id in job_ids])
+
+    def set_refusals(self, refusals: dict[str, str]) -> None:
+        """Record, for this run, which jobs the manifest asks for with an input they were not made with
+        (id -> why); every other job's refusal is cleared."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET refusal=NULL WHERE refusal IS NOT NULL")
+            conn.executemany("UPDATE jobs SET refusal=? WHERE id=?",
+                             [(why, job_id) for job_id, why in refusals.items()])
 
     def update_input(self, job_id: str, job_input: dict, digest: str, estimate: float) -> None:
         """A job that never created anything remotely now asks for something else."""

@@ -160,7 +160,7 @@ def data_uri(image: LocalImage) -> str:
         raise LocalFileError(f"cannot read {image.path}: {exc.strerror or exc}") from None
     if len(data) > MAX_INLINE_BYTES or hashlib.sha256(data).hexdigest() != image.sha256:
         raise LocalFileError(f"{image.path} changed since the manifest was loaded; nothing was sent for this "
-                             "job: run again to submit the new image (as a changed job)")
+                             "job: run again to submit it with the new image")
     return f"data:{image.mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 

@@ -13,6 +13,7 @@ from batchrun import download
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
+from batchrun.results import provenance_intact
 
 log = logging.getLogger("batchrun.run")
 
@@ -32,7 +33,13 @@ class RunOptions:
 
 @dataclass
 class Plan:
-    """What a run will do with each manifest job, decided from the ledger before anything is sent."""
+    """What a run will do with each job, decided from the ledger before anything is sent.
+
+    `poll` and `collect` also hold ledger jobs that are not the manifest's job as written: a request
+    made with a job's previous input, or for a job no longer in the manifest. They are rebuilt from the
+    ledger row (`ledger_job`), so they are collected with the input they were made with; `previous`
+    names them, with why.
+    """
 
     submit: list[Job] = field(default_factory=list)
     poll: list[tuple[Job, JobRow]] = field(default_factory=list)  # accepted remotely, not finished
@@ -40,6 +47,15 @@ class Plan:
     skip: list[Job] = field(default_factory=list)  # done and verified
     held: list[tuple[Job, str]] = field(default_factory=list)  # not touched, with the reason
     refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission
+    previous: dict[str, tuple[JobRow, str]] = field(default_factory=dict)  # id -> (row, PREVIOUS_INPUT | GONE)
+    gone: list[JobRow] = field(default_factory=list)  # ledger jobs the manifest no longer lists
+    new: list[Job] = field(default_factory=list)  # manifest jobs never sent (not in the ledger, or pending)
+    provenance: list[JobRow] = field(default_factory=list)  # done jobs whose <id>.json is missing or damaged
+
+
+PREVIOUS_INPUT = "made with its previous input"
+GONE = "no longer in the manifest"
+COLLECTABLE = ("queued", "running", "downloading", "done")  # states whose request a run still collects
 
 
 def outputs_intact(output_dir: Path, row: JobRow, kind: str | None = None) -> bool:
@@ -50,8 +66,28 @@ def outputs_intact(output_dir: Path, row: JobRow, kind: str | None = None) -> bo
     )
 
 
+def ledger_job(row: JobRow) -> Job:
+    """A job as the ledger recorded it: what a request was made with, whatever the manifest says now."""
+    return Job(index=-1, id=row.id, input=row.input, input_sha256=row.input_sha256, line=0, file=LEDGER_NAME)
+
+
+def refusal(job: Job, row: JobRow) -> str | None:
+    """Why `job` is not run as written, or None. Only a job that may exist remotely is refused: one whose
+    POSTs all certainly created nothing (refused with 429, rejected as invalid) simply runs with its
+    new input."""
+    if row.input_sha256 == job.input_sha256 or not (row.request_id or row.state in ("submitting", "unknown")):
+        return None
+    made = f"request {row.request_id}" if row.request_id else "a POST that may have created a job"
+    if row.request_id and row.state in COLLECTABLE:
+        kept = "the render of its previous input is collected and kept under this id"
+    else:
+        kept = f"the ledger keeps the job as it was submitted ({row.state})"
+    return (f"{job.label}: its input changed after it was submitted ({made}); {kept}; "
+            "to run the new input give the job a new id, or restore the old input")
+
+
 def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
-    """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`), then decide."""
+    """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`, refusals), then decide."""
     rows = {row.id: row for row in ledger.all()}
     for row in rows.values():
         if row.state == "submitting":  # a run died between the intent and the POST's answer
@@ -64,6 +100,7 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
     )
     rows = {row.id: row for row in ledger.all()}
     plan = decide(manifest, rows, options)
+    ledger.set_refusals({job.id: why for job, why in plan.refused})
     for job in plan.submit:
         row = rows.get(job.id)
         if row is not None and row.input_sha256 != job.input_sha256:
@@ -72,20 +109,22 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
 
 
 def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> Plan:
-    """What each manifest job needs, given the ledger's rows. Reads files (to verify), writes nothing."""
+    """What each manifest job needs, given the ledger's rows, and which paid requests of other inputs or
+    removed jobs are still to collect. Reads files (to verify), writes nothing."""
     plan = Plan()
     resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
+    listed: set[str] = set()
     for job in manifest.jobs:
+        listed.add(job.id)
         row = rows.get(job.id)
         if row is None or (row.state == "pending" and row.submissions == 0):
+            plan.new.append(job)
             plan.submit.append(job)
             continue
-        if row.input_sha256 != job.input_sha256 and (row.request_id or row.state in ("submitting", "unknown")):
-            # Only a job that may exist remotely is refused: one whose POSTs all certainly created
-            # nothing (refused with 429, rejected as invalid) simply runs with its new input.
-            plan.refused.append((job, f"{job.label}: its input changed after it was submitted "
-                                      f"(request {row.request_id or 'unknown'}); give the changed job a new id "
-                                      "to run it, or restore the old input"))
+        why = refusal(job, row)
+        if why is not None:
+            plan.refused.append((job, why))
+            _keep(manifest.output_dir, plan, row, PREVIOUS_INPUT)
             continue
         state = "unknown" if row.state == "submitting" else row.state
         if state == "pending":
@@ -97,6 +136,8 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         elif state == "done":
             if outputs_intact(manifest.output_dir, row, manifest.model.output_kind):
                 plan.skip.append(job)
+                if not provenance_intact(manifest.output_dir, row):
+                    plan.provenance.append(row)
             else:
                 log.info("%s: a file is missing or damaged; downloading it again", job.id)
                 plan.collect.append((job, row))
@@ -106,13 +147,35 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
             else:
                 plan.held.append((job, "unknown: its POST may have created a job; check your RunComfy "
                                        "dashboard, then use --resubmit-unknown to send it again"))
+        elif state == "failed" and row.submissions == 0 and not row.request_id:
+            plan.submit.append(job)  # it never reached the server (a local image changed, say): nothing was paid
         elif state in ("failed", "cancelled"):
             if options.retry_failed:
                 plan.submit.append(job)
             else:
                 plan.held.append((job, f"{state}: use --retry-failed to submit it again"))
+    for row in rows.values():
+        if row.id not in listed:
+            plan.gone.append(row)
+            _keep(manifest.output_dir, plan, row, GONE)
     return plan
 
+
+def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str) -> None:
+    """A request that is not the manifest's job as written is still collected if it was paid for:
+    polled while in flight, downloaded, and downloaded again if its files are damaged."""
+    if not row.request_id or row.state not in COLLECTABLE:
+        return  # nothing to collect: never sent, finished without a render, or its request id is unknown
+    job = ledger_job(row)
+    if row.state in ("queued", "running"):
+        plan.poll.append((job, row))
+    elif row.state == "downloading" or not outputs_intact(output_dir, row):
+        plan.collect.append((job, row))
+    else:
+        if not provenance_intact(output_dir, row):
+            plan.provenance.append(row)
+        return
+    plan.previous[row.id] = (row, why)
 
 
 def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Plan, float]:
@@ -141,6 +204,13 @@ def summary(manifest: Manifest, plan: Plan, spent: float) -> dict:
         "skip": len(plan.skip),
         "held": [{"id": job.id, "reason": why} for job, why in plan.held],
         "refused": [{"id": job.id, "reason": why} for job, why in plan.refused],
+        # Paid requests collected though they are not the manifest's job as written.
+        "collect_previous": [{"id": job_id, "state": row.state, "request_id": row.request_id, "why": why}
+                             for job_id, (row, why) in plan.previous.items()],
+        # Listed once something has run here: on a first run every job is new.
+        "new": [job.id for job in plan.new] if plan.gone or len(plan.new) < len(manifest.jobs) else [],
+        "no_longer_in_manifest": [{"id": row.id, "state": row.state} for row in plan.gone],
+        "provenance_to_rewrite": [f"{row.id}.json" for row in plan.provenance],
         "video_seconds": seconds,
         "estimated_cost_usd": estimate,
         "spent_usd": round(spent, 4),
@@ -150,6 +220,24 @@ def summary(manifest: Manifest, plan: Plan, spent: float) -> dict:
         # Absolute, so a path that climbs out of the manifest's folder with .. is plain to see.
         "local_files": sorted({str(path) for job in plan.submit for path in job.local_files.values()}),
     }
+
+
+def _print_changes(info: dict, out: TextIO, limit: int = 20) -> None:
+    """Jobs that are new beside those no longer in the manifest (a job without an id whose input changed
+    is both: its id is derived from its input), and the paid requests of either still to collect."""
+    if info["new"]:
+        print(f"  new ({len(info['new'])}): {', '.join(info['new'][:limit])}"
+              f"{' ...' if len(info['new']) > limit else ''}", file=out)
+    gone = info["no_longer_in_manifest"]
+    if gone:
+        shown = ", ".join(f"{item['id']} ({item['state']})" for item in gone[:limit])
+        print(f"  no longer in the manifest ({len(gone)}, kept in the ledger): {shown}"
+              f"{' ...' if len(gone) > limit else ''}", file=out)
+    for item in info["collect_previous"][:limit]:
+        print(f"  to collect: {item['id']}, {item['why']} (request {item['request_id']}, {item['state']})", file=out)
+    if info["provenance_to_rewrite"]:
+        print(f"  provenance files to rewrite (missing or damaged): {', '.join(info['provenance_to_rewrite'][:limit])}",
+              file=out)
 
 
 def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False) -> int:
@@ -189,6 +277,7 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False) -> int:
             print(f"    ... and {len(info['local_files']) - 20} more (see --json)", file=out)
     for item in info["held"][:20] + info["refused"][:20]:
         print(f"  {item['id']}: {item['reason']}", file=out)
+    _print_changes(info, out)
     if info["over_budget"]:
         print("  the budget does not cover every job: the run will stop submitting when it is reached", file=out)
     return 0

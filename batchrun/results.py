@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ from batchrun.ledger import JobRow, Ledger
 
 RESULTS_NAME = "results.jsonl"
 CSV_COLUMNS = ("id", "state", "request_id", "submissions", "input_sha256", "outputs", "cost_usd", "cost_source",
-               "error_kind", "error_message", "submitted_at", "finished_at")
+               "error_kind", "error_message", "submitted_at", "finished_at", "refusal")
+PROVENANCE_MAX_BYTES = 16 * 1024 * 1024  # far above any real <id>.json; a bigger file is not ours
 
 
 def job_record(row: JobRow) -> dict[str, Any]:
@@ -37,6 +40,9 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "cost_source": source,
         "estimated_cost_usd": row.estimated_cost_usd,
         "error": row.error,
+        # Why the manifest's job of this id was not run as written (its input changed after it was
+        # submitted); this line then describes the job as it was made.
+        "refusal": row.refusal,
         "remote_status": row.remote_status,
         "submitted_at": row.submitted_at,
         "started_at": row.started_at,
@@ -69,12 +75,40 @@ def write_results(ledger: Ledger, output_dir: Path) -> Path:
     return path
 
 
+def provenance_path(output_dir: Path, row: JobRow) -> Path:
+    return output_dir / f"{row.id}.json"
+
+
+def provenance_intact(output_dir: Path, row: JobRow) -> bool:
+    """`<id>.json` is a regular file (not a symlink) naming this job's request, input digest and outputs.
+
+    Fields a newer batchrun adds or an older one lacked do not count: only what identifies the render."""
+    path = provenance_path(output_dir, row)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(PROVENANCE_MAX_BYTES + 1)
+        record = json.loads(data) if len(data) <= PROVENANCE_MAX_BYTES else None
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+    expected = job_record(row)
+    return isinstance(record, dict) and all(record.get(key) == expected[key]
+                                            for key in ("id", "request_id", "input_sha256", "outputs"))
+
+
 def write_provenance(output_dir: Path, row: JobRow) -> Path:
     """`<id>.json` beside the video: what was asked, of which model, and what came back.
 
     Not fsynced: it is rebuilt from the ledger whenever a run finds it missing."""
     record = job_record(row)
     record.update({"model": row.model, "input": row.input})
-    path = output_dir / f"{row.id}.json"
+    path = provenance_path(output_dir, row)
     atomic_write(path, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), durable=False)
     return path

@@ -23,15 +23,15 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import outputhosts, schema
+from batchrun import outputhosts, schema, stoprequest
 from batchrun.api import Client, make_limiter
 from batchrun.errors import LedgerError, UsageError
 from batchrun.ledger import Ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
-from batchrun.plan import Plan, RunOptions, make_plan
+from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan
 from batchrun.progress import Progress, describe
-from batchrun.results import write_results
+from batchrun.results import write_provenance, write_results
 from batchrun.scheduler import Scheduler
 
 log = logging.getLogger("batchrun")
@@ -190,6 +190,17 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
     plan.submit = kept
 
 
+def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
+    """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger."""
+    for row in plan.provenance:
+        try:
+            write_provenance(output_dir, ledger.get(row.id) or row)
+        except OSError as exc:
+            log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, exc)
+        else:
+            log.info("%s: rewrote %s.json, which was missing or damaged", row.id, row.id)
+
+
 def plan_lines(plan: Plan) -> list[str]:
     parts = [f"{len(plan.submit)} to submit", f"{len(plan.poll)} to resume", f"{len(plan.collect)} to download",
              f"{len(plan.skip)} already done"]
@@ -198,25 +209,58 @@ def plan_lines(plan: Plan) -> list[str]:
     if plan.refused:
         parts.append(f"{len(plan.refused)} refused")
     lines = ["plan: " + ", ".join(parts)]
-    lines += [f"  refused: {message}" for _, message in plan.refused]
+    lines += [f"  refused: {message}" for _, message in plan.refused[:20]]
+    if len(plan.refused) > 20:
+        lines.append(f"  ... and {len(plan.refused) - 20} more refused (see 'batchrun status')")
+    if plan.gone and plan.new:  # such as a job without an id whose input changed: its derived id did too
+        lines.append(f"  new: {_ids([job.id for job in plan.new])}")
+        lines.append(f"  no longer in the manifest (kept in the ledger): {_ids([row.id for row in plan.gone])}")
+    for why in (GONE, PREVIOUS_INPUT):
+        ids = [job_id for job_id, (_, reason) in plan.previous.items() if reason == why]
+        if ids:
+            lines.append(f"  to collect, {why}: {_ids(ids)}")
     lines += [f"  held: {job.id}: {why}" for job, why in plan.held[:20]]
     if len(plan.held) > 20:
         lines.append(f"  ... and {len(plan.held) - 20} more held (see 'batchrun status')")
     return lines
 
 
+def _ids(ids: list[str], limit: int = 20) -> str:
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _previous_not_done(ledger: Ledger, plan: Plan) -> list[str]:
+    """Requests not made with the manifest's job as written that this run set out to collect and did not."""
+    return [job_id for job_id in plan.previous if ledger.state_of(job_id) != "done"]
+
+
 def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> list[str]:
     counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
-    lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}; spent in this output dir: ${scheduler.committed_usd:.2f} "
-             f"(actual where the API reported it, else estimated)"]
+    refused = {job.id: why for job, why in plan.refused}
+    refused_note = (f" ({_plural(len(refused), 'job')} refused: input changed after it was submitted, "
+                    "see below)" if refused else "")
+    lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}{refused_note}; spent in this output dir: "
+             f"${scheduler.committed_usd:.2f} (actual where the API reported it, else estimated)"]
+    lines += [f"  refused: {why}" for why in list(refused.values())[:20]]
+    if len(refused) > 20:
+        lines.append(f"  ... and {len(refused) - 20} more refused (see 'batchrun status')")
     # Only jobs not done are read back: on a clean 100,000-job run that is none.
-    not_done = [job.id for job in manifest.jobs if ledger.state_of(job.id) != "done"]
+    not_done = [job.id for job in manifest.jobs if ledger.state_of(job.id) != "done" and job.id not in refused]
     attention = [row for row in map(ledger.get, not_done[:21]) if row is not None]
     for row in attention[:20]:
         why = f": {row.error['message']}" if row.error else ""
         lines.append(f"  {row.id}: {row.state}{why}")
     if len(not_done) > 20:
         lines.append(f"  ... and {len(not_done) - 20} more (see 'batchrun status')")
+    lines += _previous_lines(ledger, plan)
+    if plan.provenance:
+        names = [f"{row.id}.json" for row in plan.provenance]
+        lines.append(f"rewrote {_plural(len(names), 'provenance file')} that {'was' if len(names) == 1 else 'were'} "
+                     f"missing or damaged: {_ids(names)}")
     budget = manifest.settings.budget_usd
     reason = {
         "budget": f"budget reached: no job was submitted that would take spend over ${budget or 0:.2f}",
@@ -224,6 +268,7 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
         "deadline": "max_wait reached: no new jobs submitted; jobs in flight are collected by the next run",
         "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
         "disk_full": f"stopped: {scheduler.fatal_error}",
+        "cancel": "stopped submitting: 'batchrun cancel' asked; jobs not submitted stay pending for the next run",
     }.get(scheduler.stop_reason or "")
     if reason:
         lines.append(reason)
@@ -233,13 +278,57 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     return lines
 
 
-def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler) -> int:
+def _previous_lines(ledger: Ledger, plan: Plan) -> list[str]:
+    """What became of paid requests that are not the manifest's job as written (see `Plan.previous`)."""
+    lines = []
+    repaired = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous
+                and ledger.state_of(job.id) == "done"]
+    if repaired:
+        lines.append(f"downloaded again the missing or damaged files of {_plural(len(repaired), 'job')}: "
+                     f"{_ids(repaired)}")
+    for why in (GONE, PREVIOUS_INPUT):
+        done = [job_id for job_id, (_, reason) in plan.previous.items()
+                if reason == why and ledger.state_of(job_id) == "done"]
+        if done:
+            whose = ("of a job" if len(done) == 1 else "of jobs") if why == GONE else ""
+            lines.append(f"collected {_plural(len(done), 'render')} {whose + ' ' if whose else ''}{why}: {_ids(done)}")
+    for job_id in _previous_not_done(ledger, plan)[:20]:
+        row = ledger.get(job_id)
+        if row is not None:
+            error = f": {row.error['message']}" if row.error else ""
+            lines.append(f"  {job_id} ({plan.previous[job_id][1]}, request {row.request_id}): {row.state}{error}")
+    return lines
+
+
+def _explain_not_submitted(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> None:
+    """Jobs left `pending` because submitting stopped get the reason on their row, so results.jsonl and
+    `status` say why they were not sent, not only the closing lines."""
+    budget = manifest.settings.budget_usd
+    message = {
+        "budget": f"not submitted: it would take spend over the ${budget or 0:.2f} budget",
+        "deadline": "not submitted: max_wait was reached; the next run submits it",
+        "cancel": "not submitted: 'batchrun cancel' stopped this run's submitting; the next run submits it",
+        "auth": f"not submitted: the API stopped the run: {scheduler.auth_error}",
+    }.get(scheduler.stop_reason or "")
+    if message is None or scheduler.interrupted:
+        return
+    waiting = [job.id for job in plan.submit if ledger.state_of(job.id) == "pending"]
+    try:
+        ledger.explain_pending(waiting, scheduler.stop_reason, message)
+    except LedgerError as exc:
+        log.warning("could not record why %d jobs were not submitted: %s", len(waiting), exc)
+
+
+def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> int:
     if scheduler.interrupted:
         return EXIT_INTERRUPTED
     if scheduler.stop_reason == "auth":
         return EXIT_AUTH
     all_done = all(ledger.state_of(job.id) == "done" for job in manifest.jobs)
-    return EXIT_OK if all_done else EXIT_NOT_DONE
+    # A refused job is not done as the manifest asks; a paid render still to collect is not done either.
+    if not all_done or plan.refused or _previous_not_done(ledger, plan):
+        return EXIT_NOT_DONE
+    return EXIT_OK
 
 
 def _install_signals(scheduler: Scheduler, stream: TextIO) -> Callable[[], None]:
@@ -290,6 +379,7 @@ async def run_manifest(
     output_dir = manifest.output_dir
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
+        stoprequest.clear(output_dir)  # a request left for an earlier run that ended before seeing it
         ledger = Ledger.open(output_dir)
         handler = _open_run_log(output_dir, stream)
         console = _ConsoleHandler(stream)
@@ -321,6 +411,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     for line in plan_lines(plan):
         log.info("%s", line)
         print(line, file=stream)
+    _rewrite_provenance(manifest.output_dir, ledger, plan)
     async with AsyncExitStack() as stack:
         if sandbox:
             from batchrun.sandbox import Sandbox
@@ -347,22 +438,24 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                            bar=show_bar) if progress is not False else None
         refresher = asyncio.create_task(display.run_periodically()) if display else None
         remove_signals = _install_signals(scheduler, stream) if handle_signals else (lambda: None)
+        watcher = asyncio.create_task(stoprequest.watch(
+            manifest.output_dir, lambda: scheduler.stop_submitting("cancel"), scheduler.posts_in_flight))
         try:
             await scheduler.run(plan)
         finally:
+            watcher.cancel()
             remove_signals()
             if refresher:
                 refresher.cancel()
             if display:
                 display.close()
+    _explain_not_submitted(manifest, ledger, scheduler, plan)
     try:
         write_results(ledger, manifest.output_dir)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
         log.warning("could not rewrite results.jsonl: %s", exc)
     _refresh_report(manifest.output_dir, sum(ledger.counts().values()))
-    exit_code = _exit_code(manifest, ledger, scheduler)
-    if plan.refused and exit_code == EXIT_OK:
-        exit_code = EXIT_NOT_DONE
+    exit_code = _exit_code(manifest, ledger, scheduler, plan)
     lines = _closing_lines(manifest, ledger, scheduler, plan)
     for line in lines:
         log.info("%s", line)

@@ -101,6 +101,10 @@ class _IntentBatch:
         self.ledger = ledger
         self._waiting: list[tuple[str, asyncio.Future]] = []
 
+    def __len__(self) -> int:
+        """Jobs waiting for their intent to be committed: each sends its POST right after."""
+        return len(self._waiting)
+
     async def commit(self, job_id: str) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -156,7 +160,8 @@ class Scheduler:
         self.planner = PollPlanner(self.settings.poll_min_interval, self.settings.poll_max_interval)
         self._result_polls = True  # cleared if the API refuses result calls for unfinished jobs
         self.calls: Counter[str] = Counter()  # API and download calls made, for the run's record
-        # Why submitting stopped, if it did: "interrupted", "auth", "budget", "deadline", "disk_full".
+        # Why submitting stopped, if it did: "interrupted", "auth", "budget", "deadline", "disk_full",
+        # "cancel" ('batchrun cancel' asked).
         self.stop_reason: str | None = None
         self.auth_error: str | None = None
         self.fatal_error: str | None = None
@@ -168,6 +173,9 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._started = clock()
         self.committed_usd = ledger.spent_usd()
+        # Requests not made with the manifest's job as written (see `Plan.previous`): their cost is the
+        # ledger's estimate, since the manifest no longer holds their input.
+        self._previous: dict[str, JobRow] = {}
 
     # -- control -------------------------------------------------------------------------------
     def stop_submitting(self, reason: str) -> None:
@@ -190,6 +198,17 @@ class Scheduler:
         self.stop_submitting(reason)
         self._cancel_all()
 
+    def posts_in_flight(self) -> int:
+        """Jobs whose POST is about to be sent or not yet answered: once submitting has stopped and this
+        is 0, no further request can appear in the ledger."""
+        return len(self._intents) + self.ledger.counts().get("submitting", 0)
+
+    def _estimate(self, job: Job) -> float:
+        row = self._previous.get(job.id)
+        if row is not None:
+            return row.estimated_cost_usd or 0.0
+        return self.manifest.estimate_cost(job)
+
     def _cancel_all(self) -> None:
         self.aborted = True  # and no new task starts, not even for a job resumed from the ledger
         current = asyncio.current_task()
@@ -199,6 +218,7 @@ class Scheduler:
 
     # -- the run ---------------------------------------------------------------------------------
     async def run(self, plan: Plan) -> None:
+        self._previous = {job_id: row for job_id, (row, _) in plan.previous.items()}
         # Jobs already paid for come first: their slots and downloads matter more than new ones.
         work: list[tuple[str, Job, JobRow | None]] = (
             [("collect", job, row) for job, row in plan.collect]
@@ -278,8 +298,9 @@ class Scheduler:
             # Local images become data: URIs only now, so the ledger never holds megabytes of base64.
             payload = await asyncio.to_thread(job.api_input) if job.local_files else job.api_input()
         except LocalFileError as exc:
-            self.ledger.set_state(job.id, "failed", error=("local_file", f"{exc}; nothing was sent"))
-            log.warning("%s: failed: %s", job.id, exc)
+            # Nothing was sent, so nothing is held back: the next run submits the job with its file as it is then.
+            self.ledger.set_state(job.id, "pending", error=("local_file", str(exc)))
+            log.warning("%s: not submitted: %s", job.id, exc)
             return None
         estimate = self.manifest.estimate_cost(job)
         budget = self.settings.budget_usd
@@ -293,7 +314,7 @@ class Scheduler:
         self.committed_usd += estimate
         attempt = 0
         while True:
-            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted"):
+            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "cancel"):
                 self.committed_usd -= estimate
                 return None
             await self._intents.commit(job.id)
@@ -432,10 +453,11 @@ class Scheduler:
         return None
 
     def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
-        message = (f"the API no longer knows request {request_id} ({exc}); it may have expired. "
-                   "Use --retry-failed to submit the job again")
+        message = f"the API no longer knows request {request_id} ({exc}); it may have expired"
+        if job.id not in self._previous:  # --retry-failed runs only the manifest's job as written
+            message += ". Use --retry-failed to submit the job again"
         if self.ledger.cost_of(job.id) is None:
-            self.committed_usd -= self.manifest.estimate_cost(job)  # no longer counted: see Ledger.spent_usd
+            self.committed_usd -= self._estimate(job)  # no longer counted: see Ledger.spent_usd
         self.ledger.set_state(job.id, "failed", error=("not_found", message))
         log.warning("%s: failed: %s", job.id, message)
 
@@ -450,7 +472,7 @@ class Scheduler:
             if outcome is not None and outcome.cancelled:
                 self.ledger.set_state(job.id, "cancelled",
                                       error=("timeout", f"still queued after {minutes:g} min; cancelled"))
-                self.committed_usd -= self.manifest.estimate_cost(job)
+                self.committed_usd -= self._estimate(job)
                 log.warning("%s: cancelled: still queued after %g min", job.id, minutes)
                 return None
         self.ledger.set_state(job.id, state, error=("timeout", f"not finished after {minutes:g} min; request "
@@ -476,7 +498,7 @@ class Scheduler:
         finished = {"finished_at": _utc_iso(result.finished_at), "remote_status": result.raw_status}
         # What `committed_usd` holds for this job so far: its recorded cost (a done job collected
         # again), else its estimate. Replaced below by what the result says, as `Ledger.spent_usd` counts it.
-        held = recorded_cost if recorded_cost is not None else self.manifest.estimate_cost(job)
+        held = recorded_cost if recorded_cost is not None else self._estimate(job)
         if result.state == "cancelled":
             self.ledger.set_state(job.id, "cancelled", error=("cancelled", "cancelled remotely"), **finished)
             self.committed_usd -= held
@@ -487,7 +509,7 @@ class Scheduler:
             self.committed_usd += (result.cost_usd or 0.0) - held
             log.warning("%s: failed remotely: %s", job.id, message)
             return
-        cost = result.cost_usd if result.cost_usd is not None else self.manifest.estimate_cost(job)
+        cost = result.cost_usd if result.cost_usd is not None else self._estimate(job)
         self.committed_usd += cost - held
         self.ledger.set_state(job.id, "downloading", clear_error=True, output_urls=result.output_urls,
                               cost_usd=result.cost_usd, **finished)

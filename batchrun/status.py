@@ -1,21 +1,29 @@
 """`batchrun status`: counts by state, the jobs needing attention and the spend, read from the ledger.
 
 Opens the ledger read-only, so it is safe while a run is writing (SQLite WAL readers never block it).
+Jobs needing attention include those the manifest asks for with an input they were not made with
+(refused): worked out from the manifest when one is given, else as the last run recorded them. Done
+jobs' files are checked (outputs with `download.verify`, `<id>.json` against the ledger): what is
+missing or damaged is listed, and the next run repairs it.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from batchrun import download
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
+from batchrun.plan import refusal
+from batchrun.results import provenance_intact, provenance_path
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
+IN_FLIGHT_OR_DOWNLOADING = ("queued", "running", "downloading")
 
 
 @dataclass
@@ -27,6 +35,9 @@ class StatusReport:
     not_in_manifest: list[str]  # ledger jobs the manifest no longer lists
     not_started: list[str]  # manifest jobs the ledger has never seen
     running_pid: int | None
+    refused: dict[str, str] = field(default_factory=dict)  # id -> why the manifest's job is not run as written
+    damaged: list[tuple[str, str, str]] = field(default_factory=list)  # (id, file, "missing" | "damaged")
+    states: dict[str, str] = field(default_factory=dict)  # id -> state, for the jobs listed above
 
 
 def _running_pid(output_dir: Path) -> int | None:
@@ -37,6 +48,19 @@ def _running_pid(output_dir: Path) -> int | None:
         return None
 
 
+def damaged_files(output_dir: Path, row: JobRow) -> list[tuple[str, str]]:
+    """(file name, "missing" | "damaged") for each output or provenance file of a done job that is not intact."""
+    found = []
+    for output in row.outputs:
+        path = output_dir / output.path
+        if not download.verify(path, output.bytes, output.sha256):
+            found.append((output.path, "damaged" if path.exists() or path.is_symlink() else "missing"))
+    if not provenance_intact(output_dir, row):
+        path = provenance_path(output_dir, row)
+        found.append((path.name, "damaged" if path.exists() or path.is_symlink() else "missing"))
+    return found
+
+
 def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
@@ -44,18 +68,38 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
         spent = ledger.spent_usd()
     finally:
         ledger.close()
+    by_id = {row.id: row for row in rows}
+    if manifest is not None:
+        refused = {job.id: why for job in manifest.jobs
+                   if job.id in by_id and (why := refusal(job, by_id[job.id])) is not None}
+    else:
+        refused = {row.id: row.refusal for row in rows if row.refusal}
     counts = Counter(row.state for row in rows)
-    attention = [row for row in rows if row.state in ATTENTION or (row.error and row.state != "done")]
+    attention = [row for row in rows
+                 if row.state in ATTENTION or (row.error and row.state != "done") or row.id in refused]
     manifest_ids = {job.id for job in manifest.jobs} if manifest else None
+    not_in_manifest = [row.id for row in rows if manifest_ids is not None and row.id not in manifest_ids]
+    damaged = [(row.id, name, problem) for row in rows if row.state == "done"
+               for name, problem in damaged_files(output_dir, row)]
     return StatusReport(
         output_dir=output_dir,
         counts={state: counts[state] for state in STATES if counts[state]},
         spent_usd=spent,
         attention=attention,
-        not_in_manifest=[row.id for row in rows if manifest_ids is not None and row.id not in manifest_ids],
-        not_started=[job.id for job in manifest.jobs if job.id not in {r.id for r in rows}] if manifest else [],
+        not_in_manifest=not_in_manifest,
+        not_started=[job.id for job in manifest.jobs if job.id not in by_id] if manifest else [],
         running_pid=_running_pid(output_dir),
+        refused=refused,
+        damaged=damaged,
+        states={job_id: by_id[job_id].state for job_id in not_in_manifest},
     )
+
+
+def _error(report: StatusReport, row: JobRow) -> dict[str, str] | None:
+    """The job's recorded error; for a refused job, its refusal (what a person has to act on)."""
+    if row.id in report.refused:
+        return {"kind": "refused", "message": report.refused[row.id]}
+    return row.error
 
 
 def as_dict(report: StatusReport) -> dict[str, Any]:
@@ -65,8 +109,10 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "counts": report.counts,
         "total": sum(report.counts.values()),
         "spent_usd": round(report.spent_usd, 4),
-        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "error": r.error}
+        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "error": _error(report, r)}
                       for r in report.attention],
+        "refused": [{"id": job_id, "refusal": why} for job_id, why in report.refused.items()],
+        "damaged": [{"id": job_id, "path": name, "problem": problem} for job_id, name, problem in report.damaged],
         "not_in_manifest": report.not_in_manifest,
         "not_started": report.not_started,
     }
@@ -86,12 +132,26 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
     if report.attention:
         print(f"needing attention ({len(report.attention)}):", file=out)
         for row in report.attention[:limit]:
+            if row.id in report.refused:
+                print(f"  {row.id}  refused (the ledger's job is {row.state}): {report.refused[row.id]}", file=out)
+                continue
             why = f": {row.error['message']}" if row.error else ""
             print(f"  {row.id}  {row.state}{why}", file=out)
         if len(report.attention) > limit:
             print(f"  ... and {len(report.attention) - limit} more (use --json for all)", file=out)
+    if report.damaged:
+        print(f"missing or damaged files ({len(report.damaged)}); the next run repairs them:", file=out)
+        for job_id, name, problem in report.damaged[:limit]:
+            print(f"  {name}  {problem} (job {job_id})", file=out)
+        if len(report.damaged) > limit:
+            print(f"  ... and {len(report.damaged) - limit} more (use --json for all)", file=out)
     if report.not_in_manifest:
-        shown = ", ".join(report.not_in_manifest[:20]) + (" ..." if len(report.not_in_manifest) > 20 else "")
-        print(f"in the ledger but no longer in the manifest ({len(report.not_in_manifest)}): {shown}", file=out)
+        shown = ", ".join(f"{job_id} ({report.states[job_id]})" for job_id in report.not_in_manifest[:20])
+        more = " ..." if len(report.not_in_manifest) > 20 else ""
+        print(f"in the ledger but no longer in the manifest ({len(report.not_in_manifest)}): {shown}{more}",
+              file=out)
+        pending = [job_id for job_id in report.not_in_manifest if report.states[job_id] in IN_FLIGHT_OR_DOWNLOADING]
+        if pending:
+            print(f"  paid renders of those still to collect ({len(pending)}): the next run collects them", file=out)
     if report.not_started:
         print(f"in the manifest but never run: {len(report.not_started)}", file=out)
