@@ -65,6 +65,21 @@ def write_manifest(path: Path, jobs: int = 6, concurrency: int = 3) -> Path:
     return path
 
 
+def _has_open(pid: int, name: str) -> bool:
+    """Whether process `pid` has a file called `name` open (Linux's /proc)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("/" + name):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 @dataclass
 class Harness:
     manifest: Path
@@ -94,7 +109,12 @@ class Harness:
         return proc.returncode
 
     def kill_after(self, seconds: float) -> int:
+        """Kill a run `seconds` after it has opened the ledger, so a slow start-up (imports take seconds on a
+        loaded machine) does not turn every kill into a kill before anything happened."""
         proc = self.start()
+        deadline = time.monotonic() + 30
+        while not _has_open(proc.pid, "ledger.sqlite") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         try:
             proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
