@@ -98,7 +98,8 @@ class Sandbox:
         self.models = MODELS
         self.queue = SimQueue(capacity)
         self._token = token
-        knobs = ("ids", "render", "fail", "5xx", "200err", "cut", "sig")
+        # Request ids are not drawn from these: see `_submit`.
+        knobs = ("render", "fail", "5xx", "200err", "cut", "sig")
         self._rngs = {name: random.Random(f"{seed}/{name}") for name in knobs}
         self._sig_key = self._rngs["sig"].randbytes(16)
         # Map the sandbox clock (monotonic or fake) onto wall time for created_at / finished_at.
@@ -290,7 +291,9 @@ class Sandbox:
 
         now = self._now()
         job = Job(
-            request_id=str(uuid.UUID(int=self._rngs["ids"].getrandbits(128), version=4)),
+            # Random like RunComfy's, never from the seed: a sandbox started later (a resumed `--sandbox`
+            # run, a restarted `batchrun sandbox`) must not hand out ids an earlier one already gave.
+            request_id=str(uuid.uuid4()),
             model_id=model.model_id,
             input=body,
             input_sha256=input_sha256(body),
