@@ -13,6 +13,7 @@ from batchrun import download
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
+from batchrun.owners import FileOwners
 
 log = logging.getLogger("batchrun.run")
 
@@ -35,7 +36,8 @@ class Plan:
     collect: list[tuple[Job, JobRow]] = field(default_factory=list)  # finished remotely or files damaged
     skip: list[Job] = field(default_factory=list)  # done and verified
     held: list[tuple[Job, str]] = field(default_factory=list)  # not touched, with the reason
-    refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission
+    refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission, or
+    # its file names are another ledger job's
 
 
 def outputs_intact(output_dir: Path, row: JobRow) -> bool:
@@ -70,10 +72,16 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
     """What each manifest job needs, given the ledger's rows. Reads files (to verify), writes nothing."""
     plan = Plan()
     resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
+    owners = FileOwners(rows.values())
     for job in manifest.jobs:
         row = rows.get(job.id)
         if row is None or (row.state == "pending" and row.submissions == 0):
-            plan.submit.append(job)
+            # A job not yet sent owns no file names: it may not take any that a sent one owns.
+            clash = owners.clash(job.id)
+            if clash:
+                plan.refused.append((job, f"{job.label}: {clash}"))
+            else:
+                plan.submit.append(job)
             continue
         if row.input_sha256 != job.input_sha256 and (row.request_id or row.state in ("submitting", "unknown")):
             # Only a job that may exist remotely is refused: one whose POSTs all certainly created
@@ -164,7 +172,7 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False) -> int:
         ("to download again", str(info["download"])),
         ("already done", str(info["skip"])),
         ("held", str(len(info["held"]))),
-        ("refused (input changed)", str(len(info["refused"]))),
+        ("refused", str(len(info["refused"]))),
         ("video seconds to submit", f"{info['video_seconds']:g}"),
         ("estimated cost to submit", f"${info['estimated_cost_usd']:.2f}"),
         ("spent in this output dir", f"${info['spent_usd']:.2f}"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import os
 import random
 import signal
 import sys
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from batchrun import schema
 from batchrun.api import Client, make_limiter
 from batchrun.errors import LedgerError, UsageError
+from batchrun.fsutil import open_append, remove_stale_temps
 from batchrun.ledger import Ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
@@ -74,9 +76,15 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=RUN_LOG_MAX_BYTES, backupCount=2, encoding="utf-8")
         self._flushed = time.monotonic()
         self._urgent = False
-        self._size = path.stat().st_size if path.exists() else 0
+        self._size = os.fstat(self.stream.fileno()).st_size
         self._console = stream
         self._broken = False
+
+    def _open(self):
+        # Never through a symlink (the base class's open() follows one): a line of server text appended
+        # to a planted `run.log -> ~/.bashrc` would run at the next login. Rotation only renames, which
+        # moves a link itself and never writes through it.
+        return os.fdopen(open_append(Path(self.baseFilename)), "a", encoding="utf-8")
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         # A full disk must not turn every later log line into a traceback: say it once, then drop lines.
@@ -125,7 +133,10 @@ async def _flush_periodically(handler: _RunLogHandler) -> None:
 
 
 def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
-    handler = _RunLogHandler(output_dir / RUN_LOG, stream)
+    try:
+        handler = _RunLogHandler(output_dir / RUN_LOG, stream)
+    except OSError as exc:  # UnsafeFile (a link, a FIFO) is not one: it says why itself
+        raise UsageError(f"cannot write {output_dir / RUN_LOG}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     handler.setLevel(logging.INFO)
     return handler
@@ -290,14 +301,21 @@ async def run_manifest(
     output_dir = manifest.output_dir
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
-        ledger = Ledger.open(output_dir)
+        # run.log first: a planted link there stops the run before the ledger is touched.
         handler = _open_run_log(output_dir, stream)
+        try:
+            ledger = Ledger.open(output_dir)
+        except BaseException:
+            handler.close()
+            raise
         console = _ConsoleHandler(stream)
         log.addHandler(handler)
         log.addHandler(console)
         log.setLevel(logging.INFO)
         flusher = asyncio.create_task(_flush_periodically(handler))
         try:
+            for name in remove_stale_temps(output_dir):
+                log.info("removed %s, left by a run that was stopped while rewriting a file", name)
             return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
                                      sandbox=sandbox, stream=stream, progress=progress,
                                      handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand)

@@ -62,6 +62,7 @@ class Faults:
     odd_statuses: bool = False  # in-progress jobs report `starting` then `processing`
     result_refused_until_finished: int | None = None  # unlike the docs, result answers this HTTP status
     # (e.g. 404 or 409) for an unfinished job instead of its current status
+    videos_per_job: int = 1  # a completed job's videos; over 1 they come as `output.videos` (a list)
 
 
 def _sample_video() -> bytes:
@@ -262,8 +263,16 @@ class Sandbox:
     def _sign(self, path: str, expires: str) -> str:
         return hmac.new(self._sig_key, f"{path}?{expires}".encode(), hashlib.sha256).hexdigest()[:32]
 
-    def _video_url(self, request: web.Request, job: Job, now: float) -> str:
-        path = f"/files/{job.request_id}/{VIDEO_NAME}"
+    def _video_names(self) -> list[str]:
+        stem, dot, ext = VIDEO_NAME.rpartition(".")
+        return [VIDEO_NAME] + [f"{stem}-{n}{dot}{ext}" for n in range(2, self.faults.videos_per_job + 1)]
+
+    def _output(self, request: web.Request, job: Job, now: float) -> dict[str, Any]:
+        urls = [self._video_url(request, job, now, name) for name in self._video_names()]
+        return {"video": urls[0]} if len(urls) == 1 else {"videos": urls}
+
+    def _video_url(self, request: web.Request, job: Job, now: float, name: str = VIDEO_NAME) -> str:
+        path = f"/files/{job.request_id}/{name}"
         job.urls_minted += 1
         if self.faults.url_ttl is None:
             return self._base(request) + path
@@ -350,7 +359,7 @@ class Sandbox:
         body: dict[str, Any] = {
             "request_id": job.request_id,
             "status": job.status,
-            "output": {"video": self._video_url(request, job, now)} if job.status == COMPLETED else None,
+            "output": self._output(request, job, now) if job.status == COMPLETED else None,
             "created_at": self._iso(job.created_at),
             "finished_at": self._iso(job.finished_at),
             "error": job.error if job.status == FAILED else None,
@@ -372,7 +381,7 @@ class Sandbox:
     async def _download(self, request: web.Request) -> web.StreamResponse:
         now = self._now()
         job = self.jobs.get(request.match_info["request_id"])
-        if job is None or job.status != COMPLETED or request.match_info["name"] != VIDEO_NAME:
+        if job is None or job.status != COMPLETED or request.match_info["name"] not in self._video_names():
             return web.Response(status=404, text="NoSuchKey")
         fault = self._server_fault(with_http200=False)
         if fault:
