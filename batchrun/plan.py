@@ -25,6 +25,7 @@ class RunOptions:
     download_concurrency: int = 4
     preflight: bool = True  # check image URLs before paying for jobs that would fail
     preflight_ssl: object = None  # aiohttp's `ssl` for preflight (tests trust their own CA)
+    new_output: bool = False  # start a new ledger in the default output dir though the manifest has one elsewhere
 
 
 @dataclass

@@ -29,6 +29,7 @@ from batchrun.api import Client, make_limiter
 from batchrun.errors import LedgerError, UsageError
 from batchrun.fsutil import open_append, remove_stale_temps
 from batchrun.ledger import Ledger
+from batchrun.ledger_index import LedgerIndex, check_new_ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import Plan, RunOptions, make_plan
@@ -296,9 +297,16 @@ async def run_manifest(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
+    ledger_index: LedgerIndex | None = None,
 ) -> RunOutcome:
-    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator."""
+    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator.
+
+    `ledger_index` (default: the user's, see batchrun.ledger_index) is where the run looks for this
+    manifest's ledgers elsewhere (and refuses with UsageError to start a second one unasked) and
+    records its own."""
     output_dir = manifest.output_dir
+    index = LedgerIndex.for_user() if ledger_index is None else ledger_index
+    check_new_ledger(manifest, index, new_output=options.new_output)
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
         # run.log first: a planted link there stops the run before the ledger is touched.
@@ -314,6 +322,7 @@ async def run_manifest(
         log.setLevel(logging.INFO)
         flusher = asyncio.create_task(_flush_periodically(handler))
         try:
+            index.record(manifest.path, output_dir)
             for name in remove_stale_temps(output_dir):
                 log.info("removed %s, left by a run that was stopped while rewriting a file", name)
             return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
