@@ -40,13 +40,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_append(path: Path, mode: int = 0o666) -> int:
+def open_append(path: Path, mode: int = 0o666, *, _unshared: bool = False) -> int:
     """An fd appending to `path` (created with `mode` less the umask), never through a symlink.
 
-    Raises UnsafeFile for a symlink, a FIFO or device (opened without blocking, then refused) or a
-    file with other hard links (our lines would land in a file elsewhere); OSError otherwise."""
+    A file with other hard links (a backup tool's snapshot, or a planted link to a file elsewhere) is
+    first replaced by a copy of its own, so our lines never land under another name. Raises UnsafeFile
+    for a symlink or a FIFO or device (opened without blocking, then refused); OSError otherwise."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
@@ -59,12 +60,21 @@ def open_append(path: Path, mode: int = 0o666) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeFile(f"{path} is not a regular file; refusing to write to it")
+        if st.st_nlink != 1 and not _unshared:
+            size = st.st_size
+            copy = os.pread(fd, size, 0)
+            os.close(fd)
+            fd = -1
+            atomic_write(path, copy, mode, durable=False)
+            log.warning("%s had %d hard links; it now has a copy of its own (the other names keep theirs)",
+                        path, st.st_nlink)
+            return open_append(path, mode, _unshared=True)
         if st.st_nlink != 1:
-            raise UnsafeFile(f"{path} has {st.st_nlink} hard links; refusing to write to a file shared with "
-                             "another name. Remove it and run again")
+            raise UnsafeFile(f"{path} keeps getting other hard links; refusing to write to it")
         os.set_blocking(fd, True)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
     return fd
 

@@ -309,17 +309,22 @@ async def run_manifest(
     check_new_ledger(manifest, index, new_output=options.new_output)
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
-        # run.log first: a planted link there stops the run before the ledger is touched.
-        handler = _open_run_log(output_dir, stream)
+        console = _ConsoleHandler(stream)
+        log.addHandler(console)
+        log.setLevel(logging.INFO)
+        try:
+            # run.log first: a planted link there stops the run before the ledger is touched.
+            handler = _open_run_log(output_dir, stream)
+        except BaseException:
+            log.removeHandler(console)
+            raise
         try:
             ledger = Ledger.open(output_dir)
         except BaseException:
+            log.removeHandler(console)
             handler.close()
             raise
-        console = _ConsoleHandler(stream)
         log.addHandler(handler)
-        log.addHandler(console)
-        log.setLevel(logging.INFO)
         flusher = asyncio.create_task(_flush_periodically(handler))
         try:
             index.record(manifest.path, output_dir)

@@ -104,19 +104,26 @@ async def test_rotating_run_log_moves_links_and_never_writes_through_them(tmp_pa
     assert "clip-00: done" in (out / "run.log").read_text()
 
 
-@pytest.mark.parametrize("kind", ["fifo", "hard link"])
-async def test_run_log_that_is_a_fifo_or_a_hard_link_is_refused_without_hanging(tmp_path, victim, kind):
-    log = tmp_path / "out" / "run.log"
-    if kind == "fifo":
-        os.mkfifo(log)
-    else:
-        os.link(victim, log)
+async def test_run_log_that_is_a_fifo_is_refused_without_hanging(tmp_path, victim):
+    os.mkfifo(tmp_path / "out" / "run.log")
     manifest = write_manifest(tmp_path, jobs(1))
     async with Sandbox() as sandbox:
         code, _, err = await asyncio.wait_for(_run(manifest, sandbox), 20)
         assert sandbox.posts_total == 0
-    assert code == 2 and "run.log" in err and "Traceback" not in err, err
-    assert victim.read_bytes() == VICTIM
+    assert code == 2 and "run.log is not a regular file" in err and "Traceback" not in err, err
+
+
+async def test_run_log_with_another_hard_link_gets_a_copy_of_its_own(tmp_path, victim):
+    """A planted hard link, or a backup tool's snapshot of the folder: the other name keeps its bytes."""
+    log = tmp_path / "out" / "run.log"
+    os.link(victim, log)
+    manifest = write_manifest(tmp_path, jobs(1))
+    async with Sandbox() as sandbox:
+        code, _, err = await _run(manifest, sandbox)
+    assert code == 0, err
+    assert "run.log had 2 hard links" in err
+    assert victim.read_bytes() == VICTIM and victim.stat().st_nlink == 1
+    assert log.read_bytes().startswith(VICTIM) and b"clip-00: done" in log.read_bytes()
 
 
 # -- no job takes a file name another job in the ledger owns -----------------------------------------
