@@ -1,6 +1,6 @@
 """One ledger per manifest whatever the current directory: `run` from elsewhere never pays again, and
-`status`, `plan`, `export`, `report` find the ledger. Real subprocesses, each with its own cwd, against
-`batchrun sandbox` in its own process (its POST count comes from its access log)."""
+`status`, `plan`, `export`, `report` find the ledger. Real subprocesses, each with its own cwd, against a
+sandbox whose POST count is read from the server itself."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
+from crash_harness import ThreadedSandbox
 from helpers import IMAGE, ledger_rows
-from proc_helpers import batchrun, env, wait_for
+from proc_helpers import batchrun, env
 
 from batchrun.cli import main
 from batchrun.ledger_index import INDEX_NAME, LedgerIndex, state_dir
@@ -33,32 +33,18 @@ def _manifest(folder, n: int = 3, name: str = "campaign.yaml", extra: str = ""):
 
 @pytest.fixture(scope="module")
 def sandbox_server():
-    """`batchrun sandbox` in its own process; yields (base URL, a function counting POSTs so far)."""
-    log = subprocess.Popen([sys.executable, "-m", "batchrun", "sandbox", "--port", "0", "--render-seconds", "0"],
-                           env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
+    """A sandbox serving from a thread of this process, for batchrun subprocesses; yields (base URL, a
+    function giving the POSTs it has received so far: the server's own count)."""
+    server = ThreadedSandbox(render_seconds=0)
     try:
-        base_url = log.stdout.readline().split(" at ")[1].strip()
-        reader = threading.Thread(target=lambda: lines.extend(iter(log.stdout.readline, "")), daemon=True)
-        reader.start()
-
-        def posts() -> int:
-            return sum('"POST /v1/models/' in line for line in list(lines))
-
-        yield base_url, posts
+        yield server.base_url, lambda: server.read(lambda sb: sb.posts_total)
     finally:
-        log.terminate()
-        log.wait(10)
+        server.close()
 
 
 def _run(manifest, cwd, base_url, *flags):
     return batchrun("run", str(manifest), "--base-url", base_url, "--no-progress", "--no-preflight", *flags,
                     cwd=cwd, RUNCOMFY_API_TOKEN="sandbox")
-
-
-def _posts_settle(posts, expected: int) -> None:
-    """The access log is written as requests end; wait until it has caught up with what we expect."""
-    wait_for(lambda: posts() >= expected, 5, f"{expected} POSTs in the sandbox's log")
 
 
 def test_running_from_another_directory_refuses_and_names_the_ledger(tmp_path, sandbox_server):
@@ -69,7 +55,7 @@ def test_running_from_another_directory_refuses_and_names_the_ledger(tmp_path, s
     before = posts()
     first = _run("campaign.yaml", proj, base_url)
     assert first.returncode == 0, first.stderr
-    _posts_settle(posts, before + 3)
+    assert posts() == before + 3
     ledger_dir = proj / "output" / "campaign"
     assert len(ledger_rows(ledger_dir)) == 3
 
@@ -99,6 +85,8 @@ def test_running_from_another_directory_refuses_and_names_the_ledger(tmp_path, s
     report = batchrun("report", str(manifest), cwd=home)
     assert report.returncode == 0, report.stderr
     assert str(ledger_dir / "report.html") in report.stdout
+    cancel = batchrun("cancel", str(manifest), "--base-url", base_url, cwd=home, RUNCOMFY_API_TOKEN="sandbox")
+    assert cancel.returncode == 0 and str(ledger_dir) in cancel.stderr, cancel.stderr
     assert not (home / "output").exists()
 
     # Naming the existing dir resumes it: nothing paid again.
@@ -117,7 +105,7 @@ def test_a_new_ledger_elsewhere_only_when_the_user_says_so(tmp_path, sandbox_ser
     assert _run(manifest, proj, base_url).returncode == 0
     fresh = _run(manifest, elsewhere, base_url, "--new-output")
     assert fresh.returncode == 0, fresh.stderr
-    _posts_settle(posts, before + 2)
+    assert posts() == before + 2
     assert len(ledger_rows(elsewhere / "output" / "campaign")) == 1
     # Both are now known; a third directory is refused and told of the most recent one.
     third = tmp_path / "third"
@@ -129,7 +117,7 @@ def test_a_new_ledger_elsewhere_only_when_the_user_says_so(tmp_path, sandbox_ser
     named = _run(manifest, third, base_url, "--output", "mine")
     assert named.returncode == 0, named.stderr
     assert (third / "mine" / "ledger.sqlite").is_file()
-    _posts_settle(posts, before + 3)
+    assert posts() == before + 3
 
 
 async def _in_process(argv: list[str], cwd, monkeypatch) -> tuple[int, str, str]:
