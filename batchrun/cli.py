@@ -104,9 +104,17 @@ def _connection(args) -> tuple[str | None, str | None]:
 
 
 def cmd_plan(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.ledger_index import LedgerIndex, locate
     from batchrun.plan import show_plan
 
     manifest = _load_for_run(args, err)
+    if not args.new_output:
+        # What a run would do is what the manifest's existing ledger says, wherever it is; say where.
+        found = locate(manifest, LedgerIndex.for_user())
+        if found.note:
+            print(f"batchrun: {found.note}; 'run' from here refuses to start a new ledger: add --output "
+                  f"{found.output_dir} to resume it, or --new-output", file=err)
+            manifest.output_dir = found.output_dir
     return show_plan(manifest, out, as_json=getattr(args, "json", False))
 
 
@@ -119,7 +127,7 @@ def cmd_run(args, out: TextIO, err: TextIO) -> int:
     manifest = _load_for_run(args, err)
     base_url, token = _connection(args)
     options = RunOptions(retry_failed=args.retry_failed, resubmit_unknown=args.resubmit_unknown,
-                         preflight=not args.no_preflight)
+                         preflight=not args.no_preflight, new_output=args.new_output)
     outcome = asyncio.run(run_manifest(manifest, base_url=base_url, token=token, options=options,
                                        sandbox=args.sandbox, stream=err,
                                        progress=False if args.no_progress else None))
@@ -135,21 +143,28 @@ def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def _resolve_target(target: str, output: str | None = None) -> tuple[Path, Manifest | None]:
-    """MANIFEST_OR_OUTPUT_DIR: a directory is an output dir; a file is a manifest naming one."""
+def _resolve_target(target: str, output: str | None = None, err: TextIO | None = None) -> tuple[Path, Manifest | None]:
+    """MANIFEST_OR_OUTPUT_DIR: a directory is an output dir; a file is a manifest naming one, or, when it
+    names none and its default dir here holds no ledger, the one where it ran (said on `err`)."""
+    from batchrun.ledger_index import LedgerIndex, locate
+
     path = Path(target)
     if path.is_dir():
         return path.absolute(), None
     if not path.exists():
         raise UsageError(f"{target}: no such manifest or output directory")
     manifest = load_manifest(path, output=output)
+    found = locate(manifest, LedgerIndex.for_user())
+    if found.note and err is not None:
+        print(f"batchrun: {found.note}", file=err)
+    manifest.output_dir = found.output_dir
     return manifest.output_dir, manifest
 
 
 def cmd_status(args, out: TextIO, err: TextIO) -> int:
     from batchrun.status import collect, print_report
 
-    output_dir, manifest = _resolve_target(args.target, args.output)
+    output_dir, manifest = _resolve_target(args.target, args.output, err)
     print_report(collect(output_dir, manifest), out, as_json=args.json)
     return EXIT_OK
 
@@ -158,7 +173,7 @@ def cmd_export(args, out: TextIO, err: TextIO) -> int:
     from batchrun.ledger import Ledger
     from batchrun.results import to_csv, to_jsonl
 
-    output_dir, _ = _resolve_target(args.target, args.output)
+    output_dir, _ = _resolve_target(args.target, args.output, err)
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
         rows = ledger.all()
@@ -173,7 +188,7 @@ def cmd_export(args, out: TextIO, err: TextIO) -> int:
 def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
     from batchrun.cancel import cancel_queued
 
-    output_dir, manifest = _resolve_target(args.target, args.output)
+    output_dir, manifest = _resolve_target(args.target, args.output, err)
     base_url, token = _connection(args)
     rps = manifest.settings.requests_per_second if manifest else 5.0
     report = asyncio.run(cancel_queued(output_dir, base_url=base_url, token=token, requests_per_second=rps,
@@ -201,7 +216,7 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
 def cmd_report(args, out: TextIO, err: TextIO) -> int:
     from batchrun.report import write_report
 
-    output_dir, _ = _resolve_target(args.target, args.output)
+    output_dir, _ = _resolve_target(args.target, args.output, err)
     print(f"report: {write_report(output_dir)}", file=out)
     return EXIT_OK
 
@@ -219,6 +234,9 @@ def _add_run_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("--budget", type=float, metavar="USD", help="hard cap on spend for this output dir")
     command.add_argument("--max-wait", type=float, metavar="SECONDS",
                          help="stop submitting after this long and leave jobs in flight for the next run")
+    command.add_argument("--new-output", action="store_true",
+                         help="start a new ledger in the default output dir even though this manifest has one "
+                         "elsewhere (it will pay for its jobs again)")
 
 
 def build_parser() -> argparse.ArgumentParser:

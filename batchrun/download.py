@@ -526,7 +526,7 @@ def _read_meta(path: Path) -> tuple[str | None, int | None]:
 def _open_part(path: Path) -> int:
     """Open the .part for writing, creating it if absent; never through a symlink or into a non-file."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)  # less the umask
     except FileExistsError:
         pass
     except OSError as exc:

@@ -1,11 +1,34 @@
-"""Small file-system helpers for writes that must never leave a half-written file behind."""
+"""Small file-system helpers for the files batchrun writes in an output directory.
+
+Two rules hold for every one of them: nothing is ever written through a symbolic link (a link planted
+as `run.log` must not turn our appends into writes to `~/.bashrc`), and new files get the user's umask.
+A file is either appended to through `open_append` (O_NOFOLLOW: a link is refused) or replaced whole by
+`atomic_write` (a rename: a link at the name is replaced by the file, never written through).
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
-import tempfile
+import re
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from batchrun.errors import UsageError
+
+log = logging.getLogger("batchrun")
+
+# `.<name>.<pid>.<random>.tmp`, as `atomic_write` names its temporary files; the PID is absent in
+# those of batchrun 0.1. Only names batchrun rewrites are matched, so no file of the user's is touched.
+_TEMP_NAME = re.compile(r"\.(?:results\.jsonl|report\.html|[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.json)"
+                        r"\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp")
+
+
+class UnsafeFile(UsageError):
+    """A file batchrun would write is a symlink, has other hard links, or is not a regular file."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -17,21 +40,66 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True,
+def open_append(path: Path, mode: int = 0o666, *, _unshared: bool = False) -> int:
+    """An fd appending to `path` (created with `mode` less the umask), never through a symlink.
+
+    A file with other hard links (a backup tool's snapshot, or a planted link to a file elsewhere) is
+    first replaced by a copy of its own, so our lines never land under another name. Raises UnsafeFile
+    for a symlink or a FIFO or device (opened without blocking, then refused); OSError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"{path} is a symbolic link; batchrun never writes through a link in the output "
+                             "directory. Remove the link and run again") from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader
+            raise UnsafeFile(f"{path} is not a regular file; refusing to write to it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(f"{path} is not a regular file; refusing to write to it")
+        if st.st_nlink != 1 and not _unshared:
+            size = st.st_size
+            copy = os.pread(fd, size, 0)
+            os.close(fd)
+            fd = -1
+            atomic_write(path, copy, mode, durable=False)
+            log.warning("%s had %d hard links; it now has a copy of its own (the other names keep theirs)",
+                        path, st.st_nlink)
+            return open_append(path, mode, _unshared=True)
+        if st.st_nlink != 1:
+            raise UnsafeFile(f"{path} keeps getting other hard links; refusing to write to it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return fd
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o666, *, durable: bool = True,
                  before_rename: Callable[[], None] | None = None) -> None:
     """Replace `path` with `data` so that readers see either the old file or the whole new one.
 
-    `durable=False` skips the fsyncs, for files that can be rebuilt from the ledger."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    The new file has `mode` less the user's umask (the temporary file is created with it: no chmod,
+    so a umask of 077 gives 0600). A symlink at `path` is replaced by the file, not written through,
+    and a warning says so. `durable=False` skips the fsyncs, for files that can be rebuilt from the
+    ledger. A temporary file left by a kill is removed by `remove_stale_temps`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
         if before_rename is not None:
             before_rename()
+        if os.path.islink(path):
+            log.warning("%s was a symbolic link; replaced it with the file itself (nothing was written through "
+                        "the link)", path)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -41,3 +109,28 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> list[str]:
+    """Remove the temporary files `atomic_write` left in `directory` when a process was killed mid-write.
+
+    A temp is stale when the process named in it is gone, or is this one (PIDs repeat, in containers
+    especially, and this process writes none before it calls this). Call it holding the run lock.
+    Returns the names removed."""
+    from batchrun.lock import live_pid
+
+    removed = []
+    me = os.getpid()
+    for entry in os.scandir(directory):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None or entry.is_dir(follow_symlinks=False):
+            continue
+        pid = live_pid(match["pid"] or "")
+        if pid is not None and pid != me:
+            continue  # e.g. `batchrun report` writing its page right now
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        removed.append(entry.name)
+    return removed

@@ -176,6 +176,11 @@ class Ledger:
             os.close(fd)
         elif path.is_symlink() or not path.is_file():
             raise LedgerError(f"{path} is not a regular file; refusing to use it")
+        for companion in (f"{LEDGER_NAME}-wal", f"{LEDGER_NAME}-shm", f"{LEDGER_NAME}-journal"):
+            # SQLite opens these by name, following a link: a planted one would have it write elsewhere.
+            if (output_dir / companion).is_symlink():
+                raise LedgerError(f"{output_dir / companion} is a symbolic link; batchrun never writes through "
+                                  "a link in the output directory. Remove the link and run again")
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)

@@ -6,6 +6,7 @@ lock is on `run.lock`, never on the SQLite file itself (SQLite's own locking mus
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -53,6 +54,9 @@ class OutputDirLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.path} is a symbolic link; batchrun never writes through a link in the "
+                                 "output directory. Remove the link and run again") from None
             raise UsageError(f"cannot write in the output directory {self.path.parent}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

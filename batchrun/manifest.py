@@ -79,6 +79,9 @@ class Manifest:
     output_dir: Path
     jobs: list[Job]
     warnings: list[Problem] = field(default_factory=list)
+    # The user named output_dir (`--output` or `output:`), rather than it being the default
+    # `output/<stem>` of the current directory (see batchrun.ledger_index).
+    output_explicit: bool = False
 
     def estimate_cost(self, job: Job) -> float:
         return self.model.estimate_cost(job.input, self.price)
@@ -619,4 +622,5 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         output_dir=resolve_output_dir(path, doc.get("output"), output),
         jobs=jobs,
         warnings=out.problems,
+        output_explicit=output is not None or "output" in doc,
     )

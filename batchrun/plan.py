@@ -13,6 +13,7 @@ from batchrun import download
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
+from batchrun.owners import FileOwners
 from batchrun.results import provenance_intact
 
 log = logging.getLogger("batchrun.run")
@@ -29,6 +30,7 @@ class RunOptions:
     # API base URL (public API: public addresses only; API on loopback/private network: any address).
     # Tests serving on loopback pass a policy that treats their server as the public internet.
     output_hosts: object = None
+    new_output: bool = False  # start a new ledger in the default output dir though the manifest has one elsewhere
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Plan:
     collect: list[tuple[Job, JobRow]] = field(default_factory=list)  # finished remotely or files damaged
     skip: list[Job] = field(default_factory=list)  # done and verified
     held: list[tuple[Job, str]] = field(default_factory=list)  # not touched, with the reason
-    refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission
+    refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission, or
+    # its file names are another ledger job's
     previous: dict[str, tuple[JobRow, str]] = field(default_factory=dict)  # id -> (row, PREVIOUS_INPUT | GONE)
     gone: list[JobRow] = field(default_factory=list)  # ledger jobs the manifest no longer lists
     new: list[Job] = field(default_factory=list)  # manifest jobs never sent (not in the ledger, or pending)
@@ -114,12 +117,18 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
     plan = Plan()
     resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
     listed: set[str] = set()
+    owners = FileOwners(rows.values())
     for job in manifest.jobs:
         listed.add(job.id)
         row = rows.get(job.id)
         if row is None or (row.state == "pending" and row.submissions == 0):
-            plan.new.append(job)
-            plan.submit.append(job)
+            # A job not yet sent owns no file names: it may not take any that a sent one owns.
+            clash = owners.clash(job.id)
+            if clash:
+                plan.refused.append((job, f"{job.label}: {clash}"))
+            else:
+                plan.new.append(job)
+                plan.submit.append(job)
             continue
         why = refusal(job, row)
         if why is not None:
@@ -257,7 +266,7 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False) -> int:
         ("to download again", str(info["download"])),
         ("already done", str(info["skip"])),
         ("held", str(len(info["held"]))),
-        ("refused (input changed)", str(len(info["refused"]))),
+        ("refused", str(len(info["refused"]))),
         ("video seconds to submit", f"{info['video_seconds']:g}"),
         ("estimated cost to submit", f"${info['estimated_cost_usd']:.2f}"),
         ("spent in this output dir", f"${info['spent_usd']:.2f}"),

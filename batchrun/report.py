@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.report_assets import CSS, JS
@@ -37,7 +38,7 @@ def write_report(output_dir: Path) -> Path:
     page = render(output_dir, rows, runs, datetime.now(timezone.utc))
     path = output_dir / REPORT_NAME
     # Not fsynced: the report can always be rebuilt from the ledger.
-    atomic_write(path, page.encode("utf-8"), durable=False)
+    atomic_write(path, page.encode("utf-8"), durable=False, before_rename=lambda: crashpoint("report_rewrite"))
     return path
 
 

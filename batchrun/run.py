@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import os
 import random
 import signal
 import sys
@@ -26,7 +27,9 @@ from tqdm import tqdm
 from batchrun import outputhosts, schema, stoprequest
 from batchrun.api import Client, make_limiter
 from batchrun.errors import LedgerError, UsageError
+from batchrun.fsutil import open_append, remove_stale_temps
 from batchrun.ledger import Ledger
+from batchrun.ledger_index import LedgerIndex, check_new_ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan
@@ -74,9 +77,15 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=RUN_LOG_MAX_BYTES, backupCount=2, encoding="utf-8")
         self._flushed = time.monotonic()
         self._urgent = False
-        self._size = path.stat().st_size if path.exists() else 0
+        self._size = os.fstat(self.stream.fileno()).st_size
         self._console = stream
         self._broken = False
+
+    def _open(self):
+        # Never through a symlink (the base class's open() follows one): a line of server text appended
+        # to a planted `run.log -> ~/.bashrc` would run at the next login. Rotation only renames, which
+        # moves a link itself and never writes through it.
+        return os.fdopen(open_append(Path(self.baseFilename)), "a", encoding="utf-8")
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         # A full disk must not turn every later log line into a traceback: say it once, then drop lines.
@@ -125,7 +134,10 @@ async def _flush_periodically(handler: _RunLogHandler) -> None:
 
 
 def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
-    handler = _RunLogHandler(output_dir / RUN_LOG, stream)
+    try:
+        handler = _RunLogHandler(output_dir / RUN_LOG, stream)
+    except OSError as exc:  # UnsafeFile (a link, a FIFO) is not one: it says why itself
+        raise UsageError(f"cannot write {output_dir / RUN_LOG}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     handler.setLevel(logging.INFO)
     return handler
@@ -374,20 +386,40 @@ async def run_manifest(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
+    ledger_index: LedgerIndex | None = None,
 ) -> RunOutcome:
-    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator."""
+    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator.
+
+    `ledger_index` (default: the user's, see batchrun.ledger_index) is where the run looks for this
+    manifest's ledgers elsewhere (and refuses with UsageError to start a second one unasked) and
+    records its own."""
     output_dir = manifest.output_dir
+    index = LedgerIndex.for_user() if ledger_index is None else ledger_index
+    check_new_ledger(manifest, index, new_output=options.new_output)
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
         stoprequest.clear(output_dir)  # a request left for an earlier run that ended before seeing it
-        ledger = Ledger.open(output_dir)
-        handler = _open_run_log(output_dir, stream)
         console = _ConsoleHandler(stream)
-        log.addHandler(handler)
         log.addHandler(console)
         log.setLevel(logging.INFO)
+        try:
+            # run.log first: a planted link there stops the run before the ledger is touched.
+            handler = _open_run_log(output_dir, stream)
+        except BaseException:
+            log.removeHandler(console)
+            raise
+        try:
+            ledger = Ledger.open(output_dir)
+        except BaseException:
+            log.removeHandler(console)
+            handler.close()
+            raise
+        log.addHandler(handler)
         flusher = asyncio.create_task(_flush_periodically(handler))
         try:
+            index.record(manifest.path, output_dir)
+            for name in remove_stale_temps(output_dir):
+                log.info("removed %s, left by a run that was stopped while rewriting a file", name)
             return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
                                      sandbox=sandbox, stream=stream, progress=progress,
                                      handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand)

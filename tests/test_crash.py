@@ -52,14 +52,17 @@ def test_kill_mid_download_resumes_from_the_result_without_resubmitting(harness)
     assert not list(harness.output.glob("*.part"))
 
 
-def test_kill_during_the_results_rewrite_keeps_a_whole_results_file(harness):
-    assert harness.run(crash_at="results_rewrite") == -9
+@pytest.mark.parametrize("point, name", [("results_rewrite", "results.jsonl"), ("report_rewrite", "report.html")])
+def test_kill_during_a_rewrite_keeps_a_whole_file_and_the_next_run_removes_the_temp(harness, point, name):
+    assert harness.run(crash_at=point) == -9
     results = harness.output / "results.jsonl"
     assert not results.exists() or all(line.startswith("{") for line in results.read_text().splitlines())
+    assert len(list(harness.output.glob(f".{name}.*.tmp"))) == 1  # what the kill left
     assert harness.run() == 0
     created = harness.check_final(set())
     assert set(created.values()) == {1}
     assert len(results.read_text().splitlines()) == 6
+    assert not [p.name for p in harness.output.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_random_kills_never_pay_twice_or_lose_a_result(harness):

@@ -422,7 +422,8 @@ async def test_fault_rates_are_deterministic_per_seed(clock, http):
             _, sub = await submit(http, sb)
             outcomes.append([(await get_json(http, sub["status_url"]))[0] for _ in range(20)])
             outcomes.append(sub["request_id"])
-    assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3]
+    # The faults repeat with the seed; the request ids never do.
+    assert outcomes[0] == outcomes[2] and outcomes[1] != outcomes[3]
     assert 200 in outcomes[0] and set(outcomes[0]) - {200}
 
 
@@ -480,3 +481,19 @@ async def test_counters(make, http):
     assert sb.posts_by_input == {input_sha256(body): 2}
     assert input_sha256({"b": 1, "a": "é"}) == input_sha256({"a": "é", "b": 1})
     assert sb.calls["submit"] == 2
+
+
+async def test_request_ids_are_random_uuid4_and_never_repeat_across_sandboxes(make, http):
+    """Two sandboxes with the same seed (two `--sandbox` processes) hand out different ids, shaped like
+    RunComfy's: a resumed run must never find its old request id naming another job in a new sandbox."""
+    import uuid
+
+    first, second = await make(seed=0), await make(seed=0)
+    ids = [(await submit(http, sb, job_input(f"job {i}")))[1]["request_id"]
+           for sb in (first, second) for i in range(3)]
+    assert len(set(ids)) == 6
+    for rid in ids:
+        assert uuid.UUID(rid).version == 4 and str(uuid.UUID(rid)) == rid
+    for rid in ids[:3]:
+        async with http.get(f"{second.base_url}/v1/requests/{rid}/status") as resp:
+            assert resp.status == 404

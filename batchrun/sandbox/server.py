@@ -80,6 +80,7 @@ class Faults:
     output_host: str | None = None  # output URLs name this host instead of the sandbox's (e.g. "localhost",
     # "10.0.0.7", "[::1]"), same port
     redirect_downloads_to: str | None = None  # the storage host answers 302 to this base URL + the same path
+    videos_per_job: int = 1  # a completed job's videos; over 1 they come as `output.videos` (a list)
 
 
 def _sample_video() -> bytes:
@@ -116,7 +117,8 @@ class Sandbox:
         self.models = MODELS
         self.queue = SimQueue(capacity)
         self._token = token
-        knobs = ("ids", "render", "fail", "5xx", "200err", "cut", "sig")
+        # Request ids are not drawn from these: see `_submit`.
+        knobs = ("render", "fail", "5xx", "200err", "cut", "sig")
         self._rngs = {name: random.Random(f"{seed}/{name}") for name in knobs}
         self._sig_key = self._rngs["sig"].randbytes(16)
         # Map the sandbox clock (monotonic or fake) onto wall time for created_at / finished_at.
@@ -282,8 +284,16 @@ class Sandbox:
     def _sign(self, path: str, expires: str) -> str:
         return hmac.new(self._sig_key, f"{path}?{expires}".encode(), hashlib.sha256).hexdigest()[:32]
 
-    def _video_url(self, request: web.Request, job: Job, now: float) -> str:
-        path = f"/files/{job.request_id}/{VIDEO_NAME}"
+    def _video_names(self) -> list[str]:
+        stem, dot, ext = VIDEO_NAME.rpartition(".")
+        return [VIDEO_NAME] + [f"{stem}-{n}{dot}{ext}" for n in range(2, self.faults.videos_per_job + 1)]
+
+    def _output(self, request: web.Request, job: Job, now: float) -> dict[str, Any]:
+        urls = [self._video_url(request, job, now, name) for name in self._video_names()]
+        return {"video": urls[0]} if len(urls) == 1 else {"videos": urls}
+
+    def _video_url(self, request: web.Request, job: Job, now: float, name: str = VIDEO_NAME) -> str:
+        path = f"/files/{job.request_id}/{name}"
         job.urls_minted += 1
         base = self._base(request)
         if self.faults.output_host:
@@ -334,7 +344,9 @@ class Sandbox:
 
         now = self._now()
         job = Job(
-            request_id=str(uuid.UUID(int=self._rngs["ids"].getrandbits(128), version=4)),
+            # Random like RunComfy's, never from the seed: a sandbox started later (a resumed `--sandbox`
+            # run, a restarted `batchrun sandbox`) must not hand out ids an earlier one already gave.
+            request_id=str(uuid.uuid4()),
             model_id=model.model_id,
             input=body,
             input_sha256=input_sha256(body),
@@ -391,7 +403,7 @@ class Sandbox:
         body: dict[str, Any] = {
             "request_id": job.request_id,
             "status": job.status,
-            "output": {"video": self._video_url(request, job, now)} if job.status == COMPLETED else None,
+            "output": self._output(request, job, now) if job.status == COMPLETED else None,
             "created_at": self._iso(job.created_at),
             "finished_at": self._iso(job.finished_at),
             "error": job.error if job.status == FAILED else None,
@@ -413,7 +425,7 @@ class Sandbox:
     async def _download(self, request: web.Request) -> web.StreamResponse:
         now = self._now()
         job = self.jobs.get(request.match_info["request_id"])
-        if job is None or job.status != COMPLETED or request.match_info["name"] != VIDEO_NAME:
+        if job is None or job.status != COMPLETED or request.match_info["name"] not in self._video_names():
             return web.Response(status=404, text="NoSuchKey")
         fault = self._server_fault(with_http200=False)
         if fault:
