@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.errors import Problem
+from batchrun.inputfile import NotARegularFile, read_regular
 from batchrun.models import Model
-from batchrun.yamlload import read_bounded
 
 MAX_JOBS = 100_000  # per manifest, after expansion
 MAX_JOBS_FILE_BYTES = 32 * 1024 * 1024
@@ -187,9 +187,11 @@ def read_rows(path: Path, shown: str, model: Model, *, limit: int) -> tuple[list
     Raises JobsFileError when the file cannot be read at all (missing, a folder, too large).
     """
     try:
-        if path.is_dir():
-            raise JobsFileError(f"{path} is a folder, not a jobs file")
-        data = read_bounded(path, path.stat().st_size, MAX_JOBS_FILE_BYTES)
+        data, _ = read_regular(path, MAX_JOBS_FILE_BYTES)
+    except NotARegularFile as exc:
+        if exc.folder:
+            raise JobsFileError(f"{path} is a folder, not a jobs file") from None
+        raise JobsFileError(f"{path} {exc}: batchrun reads jobs files only from regular files") from None
     except FileNotFoundError:
         raise JobsFileError(f"no such file {path} (the path is relative to the manifest's folder)") from None
     except OSError as exc:

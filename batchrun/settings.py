@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_video_mb", float, 2048.0, "refuse a download larger than this, MiB", 1, 1 << 20),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+TOKEN_ENV = "RUNCOMFY_API_TOKEN"
 FLAGS = {"budget_usd": "--budget"}  # command-line flags whose name differs from the setting's
 
 
@@ -107,3 +109,8 @@ def reference_table() -> str:
         default = "none" if s.default is None else str(s.default).lower()
         rows.append(f"| `{s.name}` | {default} | {s.doc} |")
     return "\n".join(rows)
+
+
+def api_token() -> str:
+    """The API token from the environment (`RUNCOMFY_API_TOKEN`), read when asked, never at import; "" if unset."""
+    return os.environ.get(TOKEN_ENV, "").strip()
