@@ -34,6 +34,11 @@ def quoted(text: str, limit: int = MAX_QUOTED) -> str:
     return repr(cut(redact(text), limit))
 
 
+def shown(value, limit: int = MAX_QUOTED) -> str:
+    """Any value as its Python repr, redacted and cut (a long list or mapping is shown by its start)."""
+    return cut(redact(repr(value)), limit)
+
+
 def plain(text: str, limit: int) -> str:
     """`text` unquoted: redacted, non-printable characters escaped (``\\x1b``, ``\\u202e``), cut to `limit`."""
     text = redact(text)

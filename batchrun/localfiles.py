@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchrun import imageinfo
+from batchrun import echo, imageinfo
 from batchrun.errors import BatchrunError
 from batchrun.inputfile import NotARegularFile, read_regular
 
@@ -75,7 +75,7 @@ class LocalImages:
     def _check(self, written: str) -> LocalImage:
         if not written.strip():
             return LocalImage(written, self.base, problems=("is empty: give an https:// URL or an image file's path",))
-        shown = repr(written if len(written) <= 80 else written[:77] + "...")
+        shown = echo.quoted(written)
         if "\0" in written:
             return LocalImage(written, self.base, problems=(f"{shown} is not a valid file path",))
         try:

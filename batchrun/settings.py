@@ -35,7 +35,9 @@ class Setting:
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:
             ok = isinstance(value, self.kind)
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        from batchrun import echo  # echo reads the token through this module
+
+        shown = echo.shown(value)
         if not ok:
             names = {bool: "true or false", float: "a number", int: "a whole number", str: "text"}
             return f"must be {names.get(self.kind, self.kind.__name__)}, got {shown}"
