@@ -176,7 +176,7 @@ def _scalar(event: ev.ScalarEvent) -> Any:
 
 
 def _text_bytes(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 class _Builder:
@@ -207,7 +207,8 @@ class _Builder:
             self._count(built[2], built[3], _pos(event.start_mark))
             return built
         if isinstance(event, ev.ScalarEvent):
-            nbytes = _text_bytes(event.value)
+            text = event.value
+            nbytes = len(text) if text.isascii() else _text_bytes(text)
             self._count(1, nbytes, _pos(event.start_mark))
             built = (_scalar(event), _pos(event.start_mark), 1, nbytes)
         elif isinstance(event, (ev.SequenceStartEvent, ev.MappingStartEvent)):
@@ -253,8 +254,8 @@ class _Builder:
             key, key_pos = event.value, _pos(event.start_mark)
             if event.tag not in (None, "!"):
                 _scalar(event)  # a tagged key is kept as text, but its tag must fit it as anywhere else
-            key_bytes = _text_bytes(key)
-            self._count(0, key_bytes, key_pos)
+            key_bytes = len(key) if key.isascii() else _text_bytes(key)
+            self.expanded_bytes += key_bytes  # checked by the value's own count, next
             child, child_marks, n, b = self.node(next(self.events))
             nodes += n
             nbytes += b + key_bytes
