@@ -247,9 +247,12 @@ def _csv_rows(text: str, shown: str, model: Model, limit: int) -> tuple[list[Row
                                                 f"column {echo.quoted(name)} appears twice (first as column "
                                                 f"{columns[name]})"))
                     elif name != "id" and name not in properties:
+                        # Say how the header was split, once, when it was not at commas.
+                        split = f" (columns read as separated by {tablefile.DELIMITER_NAMES[delimiter]}s)" \
+                            if delimiter != "," and not any("unknown column" in p.message for p in problems) else ""
                         problems.append(Problem(shown, start, i + 1, "jobs_from",
                                                 f"unknown column {echo.quoted(name)}"
-                                                f"{_did_you_mean(name, ['id', *properties])}"))
+                                                f"{_did_you_mean(name, ['id', *properties])}{split}"))
                     else:
                         columns[name] = i + 1
                         header.append((i, name))

@@ -7,7 +7,8 @@ told apart from its neighbours (Windows-1250, Mac Roman...) by its bytes, and a 
 one would be paid for with the wrong letters.
 
 Delimiter: the one of ``,`` ``;`` tab ``|`` that splits the header line into the most column names
-batchrun knows (comma when none does better). Excel writes ``;`` where the decimal separator is a comma
+batchrun knows (ignoring case), then into the most cells (so misspelt columns are still named one by
+one), comma when none does better. Excel writes ``;`` where the decimal separator is a comma
 (German, French, ...). The header is the one line whose content is known in advance, so this choice is
 exact where a statistical guess (`csv.Sniffer`) is not: the Sniffer cannot decide on a one-column file,
 and reads commas inside prompts as separators.
@@ -98,19 +99,20 @@ def _looks_like_cp1252(data: bytes) -> bool:
 
 def detect_delimiter(text: str, known: set[str]) -> str:
     """The delimiter of DELIMITERS that splits the header (the first non-blank line) into the most names of
-    `known`; ',' unless another does strictly better."""
+    `known` (ignoring case), then into the most non-empty cells; ',' unless another does strictly better."""
     header = next((line for line in _lines(text) if line.strip()), "")
-    best, best_count = ",", -1
+    folded = {name.lower() for name in known}
+    best, best_score = ",", (-1, -1)
     for delimiter in DELIMITERS:
         if delimiter != "," and delimiter not in header:
             continue
         try:
-            cells = next(csv.reader([header], delimiter=delimiter), [])
+            cells = [cell.strip() for cell in next(csv.reader([header], delimiter=delimiter), [])]
         except csv.Error:
             continue
-        count = sum(cell.strip() in known for cell in cells)
-        if count > best_count:
-            best, best_count = delimiter, count
+        score = (sum(cell.lower() in folded for cell in cells), sum(bool(cell) for cell in cells))
+        if score > best_score:
+            best, best_score = delimiter, score
     return best
 
 

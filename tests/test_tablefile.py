@@ -98,7 +98,17 @@ def test_delimiter_is_the_one_that_names_the_most_known_columns():
     assert tablefile.detect_delimiter("id,prompt;x\n", known) == ","
     assert tablefile.detect_delimiter("id|prompt\n", known) == "|"
     assert tablefile.detect_delimiter("prompt\n", known) == ","
-    assert tablefile.detect_delimiter("a;b;c\n", known) == ","
+    assert tablefile.detect_delimiter("a;b;c\n", known) == ";"  # no name known: the most cells
+    assert tablefile.detect_delimiter("Prompt;Duration\n", known) == ";"
+    assert tablefile.detect_delimiter("a b\n", known) == ","
+
+
+def test_misspelt_columns_of_a_semicolon_file_are_named_one_by_one(tmp_path):
+    assert problems(tmp_path, "Prompt;Länge;generate_audio\r\nWellen;5;WAHR\r\n".encode("utf-8-sig"))[:2] == [
+        "jobs.csv:1:1: jobs_from: unknown column 'Prompt' (did you mean 'prompt'?) (columns read as separated by "
+        "semicolons)",
+        "jobs.csv:1:2: jobs_from: unknown column 'Länge'",
+    ]
 
 
 def test_every_localized_boolean_means_one_thing():
