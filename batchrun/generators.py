@@ -24,8 +24,8 @@ names the columns: ``id`` (optional) and input fields; unknown columns are error
 cell. Cells are converted by the field's type in the model's schema (``duration`` "5" → 5,
 ``generate_audio`` "true"/"false", lists and mappings as JSON); an empty cell means "not set", so
 `defaults` apply. Quoted cells may hold newlines. Encodings, the delimiter and spreadsheets' localized
-values are `batchrun.tablefile`'s. A JSON Lines file holds one JSON object per line. Problems point at the file's physical line (a quoted newline shifts later
-rows) and the cell's 1-based column.
+values are `batchrun.tablefile`'s. A JSON Lines file holds one JSON object per line. Problems point at
+the file's physical line (a quoted newline shifts later rows) and the cell's 1-based column.
 """
 
 from __future__ import annotations
