@@ -19,12 +19,15 @@
         ├── DownloadTooLarge        over the size cap
         └── DiskFull                no space left: stop the run, mark nothing done
 
-Messages never contain the API token: the client never puts request headers into an error.
+Messages never contain the API token: the client never puts request headers into an error, and a
+`Problem` passes its text through `batchrun.echo` (token redacted, control characters escaped, capped).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from batchrun import echo
 
 
 class BatchrunError(Exception):
@@ -33,6 +36,9 @@ class BatchrunError(Exception):
 
 class UsageError(BatchrunError):
     """A flag, argument or path given on the command line is wrong."""
+
+
+MAX_FILE_SHOWN, MAX_WHERE_SHOWN, MAX_MESSAGE_SHOWN = 400, 200, 600  # characters
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,12 @@ class Problem:
     where: str
     message: str
     severity: str = "error"
+
+    def __post_init__(self) -> None:
+        # Each part may carry text from an input file (a key, a cell, a path written in the manifest): the
+        # last line of defence whatever the message's author quoted, and why these caps exist.
+        for name, limit in (("file", MAX_FILE_SHOWN), ("where", MAX_WHERE_SHOWN), ("message", MAX_MESSAGE_SHOWN)):
+            object.__setattr__(self, name, echo.plain(getattr(self, name), limit))
 
     def __str__(self) -> str:
         prefix = "warning: " if self.severity == "warning" else ""

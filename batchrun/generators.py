@@ -23,9 +23,9 @@ A jobs file
 names the columns: ``id`` (optional) and input fields; unknown columns are errors pointing at the header
 cell. Cells are converted by the field's type in the model's schema (``duration`` "5" → 5,
 ``generate_audio`` "true"/"false", lists and mappings as JSON); an empty cell means "not set", so
-`defaults` apply. UTF-8 with or without a BOM; quoted cells may hold newlines. A JSON Lines file holds
-one JSON object per line. Problems point at the file's physical line (a quoted newline shifts later
-rows) and the cell's 1-based column.
+`defaults` apply. Quoted cells may hold newlines. Encodings, the delimiter and spreadsheets' localized
+values are `batchrun.tablefile`'s. A JSON Lines file holds one JSON object per line. Problems point at
+the file's physical line (a quoted newline shifts later rows) and the cell's 1-based column.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchrun import echo, tablefile
 from batchrun.errors import Problem
+from batchrun.inputfile import NotARegularFile, read_regular
 from batchrun.models import Model
-from batchrun.yamlload import read_bounded
 
 MAX_JOBS = 100_000  # per manifest, after expansion
 MAX_JOBS_FILE_BYTES = 32 * 1024 * 1024
@@ -75,7 +76,8 @@ def matrix_problems(job: dict[str, Any]) -> list[tuple[tuple, str, bool]]:
             found.append((("matrix", key), "ids cannot be listed in a matrix: each job's id is made from the "
                                             "job's id and its position in the matrix", True))
         elif key in job:
-            found.append((("matrix", key), f"{key!r} is set both in the job and in its matrix; keep one", True))
+            found.append((("matrix", key), f"{echo.quoted(key)} is set both in the job and in its matrix; keep one",
+                          True))
         elif not isinstance(values, list):
             found.append((("matrix", key), "must be a list of values to combine (for a single value, set the "
                                             "field in the job itself)", False))
@@ -134,10 +136,12 @@ class Row:
     columns: dict[str, int] = field(default_factory=dict)  # field -> 1-based column (CSV only)
 
 
-def _converter(spec: Any):
+def _converter(spec: Any, delimiter: str):
     """Text of a CSV cell → the value the field's schema type wants; text it cannot convert stays text,
-    so the schema reports it ("must be a whole number, not text 'five'")."""
+    so the schema reports it ("must be a whole number, not text 'five'"). A list or mapping cell nested
+    too deep raises tablefile.TooDeep, for the caller to locate."""
     kind = spec.get("type") if isinstance(spec, dict) else None
+    decimal_comma = delimiter != ","  # in a comma-separated file, "1,500" may mean fifteen hundred
 
     def convert(text: str) -> Any:
         try:
@@ -149,10 +153,20 @@ def _converter(spec: Any):
                 number = float(text)
                 if math.isfinite(number):  # "1e999" stays text: JSON has no infinity
                     return number
-            if kind == "boolean" and text.lower() in _TRUE | _FALSE:
-                return text.lower() in _TRUE
+            if kind == "number" and decimal_comma:
+                number = tablefile.decimal_comma(text)
+                if number is not None:
+                    return number
+            if kind == "boolean":
+                if text.lower() in _TRUE | _FALSE:
+                    return text.lower() in _TRUE
+                localized = tablefile.localized_boolean(text)
+                if localized is not None:
+                    return localized
             if kind in ("array", "object") and text[:1] in "[{":
-                return json.loads(text, parse_constant=_refuse_constant)
+                return tablefile.load_json(text)
+        except tablefile.TooDeep:
+            raise
         except ValueError:  # an integer past Python's digit limit, bad JSON
             pass
         return text
@@ -160,24 +174,16 @@ def _converter(spec: Any):
     return convert
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def _did_you_mean(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _decode(data: bytes, shown: str) -> tuple[str, list[Problem]]:
+def _decode(data: bytes, shown: str, spreadsheet: bool) -> tuple[str, list[Problem]]:
     try:
-        return data.decode("utf-8-sig"), []
-    except UnicodeDecodeError as exc:
-        before = data[: exc.start]
-        line = before.count(b"\n") + 1
-        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8", errors="replace")) + 1
-        return "", [Problem(shown, line, column, "jobs_from",
-                            f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})")]
+        return tablefile.decode(data, spreadsheet=spreadsheet), []
+    except tablefile.Undecodable as exc:
+        return "", [Problem(shown, exc.line, exc.column, "jobs_from", str(exc))]
 
 
 def read_rows(path: Path, shown: str, model: Model, *, limit: int) -> tuple[list[Row], list[Problem]]:
@@ -187,9 +193,11 @@ def read_rows(path: Path, shown: str, model: Model, *, limit: int) -> tuple[list
     Raises JobsFileError when the file cannot be read at all (missing, a folder, too large).
     """
     try:
-        if path.is_dir():
-            raise JobsFileError(f"{path} is a folder, not a jobs file")
-        data = read_bounded(path, path.stat().st_size, MAX_JOBS_FILE_BYTES)
+        data, _ = read_regular(path, MAX_JOBS_FILE_BYTES)
+    except NotARegularFile as exc:
+        if exc.folder:
+            raise JobsFileError(f"{path} is a folder, not a jobs file") from None
+        raise JobsFileError(f"{path} {exc}: batchrun reads jobs files only from regular files") from None
     except FileNotFoundError:
         raise JobsFileError(f"no such file {path} (the path is relative to the manifest's folder)") from None
     except OSError as exc:
@@ -197,10 +205,11 @@ def read_rows(path: Path, shown: str, model: Model, *, limit: int) -> tuple[list
     if len(data) > MAX_JOBS_FILE_BYTES:
         raise JobsFileError(f"{path} is over {MAX_JOBS_FILE_BYTES // 2**20} MiB; split the batch into several "
                             "manifests")
-    text, problems = _decode(data, shown)
+    spreadsheet = path.suffix.lower() == ".csv"
+    text, problems = _decode(data, shown, spreadsheet)
     if problems:
         return [], problems
-    if path.suffix.lower() == ".csv":
+    if spreadsheet:
         return _csv_rows(text, shown, model, limit)
     return _jsonl_rows(text, shown, limit)
 
@@ -213,7 +222,8 @@ def _too_many(shown: str, line: int, limit: int) -> Problem:
 
 def _csv_rows(text: str, shown: str, model: Model, limit: int) -> tuple[list[Row], list[Problem]]:
     properties = model.input_schema.get("properties", {})
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    delimiter = tablefile.detect_delimiter(text, {"id", *properties})
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[Row] = []
     problems: list[Problem] = []
     header: list[tuple[int, str]] | None = None  # (column index, field) of the columns read
@@ -234,14 +244,19 @@ def _csv_rows(text: str, shown: str, model: Model, limit: int) -> tuple[list[Row
                         continue
                     if name in columns:
                         problems.append(Problem(shown, start, i + 1, "jobs_from",
-                                                f"column {name!r} appears twice (first as column {columns[name]})"))
+                                                f"column {echo.quoted(name)} appears twice (first as column "
+                                                f"{columns[name]})"))
                     elif name != "id" and name not in properties:
-                        problems.append(Problem(shown, start, i + 1, "jobs_from", f"unknown column {name!r}"
-                                                f"{_did_you_mean(name, ['id', *properties])}"))
+                        # Say how the header was split, once, when it was not at commas.
+                        split = f" (columns read as separated by {tablefile.DELIMITER_NAMES[delimiter]}s)" \
+                            if delimiter != "," and not any("unknown column" in p.message for p in problems) else ""
+                        problems.append(Problem(shown, start, i + 1, "jobs_from",
+                                                f"unknown column {echo.quoted(name)}"
+                                                f"{_did_you_mean(name, ['id', *properties])}{split}"))
                     else:
                         columns[name] = i + 1
                         header.append((i, name))
-                        converters[name] = str.strip if name == "id" else _converter(properties[name])
+                        converters[name] = str.strip if name == "id" else _converter(properties[name], delimiter)
                 continue
             if len(rows) >= limit:
                 problems.append(_too_many(shown, start, limit))
@@ -255,7 +270,10 @@ def _csv_rows(text: str, shown: str, model: Model, limit: int) -> tuple[list[Row
                 if i < len(cells):
                     text_value = cells[i].strip()
                     if text_value:  # an empty cell means "not set"
-                        values[name] = converters[name](text_value)
+                        try:
+                            values[name] = converters[name](text_value)
+                        except tablefile.TooDeep as exc:
+                            problems.append(Problem(shown, start, i + 1, f"jobs_from[{len(rows)}].{name}", str(exc)))
             rows.append(Row(len(rows), start, values, columns))
     except csv.Error as exc:
         problems.append(Problem(shown, reader.line_num or 1, 1, "jobs_from", f"CSV syntax error: {exc}"))
@@ -271,7 +289,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {echo.quoted(key)}")
         result[key] = value
     return result
 
@@ -286,11 +304,14 @@ def _jsonl_rows(text: str, shown: str, limit: int) -> tuple[list[Row], list[Prob
             problems.append(_too_many(shown, number, limit))
             break
         try:
-            value = json.loads(line, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+            value = tablefile.load_json(line, object_pairs_hook=_no_duplicates)
+        except tablefile.TooDeep as exc:
+            problems.append(Problem(shown, number, exc.offset + 1, "jobs_from", str(exc)))
+            continue
         except json.JSONDecodeError as exc:
             problems.append(Problem(shown, number, exc.colno, "jobs_from", f"invalid JSON: {exc.msg}"))
             continue
-        except ValueError as exc:  # a duplicate key, NaN
+        except ValueError as exc:  # a duplicate key, NaN, 1e999, an unpaired surrogate
             problems.append(Problem(shown, number, 1, "jobs_from", f"invalid job: {exc}"))
             continue
         if not isinstance(value, dict):

@@ -16,15 +16,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchrun import imageinfo
+from batchrun import echo, imageinfo
 from batchrun.errors import BatchrunError
+from batchrun.inputfile import NotARegularFile, read_regular
 
 MAX_INLINE_BYTES = 6 * 1024 * 1024
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # RunComfy's own clients cap a whole request at 64 MiB
@@ -76,7 +75,7 @@ class LocalImages:
     def _check(self, written: str) -> LocalImage:
         if not written.strip():
             return LocalImage(written, self.base, problems=("is empty: give an https:// URL or an image file's path",))
-        shown = repr(written if len(written) <= 80 else written[:77] + "...")
+        shown = echo.quoted(written)
         if "\0" in written:
             return LocalImage(written, self.base, problems=(f"{shown} is not a valid file path",))
         try:
@@ -96,23 +95,18 @@ def _read(path: Path) -> tuple[LocalImage, tuple[str, ...], tuple[str, ...]]:
     """What one file is, with problems and warnings as predicates ("is a folder, ...")."""
     bare = LocalImage("", path)
     try:
-        info = os.stat(path)
+        data, stated = read_regular(path, MAX_INLINE_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         return bare, (f"does not exist (looked for {path}; image paths are relative to the manifest's folder)",), ()
-    except OSError as exc:
-        return bare, (f"cannot be read: {exc.strerror or exc} ({path})",), ()
-    if stat.S_ISDIR(info.st_mode):
-        return bare, (f"is a folder, not an image file ({path})",), ()
-    if not stat.S_ISREG(info.st_mode):  # never open a FIFO or a device: it could block or never end
-        return bare, (f"is not a regular file ({path})",), ()
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_INLINE_BYTES + 1)
+    except NotARegularFile as exc:
+        if exc.folder:
+            return bare, (f"is a folder, not an image file ({path})",), ()
+        return bare, (f"{exc} ({path})",), ()
     except OSError as exc:
         return bare, (f"cannot be read: {exc.strerror or exc} ({path})",), ()
     problems, warnings = [], []
     if len(data) > MAX_INLINE_BYTES:
-        size = max(info.st_size, len(data))
+        size = max(stated, len(data))
         problems.append(f"is {_mib(size)}; an image sent inline is limited to {MAX_INLINE_BYTES // 2**20} MiB: "
                         "make it smaller or give an https:// URL instead")
         facts = imageinfo.inspect(data[: imageinfo.HEADER_BYTES])
@@ -154,8 +148,9 @@ def hashed_input(job_input: dict[str, Any], refs: tuple[tuple[tuple, LocalImage]
 def data_uri(image: LocalImage) -> str:
     """The file as a `data:` URI, read now; LocalFileError if it is no longer the file that was loaded."""
     try:
-        with open(image.path, "rb") as f:
-            data = f.read(MAX_INLINE_BYTES + 1)
+        data, _ = read_regular(image.path, MAX_INLINE_BYTES)
+    except NotARegularFile as exc:
+        raise LocalFileError(f"{image.path} {exc}; nothing was sent for this job") from None
     except OSError as exc:
         raise LocalFileError(f"cannot read {image.path}: {exc.strerror or exc}") from None
     if len(data) > MAX_INLINE_BYTES or hashlib.sha256(data).hexdigest() != image.sha256:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchrun import generators, localfiles, schema
+from batchrun import echo, generators, localfiles, schema
 from batchrun.errors import ManifestError, Problem
 from batchrun.localfiles import LocalImage, LocalImages
 from batchrun.models import DEFAULT_MODEL, Model, Price, UnknownModel, get_model
@@ -162,7 +162,7 @@ def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
             out.add(("price", key), f"price.{key}", f"unknown price field{_did_you_mean(key, PRICE_KEYS)}",
                     at_key=True)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            out.add(("price", key), f"price.{key}", f"must be a number of USD per second, got {value!r}")
+            out.add(("price", key), f"price.{key}", f"must be a number of USD per second, got {echo.shown(value)}")
         else:
             values[key] = float(value)
     return Price(**{**model.price.__dict__, **values})
@@ -170,10 +170,9 @@ def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
 
 def _id_problem(raw: Any) -> str | None:
     if not isinstance(raw, str):
-        return f"id must be text, got {raw!r} (put it in quotes)"
+        return f"id must be text, got {echo.shown(raw)} (put it in quotes)"
     if not ID_PATTERN.fullmatch(raw):
-        shown = raw if len(raw) <= 70 else raw[:67] + "..."
-        return (f"id {shown!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
+        return (f"id {echo.quoted(raw, 70)} is not allowed: use 1-64 letters, digits, '_' or '-', "
                 "starting with a letter or digit")
     return None
 
@@ -491,7 +490,7 @@ def _build_listed(listed: list[tuple[int, dict]], defaults: dict, build: _JobBui
             problem = _id_problem(raw["id"])
             if problem:
                 out.add(("jobs", index, "id"), f"jobs[{index}].id", problem)
-                shown_id = str(raw["id"])[:70]
+                shown_id = echo.plain(str(raw["id"]), 70)
             else:
                 job_id = raw["id"]
         if "matrix" not in raw:
@@ -542,7 +541,7 @@ def _build_from_file(doc: dict, path: Path, defaults: dict, room: int, build: _J
             problem = _id_problem(row.values["id"])
             if problem:
                 out.add_at(*origin.position(), f"{origin.prefix}.id", problem)
-                shown_id = str(row.values["id"])[:70]
+                shown_id = echo.plain(str(row.values["id"]), 70)
             else:
                 job_id = row.values["id"]
         build.add({**defaults, **own}, job_id, shown_id, origin)
@@ -591,14 +590,15 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
     doc, marks = load_file(path)
     out = _Collector(str(path), marks)
     if not isinstance(doc, dict):
-        got = "a list" if isinstance(doc, list) else "null" if doc is None else f"{schema._type_name(doc)} {doc!r}"[:60]
+        got = ("a list" if isinstance(doc, list) else "null" if doc is None
+               else f"{schema._type_name(doc)} {echo.shown(doc, 60)}")
         out.add((), "", f"a manifest must be a mapping with a 'jobs:' list, not {got}")
         raise ManifestError(out.problems)
     for key in doc:
         if key not in TOP_LEVEL_KEYS:
             out.add((key,), key, f"unknown setting{_did_you_mean(key, TOP_LEVEL_KEYS)}", at_key=True)
     if doc.get("version", 1) != 1:
-        out.add(("version",), "version", f"this batchrun reads manifest version 1, not {doc['version']!r}")
+        out.add(("version",), "version", f"this batchrun reads manifest version 1, not {echo.shown(doc['version'])}")
     model_id = doc.get("model", DEFAULT_MODEL)
     try:
         model = get_model(model_id) if isinstance(model_id, str) else get_model(str(model_id))

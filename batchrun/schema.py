@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import jsonschema
 
-from batchrun import imageinfo
+from batchrun import echo, imageinfo
 from batchrun.models import Model
 
 
@@ -61,8 +61,7 @@ def _type_name(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return echo.shown(value)
 
 
 def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
@@ -71,7 +70,7 @@ def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
     if kind == "additionalProperties" and isinstance(error.instance, dict):
         allowed = error.schema.get("properties", {})
         return [
-            Finding(path + (key,), f"unknown field {key!r}{_did_you_mean(key, allowed)}", at_key=True)
+            Finding(path + (key,), f"unknown field {echo.quoted(key)}{_did_you_mean(key, allowed)}", at_key=True)
             for key in error.instance
             if key not in allowed
         ]
@@ -93,7 +92,7 @@ def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
     if kind in ("maxItems", "minItems"):
         word = "at most" if kind == "maxItems" else "at least"
         return [Finding(path, f"must have {word} {error.validator_value} items, has {len(error.instance)}")]
-    return [Finding(path, error.message[:300])]
+    return [Finding(path, echo.cut(echo.redact(error.message), 300))]
 
 
 def _values_at(value: Any, spec: str, path: tuple = ()):
@@ -173,11 +172,11 @@ def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Fin
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
     except ValueError:
-        return [Finding(path, f"is not a valid URL: {value[:80]!r}")]
+        return [Finding(path, f"is not a valid URL: {echo.quoted(value)}")]
     if parts.scheme != "https" or not parts.netloc:
         if parts.scheme == "http":
             return [Finding(path, "must be an https:// URL (RunComfy fetches inputs over HTTPS only)")]
-        return [Finding(path, f"must be an https:// URL, got {value[:80]!r}")]
+        return [Finding(path, f"must be an https:// URL, got {echo.quoted(value)}")]
     ending = parts.path.rsplit(".", 1)[-1].lower() if "." in parts.path.rsplit("/", 1)[-1] else ""
     if extensions and ending not in extensions:
         allowed = ", ".join(extensions)

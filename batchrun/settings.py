@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,9 @@ class Setting:
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:
             ok = isinstance(value, self.kind)
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        from batchrun import echo  # echo reads the token through this module
+
+        shown = echo.shown(value)
         if not ok:
             names = {bool: "true or false", float: "a number", int: "a whole number", str: "text"}
             return f"must be {names.get(self.kind, self.kind.__name__)}, got {shown}"
@@ -68,6 +71,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_video_mb", float, 2048.0, "refuse a download larger than this, MiB", 1, 1 << 20),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+TOKEN_ENV = "RUNCOMFY_API_TOKEN"
 FLAGS = {"budget_usd": "--budget"}  # command-line flags whose name differs from the setting's
 
 
@@ -107,3 +111,8 @@ def reference_table() -> str:
         default = "none" if s.default is None else str(s.default).lower()
         rows.append(f"| `{s.name}` | {default} | {s.doc} |")
     return "\n".join(rows)
+
+
+def api_token() -> str:
+    """The API token from the environment (`RUNCOMFY_API_TOKEN`), read when asked, never at import; "" if unset."""
+    return os.environ.get(TOKEN_ENV, "").strip()

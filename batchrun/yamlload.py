@@ -6,13 +6,14 @@ plain Python value comes a `Marks` tree giving the line and column of every key 
 every later error message points at.
 
 Refused, each with its location: tags outside YAML's core set (`!!python/...` and custom tags),
-duplicate keys in one mapping, aliases that would expand past a node budget (alias bombs), files
+duplicate keys in one mapping, aliases that would expand past a node or byte budget (alias bombs), files
 over a size cap, and bytes that are not UTF-8.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 import yaml
 from yaml import events as ev
 
+from batchrun import echo
 from batchrun.errors import ManifestError, Problem
+from batchrun.inputfile import NotARegularFile, read_regular
 
 try:  # the C parser is about 10x faster; fall back silently where libyaml is absent
     from yaml import CSafeLoader as _Loader
@@ -30,12 +33,19 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 MAX_FILE_BYTES = 32 * 1024 * 1024
 # Counted after alias expansion; a 100,000-job manifest has about 500,000 nodes.
 MAX_EXPANDED_NODES = 5_000_000
+# Counted after alias expansion, in bytes of text (scalars and keys). A manifest without aliases cannot
+# reach it (its text is at most MAX_FILE_BYTES); with aliases, every job's input is serialised whole
+# (digest, ledger row, request), so a small file that expands to gigabytes (a 100 KB string aliased 300 x
+# 300 times is 9 GB) would exhaust memory. 64 MiB is twice the file cap and the size of the largest
+# request RunComfy's clients send: 100,000 jobs can each merge 600 bytes of shared fields with `<<`.
+MAX_EXPANDED_BYTES = 64 * 2**20
 # Nesting deeper than this is refused (it would otherwise exhaust Python's recursion limit).
 MAX_DEPTH = 100
 
 Pos = tuple[int, int]  # 1-based line and column
 
-_STR = "tag:yaml.org,2002:str"
+_CORE = "tag:yaml.org,2002:"
+_STR = _CORE + "str"
 _SCALAR_TAGS = {
     _STR,
     "tag:yaml.org,2002:int",
@@ -103,8 +113,15 @@ def _pos(mark) -> Pos:
     return (mark.line + 1, mark.column + 1)
 
 
-def _tag_refused(tag: str) -> str:
-    shown = "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
+def _shown_tag(tag: str) -> str:
+    return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
+
+
+def _tag_refused(tag: str, node: str | None = None) -> str:
+    """Why `tag` is refused; `node` ("list", "mapping") when a core tag is put on a node it does not fit."""
+    shown = echo.cut(_shown_tag(tag), 80)
+    if node and (tag in _SCALAR_TAGS or tag in _MAP_TAGS or tag in _SEQ_TAGS):
+        return f"the tag {shown} cannot be put on a {node}"
     return f"the tag {shown} is not allowed (only plain YAML data)"
 
 
@@ -114,51 +131,86 @@ class _Refused(Exception):
         self.message = message
 
 
+# What an explicitly tagged scalar may say. PyYAML's constructors take any text and fail in several ways
+# (KeyError for `!!bool maybe`, IndexError for an empty `!!float`, or no failure at all: `!!null x` is
+# None), so the text is checked against the tag first. !!float also takes integers ("!!float 1" is 1.0).
+_TAG_TEXT = {
+    _CORE + "bool": re.compile(r"(?i:yes|no|true|false|on|off)"),
+    _CORE + "null": re.compile(r"~|null|Null|NULL|"),
+    _CORE + "int": re.compile(r"[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0o?[0-7_]+|[0-9][0-9_]*(?::[0-5]?[0-9])*)"),
+    _CORE + "float": re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?"
+                                r"|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"),
+    _CORE + "timestamp": re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}"
+                                    r"(?:\.[0-9]*)?(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?)?"),
+}
+
+
+def _invalid(event: ev.ScalarEvent, tag: str) -> _Refused:
+    return _Refused(_pos(event.start_mark), f"{echo.quoted(event.value, 40)} is not a valid {tag[len(_CORE):]}")
+
+
 def _scalar(event: ev.ScalarEvent) -> Any:
     tag = event.tag
     if tag in (None, "!"):
         if tag == "!" or not event.implicit[0]:  # quoted, or explicitly non-specific: a string
             return event.value
         tag = _resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
-    if tag not in _SCALAR_TAGS:
-        raise _Refused(_pos(event.start_mark), _tag_refused(tag))
-    if tag in (_STR, "tag:yaml.org,2002:timestamp"):  # dates stay as typed: inputs are JSON
+        if tag not in _SCALAR_TAGS:  # a plain "=" or "<<" (YAML 1.1's value and merge keys) is text here
+            return event.value
+    elif tag not in _SCALAR_TAGS:
+        raise _Refused(_pos(event.start_mark), _tag_refused(tag, "single value"))
+    if tag == _STR:
         return event.value
-    shown = event.value if len(event.value) <= 40 else event.value[:37] + "..."
+    if event.tag == tag and not _TAG_TEXT[tag].fullmatch(event.value):
+        raise _invalid(event, tag)
+    if tag == _CORE + "timestamp":  # dates stay as typed: inputs are JSON
+        return event.value
     try:
         value = _constructor.yaml_constructors[tag](_constructor, yaml.ScalarNode(tag, event.value))
     except (ValueError, yaml.YAMLError) as exc:  # also ints over Python's 4,300-digit limit
-        raise _Refused(_pos(event.start_mark), f"{shown!r} is not a valid {tag.rsplit(':', 1)[-1]}") from exc
+        raise _invalid(event, tag) from exc
     if isinstance(value, float) and not math.isfinite(value):  # JSON has no NaN or infinity
-        raise _Refused(_pos(event.start_mark), f"{shown!r} is not a finite number (manifest values must be JSON)")
+        raise _Refused(_pos(event.start_mark),
+                       f"{echo.quoted(event.value, 40)} is not a finite number (manifest values must be JSON)")
     return value
 
 
+def _text_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 class _Builder:
-    """Turns the parser's event stream into (value, marks), counting expanded nodes."""
+    """Turns the parser's event stream into (value, marks), counting the nodes and the bytes of text
+    (scalars and keys) that the document holds once every alias is expanded."""
 
     def __init__(self, events):
         self.events = events
-        self.anchors: dict[str, tuple[Any, Marks | Pos, int]] = {}
+        self.anchors: dict[str, tuple[Any, Marks | Pos, int, int]] = {}
         self.expanded = 0
+        self.expanded_bytes = 0
         self.depth = 0
 
-    def _count(self, n: int, pos: Pos) -> None:
-        self.expanded += n
+    def _count(self, nodes: int, nbytes: int, pos: Pos) -> None:
+        self.expanded += nodes
+        self.expanded_bytes += nbytes
         if self.expanded > MAX_EXPANDED_NODES:
             raise _Refused(pos, f"aliases expand past {MAX_EXPANDED_NODES:,} nodes (an alias bomb?)")
+        if self.expanded_bytes > MAX_EXPANDED_BYTES:
+            raise _Refused(pos, f"aliases expand past {MAX_EXPANDED_BYTES // 2**20} MiB of text (an alias bomb?)")
 
-    def node(self, event) -> tuple[Any, Marks | Pos, int]:
-        """Build the node that starts with `event`; returns (value, marks, expanded size)."""
+    def node(self, event) -> tuple[Any, Marks | Pos, int, int]:
+        """Build the node that starts with `event`; returns (value, marks, expanded nodes, expanded bytes)."""
         if isinstance(event, ev.AliasEvent):
             if event.anchor not in self.anchors:
-                raise _Refused(_pos(event.start_mark), f"unknown alias *{event.anchor}")
-            value, marks, size = self.anchors[event.anchor]
-            self._count(size, _pos(event.start_mark))
-            return value, marks, size
+                raise _Refused(_pos(event.start_mark), f"unknown alias *{echo.cut(event.anchor, 80)}")
+            built = self.anchors[event.anchor]
+            self._count(built[2], built[3], _pos(event.start_mark))
+            return built
         if isinstance(event, ev.ScalarEvent):
-            self._count(1, _pos(event.start_mark))
-            built = (_scalar(event), _pos(event.start_mark), 1)
+            text = event.value
+            nbytes = len(text) if text.isascii() else _text_bytes(text)
+            self._count(1, nbytes, _pos(event.start_mark))
+            built = (_scalar(event), _pos(event.start_mark), 1, nbytes)
         elif isinstance(event, (ev.SequenceStartEvent, ev.MappingStartEvent)):
             self.depth += 1
             if self.depth > MAX_DEPTH:
@@ -173,42 +225,46 @@ class _Builder:
 
     def _sequence(self, start: ev.SequenceStartEvent):
         if start.tag not in _SEQ_TAGS:
-            raise _Refused(_pos(start.start_mark), _tag_refused(start.tag))
-        items, marks, size = [], [], 1
-        self._count(1, _pos(start.start_mark))
+            raise _Refused(_pos(start.start_mark), _tag_refused(start.tag, "list"))
+        items, marks, nodes, nbytes = [], [], 1, 0
+        self._count(1, 0, _pos(start.start_mark))
         for event in self.events:
             if isinstance(event, ev.SequenceEndEvent):
-                return items, Marks(_pos(start.start_mark), marks), size
-            value, mark, n = self.node(event)
+                return items, Marks(_pos(start.start_mark), marks), nodes, nbytes
+            value, mark, n, b = self.node(event)
             items.append(value)
             marks.append(mark)
-            size += n
+            nodes += n
+            nbytes += b
         raise _Refused(_pos(start.start_mark), "unterminated sequence")  # pragma: no cover
 
     def _mapping(self, start: ev.MappingStartEvent):
         if start.tag not in _MAP_TAGS:
-            raise _Refused(_pos(start.start_mark), _tag_refused(start.tag))
+            raise _Refused(_pos(start.start_mark), _tag_refused(start.tag, "mapping"))
         value: dict[str, Any] = {}
         marks: dict[str, tuple[Pos, Marks | Pos]] = {}
         merged: list[tuple[dict, Marks]] = []
-        size = 1
-        self._count(1, _pos(start.start_mark))
+        nodes, nbytes = 1, 0
+        self._count(1, 0, _pos(start.start_mark))
         for event in self.events:
             if isinstance(event, ev.MappingEndEvent):
                 break
             if not isinstance(event, ev.ScalarEvent):
                 raise _Refused(_pos(event.start_mark), "mapping keys must be plain text")
             key, key_pos = event.value, _pos(event.start_mark)
-            if event.tag not in (None, "!") and event.tag not in _SCALAR_TAGS:
-                raise _Refused(key_pos, _tag_refused(event.tag))
-            child, child_marks, n = self.node(next(self.events))
-            size += n
+            if event.tag not in (None, "!"):
+                _scalar(event)  # a tagged key is kept as text, but its tag must fit it as anywhere else
+            key_bytes = len(key) if key.isascii() else _text_bytes(key)
+            self.expanded_bytes += key_bytes  # checked by the value's own count, next
+            child, child_marks, n, b = self.node(next(self.events))
+            nodes += n
+            nbytes += b + key_bytes
             if key == "<<" and event.implicit[0]:
                 merged.extend(self._merge_sources(child, child_marks, key_pos))
                 continue
             if key in value:
                 line = marks[key][0][0]
-                raise _Refused(key_pos, f"duplicate key {key!r} (first defined on line {line})")
+                raise _Refused(key_pos, f"duplicate key {echo.quoted(key)} (first defined on line {line})")
             value[key] = child
             marks[key] = (key_pos, child_marks)
         for source, source_marks in merged:  # YAML merge keys: explicit keys win
@@ -216,7 +272,7 @@ class _Builder:
                 if key not in value:
                     value[key] = item
                     marks[key] = source_marks.children[key]
-        return value, Marks(_pos(start.start_mark), marks), size
+        return value, Marks(_pos(start.start_mark), marks), nodes, nbytes
 
     @staticmethod
     def _merge_sources(child, child_marks, pos: Pos):
@@ -275,7 +331,7 @@ def _build(text: str, loader) -> tuple[Any, Marks | Pos] | None:
         if isinstance(event, ev.DocumentStartEvent):
             if document is not None:
                 raise _Refused(_pos(event.start_mark), "only one YAML document is allowed per manifest")
-            document = builder.node(next(events))
+            document = builder.node(next(events))[:2]
     return document
 
 
@@ -317,42 +373,27 @@ def load_text(text: str, name: str) -> tuple[Any, Marks | Pos]:
     return document[0], document[1]
 
 
-def read_bounded(path: Path, size: int, max_bytes: int) -> bytes:
-    """At most `max_bytes` + 1 bytes of a file whose stat size is `size`, without allocating the whole cap
-    for a small file. Bounded even where st_size is 0 (pipes, devices such as /dev/zero) or grows."""
-    chunks, total = [], 0
-    want = size + 1 if 0 < size <= max_bytes else 1 << 16
-    with path.open("rb") as f:
-        while total <= max_bytes:
-            chunk = f.read(min(want, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            want = 1 << 20
-    return b"".join(chunks)
-
-
 def load_file(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Any, Marks | Pos]:
-    """Read and parse a manifest file, refusing oversized or non-UTF-8 files."""
+    """Read and parse a manifest file, refusing anything but a regular file (see `batchrun.inputfile`),
+    oversized files and non-UTF-8 files."""
     name = str(path)
+
+    def refuse(message: str) -> ManifestError:
+        return ManifestError([Problem(name, 1, 1, "", message)])
+
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ManifestError(
-                [Problem(name, 1, 1, "", f"the file is {size / 2**20:.1f} MiB; manifests are limited to "
-                         f"{max_bytes // 2**20} MiB (split the batch into several manifests)")]
-            )
-        data = read_bounded(path, size, max_bytes)
-        if len(data) > max_bytes:
-            raise ManifestError([Problem(name, 1, 1, "", f"the file is over {max_bytes // 2**20} MiB; manifests are "
-                                         "limited to that size (split the batch into several manifests)")])
-    except IsADirectoryError:
-        raise ManifestError([Problem(name, 1, 1, "", "is a directory, not a manifest file")]) from None
+        data, size = read_regular(path, max_bytes)
+    except NotARegularFile as exc:
+        if exc.folder:
+            raise refuse("is a directory, not a manifest file") from None
+        raise refuse(f"{exc}: batchrun reads manifests only from regular files") from None
     except FileNotFoundError:
-        raise ManifestError([Problem(name, 1, 1, "", "no such file")]) from None
+        raise refuse("no such file") from None
     except OSError as exc:
-        raise ManifestError([Problem(name, 1, 1, "", f"cannot read the file: {exc.strerror or exc}")]) from None
+        raise refuse(f"cannot read the file: {exc.strerror or exc}") from None
     except ValueError as exc:  # such as a NUL byte in the path
-        raise ManifestError([Problem(name, 1, 1, "", f"cannot read the file: {exc}")]) from None
+        raise refuse(f"cannot read the file: {exc}") from None
+    if len(data) > max_bytes:
+        raise refuse(f"the file is {size / 2**20:.1f} MiB; manifests are limited to {max_bytes // 2**20} MiB "
+                     "(split the batch into several manifests)")
     return load_text(_decode(data, name), name)

@@ -82,6 +82,27 @@ NASTY: dict[str, tuple[str | bytes, str]] = {
                      "1:25: price.usd_per_second: must be a number of USD per second, got {'a': 1}"),
     "output-nul": (f"output: \"a\\0b\"\njobs:\n  - prompt: a\n    start_image_url: {URL}\n",
                    "1:9: output: must be a folder path (text)"),
+    "float-tag": ("budget_usd: !!float abc\njobs: []\n", "1:13: 'abc' is not a valid float"),
+    "int-tag": ("concurrency: !!int 1.5\njobs: []\n", "1:14: '1.5' is not a valid int"),
+    "bool-tag": ("resubmit_unknown: !!bool maybe\njobs: []\n", "1:19: 'maybe' is not a valid bool"),
+    "empty-bool-tag": ("x: !!bool\njobs: []\n", "1:4: '' is not a valid bool"),
+    "null-tag": ("jobs:\n  - prompt: !!null text\n", "2:13: 'text' is not a valid null"),
+    "tag-on-mapping": ("jobs: !!int {a: 1}\n", "1:7: the tag !!int cannot be put on a mapping"),
+    "text-alias-bomb": (f's: &s "{"x" * 100_000}"\nl: &l [{", ".join(["*s"] * 300)}]\n'
+                        f"jobs:\n  - prompt: a\n    elements: [{', '.join(['*l'] * 300)}]\n",
+                        "5:20: aliases expand past 64 MiB of text (an alias bomb?)"),
+}
+
+# name -> (jobs file name, its content, the first problem line expected after the jobs file's path)
+NASTY_JOBS_FILES: dict[str, tuple[str, str, str]] = {
+    "csv-deep-cell": ("jobs.csv", f'prompt,multi_prompt\na,"{"[" * 1000 + "]" * 1000}"\n',
+                      ":2:2: jobs_from[0].multi_prompt: nested more than 100 levels deep"),
+    "csv-deep-object-cell": ("jobs.csv", 'prompt,elements\na,"' + '[{""x"": ' * 500 + '"\n',
+                             ":2:2: jobs_from[0].elements: nested more than 100 levels deep"),
+    "jsonl-deep-row": ("jobs.jsonl", '{"prompt": "a", "elements": ' + "[" * 1000 + "]" * 1000 + "}\n",
+                       ":1:128: jobs_from: nested more than 100 levels deep"),
+    "jsonl-deep-objects": ("jobs.jsonl", '{"a": ' * 1000 + "1" + "}" * 1000 + "\n",
+                           ":1:601: jobs_from: nested more than 100 levels deep"),
 }
 
 
@@ -182,6 +203,17 @@ def test_nasty_input_is_a_located_problem_not_a_traceback(tmp_path, name):
     assert code == 2
     assert "Traceback" not in out + err
     assert out.splitlines()[0] == f"{path}:{expected}"
+    assert out.splitlines()[-1].startswith(f"{path}: invalid: ")
+
+
+@pytest.mark.parametrize("name", list(NASTY_JOBS_FILES))
+def test_nasty_jobs_file_is_a_located_problem_not_a_traceback(tmp_path, name):
+    file_name, content, expected = NASTY_JOBS_FILES[name]
+    write(tmp_path, file_name, content)
+    path = write(tmp_path, "m.yaml", f"defaults:\n  start_image_url: {URL}\njobs_from: {file_name}\n")
+    code, out, err = run_validate(path)
+    assert (code, err) == (2, "")
+    assert out.splitlines()[0] == f"{tmp_path / file_name}{expected}"
     assert out.splitlines()[-1].startswith(f"{path}: invalid: ")
 
 

@@ -370,7 +370,10 @@ def test_csv_local_images_are_relative_to_the_manifest(tmp_path):
         (b"id,prompt\n", "jobs.csv:1:1: jobs_from: the file has a header but no job rows"),
         (b"id,prompt\n,,\n", "jobs.csv:2:1: jobs_from: the file has a header but no job rows"),
         (b'prompt\n"a"b\n', "jobs.csv:2:1: jobs_from: CSV syntax error: ',' expected after '\"'"),
-        (b"prompt\ncaf\xe9\n", "jobs.csv:2:4: jobs_from: the file is not UTF-8 text (byte 0xe9)"),
+        (b"prompt\ncaf\xe9\n", "jobs.csv:2:4: jobs_from: the file is not UTF-8 text (byte 0xe9, 'é' in "
+                                "Windows-1252): it looks like a table Excel saved as plain 'CSV' in a Windows code "
+                                "page; save it again as 'CSV UTF-8' (in German Excel: 'CSV UTF-8 (durch "
+                                "Trennzeichen getrennt)')"),
     ],
     ids=["empty", "blank", "header-only", "empty-cells", "syntax", "not-utf8"],
 )

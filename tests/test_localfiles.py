@@ -239,7 +239,7 @@ def test_folder_fifo_and_empty_path(tmp_path):
         """)
     assert problems(path) == [
         f"2:41: jobs[0] (id=a).start_image_url: 'dir' is a folder, not an image file ({tmp_path}/dir)",
-        f"3:41: jobs[1] (id=b).start_image_url: 'pipe' is not a regular file ({tmp_path}/pipe)",
+        f"3:41: jobs[1] (id=b).start_image_url: 'pipe' is a named pipe (FIFO), not a regular file ({tmp_path}/pipe)",
         "4:41: jobs[2] (id=c).start_image_url: is empty: give an https:// URL or an image file's path",
     ]
 

@@ -119,6 +119,31 @@ def test_alias_bomb_through_merge_keys_is_refused():
     assert refusal(text).endswith(": aliases expand past 5,000,000 nodes (an alias bomb?)")
 
 
+def test_aliases_of_long_text_are_refused_by_their_expanded_bytes():
+    # 102 KB of file, 9 GB of text once expanded: few nodes (90,000), so only the byte budget stops it.
+    text = (f's: &s "{"x" * 100_000}"\n'
+            f"l: &l [{', '.join(['*s'] * 300)}]\n"
+            f"jobs:\n  - prompt: a\n    elements: [{', '.join(['*l'] * 300)}]\n")
+    started = time.perf_counter()
+    problem = refusal(text)
+    # `l` itself is 30 MB of text, the first alias of it 30 MB more: the second one passes 64 MiB.
+    assert problem == "5:20: aliases expand past 64 MiB of text (an alias bomb?)"
+    assert time.perf_counter() - started < 2
+
+
+def test_byte_budget_counts_keys_and_merged_mappings():
+    shared = "shared: &s {" + ", ".join(f"k{i}_{'k' * 1000}: v" for i in range(100)) + "}\n"
+    jobs = "jobs:\n" + "".join(f"  - <<: *s\n    id: j{i}\n" for i in range(700))
+    assert refusal(shared + jobs).endswith("aliases expand past 64 MiB of text (an alias bomb?)")
+    value, _ = load_text(shared + "jobs:\n" + "".join(f"  - <<: *s\n    id: j{i}\n" for i in range(300)), "m")
+    assert len(value["jobs"]) == 300 and len(value["jobs"][0]) == 101
+
+
+def test_text_aliased_within_the_budget_loads():
+    value, _ = load_text(f'p: &p "{"w" * 10_000}"\njobs:\n' + "  - prompt: *p\n" * 1000, "m")
+    assert value["jobs"][999]["prompt"] == "w" * 10_000
+
+
 def test_ordinary_aliases_are_shared_values():
     value, _ = load_text("x: &u https://e.com/a.png\njobs:\n  - start_image_url: *u\n  - start_image_url: *u\n", "m")
     assert [job["start_image_url"] for job in value["jobs"]] == ["https://e.com/a.png"] * 2
@@ -281,6 +306,54 @@ def test_invalid_explicit_int():
     assert refusal("concurrency: !!int abc\n") == "1:14: 'abc' is not a valid int"
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("x: !!float abc\n", "1:4: 'abc' is not a valid float"),
+        ("x: !!float\n", "1:4: '' is not a valid float"),
+        ("x: !!float ._\n", "1:4: '._' is not a valid float"),
+        ("x: !!float 1:30\n", "1:4: '1:30' is not a valid float"),
+        ("x: !!int 1.5\n", "1:4: '1.5' is not a valid int"),
+        ("x: !!int\n", "1:4: '' is not a valid int"),
+        ("x: !!int 0b_\n", "1:4: '0b_' is not a valid int"),
+        ("x: !!int 09\n", "1:4: '09' is not a valid int"),
+        ('x: !!int "-"\n', "1:4: '-' is not a valid int"),
+        ("x: !!bool maybe\n", "1:4: 'maybe' is not a valid bool"),
+        ("x: !!bool\n", "1:4: '' is not a valid bool"),
+        ("x: !!bool ''\n", "1:4: '' is not a valid bool"),
+        ("x: !!bool 1\n", "1:4: '1' is not a valid bool"),
+        ("x: !!null x\n", "1:4: 'x' is not a valid null"),
+        ("x: !!timestamp soon\n", "1:4: 'soon' is not a valid timestamp"),
+        ("x: !<tag:yaml.org,2002:bool> perhaps\n", "1:4: 'perhaps' is not a valid bool"),
+        ("%TAG !e! tag:yaml.org,2002:\n---\nx: !e!int 2.5\n", "3:4: '2.5' is not a valid int"),
+        ("x: [1, !!bool nope]\n", "1:8: 'nope' is not a valid bool"),
+        ("!!bool maybe: 1\n", "1:1: 'maybe' is not a valid bool"),
+        ("x: !!float [1]\n", "1:4: the tag !!float cannot be put on a list"),
+        ("x: !!bool {a: 1}\n", "1:4: the tag !!bool cannot be put on a mapping"),
+        ("x: !!str [1]\n", "1:4: the tag !!str cannot be put on a list"),
+        ("x: !!seq {a: 1}\n", "1:4: the tag !!seq cannot be put on a mapping"),
+        ("x: !!map [1]\n", "1:4: the tag !!map cannot be put on a list"),
+        ("x: !!map abc\n", "1:4: the tag !!map cannot be put on a single value"),
+        ("x: !!binary aGk=\n", "1:4: the tag !!binary is not allowed (only plain YAML data)"),
+        ("x: !!set {a}\n", "1:4: the tag !!set is not allowed (only plain YAML data)"),
+    ],
+)
+def test_core_tags_on_values_they_do_not_fit_are_located_problems(text, expected):
+    assert refusal(text) == expected
+
+
+def test_core_tags_on_values_they_fit():
+    value, _ = load_text("a: !!float 1\nb: !!int 0x1F\nc: !!bool Yes\nd: !!null ~\ne: !!timestamp 2024-01-02\n"
+                         "f: !!str 5\ng: !!int 1_000\nh: !!float 1e5\ni: !!null\n!!int 7: seven\n", "m")
+    assert value == {"a": 1.0, "b": 31, "c": True, "d": None, "e": "2024-01-02", "f": "5", "g": 1000,
+                     "h": 100000.0, "i": None, "7": "seven"}
+
+
+def test_plain_equals_and_merge_signs_are_text():
+    value, _ = load_text("a: =\nb: [<<, =]\n", "m")
+    assert value == {"a": "=", "b": ["<<", "="]}
+
+
 def test_huge_int_is_refused_with_a_short_message():
     assert refusal("concurrency: 1" + "0" * 5000 + "\n") == (
         "1:14: '1000000000000000000000000000000000000...' is not a valid int"
@@ -394,10 +467,9 @@ def test_file_of_exactly_32_mib_is_read(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
-def test_endless_stream_is_cut_at_the_cap():
-    # st_size is 0 for devices and pipes: the read itself must be bounded.
+def test_endless_device_is_refused_without_reading():
     assert file_refusal(Path("/dev/zero"), max_bytes=2**20) == (
-        "1:1: the file is over 1 MiB; manifests are limited to that size (split the batch into several manifests)"
+        "1:1: is a device, not a regular file: batchrun reads manifests only from regular files"
     )
 
 
