@@ -23,8 +23,9 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import schema
+from batchrun import console, schema
 from batchrun.api import Client, make_limiter
+from batchrun.balance import BALANCE_PATH, fetch_balance, judge
 from batchrun.errors import LedgerError, UsageError
 from batchrun.ledger import Ledger
 from batchrun.lock import OutputDirLock
@@ -49,6 +50,7 @@ class RunOutcome:
     counts: dict[str, int]  # states of the manifest's jobs after the run
     spent_usd: float
     lines: list[str] = field(default_factory=list)  # the closing report, for people
+    run_spent_usd: float = 0.0  # committed by this run (actual where reported, else estimated)
 
 
 class _ConsoleHandler(logging.Handler):
@@ -126,7 +128,7 @@ async def _flush_periodically(handler: _RunLogHandler) -> None:
 
 def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
     handler = _RunLogHandler(output_dir / RUN_LOG, stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    handler.setFormatter(console.utc_formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     return handler
 
@@ -190,6 +192,35 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
     plan.submit = kept
 
 
+async def _check_balance(manifest: Manifest, plan: Plan, scheduler: Scheduler, session: aiohttp.ClientSession,
+                         url: str, token: str, stream: TextIO) -> None:
+    """Ask the balance once; cap this run's new spend by it, or stop submitting if it does not cover
+    the first job (jobs already in flight are still collected: that costs nothing)."""
+    answer = await fetch_balance(url, token, session=session)
+    in_flight = sum(row.cost_usd if row.cost_usd is not None else manifest.estimate_cost(job)
+                    for job, row in plan.poll)
+    verdict = judge(answer, [manifest.estimate_cost(job) for job in plan.submit], in_flight,
+                    manifest.settings.budget_usd)
+    if verdict.failed:
+        log.warning("%s", verdict.line)
+        return
+    log.info("%s", verdict.line)
+    print(verdict.line, file=stream)
+    scheduler.balance_room_usd = verdict.limit_room_usd
+    scheduler.balance_limit = scheduler.committed_usd + verdict.limit_room_usd
+    if verdict.refuse:
+        scheduler.stop_submitting("no_balance")
+
+
+def _events_handler(stream: TextIO) -> logging.Handler:
+    """Per-job events (the scheduler's log lines) and warnings, as lines on `stream` (`run --verbose`)."""
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.INFO)
+    handler.addFilter(lambda record: record.name != log.name or record.levelno >= logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
 def plan_lines(plan: Plan) -> list[str]:
     parts = [f"{len(plan.submit)} to submit", f"{len(plan.poll)} to resume", f"{len(plan.collect)} to download",
              f"{len(plan.skip)} already done"]
@@ -209,17 +240,33 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
     lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}; spent in this output dir: ${scheduler.committed_usd:.2f} "
              f"(actual where the API reported it, else estimated)"]
-    # Only jobs not done are read back: on a clean 100,000-job run that is none.
-    not_done = [job.id for job in manifest.jobs if ledger.state_of(job.id) != "done"]
-    attention = [row for row in map(ledger.get, not_done[:21]) if row is not None]
-    for row in attention[:20]:
+    # Jobs waiting their turn are counted, not listed: after a budget stop or a Ctrl-C they can be
+    # thousands, and say nothing a person must act on. Only the others are read back from the ledger.
+    waiting = Counter()
+    attention_ids = []
+    for job in manifest.jobs:
+        state = ledger.state_of(job.id)
+        if state in ("pending", "queued", "running", "downloading"):
+            waiting[state] += 1
+        elif state != "done":
+            attention_ids.append(job.id)
+    for row in filter(None, map(ledger.get, attention_ids[:20])):
         why = f": {row.error['message']}" if row.error else ""
         lines.append(f"  {row.id}: {row.state}{why}")
-    if len(not_done) > 20:
-        lines.append(f"  ... and {len(not_done) - 20} more (see 'batchrun status')")
+    if len(attention_ids) > 20:
+        lines.append(f"  ... and {len(attention_ids) - 20} more needing attention (see 'batchrun status')")
+    if waiting["pending"]:
+        lines.append(f"  {waiting['pending']} pending: not submitted yet; the next run submits them")
+    in_flight = waiting["queued"] + waiting["running"] + waiting["downloading"]
+    if in_flight:
+        lines.append(f"  {in_flight} in flight or downloading: the next run collects them")
     budget = manifest.settings.budget_usd
     reason = {
         "budget": f"budget reached: no job was submitted that would take spend over ${budget or 0:.2f}",
+        "balance": f"balance reached: no job was submitted that would take this run's spend over the "
+                   f"${scheduler.balance_room_usd or 0:.2f} the balance had room for; add funds and run again",
+        "no_balance": "stopped before paying: the balance does not cover the first job to submit; add funds "
+                      "and run again",
         "auth": f"stopped by the API: {scheduler.auth_error}",
         "deadline": "max_wait reached: no new jobs submitted; jobs in flight are collected by the next run",
         "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
@@ -230,13 +277,16 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if scheduler.interrupted and scheduler.stop_reason != "interrupted":
         lines.append("interrupted: jobs in flight are recorded; the next run picks them up")
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
+    report = manifest.output_dir / "report.html"
+    if report.exists():
+        lines.append(f"report: {report}")
     return lines
 
 
 def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler) -> int:
     if scheduler.interrupted:
         return EXIT_INTERRUPTED
-    if scheduler.stop_reason == "auth":
+    if scheduler.stop_reason in ("auth", "no_balance"):
         return EXIT_AUTH
     all_done = all(ledger.state_of(job.id) == "done" for job in manifest.jobs)
     return EXIT_OK if all_done else EXIT_NOT_DONE
@@ -282,17 +332,25 @@ async def run_manifest(
     stream: TextIO = sys.stderr,
     progress: bool | None = None,
     handle_signals: bool = True,
+    check_balance: bool = False,
+    balance_url: str | None = None,
+    events: TextIO | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
 ) -> RunOutcome:
-    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator."""
+    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator.
+
+    `check_balance` asks the account's balance before submitting (at `balance_url`, by default
+    `<base URL>/prod/v2/balance`) and caps this run's new spend by it. `events`, when given, receives
+    every per-job event (submitted, done, failed...) as a line, and warnings go there instead of `stream`.
+    """
     output_dir = manifest.output_dir
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
         ledger = Ledger.open(output_dir)
         handler = _open_run_log(output_dir, stream)
-        console = _ConsoleHandler(stream)
+        console = _ConsoleHandler(stream) if events is None else _events_handler(events)
         log.addHandler(handler)
         log.addHandler(console)
         log.setLevel(logging.INFO)
@@ -300,7 +358,8 @@ async def run_manifest(
         try:
             return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
                                      sandbox=sandbox, stream=stream, progress=progress,
-                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand)
+                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand,
+                                     check_balance=check_balance, balance_url=balance_url)
         finally:
             flusher.cancel()
             log.removeHandler(handler)
@@ -310,7 +369,7 @@ async def run_manifest(
 
 
 async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, options, sandbox, stream, progress,
-                      handle_signals, clock, sleep, rand) -> RunOutcome:
+                      handle_signals, clock, sleep, rand, check_balance=False, balance_url=None) -> RunOutcome:
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)
@@ -337,6 +396,10 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                         limiter=make_limiter(manifest.settings.requests_per_second))
         scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
                               sleep=sleep, rand=rand)
+        spent_before = scheduler.committed_usd
+        if check_balance and plan.submit:
+            await _check_balance(manifest, plan, scheduler, api_session, balance_url or base_url.rstrip("/")
+                                 + BALANCE_PATH, token, stream)
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,
@@ -369,4 +432,5 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                                               "calls": dict(scheduler.calls)})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
-    return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines)
+    return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines,
+                      run_spent_usd=scheduler.committed_usd - spent_before)

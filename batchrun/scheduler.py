@@ -165,6 +165,9 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._started = clock()
         self.committed_usd = ledger.spent_usd()
+        # Set by the run after the balance call: `committed_usd` past which the account would run dry.
+        self.balance_limit: float | None = None
+        self.balance_room_usd: float | None = None
 
     # -- control -------------------------------------------------------------------------------
     def stop_submitting(self, reason: str) -> None:
@@ -284,6 +287,10 @@ class Scheduler:
             self.stop_submitting("budget")
             log.info("%s: not submitted: $%.2f committed + $%.2f would exceed the $%.2f budget",
                      job.id, self.committed_usd, estimate, budget)
+            return None
+        if self.balance_limit is not None and self.committed_usd + estimate > self.balance_limit + 1e-9:
+            self.stop_submitting("balance")
+            log.info("%s: not submitted: its $%.2f would take this run past the balance", job.id, estimate)
             return None
         # Reserved before the next await: jobs submitted concurrently must see each other's spend,
         # or every slot would pass the budget check at once. Given back if nothing was created.

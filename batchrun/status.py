@@ -16,6 +16,7 @@ from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
+UNSETTLED = ("unknown", "submitting")  # may have created a job: shown with what helps find it by hand
 
 
 @dataclass
@@ -58,6 +59,16 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     )
 
 
+def prompt_start(row: JobRow, length: int = 60) -> str:
+    """The start of the job's prompt (or of its first shot's), to match it by eye."""
+    prompt = row.input.get("prompt")
+    if not isinstance(prompt, str):
+        shots = row.input.get("multi_prompt")
+        prompt = shots[0].get("prompt") if isinstance(shots, list) and shots and isinstance(shots[0], dict) else ""
+    prompt = " ".join(str(prompt or "").split())
+    return prompt if len(prompt) <= length else prompt[: length - 1] + "…"
+
+
 def as_dict(report: StatusReport) -> dict[str, Any]:
     return {
         "output": str(report.output_dir),
@@ -65,7 +76,9 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "counts": report.counts,
         "total": sum(report.counts.values()),
         "spent_usd": round(report.spent_usd, 4),
-        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "error": r.error}
+        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "error": r.error,
+                       **({"submitted_at": r.submitted_at, "prompt": prompt_start(r, 200)}
+                          if r.state in UNSETTLED else {})}
                       for r in report.attention],
         "not_in_manifest": report.not_in_manifest,
         "not_started": report.not_started,
@@ -88,6 +101,10 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
         for row in report.attention[:limit]:
             why = f": {row.error['message']}" if row.error else ""
             print(f"  {row.id}  {row.state}{why}", file=out)
+            if row.state in UNSETTLED:
+                # What a person needs to find the request on RunComfy's Generations page, then adopt it.
+                when = (row.submitted_at or "?")[:19].replace("T", " ")
+                print(f"      submitted {when} UTC; prompt: {prompt_start(row)!r}", file=out)
         if len(report.attention) > limit:
             print(f"  ... and {len(report.attention) - limit} more (use --json for all)", file=out)
     if report.not_in_manifest:
