@@ -107,6 +107,9 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
                 print(f"      submitted {when} UTC; prompt: {prompt_start(row)!r}", file=out)
         if len(report.attention) > limit:
             print(f"  ... and {len(report.attention) - limit} more (use --json for all)", file=out)
+        if any(row.state in UNSETTLED for row in report.attention):
+            print(f"found an unknown job's request on RunComfy's Generations page? attach it without paying again: "
+                  f"batchrun adopt {report.output_dir} JOB REQUEST_ID", file=out)
     if report.not_in_manifest:
         shown = ", ".join(report.not_in_manifest[:20]) + (" ..." if len(report.not_in_manifest) > 20 else "")
         print(f"in the ledger but no longer in the manifest ({len(report.not_in_manifest)}): {shown}", file=out)
