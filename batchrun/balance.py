@@ -24,6 +24,7 @@ from yarl import URL
 from batchrun.errors import UsageError
 
 DEFAULT_BALANCE_URL = "https://api.runcomfy.net/prod/v2/balance"
+RUNCOMFY_MODEL_API = "https://model-api.runcomfy.net"
 BALANCE_PATH = "/prod/v2/balance"
 TIMEOUT_SECONDS = 10.0
 _TOKEN_REFUSED = frozenset({400004, 401001, 403001})
@@ -41,7 +42,7 @@ class Balance:
         return self.usd is not None
 
 
-def balance_url(base_url: str | None, env: Mapping[str, str], default_base_url: str) -> str:
+def balance_url(base_url: str | None, env: Mapping[str, str], default_base_url: str = RUNCOMFY_MODEL_API) -> str:
     """Where to ask: `RUNCOMFY_BALANCE_URL`; else RunComfy's account API when the Model API is RunComfy's
     own; else `<base URL>/prod/v2/balance` (the sandbox, or whatever stands in for RunComfy).
     Raises UsageError for a value that is not an http(s) URL."""

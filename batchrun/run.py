@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from batchrun import console, schema
 from batchrun.api import Client, make_limiter
-from batchrun.balance import BALANCE_PATH, fetch_balance, judge
+from batchrun.balance import balance_url as default_balance_url
+from batchrun.balance import fetch_balance, judge
 from batchrun.errors import LedgerError, UsageError
 from batchrun.ledger import Ledger
 from batchrun.lock import OutputDirLock
@@ -332,7 +333,7 @@ async def run_manifest(
     stream: TextIO = sys.stderr,
     progress: bool | None = None,
     handle_signals: bool = True,
-    check_balance: bool = False,
+    check_balance: bool = True,
     balance_url: str | None = None,
     events: TextIO | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -341,8 +342,9 @@ async def run_manifest(
 ) -> RunOutcome:
     """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator.
 
-    `check_balance` asks the account's balance before submitting (at `balance_url`, by default
-    `<base URL>/prod/v2/balance`) and caps this run's new spend by it. `events`, when given, receives
+    `check_balance` asks the account's balance before submitting (at `balance_url`; by default RunComfy's
+    account API for RunComfy's base URL, else `<base URL>/prod/v2/balance`) and caps this run's new spend
+    by it (see balance.py). `events`, when given, receives
     every per-job event (submitted, done, failed...) as a line, and warnings go there instead of `stream`.
     """
     output_dir = manifest.output_dir
@@ -398,8 +400,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                               sleep=sleep, rand=rand)
         spent_before = scheduler.committed_usd
         if check_balance and plan.submit:
-            await _check_balance(manifest, plan, scheduler, api_session, balance_url or base_url.rstrip("/")
-                                 + BALANCE_PATH, token, stream)
+            url = balance_url or default_balance_url(base_url, {})
+            await _check_balance(manifest, plan, scheduler, api_session, url, token, stream)
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,

@@ -141,3 +141,24 @@ async def test_a_bad_balance_url_is_a_usage_error(tmp_path, monkeypatch):
         code, _, stderr = await _main(["run", str(manifest), "--base-url", sandbox.base_url, "--no-preflight"])
         assert code == 2 and "RUNCOMFY_BALANCE_URL must be an http(s) URL" in stderr
         assert sandbox.posts_total == 0
+
+
+async def test_the_library_run_checks_the_balance_too_and_still_collects_jobs_in_flight(tmp_path):
+    from helpers import FakeClock, run
+
+    clock = FakeClock()
+    manifest = write_manifest(tmp_path, jobs(3), concurrency=2, max_wait=30, poll_min_interval=1)
+    async with Sandbox(token=TOKEN_LIB, balance_usd=1.0, render_seconds=40, clock=clock.now) as sandbox:
+        # max_wait leaves two jobs rendering for the next run.
+        first, _ = await run(manifest, sandbox, token=TOKEN_LIB, clock=clock)
+        assert first.exit_code == 1 and sandbox.jobs_created == 2
+        sandbox.balance_usd = 0.10  # spent elsewhere meanwhile
+        again, said = await run(manifest, sandbox, token=TOKEN_LIB, clock=clock)
+        assert again.exit_code == 3
+        assert "after $0.84 for jobs in flight; covers 0 of 1 jobs to submit" in said
+        assert sandbox.posts_total == 2
+        rows = ledger_rows(tmp_path / "out")
+        assert sorted(row["state"] for row in rows.values()) == ["done", "done", "pending"]
+
+
+TOKEN_LIB = "lib-token"
