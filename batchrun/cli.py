@@ -85,7 +85,7 @@ def _url_problems(manifest: Manifest) -> list[Problem]:
 
 def _load_for_run(args, err: TextIO) -> Manifest:
     manifest = load_manifest(args.manifest, output=args.output)
-    for warning in manifest.warnings[:MAX_PROBLEMS_SHOWN]:
+    for warning in manifest.warnings[:MAX_PROBLEMS_SHOWN] if not getattr(args, "quiet", False) else ():
         print(warning, file=err)
     overrides = {"concurrency": args.concurrency, "budget_usd": args.budget, "max_wait": args.max_wait}
     manifest.settings = manifest.settings.with_overrides(**overrides)

@@ -153,7 +153,8 @@ class Scheduler:
         self.planner = PollPlanner(self.settings.poll_min_interval, self.settings.poll_max_interval)
         self._result_polls = True  # cleared if the API refuses result calls for unfinished jobs
         self.calls: Counter[str] = Counter()  # API and download calls made, for the run's record
-        # Why submitting stopped, if it did: "interrupted", "auth", "budget", "deadline", "disk_full".
+        # Why submitting stopped, if it did: "interrupted", "auth", "budget", "balance", "no_balance",
+        # "deadline", "disk_full".
         self.stop_reason: str | None = None
         self.auth_error: str | None = None
         self.fatal_error: str | None = None
