@@ -105,6 +105,7 @@ class Result:
     error: str | None
     created_at: str | None
     finished_at: str | None
+    input: dict[str, Any] | None = None  # the job's input, where the answer shows it (undocumented)
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,7 @@ def parse_result(request_id: str, data: dict[str, Any]) -> Result:
         error=error,
         created_at=_text(data.get("created_at")),
         finished_at=_text(data.get("finished_at")),
+        input=data["input"] if isinstance(data.get("input"), dict) else None,
     )
 
 

@@ -85,7 +85,7 @@ def _url_problems(manifest: Manifest) -> list[Problem]:
 
 def _load_for_run(args, err: TextIO) -> Manifest:
     manifest = load_manifest(args.manifest, output=args.output)
-    for warning in manifest.warnings[:MAX_PROBLEMS_SHOWN]:
+    for warning in manifest.warnings[:MAX_PROBLEMS_SHOWN] if not getattr(args, "quiet", False) else ():
         print(warning, file=err)
     overrides = {"concurrency": args.concurrency, "budget_usd": args.budget, "max_wait": args.max_wait}
     manifest.settings = manifest.settings.with_overrides(**overrides)
@@ -103,6 +103,22 @@ def _connection(args) -> tuple[str | None, str | None]:
     return base_url, token
 
 
+def _plan_balance(args):
+    """How `plan` learns the balance: a callable giving a `Balance` (asked only when called)."""
+    from batchrun.balance import Balance, balance_url, fetch_balance
+
+    if args.no_balance_check:
+        return lambda: Balance(None, "skipped (--no-balance-check)")
+    if getattr(args, "sandbox", False):
+        return lambda: Balance(None, "skipped with --sandbox (a run starts its own sandbox account)")
+    token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
+    if not token:
+        return lambda: Balance(None, "no RUNCOMFY_API_TOKEN set")
+    base_url = getattr(args, "base_url", None) or os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
+    url = balance_url(base_url, os.environ, DEFAULT_BASE_URL)
+    return lambda: asyncio.run(fetch_balance(url, token))
+
+
 def cmd_plan(args, out: TextIO, err: TextIO) -> int:
     from batchrun.ledger_index import LedgerIndex, locate
     from batchrun.plan import show_plan
@@ -115,31 +131,129 @@ def cmd_plan(args, out: TextIO, err: TextIO) -> int:
             print(f"batchrun: {found.note}; 'run' from here refuses to start a new ledger: add --output "
                   f"{found.output_dir} to resume it, or --new-output", file=err)
             manifest.output_dir = found.output_dir
-    return show_plan(manifest, out, as_json=getattr(args, "json", False))
+    return show_plan(manifest, out, as_json=getattr(args, "json", False), balance=_plan_balance(args))
+
+
+def _exit_code_of(exc: BaseException) -> int:
+    """The exit code `main` gives for an exception escaping a command (for the notification)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, OutputDirLocked):
+        return EXIT_LOCKED
+    if isinstance(exc, (UsageError, LedgerError, ManifestError)):
+        return EXIT_USAGE
+    return EXIT_NOT_DONE
+
+
+def _notify(urls: list[str], body: dict, err: TextIO, *, quiet: bool) -> None:
+    """POST the summary; says how each delivery went (only failures with --quiet). Never raises."""
+    from batchrun import notify
+
+    if not urls:
+        return
+    try:
+        deliveries = asyncio.run(notify.send(urls, body))
+    except Exception as exc:  # noqa: BLE001 - a notification never changes how the run ended
+        print(f"notify: not delivered: {type(exc).__name__}", file=err)
+        return
+    for delivery, line in zip(deliveries, notify.report_lines(deliveries), strict=True):
+        if not (quiet and delivery.ok):
+            print(line, file=err)
 
 
 def cmd_run(args, out: TextIO, err: TextIO) -> int:
     if args.dry_run:
         return cmd_plan(args, out, err)
+    from batchrun import console, notify
+
+    for url in args.notify or []:
+        problem = notify.url_problem(url)
+        if problem:
+            raise UsageError(f"--notify {url!r}: {problem}")
+    token = os.environ.get("RUNCOMFY_API_TOKEN")
+    try:
+        manifest = _load_for_run(args, err)
+    except (ManifestError, UsageError) as exc:  # nothing was read that could be run; --notify is still told
+        why = f"invalid manifest: {_summary(exc.problems)}" if isinstance(exc, ManifestError) else str(exc)
+        _notify(list(args.notify or []), notify.summary(manifest=args.manifest, output_dir=None, exit_code=EXIT_USAGE,
+                                                        error=why, token=token), err, quiet=args.quiet)
+        raise
+    urls = list(dict.fromkeys(manifest.notify + list(args.notify or [])))
+    out, err = console.for_unattended(out, args.manifest), console.for_unattended(err, args.manifest)
+    try:
+        outcome = _run(args, manifest, out, err)
+    except OutputDirLocked:
+        raise  # the run holding the directory tells how it ends
+    except BaseException as exc:
+        _notify(urls, notify.summary(manifest=args.manifest, output_dir=manifest.output_dir,
+                                     exit_code=_exit_code_of(exc), job_ids=[job.id for job in manifest.jobs],
+                                     error=str(exc) or type(exc).__name__, token=token), err, quiet=args.quiet)
+        err.flush()
+        raise
+    _notify(urls, notify.summary(manifest=args.manifest, output_dir=manifest.output_dir, exit_code=outcome.exit_code,
+                                 job_ids=[job.id for job in manifest.jobs], run_spent_usd=outcome.run_spent_usd,
+                                 lines=outcome.lines, token=token), err, quiet=args.quiet)
+    out.flush()
+    err.flush()
+    return outcome.exit_code
+
+
+def _run(args, manifest: Manifest, out: TextIO, err: TextIO):
+    from batchrun import console
+    from batchrun.balance import balance_url
     from batchrun.plan import RunOptions
     from batchrun.run import run_manifest
 
-    manifest = _load_for_run(args, err)
     base_url, token = _connection(args)
+    check_balance = not args.no_balance_check
+    url = balance_url(base_url, os.environ, DEFAULT_BASE_URL) if check_balance and not args.sandbox else None
     options = RunOptions(retry_failed=args.retry_failed, resubmit_unknown=args.resubmit_unknown,
                          preflight=not args.no_preflight, new_output=args.new_output)
     outcome = asyncio.run(run_manifest(manifest, base_url=base_url, token=token, options=options,
-                                       sandbox=args.sandbox, stream=err,
-                                       progress=False if args.no_progress else None))
+                                       sandbox=args.sandbox, stream=console.Discard() if args.quiet else err,
+                                       progress=False if args.no_progress or args.quiet else None,
+                                       check_balance=check_balance, balance_url=url,
+                                       events=out if args.verbose else None))
     for line in outcome.lines:
         print(line, file=out)
-    return outcome.exit_code
+    return outcome
+
+
+def cmd_adopt(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.adopt import adopt, finish, read_pairs
+    from batchrun.api import Client
+
+    if args.csv and (args.job or args.request_id):
+        raise UsageError("give either JOB REQUEST_ID or --csv FILE, not both")
+    if args.csv:
+        pairs = read_pairs(Path(args.csv))
+    elif args.job and args.request_id:
+        pairs = [(args.job, args.request_id)]
+    else:
+        raise UsageError("give JOB REQUEST_ID, or --csv FILE of job,request_id rows (see 'batchrun adopt --help')")
+    output_dir, _ = _resolve_target(args.target, args.output)
+    base_url, token = _connection(args)
+
+    async def check_and_attach():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            return await adopt(output_dir, pairs, Client(session, base_url, token))
+
+    outcomes = asyncio.run(check_and_attach())
+    if any(o.adopted for o in outcomes):
+        finish(output_dir)
+    for outcome in outcomes:
+        print(outcome.message, file=out if outcome.adopted else err)
+    adopted = sum(o.adopted for o in outcomes)
+    print(f"{plural(adopted, 'job')} adopted, {len(outcomes) - adopted} refused", file=out)
+    return EXIT_OK if adopted == len(outcomes) else EXIT_USAGE
 
 
 def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
     from batchrun.sandbox import serve_forever
 
-    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds)
+    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds, balance_usd=args.balance)
     return EXIT_OK
 
 
@@ -237,6 +351,8 @@ def _add_run_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("--new-output", action="store_true",
                          help="start a new ledger in the default output dir even though this manifest has one "
                          "elsewhere (it will pay for its jobs again)")
+    command.add_argument("--no-balance-check", action="store_true",
+                         help="do not ask the account's balance before paying ($RUNCOMFY_BALANCE_URL)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,12 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar; periodic log lines instead")
     run.add_argument("--no-preflight", action="store_true", help="do not check image URLs before submitting")
     run.add_argument("--dry-run", action="store_true", help="show what would be done (same as 'plan')")
+    run.add_argument("--notify", action="append", metavar="URL",
+                     help="POST a JSON summary here when the run ends (repeatable; adds to the manifest's notify:)")
+    said = run.add_mutually_exclusive_group()
+    said.add_argument("--quiet", action="store_true", help="print only the closing summary")
+    said.add_argument("--verbose", action="store_true", help="also print per-job events (submitted, done, failed)")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="what a run would do and cost, without sending anything")
     _add_run_flags(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL); decides "
+                      "where the balance is asked unless $RUNCOMFY_BALANCE_URL is set")
     plan.set_defaults(handler=cmd_plan)
+
+    adopt = commands.add_parser("adopt", help="attach a request id found by hand to an unknown job (no new payment)")
+    _add_target(adopt)
+    adopt.add_argument("job", nargs="?", metavar="JOB")
+    adopt.add_argument("request_id", nargs="?", metavar="REQUEST_ID")
+    adopt.add_argument("--csv", metavar="FILE", help="a CSV file of job,request_id rows instead of one pair")
+    adopt.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
+    adopt.set_defaults(handler=cmd_adopt, sandbox=False)
 
     status = commands.add_parser("status", help="counts by state, jobs needing attention, spend (read-only)")
     _add_target(status)
@@ -292,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)
     sandbox.add_argument("--render-seconds", type=float, default=2.0, metavar="S", help="simulated render time")
+    sandbox.add_argument("--balance", type=float, default=100_000.0, metavar="USD",
+                         help="the account's starting balance (small: watch a batch run dry)")
     sandbox.set_defaults(handler=cmd_sandbox)
     return parser
 

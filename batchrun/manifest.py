@@ -27,7 +27,7 @@ from batchrun.settings import BY_NAME, Settings
 from batchrun.yamlload import Marks, Pos, load_file, node_at, position_of
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-TOP_LEVEL_KEYS = ("version", "model", "output", "defaults", "jobs", "jobs_from", "price", *BY_NAME)
+TOP_LEVEL_KEYS = ("version", "model", "output", "defaults", "jobs", "jobs_from", "price", "notify", *BY_NAME)
 MAX_JOBS = generators.MAX_JOBS
 Location = tuple[str, int, int, str]  # file, line, column, where (such as "jobs[3] (id=x).duration")
 PRICE_KEYS = ("usd_per_second", "usd_per_second_with_audio")
@@ -82,6 +82,7 @@ class Manifest:
     # The user named output_dir (`--output` or `output:`), rather than it being the default
     # `output/<stem>` of the current directory (see batchrun.ledger_index).
     output_explicit: bool = False
+    notify: list[str] = field(default_factory=list)  # URLs told how each run ended (batchrun/notify.py)
 
     def estimate_cost(self, job: Job) -> float:
         return self.model.estimate_cost(job.input, self.price)
@@ -147,6 +148,22 @@ def _check_settings(doc: dict, out: _Collector) -> Settings:
     if settings.poll_min_interval > settings.poll_max_interval:
         out.add(("poll_min_interval",), "poll_min_interval", "must not be larger than poll_max_interval")
     return settings
+
+
+def _check_notify(doc: dict, out: _Collector) -> list[str]:
+    from batchrun.notify import url_problem
+
+    raw = doc.get("notify")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        out.add(("notify",), "notify", "must be a list of URLs (one '- https://...' per line)")
+        return []
+    for index, value in enumerate(raw):
+        problem = url_problem(value)
+        if problem:
+            out.add(("notify", index), f"notify[{index}]", problem)
+    return [value.strip() for value in raw if url_problem(value) is None]
 
 
 def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
@@ -608,6 +625,7 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
     if "output" in doc and not (isinstance(doc["output"], str) and doc["output"] and "\0" not in doc["output"]):
         out.add(("output",), "output", "must be a folder path (text)")
     settings = _check_settings(doc, out)
+    notify = _check_notify(doc, out)
     price = _check_price(doc, model, out)
     jobs = _check_jobs(doc, path, stamp, model, out)
     # The manifest's problems first, then those of its jobs file.
@@ -623,4 +641,5 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         jobs=jobs,
         warnings=out.problems,
         output_explicit=output is not None or "output" in doc,
+        notify=notify,
     )

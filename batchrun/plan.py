@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from batchrun import download
+from batchrun.balance import Balance, judge
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
@@ -249,13 +251,26 @@ def _print_changes(info: dict, out: TextIO, limit: int = 20) -> None:
               file=out)
 
 
-def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False) -> int:
+def balance_summary(manifest: Manifest, plan: Plan, balance: Balance) -> dict:
+    """The balance and how many of the jobs to submit it covers, for `plan` (and its --json)."""
+    in_flight = sum(row.cost_usd if row.cost_usd is not None else manifest.estimate_cost(job)
+                    for job, row in plan.poll)
+    verdict = judge(balance, [manifest.estimate_cost(job) for job in plan.submit], in_flight,
+                    manifest.settings.budget_usd)
+    return {"balance_usd": balance.usd, "balance_covers": verdict.covered, "balance_error": balance.error}
+
+
+def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
+              balance: Callable[[], Balance] | None = None) -> int:
+    """Print the plan; `balance`, when given, is asked once for the account's balance (see balance.py)."""
     try:
         plan, spent = compute(manifest)
     except LedgerError as exc:
         print(f"batchrun: {exc}", file=out)
         return 2
     info = summary(manifest, plan, spent)
+    if balance is not None:
+        info.update(balance_summary(manifest, plan, balance()))
     if as_json:
         print(json.dumps(info, indent=2), file=out)
         return 0
@@ -274,6 +289,10 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False) -> int:
     ]
     if info["budget_left_usd"] is not None:
         rows.append(("budget left", f"${info['budget_left_usd']:.2f}"))
+    if "balance_usd" in info:
+        rows.append(("balance", f"not checked: {info['balance_error']}" if info["balance_usd"] is None else
+                     f"${info['balance_usd']:.2f}, covers {info['balance_covers']} of {info['submit']} jobs to "
+                     "submit at their estimates"))
     width = max(len(label) for label, _ in rows)
     print(f"plan for {info['manifest']} ({info['model']}) into {info['output']}", file=out)
     for label, value in rows:

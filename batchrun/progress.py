@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import TextIO
 
 from tqdm import tqdm
+
+from batchrun import console
 
 ORDER = ("done", "downloading", "running", "queued", "submitting", "pending", "unknown", "failed", "cancelled")
 
@@ -45,8 +46,9 @@ class Progress:
             self._bar.n = counts.get("done", 0)
             self._bar.set_postfix_str(text, refresh=True)
         elif text != self._last_line:
-            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            print(f"{stamp} {counts.get('done', 0)}/{self.total} done; {text}", file=self._stream, flush=True)
+            # A labelled stream (cron) stamps every line itself.
+            stamp = "" if getattr(self._stream, "labels_lines", False) else console.stamp() + " "
+            print(f"{stamp}{counts.get('done', 0)}/{self.total} done; {text}", file=self._stream, flush=True)
             self._last_line = text
 
     async def run_periodically(self) -> None:

@@ -24,8 +24,10 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import outputhosts, schema, stoprequest
+from batchrun import console, outputhosts, schema, stoprequest
 from batchrun.api import Client, make_limiter
+from batchrun.balance import balance_url as default_balance_url
+from batchrun.balance import fetch_balance, judge
 from batchrun.errors import LedgerError, UsageError
 from batchrun.fsutil import open_append, remove_stale_temps
 from batchrun.ledger import Ledger
@@ -52,6 +54,7 @@ class RunOutcome:
     counts: dict[str, int]  # states of the manifest's jobs after the run
     spent_usd: float
     lines: list[str] = field(default_factory=list)  # the closing report, for people
+    run_spent_usd: float = 0.0  # committed by this run (actual where reported, else estimated)
 
 
 class _ConsoleHandler(logging.Handler):
@@ -138,7 +141,7 @@ def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
         handler = _RunLogHandler(output_dir / RUN_LOG, stream)
     except OSError as exc:  # UnsafeFile (a link, a FIFO) is not one: it says why itself
         raise UsageError(f"cannot write {output_dir / RUN_LOG}: {exc.strerror}") from None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    handler.setFormatter(console.utc_formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     return handler
 
@@ -213,6 +216,35 @@ def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
             log.info("%s: rewrote %s.json, which was missing or damaged", row.id, row.id)
 
 
+async def _check_balance(manifest: Manifest, plan: Plan, scheduler: Scheduler, session: aiohttp.ClientSession,
+                         url: str, token: str, stream: TextIO) -> None:
+    """Ask the balance once; cap this run's new spend by it, or stop submitting if it does not cover
+    the first job (jobs already in flight are still collected: that costs nothing)."""
+    answer = await fetch_balance(url, token, session=session)
+    in_flight = sum(row.cost_usd if row.cost_usd is not None else manifest.estimate_cost(job)
+                    for job, row in plan.poll)
+    verdict = judge(answer, [manifest.estimate_cost(job) for job in plan.submit], in_flight,
+                    manifest.settings.budget_usd)
+    if verdict.failed:
+        log.warning("%s", verdict.line)
+        return
+    log.info("%s", verdict.line)
+    print(verdict.line, file=stream)
+    scheduler.balance_room_usd = verdict.limit_room_usd
+    scheduler.balance_limit = scheduler.committed_usd + verdict.limit_room_usd
+    if verdict.refuse:
+        scheduler.stop_submitting("no_balance")
+
+
+def _events_handler(stream: TextIO) -> logging.Handler:
+    """Per-job events (the scheduler's log lines) and warnings, as lines on `stream` (`run --verbose`)."""
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.INFO)
+    handler.addFilter(lambda record: record.name != log.name or record.levelno >= logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
 def plan_lines(plan: Plan) -> list[str]:
     parts = [f"{len(plan.submit)} to submit", f"{len(plan.poll)} to resume", f"{len(plan.collect)} to download",
              f"{len(plan.skip)} already done"]
@@ -260,14 +292,28 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     lines += [f"  refused: {why}" for why in list(refused.values())[:20]]
     if len(refused) > 20:
         lines.append(f"  ... and {len(refused) - 20} more refused (see 'batchrun status')")
-    # Only jobs not done are read back: on a clean 100,000-job run that is none.
-    not_done = [job.id for job in manifest.jobs if ledger.state_of(job.id) != "done" and job.id not in refused]
-    attention = [row for row in map(ledger.get, not_done[:21]) if row is not None]
-    for row in attention[:20]:
+    # Jobs waiting their turn are counted, not listed: after a budget stop or a Ctrl-C they can be
+    # thousands, and say nothing a person must act on. Only the others are read back from the ledger.
+    waiting = Counter()
+    attention_ids = []
+    for job in manifest.jobs:
+        if job.id in refused:
+            continue
+        state = ledger.state_of(job.id)
+        if state in ("pending", "queued", "running", "downloading"):
+            waiting[state] += 1
+        elif state != "done":
+            attention_ids.append(job.id)
+    for row in filter(None, map(ledger.get, attention_ids[:20])):
         why = f": {row.error['message']}" if row.error else ""
         lines.append(f"  {row.id}: {row.state}{why}")
-    if len(not_done) > 20:
-        lines.append(f"  ... and {len(not_done) - 20} more (see 'batchrun status')")
+    if len(attention_ids) > 20:
+        lines.append(f"  ... and {len(attention_ids) - 20} more needing attention (see 'batchrun status')")
+    if waiting["pending"]:
+        lines.append(f"  {waiting['pending']} pending: not submitted yet; the next run submits them")
+    in_flight = waiting["queued"] + waiting["running"] + waiting["downloading"]
+    if in_flight:
+        lines.append(f"  {in_flight} in flight or downloading: the next run collects them")
     lines += _previous_lines(ledger, plan)
     if plan.provenance:
         names = [f"{row.id}.json" for row in plan.provenance]
@@ -276,6 +322,10 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     budget = manifest.settings.budget_usd
     reason = {
         "budget": f"budget reached: no job was submitted that would take spend over ${budget or 0:.2f}",
+        "balance": f"balance reached: no job was submitted that would take this run's spend over the "
+                   f"${scheduler.balance_room_usd or 0:.2f} the balance had room for; add funds and run again",
+        "no_balance": "stopped before paying: the balance does not cover the first job to submit; add funds "
+                      "and run again",
         "auth": f"stopped by the API: {scheduler.auth_error}",
         "deadline": "max_wait reached: no new jobs submitted; jobs in flight are collected by the next run",
         "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
@@ -287,6 +337,9 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if scheduler.interrupted and scheduler.stop_reason != "interrupted":
         lines.append("interrupted: jobs in flight are recorded; the next run picks them up")
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
+    report = manifest.output_dir / "report.html"
+    if report.exists():
+        lines.append(f"report: {report}")
     return lines
 
 
@@ -334,7 +387,7 @@ def _explain_not_submitted(manifest: Manifest, ledger: Ledger, scheduler: Schedu
 def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> int:
     if scheduler.interrupted:
         return EXIT_INTERRUPTED
-    if scheduler.stop_reason == "auth":
+    if scheduler.stop_reason in ("auth", "no_balance"):
         return EXIT_AUTH
     all_done = all(ledger.state_of(job.id) == "done" for job in manifest.jobs)
     # A refused job is not done as the manifest asks; a paid render still to collect is not done either.
@@ -383,6 +436,9 @@ async def run_manifest(
     stream: TextIO = sys.stderr,
     progress: bool | None = None,
     handle_signals: bool = True,
+    check_balance: bool = True,
+    balance_url: str | None = None,
+    events: TextIO | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
@@ -392,26 +448,32 @@ async def run_manifest(
 
     `ledger_index` (default: the user's, see batchrun.ledger_index) is where the run looks for this
     manifest's ledgers elsewhere (and refuses with UsageError to start a second one unasked) and
-    records its own."""
+    records its own.
+
+    `check_balance` asks the account's balance before submitting (at `balance_url`; by default RunComfy's
+    account API for RunComfy's base URL, else `<base URL>/prod/v2/balance`) and caps this run's new spend
+    by it (see balance.py). `events`, when given, receives
+    every per-job event (submitted, done, failed...) as a line, and warnings go there instead of `stream`.
+    """
     output_dir = manifest.output_dir
     index = LedgerIndex.for_user() if ledger_index is None else ledger_index
     check_new_ledger(manifest, index, new_output=options.new_output)
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
         stoprequest.clear(output_dir)  # a request left for an earlier run that ended before seeing it
-        console = _ConsoleHandler(stream)
-        log.addHandler(console)
+        console_handler = _ConsoleHandler(stream) if events is None else _events_handler(events)
+        log.addHandler(console_handler)
         log.setLevel(logging.INFO)
         try:
             # run.log first: a planted link there stops the run before the ledger is touched.
             handler = _open_run_log(output_dir, stream)
         except BaseException:
-            log.removeHandler(console)
+            log.removeHandler(console_handler)
             raise
         try:
             ledger = Ledger.open(output_dir)
         except BaseException:
-            log.removeHandler(console)
+            log.removeHandler(console_handler)
             handler.close()
             raise
         log.addHandler(handler)
@@ -422,17 +484,18 @@ async def run_manifest(
                 log.info("removed %s, left by a run that was stopped while rewriting a file", name)
             return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
                                      sandbox=sandbox, stream=stream, progress=progress,
-                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand)
+                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand,
+                                     check_balance=check_balance, balance_url=balance_url)
         finally:
             flusher.cancel()
             log.removeHandler(handler)
-            log.removeHandler(console)
+            log.removeHandler(console_handler)
             handler.close()
             ledger.close()
 
 
 async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, options, sandbox, stream, progress,
-                      handle_signals, clock, sleep, rand) -> RunOutcome:
+                      handle_signals, clock, sleep, rand, check_balance=False, balance_url=None) -> RunOutcome:
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)
@@ -464,6 +527,10 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             hosts.session() if hosts is not None else aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
         scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
                               sleep=sleep, rand=rand, output_hosts=hosts)
+        spent_before = scheduler.committed_usd
+        if check_balance and plan.submit:
+            url = balance_url or default_balance_url(base_url, {})
+            await _check_balance(manifest, plan, scheduler, api_session, url, token, stream)
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,
@@ -498,4 +565,5 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                                               "calls": dict(scheduler.calls)})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
-    return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines)
+    return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines,
+                      run_spent_usd=scheduler.committed_usd - spent_before)

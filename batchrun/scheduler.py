@@ -160,8 +160,8 @@ class Scheduler:
         self.planner = PollPlanner(self.settings.poll_min_interval, self.settings.poll_max_interval)
         self._result_polls = True  # cleared if the API refuses result calls for unfinished jobs
         self.calls: Counter[str] = Counter()  # API and download calls made, for the run's record
-        # Why submitting stopped, if it did: "interrupted", "auth", "budget", "deadline", "disk_full",
-        # "cancel" ('batchrun cancel' asked).
+        # Why submitting stopped, if it did: "interrupted", "auth", "budget", "balance", "no_balance",
+        # "deadline", "disk_full", "cancel" ('batchrun cancel' asked).
         self.stop_reason: str | None = None
         self.auth_error: str | None = None
         self.fatal_error: str | None = None
@@ -176,6 +176,9 @@ class Scheduler:
         # Requests not made with the manifest's job as written (see `Plan.previous`): their cost is the
         # ledger's estimate, since the manifest no longer holds their input.
         self._previous: dict[str, JobRow] = {}
+        # Set by the run after the balance call: `committed_usd` past which the account would run dry.
+        self.balance_limit: float | None = None
+        self.balance_room_usd: float | None = None
 
     # -- control -------------------------------------------------------------------------------
     def stop_submitting(self, reason: str) -> None:
@@ -308,6 +311,10 @@ class Scheduler:
             self.stop_submitting("budget")
             log.info("%s: not submitted: $%.2f committed + $%.2f would exceed the $%.2f budget",
                      job.id, self.committed_usd, estimate, budget)
+            return None
+        if self.balance_limit is not None and self.committed_usd + estimate > self.balance_limit + 1e-9:
+            self.stop_submitting("balance")
+            log.info("%s: not submitted: its $%.2f would take this run past the balance", job.id, estimate)
             return None
         # Reserved before the next await: jobs submitted concurrently must see each other's spend,
         # or every slot would pass the budget check at once. Given back if nothing was created.

@@ -24,6 +24,7 @@ from batchrun.results import provenance_intact, provenance_path
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
 IN_FLIGHT_OR_DOWNLOADING = ("queued", "running", "downloading")
+UNSETTLED = ("unknown", "submitting")  # may have created a job: shown with what helps find it by hand
 
 
 @dataclass
@@ -100,6 +101,14 @@ def _error(report: StatusReport, row: JobRow) -> dict[str, str] | None:
     if row.id in report.refused:
         return {"kind": "refused", "message": report.refused[row.id]}
     return row.error
+def prompt_start(row: JobRow, length: int = 60) -> str:
+    """The start of the job's prompt (or of its first shot's), to match it by eye."""
+    prompt = row.input.get("prompt")
+    if not isinstance(prompt, str):
+        shots = row.input.get("multi_prompt")
+        prompt = shots[0].get("prompt") if isinstance(shots, list) and shots and isinstance(shots[0], dict) else ""
+    prompt = " ".join(str(prompt or "").split())
+    return prompt if len(prompt) <= length else prompt[: length - 1] + "…"
 
 
 def as_dict(report: StatusReport) -> dict[str, Any]:
@@ -137,8 +146,15 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
                 continue
             why = f": {row.error['message']}" if row.error else ""
             print(f"  {row.id}  {row.state}{why}", file=out)
+            if row.state in UNSETTLED:
+                # What a person needs to find the request on RunComfy's Generations page, then adopt it.
+                when = (row.submitted_at or "?")[:19].replace("T", " ")
+                print(f"      submitted {when} UTC; prompt: {prompt_start(row)!r}", file=out)
         if len(report.attention) > limit:
             print(f"  ... and {len(report.attention) - limit} more (use --json for all)", file=out)
+        if any(row.state in UNSETTLED for row in report.attention):
+            print(f"found an unknown job's request on RunComfy's Generations page? attach it without paying again: "
+                  f"batchrun adopt {report.output_dir} JOB REQUEST_ID", file=out)
     if report.damaged:
         print(f"missing or damaged files ({len(report.damaged)}); the next run repairs them:", file=out)
         for job_id, name, problem in report.damaged[:limit]:

@@ -68,7 +68,7 @@ async def test_the_token_never_appears_in_files_or_output(tmp_path, monkeypatch)
         assert code == 3
         assert "401" in stdout + stderr
         assert strict.posts_total >= 1 and strict.jobs_created == 0
-    code, stdout, stderr = await _main(["plan", str(manifest)])
+    code, stdout, stderr = await _main(["plan", str(manifest), "--no-balance-check"])
     said += [stdout, stderr]
     assert code == 0
 
@@ -92,11 +92,12 @@ async def test_dry_run_and_plan_send_nothing(tmp_path, monkeypatch):
         assert code == 0
         assert "to submit" in stdout and "3" in stdout
         assert "the budget does not cover every job" in stdout
-        code, stdout, _ = await _main(["plan", str(manifest), "--json"])
+        code, stdout, _ = await _main(["plan", str(manifest), "--json", "--no-balance-check"])
         assert code == 0
         info = json.loads(stdout)
         assert info["submit"] == 3 and info["estimated_cost_usd"] == pytest.approx(1.26) and info["over_budget"]
-        assert sum(sandbox.calls.values()) == 0 and sandbox.posts_total == 0
+        # Only the (free) balance was asked, for the dry run's plan.
+        assert sandbox.calls == {"balance": 1} and sandbox.posts_total == 0
     assert not (tmp_path / "out").exists()
 
 
@@ -110,7 +111,7 @@ async def test_plan_after_a_run_shows_it_done(tmp_path, monkeypatch):
         assert "2/2 done; done=2" in stderr  # not a terminal: plain progress lines, no bar
         assert "\r" not in stderr
         calls = sum(sandbox.calls.values())
-        code, stdout, _ = await _main(["plan", str(manifest), "--json"])
+        code, stdout, _ = await _main(["plan", str(manifest), "--json", "--no-balance-check"])
         assert code == 0
         info = json.loads(stdout)
         assert (info["submit"], info["skip"]) == (0, 2)

@@ -11,6 +11,7 @@ import heapq
 import itertools
 from bisect import bisect_left, insort
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +54,11 @@ class SimQueue:
     queue positions subtract those tombstones with a bisect over their sorted tickets.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_finish: Callable[[Job], None] | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
+        self.on_finish = on_finish  # called once per job whose render ends (completed or failed)
         self.peak_in_flight = 0
         self._running: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
@@ -86,6 +88,8 @@ class SimQueue:
             end, _, job = heapq.heappop(self._running)
             job.status = FAILED if job.error else COMPLETED
             job.finished_at = end
+            if self.on_finish is not None:
+                self.on_finish(job)
             nxt = self._pop_waiting()
             if nxt is not None:
                 # The freed slot is taken at the exact moment it freed, not when someone polls.

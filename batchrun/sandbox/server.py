@@ -81,6 +81,8 @@ class Faults:
     # "10.0.0.7", "[::1]"), same port
     redirect_downloads_to: str | None = None  # the storage host answers 302 to this base URL + the same path
     videos_per_job: int = 1  # a completed job's videos; over 1 they come as `output.videos` (a list)
+    balance_error: int | None = None  # the balance call answers this HTTP status (e.g. 503) instead
+    show_input: bool = False  # status and result answers also carry the job's `input` (the docs do not)
 
 
 def _sample_video() -> bytes:
@@ -98,6 +100,10 @@ class Sandbox:
     ``clock`` drives the simulation (tests pass a fake clock and advance it). Counters for tests:
     ``posts_total``, ``posts_by_input`` / ``posts_for()``, ``jobs_created``, ``jobs``,
     ``jobs_by_input`` / ``jobs_for()``, ``peak_in_flight``, ``calls``, ``faults_served``.
+
+    The account's balance (``GET /prod/v2/balance``) starts at ``balance_usd`` and goes down by a
+    job's price when its render completes (failed and cancelled jobs are free); a submit whose price
+    the balance does not cover answers 402 / 400002. ``balance_usd`` small runs the account dry.
     """
 
     def __init__(
@@ -109,13 +115,15 @@ class Sandbox:
         video_bytes: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
+        balance_usd: float = 100_000.0,
     ) -> None:
         self.faults = faults or Faults()
+        self.balance_usd = float(balance_usd)
         self.render_seconds = render_seconds
         self.clock = clock
         self.video_bytes = _sample_video() if video_bytes is None else video_bytes
         self.models = MODELS
-        self.queue = SimQueue(capacity)
+        self.queue = SimQueue(capacity, on_finish=self._charge)
         self._token = token
         # Request ids are not drawn from these: see `_submit`.
         knobs = ("render", "fail", "5xx", "200err", "cut", "sig")
@@ -146,6 +154,7 @@ class Sandbox:
         r.add_get("/v1/requests/{request_id}/result", self._result, name="result")
         r.add_post("/v1/requests/{request_id}/cancel", self._cancel, name="cancel")
         r.add_get("/files/{request_id}/{name}", self._download, name="download")
+        r.add_get("/prod/v2/balance", self._balance, name="balance")
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -236,6 +245,8 @@ class Sandbox:
             self._token is not None and not hmac.compare_digest(given.strip(), self._token)
         ):
             return _error(401, 401001, "unauthorized: a valid 'Authorization: Bearer <token>' is required")
+        if kind == "balance":  # the account API host: not part of the Model API's rate limit
+            return await handler(request)
         self._api_calls += 1
         every = self.faults.rate_limit_every
         if every and self._api_calls % every == 0:
@@ -279,6 +290,8 @@ class Sandbox:
         if job.status == IN_QUEUE:
             body["queue_position"] = self.queue.position(job)
         urls = self._urls(self._base(request), job.request_id)
+        if self.faults.show_input:
+            body["input"] = job.input
         return body | {"status_url": urls["status_url"], "result_url": urls["result_url"]}
 
     def _sign(self, path: str, expires: str) -> str:
@@ -339,7 +352,7 @@ class Sandbox:
             where = ".".join(map(str, first["loc"][1:])) or "body"
             return _error(422, 422001, f"validation error: {where}: {first['msg']}", detail=problems)
         limit = self.faults.no_balance_after
-        if limit is not None and self.jobs_created >= limit:
+        if (limit is not None and self.jobs_created >= limit) or self.balance_usd < model.cost(body):
             return _error(402, 400002, "no remaining balance")
 
         now = self._now()
@@ -382,6 +395,19 @@ class Sandbox:
             return RANDOM_FAIL_MESSAGE
         return None
 
+    def _charge(self, job: Job) -> None:
+        if job.error is None:
+            self.balance_usd -= self.models[job.model_id].cost(job.input)
+
+    async def _balance(self, request: web.Request) -> web.Response:
+        self._now()  # renders that ended by now are charged
+        if self.faults.balance_error:
+            self.faults_served["balance_error"] += 1
+            return _error(self.faults.balance_error, 500001, "balance unavailable (sandbox)")
+        usd = round(self.balance_usd, 6)
+        return web.json_response({"balance_usd": usd, "balance_microdollars": round(usd * 1_000_000),
+                                  "currency": "USD"})
+
     async def _status(self, request: web.Request) -> web.Response:
         now = self._now()
         job = self._job(request)
@@ -408,6 +434,8 @@ class Sandbox:
             "finished_at": self._iso(job.finished_at),
             "error": job.error if job.status == FAILED else None,
         }
+        if self.faults.show_input:
+            body["input"] = job.input
         if request.query.get("include_cost", "").lower() in ("true", "1"):
             body["cost"] = self.models[job.model_id].cost(job.input) if job.status == COMPLETED else 0.0
         return web.json_response(body)
