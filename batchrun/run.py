@@ -296,11 +296,14 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     # thousands, and say nothing a person must act on. Only the others are read back from the ledger.
     waiting = Counter()
     attention_ids = []
+    own_reason = set(scheduler.unsent_with_reason)
     for job in manifest.jobs:
         if job.id in refused:
             continue
         state = ledger.state_of(job.id)
-        if state in ("pending", "queued", "running", "downloading"):
+        if state == "pending" and job.id in own_reason:
+            attention_ids.append(job.id)
+        elif state in ("pending", "queued", "running", "downloading"):
             waiting[state] += 1
         elif state != "done":
             attention_ids.append(job.id)

@@ -163,6 +163,9 @@ class Scheduler:
         # Why submitting stopped, if it did: "interrupted", "auth", "budget", "balance", "no_balance",
         # "deadline", "disk_full", "cancel" ('batchrun cancel' asked).
         self.stop_reason: str | None = None
+        # Jobs left pending for a reason of their own (a local file that changed), listed in the closing
+        # lines; jobs left pending because submitting stopped are only counted.
+        self.unsent_with_reason: list[str] = []
         self.auth_error: str | None = None
         self.fatal_error: str | None = None
         self.aborted = False
@@ -303,6 +306,7 @@ class Scheduler:
         except LocalFileError as exc:
             # Nothing was sent, so nothing is held back: the next run submits the job with its file as it is then.
             self.ledger.set_state(job.id, "pending", error=("local_file", str(exc)))
+            self.unsent_with_reason.append(job.id)
             log.warning("%s: not submitted: %s", job.id, exc)
             return None
         estimate = self.manifest.estimate_cost(job)
