@@ -296,12 +296,11 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     # thousands, and say nothing a person must act on. Only the others are read back from the ledger.
     waiting = Counter()
     attention_ids = []
-    own_reason = set(scheduler.unsent_with_reason)
     for job in manifest.jobs:
         if job.id in refused:
             continue
         state = ledger.state_of(job.id)
-        if state == "pending" and job.id in own_reason:
+        if state != "done" and job.id in scheduler.problems:
             attention_ids.append(job.id)
         elif state in ("pending", "queued", "running", "downloading"):
             waiting[state] += 1

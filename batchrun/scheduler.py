@@ -163,9 +163,10 @@ class Scheduler:
         # Why submitting stopped, if it did: "interrupted", "auth", "budget", "balance", "no_balance",
         # "deadline", "disk_full", "cancel" ('batchrun cancel' asked).
         self.stop_reason: str | None = None
-        # Jobs left pending for a reason of their own (a local file that changed), listed in the closing
-        # lines; jobs left pending because submitting stopped are only counted.
-        self.unsent_with_reason: list[str] = []
+        # Jobs this run recorded a problem of their own for (a local file that changed, a call or download
+        # that failed): the closing lines list them whatever their state; jobs merely waiting their turn
+        # (pending after a stop, still in flight) are only counted.
+        self.problems: set[str] = set()
         self.auth_error: str | None = None
         self.fatal_error: str | None = None
         self.aborted = False
@@ -296,6 +297,7 @@ class Scheduler:
             self.on_change()
 
     def _record_error(self, job_id: str, kind: str, message: str) -> None:
+        self.problems.add(job_id)
         self.ledger.set_error(job_id, kind, message)
 
     # -- submit ----------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ class Scheduler:
         except LocalFileError as exc:
             # Nothing was sent, so nothing is held back: the next run submits the job with its file as it is then.
             self.ledger.set_state(job.id, "pending", error=("local_file", str(exc)))
-            self.unsent_with_reason.append(job.id)
+            self.problems.add(job.id)
             log.warning("%s: not submitted: %s", job.id, exc)
             return None
         estimate = self.manifest.estimate_cost(job)
