@@ -32,7 +32,9 @@ from batchrun.manifest import Manifest
 from batchrun.plan import Plan, RunOptions, make_plan
 from batchrun.progress import Progress, describe
 from batchrun.results import write_results
+from batchrun.retry import RetryPolicy
 from batchrun.scheduler import Scheduler
+from batchrun.spend import Spend
 
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"
@@ -193,6 +195,8 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
 def plan_lines(plan: Plan) -> list[str]:
     parts = [f"{len(plan.submit)} to submit", f"{len(plan.poll)} to resume", f"{len(plan.collect)} to download",
              f"{len(plan.skip)} already done"]
+    if plan.recheck:
+        parts.append(f"{len(plan.recheck)} to ask again (submitted again only if lost or failed)")
     if plan.held:
         parts.append(f"{len(plan.held)} held")
     if plan.refused:
@@ -205,9 +209,9 @@ def plan_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> list[str]:
+def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan, spend: Spend) -> list[str]:
     counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
-    lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}; spent in this output dir: ${scheduler.committed_usd:.2f} "
+    lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}; spent in this output dir: {spend.describe()} "
              f"(actual where the API reported it, else estimated)"]
     # Only jobs not done are read back: on a clean 100,000-job run that is none.
     not_done = [job.id for job in manifest.jobs if ledger.state_of(job.id) != "done"]
@@ -218,12 +222,16 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if len(not_done) > 20:
         lines.append(f"  ... and {len(not_done) - 20} more (see 'batchrun status')")
     budget = manifest.settings.budget_usd
+    blocked = scheduler.budget_block
     reason = {
-        "budget": f"budget reached: no job was submitted that would take spend over ${budget or 0:.2f}",
+        "budget": f"budget reached: {spend.describe()} committed of the ${budget or 0:.2f} budget"
+                  + (f"; the next job ({blocked[0]}) would cost ${blocked[1]:.2f}, over ${budget or 0:.2f}"
+                     if blocked else ""),
         "auth": f"stopped by the API: {scheduler.auth_error}",
         "deadline": "max_wait reached: no new jobs submitted; jobs in flight are collected by the next run",
         "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
         "disk_full": f"stopped: {scheduler.fatal_error}",
+        "unreachable": f"stopped: {scheduler.fatal_error}",
     }.get(scheduler.stop_reason or "")
     if reason:
         lines.append(reason)
@@ -285,8 +293,11 @@ async def run_manifest(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
+    retry_policy: RetryPolicy | None = None,
 ) -> RunOutcome:
-    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator."""
+    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator, whose
+    money is recorded (and always shown) as simulated. `clock`, `sleep`, `rand` and `retry_policy`
+    drive every wait, so tests run at full speed."""
     output_dir = manifest.output_dir
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
@@ -300,7 +311,8 @@ async def run_manifest(
         try:
             return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
                                      sandbox=sandbox, stream=stream, progress=progress,
-                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand)
+                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand,
+                                     retry_policy=retry_policy)
         finally:
             flusher.cancel()
             log.removeHandler(handler)
@@ -310,7 +322,7 @@ async def run_manifest(
 
 
 async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, options, sandbox, stream, progress,
-                      handle_signals, clock, sleep, rand) -> RunOutcome:
+                      handle_signals, clock, sleep, rand, retry_policy) -> RunOutcome:
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)
@@ -336,7 +348,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         client = Client(api_session, base_url, token,
                         limiter=make_limiter(manifest.settings.requests_per_second))
         scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
-                              sleep=sleep, rand=rand)
+                              sleep=sleep, rand=rand, retry_policy=retry_policy, simulated=sandbox)
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,
@@ -359,14 +371,18 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     exit_code = _exit_code(manifest, ledger, scheduler)
     if plan.refused and exit_code == EXIT_OK:
         exit_code = EXIT_NOT_DONE
-    lines = _closing_lines(manifest, ledger, scheduler, plan)
+    # The ledger's spend, as status, results.jsonl and report.html count it: the scheduler's running
+    # figure also holds estimates of submits that a signal cut short before anything was sent.
+    spend = ledger.spend()
+    lines = _closing_lines(manifest, ledger, scheduler, plan, spend)
     for line in lines:
         log.info("%s", line)
     counts_now = dict(Counter(ledger.state_of(job.id) for job in manifest.jobs))
     try:
-        ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": scheduler.committed_usd,
+        ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": spend.total_usd,
+                                              "simulated": sandbox,
                                               "stop_reason": scheduler.stop_reason,
                                               "calls": dict(scheduler.calls)})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
-    return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines)
+    return RunOutcome(exit_code, counts_now, spend.total_usd, lines)

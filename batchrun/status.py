@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
+from batchrun.spend import Spend
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
 
@@ -22,7 +23,7 @@ ATTENTION = ("unknown", "failed", "cancelled", "submitting")
 class StatusReport:
     output_dir: Path
     counts: dict[str, int]
-    spent_usd: float
+    spend: Spend
     attention: list[JobRow]  # jobs a person should look at, with their errors
     not_in_manifest: list[str]  # ledger jobs the manifest no longer lists
     not_started: list[str]  # manifest jobs the ledger has never seen
@@ -41,7 +42,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
         rows = ledger.all()
-        spent = ledger.spent_usd()
+        spent = ledger.spend()
     finally:
         ledger.close()
     counts = Counter(row.state for row in rows)
@@ -50,7 +51,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     return StatusReport(
         output_dir=output_dir,
         counts={state: counts[state] for state in STATES if counts[state]},
-        spent_usd=spent,
+        spend=spent,
         attention=attention,
         not_in_manifest=[row.id for row in rows if manifest_ids is not None and row.id not in manifest_ids],
         not_started=[job.id for job in manifest.jobs if job.id not in {r.id for r in rows}] if manifest else [],
@@ -64,9 +65,10 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "running_pid": report.running_pid,
         "counts": report.counts,
         "total": sum(report.counts.values()),
-        "spent_usd": round(report.spent_usd, 4),
-        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "error": r.error}
-                      for r in report.attention],
+        "spent_usd": round(report.spend.total_usd, 4),
+        "simulated_usd": round(report.spend.simulated_usd, 4),
+        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "request_ids": list(r.request_ids),
+                       "error": r.error} for r in report.attention],
         "not_in_manifest": report.not_in_manifest,
         "not_started": report.not_started,
     }
@@ -82,12 +84,13 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
     width = max((len(s) for s in report.counts), default=5)
     for state, n in report.counts.items():
         print(f"  {state:<{width}}  {n:>6}", file=out)
-    print(f"spent: ${report.spent_usd:.2f} (actual where the API reported it, else estimated)", file=out)
+    print(f"spent: {report.spend.describe()} (actual where the API reported it, else estimated)", file=out)
     if report.attention:
         print(f"needing attention ({len(report.attention)}):", file=out)
         for row in report.attention[:limit]:
             why = f": {row.error['message']}" if row.error else ""
-            print(f"  {row.id}  {row.state}{why}", file=out)
+            earlier = f" (earlier requests: {', '.join(row.earlier_request_ids)})" if row.earlier_request_ids else ""
+            print(f"  {row.id}  {row.state}{why}{earlier}", file=out)
         if len(report.attention) > limit:
             print(f"  ... and {len(report.attention) - limit} more (use --json for all)", file=out)
     if report.not_in_manifest:
