@@ -32,7 +32,6 @@ from batchrun.manifest import Manifest
 from batchrun.plan import Plan, RunOptions, make_plan
 from batchrun.progress import Progress, describe
 from batchrun.results import write_results
-from batchrun.retry import RetryPolicy
 from batchrun.scheduler import Scheduler
 from batchrun.spend import Spend
 
@@ -293,11 +292,10 @@ async def run_manifest(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
-    retry_policy: RetryPolicy | None = None,
 ) -> RunOutcome:
     """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator, whose
-    money is recorded (and always shown) as simulated. `clock`, `sleep`, `rand` and `retry_policy`
-    drive every wait, so tests run at full speed."""
+    money is recorded (and always shown) as simulated. `clock`, `sleep` and `rand` drive every wait,
+    so tests run at full speed."""
     output_dir = manifest.output_dir
     _prepare_output_dir(output_dir)
     with OutputDirLock(output_dir):
@@ -311,8 +309,7 @@ async def run_manifest(
         try:
             return await _run_locked(manifest, ledger, base_url=base_url, token=token, options=options,
                                      sandbox=sandbox, stream=stream, progress=progress,
-                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand,
-                                     retry_policy=retry_policy)
+                                     handle_signals=handle_signals, clock=clock, sleep=sleep, rand=rand)
         finally:
             flusher.cancel()
             log.removeHandler(handler)
@@ -322,7 +319,7 @@ async def run_manifest(
 
 
 async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, options, sandbox, stream, progress,
-                      handle_signals, clock, sleep, rand, retry_policy) -> RunOutcome:
+                      handle_signals, clock, sleep, rand) -> RunOutcome:
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)
@@ -348,7 +345,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         client = Client(api_session, base_url, token,
                         limiter=make_limiter(manifest.settings.requests_per_second))
         scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
-                              sleep=sleep, rand=rand, retry_policy=retry_policy, simulated=sandbox)
+                              sleep=sleep, rand=rand, simulated=sandbox)
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,

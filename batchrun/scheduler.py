@@ -201,6 +201,11 @@ class Scheduler:
         self._connect_failures = 0
         self._submits_paused_until = float("-inf")
         self._pause_span = 0.0
+        # For a while after a pause, submits go one at a time (each waits for the answer to the one
+        # before): a limit that was just hit lets a few through, and all of them at once would trip it
+        # again together.
+        self._serial_until = float("-inf")
+        self._submit_turn = asyncio.Lock()
         self._submits_accepted = 0
 
     # -- control -------------------------------------------------------------------------------
@@ -421,7 +426,8 @@ class Scheduler:
 
     async def _submit_gate(self) -> None:
         """Wait while submits are paused (a submit was refused with 429 or Retry-After), then for a
-        jitter of up to `PAUSE_JITTER` of the pause, so the waiting jobs do not all come back at once."""
+        jitter of up to `PAUSE_JITTER` of the pause, so the waiting jobs do not all come back at once.
+        Called with `_submit_turn` held in the time after a pause (see `_serial_until`)."""
         while True:
             wait = self._submits_paused_until - self.clock()
             if wait <= 0:
@@ -430,6 +436,7 @@ class Scheduler:
 
     def _pause_submits(self, seconds: float) -> None:
         until = self.clock() + seconds
+        self._serial_until = max(self._serial_until, until + seconds)
         if until > self._submits_paused_until:
             self._submits_paused_until = until
             self._pause_span = PAUSE_JITTER * seconds
@@ -443,12 +450,24 @@ class Scheduler:
             if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "unreachable"):
                 self._release(estimate)
                 return None
-            await self._submit_gate()
-            await self._intents.commit(job.id)
-            crashpoint("after_intent")
-            self.calls["submit"] += 1
+            turn = self._submit_turn if self.clock() < self._serial_until else None
+            if turn is not None:
+                await turn.acquire()
             try:
+                await self._submit_gate()
+                await self._intents.commit(job.id)
+                crashpoint("after_intent")
+                self.calls["submit"] += 1
                 submitted = await self.client.submit(self.manifest.model.model_id, payload)
+                failure: BaseException | None = None
+            except (SubmitOutcomeUnknown, ApiError) as exc:
+                failure = exc
+            finally:
+                if turn is not None:
+                    turn.release()
+            try:
+                if failure is not None:
+                    raise failure
             except SubmitOutcomeUnknown as exc:
                 self._reached()
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))

@@ -73,8 +73,8 @@ class Faults:
     retry_after_in: float | None = None  # if set, 429s carry Retry-After as an HTTP-date this many
     # seconds after the server's own clock (instead of `retry_after`)
     # An account-wide limit on submits: at most `submit_limit` jobs created per `submit_window` seconds
-    # (a fixed window on the sandbox clock); more answer 429 with Retry-After = seconds until the next
-    # window, as a decimal. 0 disables.
+    # (a fixed window on the sandbox clock); more answer 429 with Retry-After = whole seconds until the
+    # next window. 0 disables.
     submit_limit: int = 0
     submit_window: float = 10.0
 
@@ -335,7 +335,7 @@ class Sandbox:
             if used >= self.faults.submit_limit:
                 self.faults_served["submit_limit"] += 1
                 resp = _error(429, 429001, "too many requests for this account (sandbox)")
-                resp.headers["Retry-After"] = f"{start + window - now:.3f}"
+                resp.headers["Retry-After"] = str(max(1, math.ceil(start + window - now)))
                 return resp
             self._window = (start, used + 1)
         job = Job(
