@@ -11,8 +11,7 @@ Invariants:
 - an auth or balance error stops all submitting at once; jobs already accepted are still collected;
 - a negative answer about a paid request ("not found", "completed" without outputs) is believed only
   once it has held across `not_found_grace`; until then the job's money stays counted;
-- a 429 (or any refusal with Retry-After) on one submit pauses every submit until the wait is over,
-  each then resuming after its own jitter;
+- a 429 (or any refusal with Retry-After) on one submit pauses every submit (`pacing.SubmitPacer`);
 - every wait ends at `max_wait`, and a submit's wait at the first Ctrl-C; when the API cannot be
   reached at all (`unreachable_after` connection failures in a row), the run leaves at once;
 - money given back by a job (refused, failed, cancelled) can be committed again in the same run: a
@@ -54,6 +53,7 @@ from batchrun.errors import (
 from batchrun.ledger import JobRow, Ledger, LedgerWriteError, Output, utc_now
 from batchrun.localfiles import LocalFileError
 from batchrun.manifest import Job, Manifest
+from batchrun.pacing import SubmitPacer
 from batchrun.plan import Plan, RunOptions
 from batchrun.polling import PollPlanner
 from batchrun.results import write_provenance
@@ -71,7 +71,6 @@ log = logging.getLogger("batchrun.run")
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp"}
 MAX_URL_REFRESHES = 3
 UNREACHABLE_AFTER = 5  # connection failures in a row (and more than jobs in flight) that end the run
-PAUSE_JITTER = 0.5  # submits resume spread over this fraction of a pause, after it ends
 
 
 class _OutOfTime(Exception):
@@ -199,13 +198,7 @@ class Scheduler:
         # More failures than jobs in flight: at least one job failed twice, so it is not one blip.
         self._unreachable_after = max(unreachable_after, self.settings.concurrency + 1)
         self._connect_failures = 0
-        self._submits_paused_until = float("-inf")
-        self._pause_span = 0.0
-        # For a while after a pause, submits go one at a time (each waits for the answer to the one
-        # before): a limit that was just hit lets a few through, and all of them at once would trip it
-        # again together.
-        self._serial_until = float("-inf")
-        self._submit_turn = asyncio.Lock()
+        self._pacer = SubmitPacer(clock, rand, lambda seconds: self._nap(seconds, submit=True))
         self._submits_accepted = 0
 
     # -- control -------------------------------------------------------------------------------
@@ -424,24 +417,6 @@ class Scheduler:
         self.committed_usd += estimate
         return True
 
-    async def _submit_gate(self) -> None:
-        """Wait while submits are paused (a submit was refused with 429 or Retry-After), then for a
-        jitter of up to `PAUSE_JITTER` of the pause, so the waiting jobs do not all come back at once.
-        Called with `_submit_turn` held in the time after a pause (see `_serial_until`)."""
-        while True:
-            wait = self._submits_paused_until - self.clock()
-            if wait <= 0:
-                return
-            await self._nap(wait + self.rand() * self._pause_span, submit=True)
-
-    def _pause_submits(self, seconds: float) -> None:
-        until = self.clock() + seconds
-        self._serial_until = max(self._serial_until, until + seconds)
-        if until > self._submits_paused_until:
-            self._submits_paused_until = until
-            self._pause_span = PAUSE_JITTER * seconds
-            log.info("submits paused for %.1fs: the API asked to wait", seconds)
-
     async def _post(self, job: Job, payload: dict, estimate: float) -> str | None:
         """POST the job, retrying only what certainly created nothing; its request id, or None."""
         attempt = 0
@@ -450,24 +425,12 @@ class Scheduler:
             if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "unreachable"):
                 self._release(estimate)
                 return None
-            turn = self._submit_turn if self.clock() < self._serial_until else None
-            if turn is not None:
-                await turn.acquire()
             try:
-                await self._submit_gate()
-                await self._intents.commit(job.id)
-                crashpoint("after_intent")
-                self.calls["submit"] += 1
-                submitted = await self.client.submit(self.manifest.model.model_id, payload)
-                failure: BaseException | None = None
-            except (SubmitOutcomeUnknown, ApiError) as exc:
-                failure = exc
-            finally:
-                if turn is not None:
-                    turn.release()
-            try:
-                if failure is not None:
-                    raise failure
+                async with self._pacer.turn():
+                    await self._intents.commit(job.id)
+                    crashpoint("after_intent")
+                    self.calls["submit"] += 1
+                    submitted = await self.client.submit(self.manifest.model.model_id, payload)
             except SubmitOutcomeUnknown as exc:
                 self._reached()
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
@@ -502,7 +465,7 @@ class Scheduler:
                     return None
                 if refused:
                     # The limit is the account's, not this job's: every submit waits it out.
-                    self._pause_submits(delay)
+                    self._pacer.refused(delay)
                     log.info("%s: submit refused (%s); all submits wait %.1fs", job.id, exc, delay)
                     continue
                 log.info("%s: submit refused (%s); retrying in %.1fs", job.id, exc, delay)
@@ -670,17 +633,17 @@ class Scheduler:
                     continue
                 if not forget:
                     raise
-                self._remote_gone(job, request_id, exc)
+                self._remote_gone(job, request_id, exc, answers, since)
             except ApiError as exc:
                 if raise_refusal and not isinstance(exc, TransientApiError):
                     raise
                 self._record_error(job.id, exc.kind, f"the {kind} call failed: {exc}; the next run asks again")
             return None
 
-    def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
-        minutes = self.settings.not_found_grace / 60
-        message = (f"the API no longer knows request {request_id} ({exc}), still after {minutes:g} min; it may "
-                   "have expired. Use --retry-failed to ask again and, if it is still unknown, submit the job again")
+    def _remote_gone(self, job: Job, request_id: str, exc: ApiError, answers: int, since: float) -> None:
+        message = (f"the API no longer knows request {request_id} ({exc}; {answers} answers alike, the last "
+                   f"{since:.0f}s after the job was submitted or finished); it may have expired. Use --retry-failed "
+                   "to ask again and, if it is still unknown, submit the job again")
         if self.ledger.cost_of(job.id) is None:
             self._release(self.manifest.estimate_cost(job))  # no longer counted: see spend.job_cost
         self.ledger.set_state(job.id, "failed", error=("not_found", message))
