@@ -256,7 +256,12 @@ class Scheduler:
                 self.stop_submitting("deadline")
                 raise _OutOfTime
             seconds = left
-        sleeper = asyncio.ensure_future(self.sleep(max(0.0, seconds)))
+        if seconds <= 0:  # only a turn of the event loop: not worth two tasks
+            await self.sleep(0)
+            if event.is_set():
+                raise _OutOfTime
+            return
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
         woken = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait((sleeper, woken), return_when=asyncio.FIRST_COMPLETED)

@@ -106,3 +106,22 @@ async def test_the_sandboxs_money_is_labelled_simulated_wherever_it_is_shown(tmp
     assert results(out)["clip-00"]["simulated"] is True
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "$0.42 simulated (sandbox)" in page
+
+
+async def test_money_a_cancelled_job_gives_back_is_spent_again_in_the_same_run(tmp_path):
+    """A $0.84 budget covers two jobs. The second waits in the provider's queue past `job_timeout` and is
+    cancelled ($0): the third job fits after all and is submitted in the same run."""
+    manifest = write_manifest(tmp_path, jobs(3), concurrency=2, budget_usd=0.84, job_timeout=60,
+                              poll_min_interval=1, poll_max_interval=10)
+    out = tmp_path / "out"
+    clock = FakeClock()
+    async with Sandbox(capacity=1, render_seconds=500, video_bytes=VIDEO, clock=clock) as sandbox:
+        outcome, said = await run(manifest, sandbox, clock=clock)
+        assert outcome.exit_code == 1, said
+        rows = results(out)
+        assert rows["clip-00"]["state"] == "running"  # rendering past the timeout: kept for the next run
+        assert rows["clip-01"]["state"] == "cancelled" and rows["clip-01"]["cost_usd"] is None
+        assert rows["clip-02"]["submissions"] == 1 and sandbox.posts_total == 3
+        assert sandbox.jobs[rows["clip-01"]["request_id"]].status == "cancelled"
+        assert abs(outcome.spent_usd - sum(r["cost_usd"] or 0 for r in rows.values())) < 1e-9
+        assert outcome.spent_usd <= 0.84 + 1e-9
