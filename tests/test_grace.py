@@ -7,11 +7,13 @@ own count, and its video is downloaded.
 
 from __future__ import annotations
 
+import io
 import sqlite3
 
 import pytest
 from helpers import FakeClock, assert_done, assert_spend_consistent, jobs, model_input, results, run, write_manifest
 
+from batchrun.cli import main
 from batchrun.ledger import LEDGER_NAME, MIGRATIONS, Ledger
 from batchrun.plan import RunOptions
 from batchrun.sandbox import Faults, Sandbox
@@ -108,11 +110,11 @@ async def test_retry_failed_resubmits_a_job_that_failed_remotely_and_keeps_its_o
         row = results(out)["bad"]
         assert row["submissions"] == 2 and sandbox.jobs_created == 2
         assert row["request_ids"] == [old, row["request_id"]] and row["request_id"] != old
-        ledger = Ledger.open(out, create=False, readonly=True)
-        try:
-            assert ledger.get("bad").earlier_request_ids == (old,)
-        finally:
-            ledger.close()
+        status = io.StringIO()
+        assert main(["status", str(out)], stdout=status, stderr=io.StringIO()) == 0
+        assert f"(earlier requests: {old})" in status.getvalue()
+        _ = main(["report", str(out)], stdout=io.StringIO(), stderr=io.StringIO())
+        assert old in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_an_older_ledger_keeps_its_request_ids_in_the_history_when_migrated(tmp_path):
