@@ -171,7 +171,7 @@ def classify(
     if call not in CALLS:
         raise ValueError(f"unknown call {call!r}")
     now = now or datetime.now(timezone.utc)
-    retry_after = parse_retry_after(headers.get("Retry-After"), now)
+    retry_after = parse_retry_after(headers.get("Retry-After"), now, headers.get("Date"))
     data = _json_object(body)
     code = _error_code(data)
 
@@ -517,6 +517,11 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client(base_url={str(self._base)!r})"
+
+    @property
+    def base_url(self) -> str:
+        """The API base URL calls go to (never holds the token)."""
+        return str(self._base)
 
     async def submit(self, model_id: str, input: dict) -> Submitted:
         """POST a job. Raises `SubmitOutcomeUnknown` when a job may exist despite the failure."""

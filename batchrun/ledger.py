@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.errors import LedgerError
+from batchrun.spend import Spend, add_up
 
 LEDGER_NAME = "ledger.sqlite"
 
@@ -92,6 +93,19 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN refusal TEXT;
     """,
+    # 4: every request id a job ever had (a resubmitted job keeps its earlier ones: they may have been
+    # paid for), and whether the job's money is simulated (sent to the built-in sandbox)
+    """
+    CREATE TABLE requests (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        request_id TEXT NOT NULL,
+        submitted_at TEXT,
+        PRIMARY KEY (job_id, request_id)
+    );
+    INSERT OR IGNORE INTO requests (job_id, request_id, submitted_at)
+        SELECT id, request_id, submitted_at FROM jobs WHERE request_id IS NOT NULL;
+    ALTER TABLE jobs ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -130,18 +144,26 @@ class JobRow:
     downloaded_at: str | None
     outputs: tuple[Output, ...] = ()
     refusal: str | None = None  # why the manifest's job of this id was not run as written, at the last run
+    simulated: bool = False  # sent to the built-in sandbox: its money is simulated
+    request_ids: tuple[str, ...] = ()  # every request id the job ever had, oldest first
+
+    @property
+    def earlier_request_ids(self) -> tuple[str, ...]:
+        """Request ids of earlier submissions, not the current one."""
+        return tuple(r for r in self.request_ids if r != self.request_id)
 
     @property
     def error(self) -> dict[str, str] | None:
         return {"kind": self.error_kind, "message": self.error_message or ""} if self.error_kind else None
 
 
-def _row(record: sqlite3.Row, outputs: tuple[Output, ...]) -> JobRow:
+def _row(record: sqlite3.Row, outputs: tuple[Output, ...], request_ids: tuple[str, ...]) -> JobRow:
     data = dict(record)
     data["input"] = json.loads(data.pop("input_json"))
     data["output_urls"] = json.loads(data["output_urls"] or "[]")
+    data["simulated"] = bool(data.get("simulated"))
     data.pop("updated_at")
-    return JobRow(**data, outputs=outputs)
+    return JobRow(**data, outputs=outputs, request_ids=request_ids)
 
 
 class LedgerWriteError(LedgerError):
@@ -157,6 +179,8 @@ class Ledger:
         # States mirrored in memory so progress displays never query a 100,000-row table.
         self._states: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
+        # False only for an older ledger opened read-only (not migrated): no request history there.
+        self._history = True
 
     def _moved(self, job_id: str, state: str) -> None:
         old = self._states.get(job_id)
@@ -201,6 +225,7 @@ class Ledger:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
         if readonly:
+            self._history = version >= 3
             self._load_states()
             return
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -256,7 +281,11 @@ class Ledger:
     # -- reading -------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRow | None:
         record = self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _row(record, self._outputs(job_id)) if record else None
+        if record is None:
+            return None
+        ids = tuple(r[0] for r in self.conn.execute("SELECT request_id FROM requests WHERE job_id=? ORDER BY rowid",
+                                                    (job_id,))) if self._history else ()
+        return _row(record, self._outputs(job_id), ids or ((record["request_id"],) if record["request_id"] else ()))
 
     def _outputs(self, job_id: str) -> tuple[Output, ...]:
         rows = self.conn.execute("SELECT idx, path, bytes, sha256 FROM outputs WHERE job_id=? ORDER BY idx",
@@ -267,8 +296,13 @@ class Ledger:
         outputs: dict[str, list[Output]] = {}
         for r in self.conn.execute("SELECT job_id, idx, path, bytes, sha256 FROM outputs ORDER BY job_id, idx"):
             outputs.setdefault(r[0], []).append(Output(*r[1:]))
+        requests: dict[str, list[str]] = {}
+        if self._history:
+            for job_id, request_id in self.conn.execute("SELECT job_id, request_id FROM requests ORDER BY rowid"):
+                requests.setdefault(job_id, []).append(request_id)
         rows = self.conn.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid")
-        return [_row(r, tuple(outputs.get(r["id"], ()))) for r in rows]
+        return [_row(r, tuple(outputs.get(r["id"], ())),
+                     tuple(requests.get(r["id"]) or ([r["request_id"]] if r["request_id"] else []))) for r in rows]
 
     def state_of(self, job_id: str) -> str | None:
         return self._states.get(job_id)
@@ -277,15 +311,15 @@ class Ledger:
         """Jobs by state, from memory (this process's view)."""
         return {state: n for state, n in self._counts.items() if n}
 
+    def spend(self) -> Spend:
+        """Money committed in this output dir, by `spend.job_cost`'s rule (results.jsonl's `cost_usd`)."""
+        return add_up(self.conn.execute(
+            f"SELECT state, submissions, cost_usd, estimated_cost_usd, {'simulated' if self._history else 0} FROM jobs"
+            " WHERE submissions > 0 OR cost_usd IS NOT NULL"))
+
     def spent_usd(self) -> float:
-        """Money committed, counted as results.jsonl counts `cost_usd`: the API's figure wherever it gave
-        one (a failed job it charged for included), else the estimate of every job sent and not failed."""
-        row = self.conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN cost_usd IS NOT NULL THEN cost_usd"
-            " WHEN state IN ('failed', 'cancelled', 'pending') THEN 0"
-            " ELSE COALESCE(estimated_cost_usd, 0) END), 0) FROM jobs WHERE submissions > 0"
-        ).fetchone()
-        return float(row[0])
+        """`spend()` in one figure, simulated money included: what a budget counts against."""
+        return self.spend().total_usd
 
     # -- writing -------------------------------------------------------------------------------
     def add_pending(self, jobs: Iterable[tuple[str, str, dict, str, float]]) -> None:
@@ -331,15 +365,16 @@ class Ledger:
             conn.execute("UPDATE jobs SET input_json=?, input_sha256=?, estimated_cost_usd=?, updated_at=? WHERE id=?",
                          (json.dumps(job_input, sort_keys=True), digest, estimate, utc_now(), job_id))
 
-    def mark_submitting(self, job_ids: list[str]) -> None:
-        """The intent: durable before any of these POSTs is sent."""
+    def mark_submitting(self, job_ids: list[str], *, simulated: bool = False) -> None:
+        """The intent: durable before any of these POSTs is sent. An earlier request id stays in the
+        job's request history (`JobRow.request_ids`)."""
         now = utc_now()
         with self._transaction(durable=True) as conn:
             conn.executemany(
                 "UPDATE jobs SET state='submitting', submissions=submissions+1, submitted_at=?, request_id=NULL,"
                 " error_kind=NULL, error_message=NULL, cost_usd=NULL, remote_status=NULL, started_at=NULL,"
-                " finished_at=NULL, downloaded_at=NULL, output_urls=NULL, updated_at=? WHERE id=?",
-                [(now, now, job_id) for job_id in job_ids],
+                " finished_at=NULL, downloaded_at=NULL, output_urls=NULL, simulated=?, updated_at=? WHERE id=?",
+                [(now, int(simulated), now, job_id) for job_id in job_ids],
             )
             conn.executemany("DELETE FROM outputs WHERE job_id=?", [(job_id,) for job_id in job_ids])
         for job_id in job_ids:
@@ -355,6 +390,8 @@ class Ledger:
         with self._transaction() as conn:
             conn.execute("UPDATE jobs SET state='queued', request_id=?, remote_status='in_queue', updated_at=?"
                          " WHERE id=?", (request_id, now, job_id))
+            conn.execute("INSERT OR IGNORE INTO requests (job_id, request_id, submitted_at) SELECT id, request_id,"
+                         " submitted_at FROM jobs WHERE id=?", (job_id,))
         self._moved(job_id, "queued")
 
     def mark_not_sent(self, job_id: str, kind: str, message: str, *, reached_server: bool) -> None:

@@ -17,6 +17,7 @@ from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
 from batchrun.owners import FileOwners
 from batchrun.results import provenance_intact
+from batchrun.spend import Spend
 
 log = logging.getLogger("batchrun.run")
 
@@ -48,6 +49,8 @@ class Plan:
     submit: list[Job] = field(default_factory=list)
     poll: list[tuple[Job, JobRow]] = field(default_factory=list)  # accepted remotely, not finished
     collect: list[tuple[Job, JobRow]] = field(default_factory=list)  # finished remotely or files damaged
+    # --retry-failed jobs with a request id: asked first, submitted again only if it is unknown or failed
+    recheck: list[tuple[Job, JobRow]] = field(default_factory=list)
     skip: list[Job] = field(default_factory=list)  # done and verified
     held: list[tuple[Job, str]] = field(default_factory=list)  # not touched, with the reason
     refused: list[tuple[Job, str]] = field(default_factory=list)  # input changed after submission, or
@@ -161,7 +164,9 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         elif state == "failed" and row.submissions == 0 and not row.request_id:
             plan.submit.append(job)  # it never reached the server (a local image changed, say): nothing was paid
         elif state in ("failed", "cancelled"):
-            if options.retry_failed:
+            if options.retry_failed and row.request_id:
+                plan.recheck.append((job, row))
+            elif options.retry_failed:
                 plan.submit.append(job)
             else:
                 plan.held.append((job, f"{state}: use --retry-failed to submit it again"))
@@ -189,27 +194,31 @@ def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str) -> None:
     plan.previous[row.id] = (row, why)
 
 
-def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Plan, float]:
-    """The plan and the money already committed in this output dir (0 when nothing has run)."""
+def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Plan, Spend]:
+    """The plan and the money already committed in this output dir (none when nothing has run)."""
     if not (manifest.output_dir / LEDGER_NAME).exists():
-        return decide(manifest, {}, options), 0.0
+        return decide(manifest, {}, options), Spend()
     ledger = Ledger.open(manifest.output_dir, create=False, readonly=True)
     try:
-        return decide(manifest, {row.id: row for row in ledger.all()}, options), ledger.spent_usd()
+        return decide(manifest, {row.id: row for row in ledger.all()}, options), ledger.spend()
     finally:
         ledger.close()
 
 
-def summary(manifest: Manifest, plan: Plan, spent: float) -> dict:
-    seconds = sum(manifest.model.video_seconds(job.input) for job in plan.submit)
-    estimate = round(sum(manifest.estimate_cost(job) for job in plan.submit), 4)
+def summary(manifest: Manifest, plan: Plan, spend: Spend) -> dict:
+    # A job to recheck may be submitted again: counted as if it will be.
+    may_submit = plan.submit + [job for job, _ in plan.recheck]
+    seconds = sum(manifest.model.video_seconds(job.input) for job in may_submit)
+    estimate = round(sum(manifest.estimate_cost(job) for job in may_submit), 4)
     budget = manifest.settings.budget_usd
+    spent = spend.total_usd
     return {
         "manifest": str(manifest.path),
         "output": str(manifest.output_dir),
         "model": manifest.model.model_id,
         "jobs": len(manifest.jobs),
         "submit": len(plan.submit),
+        "recheck": len(plan.recheck),
         "resume": len(plan.poll),
         "download": len(plan.collect),
         "skip": len(plan.skip),
@@ -225,6 +234,8 @@ def summary(manifest: Manifest, plan: Plan, spent: float) -> dict:
         "video_seconds": seconds,
         "estimated_cost_usd": estimate,
         "spent_usd": round(spent, 4),
+        "simulated_usd": round(spend.simulated_usd, 4),
+        "spent": spend.describe(),
         "budget_usd": budget,
         "budget_left_usd": None if budget is None else round(budget - spent, 4),
         "over_budget": budget is not None and spent + estimate > budget + 1e-9,
@@ -277,6 +288,7 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
     rows = [
         ("jobs in manifest", str(info["jobs"])),
         ("to submit", str(info["submit"])),
+        ("to ask again, then submit if lost", str(info["recheck"])),
         ("to resume (in flight)", str(info["resume"])),
         ("to download again", str(info["download"])),
         ("already done", str(info["skip"])),
@@ -284,7 +296,7 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
         ("refused", str(len(info["refused"]))),
         ("video seconds to submit", f"{info['video_seconds']:g}"),
         ("estimated cost to submit", f"${info['estimated_cost_usd']:.2f}"),
-        ("spent in this output dir", f"${info['spent_usd']:.2f}"),
+        ("spent in this output dir", info["spent"]),
         ("budget", "none" if info["budget_usd"] is None else f"${info['budget_usd']:.2f}"),
     ]
     if info["budget_left_usd"] is not None:

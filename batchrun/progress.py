@@ -30,10 +30,12 @@ class Progress:
         stream: TextIO,
         bar: bool,
         interval: float | None = None,
+        simulated: bool = False,
     ):
         self.total = total
         self._counts = counts
         self._spent = spent
+        self._money = " simulated (sandbox)" if simulated else ""  # a sandbox run's money is never real
         self._stream = stream
         self._bar = tqdm(total=total, unit="job", file=stream, dynamic_ncols=True, leave=True) if bar else None
         self.interval = interval if interval is not None else (0.5 if bar else 5.0)
@@ -41,7 +43,7 @@ class Progress:
 
     def refresh(self) -> None:
         counts = self._counts()
-        text = f"{describe(counts)} spent=${self._spent():.2f}"
+        text = f"{describe(counts)} spent=${self._spent():.2f}{self._money}"
         if self._bar is not None:
             self._bar.n = counts.get("done", 0)
             self._bar.set_postfix_str(text, refresh=True)

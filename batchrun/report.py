@@ -23,6 +23,7 @@ from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.report_assets import CSS, JS
 from batchrun.report_cards import ImageBudget, Job, card_html, fmt_seconds, fmt_usd, parse_time, seconds_between
 from batchrun.report_timeline import JobTimes, esc, timeline_svg
+from batchrun.spend import add_up
 
 REPORT_NAME = "report.html"
 
@@ -61,6 +62,8 @@ def summary_html(jobs: list[Job], runs: list[dict[str, Any]]) -> str:
     counts = {s: sum(1 for j in jobs if j.row.state == s) for s in STATES}
     done, settled = counts["done"], counts["done"] + counts["failed"] + counts["cancelled"]
     rate = f"{done / settled:.0%}" if settled else "—"
+    spend = add_up((j.row.state, j.row.submissions, j.row.cost_usd, j.row.estimated_cost_usd, j.row.simulated)
+                   for j in jobs)
     actual = [j.cost[0] for j in jobs if j.cost[1] == "api"]
     estimated = [j.cost[0] or 0.0 for j in jobs if j.cost[1] == "estimate"]
     delivered = sum(j.video_seconds for j in jobs if j.row.state == "done")
@@ -77,7 +80,7 @@ def summary_html(jobs: list[Job], runs: list[dict[str, Any]]) -> str:
         _tile("Jobs", str(len(jobs)), f"{done} done · {counts['failed']} failed"),
         _tile("Success rate", rate, f"{done} of {settled} finished jobs done" if settled else "no job finished yet"),
         _tile("Video delivered", fmt_video(delivered), f"of {fmt_video(requested)} in the batch"),
-        _tile("Spend", fmt_usd(sum(actual) + sum(estimated)), _spend_note(actual, estimated)),
+        _tile("Spend", spend.describe(), _spend_note(actual, estimated)),
         _tile("Wall time", fmt_seconds(wall), "first submit → last download"),
         _tile("Time in runs", fmt_seconds(run_total if runs else None),
               f"{len(runs)} run{'s' if len(runs) != 1 else ''} of batchrun"),

@@ -15,6 +15,7 @@ from urllib.parse import quote, urlsplit
 
 from batchrun.ledger import JobRow
 from batchrun.report_timeline import JobTimes, esc
+from batchrun.spend import job_cost
 
 DEFAULT_DURATION = 10  # the model's default when a job's input has no `duration`
 PROMPT_PREVIEW = 160  # characters of a prompt shown before "more"
@@ -82,11 +83,7 @@ class Job:
         """(usd, "api" | "estimate"): the same rule as results.jsonl — the API's figure when it gave one,
         else the estimate for jobs that were charged (sent and not failed), else unknown."""
         row = self.row
-        if row.cost_usd is not None:
-            return row.cost_usd, "api"
-        if row.submissions > 0 and row.state not in ("failed", "cancelled", "pending"):
-            return row.estimated_cost_usd, "estimate"
-        return None, None
+        return job_cost(row.state, row.submissions, row.cost_usd, row.estimated_cost_usd)
 
     def times(self) -> JobTimes:
         def epoch(moment: datetime | None) -> float | None:
@@ -202,13 +199,15 @@ def _prompt(job: Job) -> str:
 def _facts(job: Job) -> str:
     row = job.row
     usd, source = job.cost
-    cost = fmt_usd(usd) + (" (estimate)" if source == "estimate" else "")
+    cost = fmt_usd(usd) + (" (estimate)" if source == "estimate" else "") + (" simulated" if row.simulated else "")
     audio = row.input.get("generate_audio")
     facts = [("duration", f"{job.video_seconds:g} s" + (", with audio" if audio else "")),
              ("cost", cost), ("queue wait", fmt_seconds(job.queue_wait)), ("render", fmt_seconds(job.render_time))]
     if row.submissions > 1:
         facts.append(("submissions", str(row.submissions)))
     facts.append(("request id", row.request_id or "—"))
+    if row.earlier_request_ids:
+        facts.append(("earlier requests", ", ".join(row.earlier_request_ids)))
     return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts) + "</dl>"
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
+from batchrun.spend import job_cost
 
 RESULTS_NAME = "results.jsonl"
 CSV_COLUMNS = ("id", "state", "request_id", "submissions", "input_sha256", "outputs", "cost_usd", "cost_source",
@@ -21,23 +22,22 @@ PROVENANCE_MAX_BYTES = 16 * 1024 * 1024  # far above any real <id>.json; a bigge
 
 
 def job_record(row: JobRow) -> dict[str, Any]:
-    """One job as SPEC's results.jsonl line. `cost_usd` is the API's figure when it gave one, else the
-    estimate for jobs that were charged (sent and not failed), else null; `cost_source` says which."""
-    if row.cost_usd is not None:
-        cost, source = row.cost_usd, "api"
-    elif row.submissions > 0 and row.state not in ("failed", "cancelled", "pending"):
-        cost, source = row.estimated_cost_usd, "estimate"
-    else:
-        cost, source = None, None
+    """One job as SPEC's results.jsonl line. `cost_usd` is what the job counts for by `spend.job_cost`
+    (the API's figure, else the estimate of a job sent and not failed, else null); `cost_source` says
+    which, and `simulated` is true when that money is the sandbox's. `request_ids` lists every request
+    the job ever had, oldest first (`request_id` is the current one)."""
+    cost, source = job_cost(row.state, row.submissions, row.cost_usd, row.estimated_cost_usd)
     return {
         "id": row.id,
         "state": row.state,
         "request_id": row.request_id,
+        "request_ids": list(row.request_ids),
         "submissions": row.submissions,
         "input_sha256": row.input_sha256,
         "outputs": [{"path": o.path, "bytes": o.bytes, "sha256": o.sha256} for o in row.outputs],
         "cost_usd": cost,
         "cost_source": source,
+        "simulated": row.simulated,
         "estimated_cost_usd": row.estimated_cost_usd,
         "error": row.error,
         # Why the manifest's job of this id was not run as written (its input changed after it was

@@ -52,11 +52,14 @@ class RetryPolicy:
     max_retry_after: float = 300.0
 
 
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
+def parse_retry_after(value: str | None, now: datetime, server_date: str | None = None) -> float | None:
     """Seconds to wait according to a ``Retry-After`` header value, or None if it says nothing usable.
 
-    Accepts delay-seconds ("120", also "1.5") and an HTTP-date ("Wed, 21 Oct 2015 07:28:00 GMT"),
-    which is measured from `now`. A negative delay or a date in the past gives 0.
+    Accepts delay-seconds ("120", also "1.5") and an HTTP-date ("Wed, 21 Oct 2015 07:28:00 GMT").
+    A date is measured from the same answer's ``Date`` header (`server_date`) when that is readable:
+    both come from the server's clock, so an hour of clock skew between it and us cannot turn a 2 s
+    wait into an hour (or into none). Without a usable `server_date` it is measured from `now`.
+    A negative delay or a date in the past gives 0.
     """
     if value is None:
         return None
@@ -66,14 +69,21 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if _DELAY_SECONDS.fullmatch(text):
         seconds = float(text)
         return max(0.0, seconds) if math.isfinite(seconds) else None
+    when = _http_date(text)
+    if when is None:
+        return None
+    origin = _http_date(server_date) if server_date else None
+    return max(0.0, (when - (origin or _as_utc(now))).total_seconds())
+
+
+def _http_date(text: str) -> datetime | None:
     try:
-        when = parsedate_to_datetime(text)
+        when = parsedate_to_datetime(text.strip())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:  # Python 3.10 returns None instead of raising on some garbage
         return None
-    when = _as_utc(when)
-    return max(0.0, (when - _as_utc(now)).total_seconds())
+    return _as_utc(when)
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rand: Callable[[], float]) -> float:
@@ -138,6 +148,22 @@ def next_delay(
     if retry_after is not None and math.isfinite(retry_after):
         delay = max(delay, min(max(0.0, retry_after), policy.max_retry_after))
     return delay
+
+
+def negative_is_final(answers: int, since_anchor: float, grace: float) -> bool:
+    """Whether a negative answer about a paid request ("not found", "completed" without outputs) may be
+    believed: it was given `answers` times in a row, the last `since_anchor` seconds after the job was
+    submitted or seen completed. APIs built on queues and object stores show a new request, or a
+    result's outputs, a moment late; so it must have held past the `grace` window, and been confirmed
+    by a second answer however old the request is."""
+    return answers >= 2 and since_anchor >= grace
+
+
+def doubt_delay(answers: int, since_anchor: float, grace: float, policy: RetryPolicy,
+                rand: Callable[[], float]) -> float:
+    """Seconds to wait before asking again after `answers` negative answers: backoff with full
+    jitter, no longer than what is left of the grace window, and at least one second."""
+    return max(1.0, min(backoff_delay(answers - 1, policy, rand), grace - since_anchor))
 
 
 async def with_retries(

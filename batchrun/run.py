@@ -38,6 +38,7 @@ from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan
 from batchrun.progress import Progress, describe
 from batchrun.results import write_provenance, write_results
 from batchrun.scheduler import Scheduler
+from batchrun.spend import Spend
 
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"
@@ -248,6 +249,8 @@ def _events_handler(stream: TextIO) -> logging.Handler:
 def plan_lines(plan: Plan) -> list[str]:
     parts = [f"{len(plan.submit)} to submit", f"{len(plan.poll)} to resume", f"{len(plan.collect)} to download",
              f"{len(plan.skip)} already done"]
+    if plan.recheck:
+        parts.append(f"{len(plan.recheck)} to ask again (submitted again only if lost or failed)")
     if plan.held:
         parts.append(f"{len(plan.held)} held")
     if plan.refused:
@@ -282,13 +285,13 @@ def _previous_not_done(ledger: Ledger, plan: Plan) -> list[str]:
     return [job_id for job_id in plan.previous if ledger.state_of(job_id) != "done"]
 
 
-def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> list[str]:
+def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan, spend: Spend) -> list[str]:
     counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
     refused = {job.id: why for job, why in plan.refused}
     refused_note = (f" ({_plural(len(refused), 'job')} refused: input changed after it was submitted, "
                     "see below)" if refused else "")
     lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}{refused_note}; spent in this output dir: "
-             f"${scheduler.committed_usd:.2f} (actual where the API reported it, else estimated)"]
+             f"{spend.describe()} (actual where the API reported it, else estimated)"]
     lines += [f"  refused: {why}" for why in list(refused.values())[:20]]
     if len(refused) > 20:
         lines.append(f"  ... and {len(refused) - 20} more refused (see 'batchrun status')")
@@ -322,8 +325,11 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
         lines.append(f"rewrote {_plural(len(names), 'provenance file')} that {'was' if len(names) == 1 else 'were'} "
                      f"missing or damaged: {_ids(names)}")
     budget = manifest.settings.budget_usd
+    blocked = scheduler.budget_block
     reason = {
-        "budget": f"budget reached: no job was submitted that would take spend over ${budget or 0:.2f}",
+        "budget": f"budget reached: {spend.describe()} committed of the ${budget or 0:.2f} budget"
+                  + (f"; the next job ({blocked[0]}) would cost ${blocked[1]:.2f}, over ${budget or 0:.2f}"
+                     if blocked else ""),
         "balance": f"balance reached: no job was submitted that would take this run's spend over the "
                    f"${scheduler.balance_room_usd or 0:.2f} the balance had room for; add funds and run again",
         "no_balance": "stopped before paying: the balance does not cover the first job to submit; add funds "
@@ -333,6 +339,7 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
         "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
         "disk_full": f"stopped: {scheduler.fatal_error}",
         "cancel": "stopped submitting: 'batchrun cancel' asked; jobs not submitted stay pending for the next run",
+        "unreachable": f"stopped: {scheduler.fatal_error}",
     }.get(scheduler.stop_reason or "")
     if reason:
         lines.append(reason)
@@ -446,7 +453,9 @@ async def run_manifest(
     rand: Callable[[], float] = random.random,
     ledger_index: LedgerIndex | None = None,
 ) -> RunOutcome:
-    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator.
+    """Run every job of `manifest` that needs it. `sandbox=True` starts the built-in emulator, whose
+    money is recorded (and always shown) as simulated. `clock`, `sleep` and `rand` drive every wait,
+    so tests run at full speed.
 
     `ledger_index` (default: the user's, see batchrun.ledger_index) is where the run looks for this
     manifest's ledgers elsewhere (and refuses with UsageError to start a second one unasked) and
@@ -528,7 +537,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         download_session = await stack.enter_async_context(
             hosts.session() if hosts is not None else aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
         scheduler = Scheduler(manifest, ledger, client, download_session, options=options, clock=clock,
-                              sleep=sleep, rand=rand, output_hosts=hosts)
+                              sleep=sleep, rand=rand, output_hosts=hosts, simulated=sandbox)
         spent_before = scheduler.committed_usd
         if check_balance and plan.submit:
             url = balance_url or default_balance_url(base_url, {})
@@ -536,7 +545,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,
-                           bar=show_bar) if progress is not False else None
+                           bar=show_bar, simulated=sandbox) if progress is not False else None
         refresher = asyncio.create_task(display.run_periodically()) if display else None
         remove_signals = _install_signals(scheduler, stream) if handle_signals else (lambda: None)
         watcher = asyncio.create_task(stoprequest.watch(
@@ -557,15 +566,19 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         log.warning("could not rewrite results.jsonl: %s", exc)
     _refresh_report(manifest.output_dir, sum(ledger.counts().values()))
     exit_code = _exit_code(manifest, ledger, scheduler, plan)
-    lines = _closing_lines(manifest, ledger, scheduler, plan)
+    # The ledger's spend, as status, results.jsonl and report.html count it: the scheduler's running
+    # figure also holds estimates of submits that a signal cut short before anything was sent.
+    spend = ledger.spend()
+    lines = _closing_lines(manifest, ledger, scheduler, plan, spend)
     for line in lines:
         log.info("%s", line)
     counts_now = dict(Counter(ledger.state_of(job.id) for job in manifest.jobs))
     try:
-        ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": scheduler.committed_usd,
+        ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": spend.total_usd,
+                                              "simulated": sandbox,
                                               "stop_reason": scheduler.stop_reason,
                                               "calls": dict(scheduler.calls)})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
-    return RunOutcome(exit_code, counts_now, scheduler.committed_usd, lines,
-                      run_spent_usd=scheduler.committed_usd - spent_before)
+    return RunOutcome(exit_code, counts_now, spend.total_usd, lines,
+                      run_spent_usd=spend.total_usd - spent_before)

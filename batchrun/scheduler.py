@@ -8,7 +8,14 @@ Invariants:
   when it certainly created nothing (`retry.submit_is_retryable`);
 - a finished job is never resubmitted to replace a download: expired URLs are refreshed through
   the result call;
-- an auth or balance error stops all submitting at once; jobs already accepted are still collected.
+- an auth or balance error stops all submitting at once; jobs already accepted are still collected;
+- a negative answer about a paid request ("not found", "completed" without outputs) is believed only
+  once it has held across `not_found_grace`; until then the job's money stays counted;
+- a 429 (or any refusal with Retry-After) on one submit pauses every submit (`pacing.SubmitPacer`);
+- every wait ends at `max_wait`, and a submit's wait at the first Ctrl-C; when the API cannot be
+  reached at all (`unreachable_after` connection failures in a row), the run leaves at once;
+- money given back by a job (refused, failed, cancelled) can be committed again in the same run: a
+  job over the budget waits while jobs in flight may still give some back.
 
 The API client, the download session, the clock, `sleep` and `rand` are parameters, so tests drive
 a real run against the sandbox without waiting for real.
@@ -47,15 +54,28 @@ from batchrun.ledger import JobRow, Ledger, LedgerWriteError, Output, utc_now
 from batchrun.localfiles import LocalFileError
 from batchrun.manifest import Job, Manifest
 from batchrun.outputhosts import HostPolicy
+from batchrun.pacing import SubmitPacer
 from batchrun.plan import Plan, RunOptions
 from batchrun.polling import PollPlanner
 from batchrun.results import write_provenance
-from batchrun.retry import RetryPolicy, next_delay, submit_is_retryable, with_retries
+from batchrun.retry import (
+    RetryPolicy,
+    doubt_delay,
+    negative_is_final,
+    next_delay,
+    submit_is_retryable,
+    with_retries,
+)
 
 log = logging.getLogger("batchrun.run")
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp"}
 MAX_URL_REFRESHES = 3
+UNREACHABLE_AFTER = 5  # connection failures in a row (and more than jobs in flight) that end the run
+
+
+class _OutOfTime(Exception):
+    """A wait would end past `max_wait`, or the run is leaving: the job keeps the state last recorded."""
 
 
 def _seconds_since(iso: str | None) -> float:
@@ -97,8 +117,9 @@ class _IntentBatch:
     intent recorded without a POST: the next run then holds it as `unknown`, the safe side.
     """
 
-    def __init__(self, ledger: Ledger):
+    def __init__(self, ledger: Ledger, simulated: bool = False):
         self.ledger = ledger
+        self.simulated = simulated
         self._waiting: list[tuple[str, asyncio.Future]] = []
 
     def __len__(self) -> int:
@@ -116,7 +137,7 @@ class _IntentBatch:
     def _flush(self) -> None:
         batch, self._waiting = self._waiting, []
         try:
-            self.ledger.mark_submitting([job_id for job_id, _ in batch])
+            self.ledger.mark_submitting([job_id for job_id, _ in batch], simulated=self.simulated)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting job
             for _, done in batch:
                 if not done.done():
@@ -144,6 +165,8 @@ class Scheduler:
         retry_policy: RetryPolicy | None = None,
         on_change: Callable[[], None] | None = None,
         output_hosts: HostPolicy | None = None,
+        simulated: bool = False,
+        unreachable_after: int = UNREACHABLE_AFTER,
     ):
         self.manifest = manifest
         self.settings = manifest.settings
@@ -172,10 +195,11 @@ class Scheduler:
         self.aborted = False
         self.interrupted = False
         self._slots = asyncio.Semaphore(self.settings.concurrency)
-        self._intents = _IntentBatch(ledger)
+        self._intents = _IntentBatch(ledger, simulated)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._started = clock()
+        # Money committed: the ledger's spend plus the estimates of submits under way in this run.
         self.committed_usd = ledger.spent_usd()
         # Requests not made with the manifest's job as written (see `Plan.previous`): their cost is the
         # ledger's estimate, since the manifest no longer holds their input.
@@ -183,6 +207,17 @@ class Scheduler:
         # Set by the run after the balance call: `committed_usd` past which the account would run dry.
         self.balance_limit: float | None = None
         self.balance_room_usd: float | None = None
+        self.budget_block: tuple[str, float] | None = None  # (job id, estimate) that did not fit the budget
+        self._active = 0  # submit, poll and recheck tasks running: jobs whose money may still move
+        self._budget_waiters = 0
+        self._money_moved = asyncio.Event()
+        self._stopping = asyncio.Event()  # set once submitting stops, for whatever reason
+        self._leaving = asyncio.Event()  # set when the run must end at once (the API cannot be reached)
+        # More failures than jobs in flight: at least one job failed twice, so it is not one blip.
+        self._unreachable_after = max(unreachable_after, self.settings.concurrency + 1)
+        self._connect_failures = 0
+        self._pacer = SubmitPacer(clock, rand, lambda seconds: self._nap(seconds, submit=True))
+        self._submits_accepted = 0
 
     # -- control -------------------------------------------------------------------------------
     def stop_submitting(self, reason: str) -> None:
@@ -191,6 +226,8 @@ class Scheduler:
         if self.stop_reason is None:
             self.stop_reason = reason
             log.info("no further jobs will be submitted (%s)", reason)
+        self._stopping.set()
+        self._notify()
 
     def abort(self) -> None:
         """Leave now: every task is cancelled; the ledger already holds what each job reached."""
@@ -216,6 +253,70 @@ class Scheduler:
             return row.estimated_cost_usd or 0.0
         return self.manifest.estimate_cost(job)
 
+    def _leave(self, reason: str, message: str) -> None:
+        """End the run at once without cancelling a call under way: every wait ends, nothing new starts,
+        and each job keeps the state last recorded (a POST in flight still gets its answer recorded)."""
+        if self.fatal_error is None:
+            self.fatal_error = message
+            log.error("stopping: %s", message)
+        self.stop_submitting(reason)
+        self._leaving.set()
+
+    def _notify(self) -> None:
+        """Wake the jobs waiting for budget: money or the number of jobs in flight changed."""
+        self._money_moved.set()
+        self._money_moved = asyncio.Event()
+
+    def _release(self, usd: float) -> None:
+        self.committed_usd -= usd
+        self._notify()
+
+    # -- waiting -----------------------------------------------------------------------------------
+    async def _nap(self, seconds: float, *, submit: bool = False, clip: bool = False) -> None:
+        """Wait `seconds` by the injected clock, or raise `_OutOfTime`: when the run leaves, when the
+        wait would end past `max_wait` (with `clip`, it waits until then first), or for a submit's wait
+        (`submit`) when submitting stops (Ctrl-C, auth error, ...)."""
+        event = self._stopping if submit else self._leaving
+        if event.is_set():
+            raise _OutOfTime
+        left = self._time_left()
+        if left is not None and seconds > left:
+            if not clip or left <= 0:
+                self.stop_submitting("deadline")
+                raise _OutOfTime
+            seconds = left
+        if seconds <= 0:  # only a turn of the event loop: not worth two tasks
+            await self.sleep(0)
+            if event.is_set():
+                raise _OutOfTime
+            return
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        woken = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait((sleeper, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            woken.cancel()
+        if event.is_set():
+            raise _OutOfTime
+
+    async def _retry_nap(self, seconds: float) -> None:
+        await self._nap(seconds)
+
+    def _reached(self) -> None:
+        self._connect_failures = 0
+
+    def _not_reached(self, exc: ApiError) -> None:
+        """A call could not connect at all. Enough of them in a row, across jobs, with no answer from the
+        API in between, mean it cannot be reached (wrong base URL, no DNS, no network): leave at once
+        rather than let every job back off on its own for minutes."""
+        self._connect_failures += 1
+        if self._connect_failures >= self._unreachable_after and not self._leaving.is_set():
+            base = getattr(self.client, "base_url", "?")
+            self._leave("unreachable", f"cannot reach the API at {base} ({self._connect_failures} connection "
+                        f"failures in a row; last: {exc}); nothing more was sent, and every job keeps its state "
+                        "for the next run")
+
     def _cancel_all(self) -> None:
         self.aborted = True  # and no new task starts, not even for a job resumed from the ledger
         current = asyncio.current_task()
@@ -230,18 +331,19 @@ class Scheduler:
         work: list[tuple[str, Job, JobRow | None]] = (
             [("collect", job, row) for job, row in plan.collect]
             + [("poll", job, row) for job, row in plan.poll]
+            + [("recheck", job, row) for job, row in plan.recheck]
             + [("submit", job, None) for job in plan.submit]
         )
         # Bounds the number of tasks: remote slots + downloads + a little slack to keep slots busy.
         room = asyncio.Semaphore(self.settings.concurrency + self.options.download_concurrency + 4)
         try:
             for action, job, row in work:
-                if self.aborted or (action == "submit" and self._submitting_stopped()):
+                if self.aborted or self._leaving.is_set() or (action == "submit" and self._submitting_stopped()):
                     break
                 await room.acquire()
                 if action != "collect":
                     await self._slots.acquire()
-                if self.aborted or (action == "submit" and self._submitting_stopped()):
+                if self.aborted or self._leaving.is_set() or (action == "submit" and self._submitting_stopped()):
                     if action != "collect":
                         self._slots.release()
                     room.release()
@@ -271,23 +373,29 @@ class Scheduler:
     async def _drive(self, action: str, job: Job, row: JobRow | None) -> None:
         try:
             if action == "collect":
-                await self._collect(job, row.request_id if row else None, None, row.cost_usd if row else None)
+                await self._collect(job, row.request_id if row else None, None, row.cost_usd if row else None,
+                                    anchor=self._anchor(row.finished_at or row.submitted_at) if row else None)
                 return
+            self._active += 1
             try:
                 if action == "submit":
                     request_id = await self._submit(job)
-                    if request_id is None:
-                        return
                     age0 = 0.0
+                elif action == "recheck":
+                    request_id, age0 = await self._recheck(job, row)
                 else:
                     request_id, age0 = row.request_id, _seconds_since(row.submitted_at)
-                result = await self._wait_remote(job, request_id, age0)
+                result = await self._wait_remote(job, request_id, age0) if request_id is not None else None
             finally:
                 self._slots.release()
+                self._active -= 1
+                self._notify()
             if result is not None:
                 await self._collect(job, request_id, result)
         except asyncio.CancelledError:
             raise
+        except _OutOfTime:
+            log.info("%s: left as %s for the next run", job.id, self.ledger.state_of(job.id))
         except LedgerWriteError as exc:
             self._halt("disk_full", f"{exc}; every job keeps the state last recorded")
         except Exception as exc:  # no task may die silently: record it on the job and go on
@@ -312,59 +420,108 @@ class Scheduler:
             log.warning("%s: not submitted: %s", job.id, exc)
             return None
         estimate = self.manifest.estimate_cost(job)
-        budget = self.settings.budget_usd
-        if budget is not None and self.committed_usd + estimate > budget + 1e-9:
-            self.stop_submitting("budget")
-            log.info("%s: not submitted: $%.2f committed + $%.2f would exceed the $%.2f budget",
-                     job.id, self.committed_usd, estimate, budget)
+        if not await self._reserve(job, estimate):
             return None
+        try:
+            return await self._post(job, payload, estimate)
+        except _OutOfTime:
+            # Waiting to submit (a pause, a backoff) and told to stop: the job certainly was not created.
+            self._release(estimate)
+            log.info("%s: not submitted (%s)", job.id, self.stop_reason or "stopped")
+            return None
+
+    async def _reserve(self, job: Job, estimate: float) -> bool:
+        """Count `estimate` as committed, if the budget allows it. A job that does not fit waits while
+        jobs in flight may still give money back (a failed or cancelled job costs nothing); once none
+        can, the budget is reached and submitting stops."""
         if self.balance_limit is not None and self.committed_usd + estimate > self.balance_limit + 1e-9:
             self.stop_submitting("balance")
             log.info("%s: not submitted: its $%.2f would take this run past the balance", job.id, estimate)
-            return None
+            return False
+        budget = self.settings.budget_usd
+        self._budget_waiters += 1
+        try:
+            while budget is not None and self.committed_usd + estimate > budget + 1e-9:
+                moved = self._money_moved
+                if self.stop_reason is not None:
+                    return False
+                if self._active - self._budget_waiters <= 0:  # nothing in flight can give money back
+                    self.budget_block = (job.id, estimate)
+                    log.info("%s: not submitted: $%.2f committed + $%.2f would exceed the $%.2f budget",
+                             job.id, self.committed_usd, estimate, budget)
+                    self.stop_submitting("budget")
+                    return False
+                await moved.wait()
+        finally:
+            self._budget_waiters -= 1
         # Reserved before the next await: jobs submitted concurrently must see each other's spend,
         # or every slot would pass the budget check at once. Given back if nothing was created.
         self.committed_usd += estimate
+        return True
+
+    async def _post(self, job: Job, payload: dict, estimate: float) -> str | None:
+        """POST the job, retrying only what certainly created nothing; its request id, or None."""
         attempt = 0
+        accepted_at_refusal: int | None = None  # submits accepted (all jobs) when this one was last refused
         while True:
-            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "cancel"):
-                self.committed_usd -= estimate
+            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "unreachable", "cancel"):
+                self._release(estimate)
                 return None
-            await self._intents.commit(job.id)
-            crashpoint("after_intent")
-            self.calls["submit"] += 1
             try:
-                submitted = await self.client.submit(self.manifest.model.model_id, payload)
+                async with self._pacer.turn():
+                    await self._intents.commit(job.id)
+                    crashpoint("after_intent")
+                    self.calls["submit"] += 1
+                    submitted = await self.client.submit(self.manifest.model.model_id, payload)
             except SubmitOutcomeUnknown as exc:
+                self._reached()
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
                 log.warning("%s: unknown: %s", job.id, exc)
                 return None  # it may have been created: its estimate stays counted against the budget
             except AuthError as exc:
+                self._reached()
                 self.ledger.mark_not_sent(job.id, "auth", str(exc), reached_server=True)
-                self.committed_usd -= estimate
+                self._release(estimate)
                 self._auth_failed(exc)
                 return None
             except TransientApiError as exc:
-                delay = next_delay(exc, attempt, self.policy, self.rand, retryable=submit_is_retryable)
+                if exc.connected:
+                    self._reached()
+                else:
+                    self._not_reached(exc)
                 self.ledger.mark_not_sent(job.id, exc.kind, str(exc), reached_server=exc.connected)
+                refused = exc.connected and (exc.status == 429 or exc.retry_after is not None)
+                # A refusal while other jobs get through is the account's limit at work, not this job
+                # failing: it costs an attempt only when nothing was accepted since this job last tried.
+                if not refused or accepted_at_refusal == self._submits_accepted:
+                    attempt += 1
+                accepted_at_refusal = self._submits_accepted if refused else None
+                delay = next_delay(exc, attempt - 1, self.policy, self.rand, retryable=submit_is_retryable)
                 if delay is None:
                     if not submit_is_retryable(exc):
                         # Defensive: the client reports such failures as SubmitOutcomeUnknown.
                         self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
                     else:
-                        self.committed_usd -= estimate
+                        self._release(estimate)
                     log.warning("%s: not submitted: %s", job.id, exc)
                     return None
+                if refused:
+                    # The limit is the account's, not this job's: every submit waits it out.
+                    self._pacer.refused(delay)
+                    log.info("%s: submit refused (%s); all submits wait %.1fs", job.id, exc, delay)
+                    continue
                 log.info("%s: submit refused (%s); retrying in %.1fs", job.id, exc, delay)
-                await self.sleep(delay)
-                attempt += 1
+                await self._nap(delay, submit=True)
                 continue
             except ApiError as exc:  # rejected input, unknown model: nothing was created
+                self._reached()
                 self.ledger.mark_not_sent(job.id, exc.kind, str(exc), reached_server=True)
                 self.ledger.set_state(job.id, "failed", error=(exc.kind, str(exc)))
-                self.committed_usd -= estimate
+                self._release(estimate)
                 log.warning("%s: failed: %s", job.id, exc)
                 return None
+            self._reached()
+            self._submits_accepted += 1
             crashpoint("after_post")
             try:
                 self.ledger.mark_submitted(job.id, submitted.request_id)
@@ -387,13 +544,30 @@ class Scheduler:
     async def _api(self, kind: str, call: Callable[[], Awaitable[Any]]) -> Any:
         async def counted():
             self.calls[kind] += 1
-            return await call()
+            try:
+                answer = await call()
+            except TransientApiError as exc:
+                if exc.connected:
+                    self._reached()
+                else:
+                    self._not_reached(exc)
+                raise
+            except ApiError:
+                self._reached()
+                raise
+            self._reached()
+            return answer
 
-        return await with_retries(counted, policy=self.policy, sleep=self.sleep, rand=self.rand)
+        return await with_retries(counted, policy=self.policy, sleep=self._retry_nap, rand=self.rand)
+
+    def _anchor(self, iso: str | None) -> float:
+        """The moment `iso` (a ledger timestamp, wall clock) on this run's clock."""
+        return self.clock() - _seconds_since(iso)
 
     async def _wait_remote(self, job: Job, request_id: str, age0: float) -> Result | None:
         """Poll until the job has finished remotely; returns its result, or None to leave it for later."""
         submitted = self.clock() - age0
+        anchor = submitted  # when the job was submitted, later when it was first seen completed
         polls, last_running_age, state = 0, 0.0, "queued"
         while True:
             age = self.clock() - submitted
@@ -404,10 +578,9 @@ class Scheduler:
                 self.stop_submitting("deadline")
                 return None
             delay = self.planner.next_delay(age, polls)
-            if left is not None:
-                delay = min(delay, left)
-            await self.sleep(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay))
-            answer = await self._poll(job, request_id, self.clock() - submitted)
+            await self._nap(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay),
+                            clip=True)
+            answer = await self._poll(job, request_id, self.clock() - submitted, anchor)
             if answer is None:
                 return None
             polls += 1
@@ -419,60 +592,130 @@ class Scheduler:
                     self.on_change()
                 state, last_running_age = answer.state, age
                 continue
+            if anchor == submitted and answer.state == "completed":
+                anchor = self.clock()
             if isinstance(answer, Result):
                 result = answer
             else:
-                result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id))
+                result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
+                                            anchor=anchor)
                 if result is None:
                     return None
-                if result.state in ("queued", "running"):  # status and result disagree: keep polling
-                    continue
+            result = await self._settled(job, request_id, result, anchor)
+            if result is None:
+                return None
+            if result.state in ("queued", "running"):  # status and result disagree: keep polling
+                continue
             duration = _server_duration(result)
             self.planner.observe(duration if duration is not None else (last_running_age + age) / 2)
             return result
 
-    async def _poll(self, job: Job, request_id: str, age: float) -> Status | Result | None:
+    async def _settled(self, job: Job, request_id: str, result: Result, anchor: float) -> Result | None:
+        """`result`, or, while it says "completed" without outputs or an error (outputs can be attached a
+        moment after the status changes), the result asked again until that has held across
+        `not_found_grace` after `anchor`. None if asking failed (recorded on the job)."""
+        empty = 0
+        while result.state == "completed" and not result.output_urls and not result.error:
+            empty += 1
+            since = self.clock() - anchor
+            if negative_is_final(empty, since, self.settings.not_found_grace):
+                break
+            log.info("%s: request %s completed without outputs so far; asking again", job.id, request_id)
+            await self._nap(doubt_delay(empty, since, self.settings.not_found_grace, self.policy, self.rand))
+            fresh = await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
+                                       anchor=anchor)
+            if fresh is None:
+                return None
+            result = fresh
+        return result
+
+    async def _poll(self, job: Job, request_id: str, age: float, anchor: float) -> Status | Result | None:
         """Ask where a job stands. Once it has probably finished, ask with the result call: the API
         answers it with the current status while the job is unfinished, and a finished job then costs
         one call instead of status + result."""
         if self._result_polls and self.planner.likely_done(age):
             try:
                 return await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
-                                          raise_refusal=True)
+                                          anchor=anchor, raise_refusal=True)
             except ApiError as exc:
                 # Not what the API documents, but such an answer must not fail or strand a paid job:
                 # the status call decides, for this job and every later one.
                 self._result_polls = False
                 log.info("the API refused a result call for a job that may be unfinished (%s); polling with "
                          "status from now on", exc)
-        return await self._remote(job, request_id, "status", lambda: self.client.status(request_id))
+        return await self._remote(job, request_id, "status", lambda: self.client.status(request_id), anchor=anchor)
 
     async def _remote(self, job: Job, request_id: str, kind: str, call: Callable[[], Awaitable[Any]], *,
-                      raise_refusal: bool = False) -> Any:
+                      anchor: float, raise_refusal: bool = False, forget: bool = True) -> Any:
         """A status or result call, retried; after a final failure, records why on the job and returns None
         (the job keeps its state and request id, so a later run asks again). With `raise_refusal`, an
-        answer refusing the call (not a transient or auth error) is raised instead of recorded."""
-        try:
-            return await self._api(kind, call)
-        except AuthError as exc:
-            self._auth_failed(exc)
-        except ApiError as exc:
-            if raise_refusal and not isinstance(exc, TransientApiError):
-                raise
-            if isinstance(exc, RequestNotFound):
-                self._remote_gone(job, request_id, exc)
-            else:
-                self._record_error(job.id, exc.kind, f"the {kind} call failed: {exc}; the next run asks again")
-        return None
+        answer refusing the call (not a transient or auth error) is raised instead of recorded.
 
-    def _remote_gone(self, job: Job, request_id: str, exc: ApiError) -> None:
-        message = f"the API no longer knows request {request_id} ({exc}); it may have expired"
+        "Not found" is believed only once it has held across `not_found_grace` after `anchor` (the
+        job's submission or completion, on this run's clock); until then the call is repeated with
+        backoff. Then the job is failed, its money no longer counted, or with `forget=False` the
+        `RequestNotFound` is raised for the caller to decide."""
+        answers = 0
+        while True:
+            try:
+                return await self._api(kind, call)
+            except AuthError as exc:
+                self._auth_failed(exc)
+            except RequestNotFound as exc:
+                if raise_refusal:
+                    raise
+                answers += 1
+                since = self.clock() - anchor
+                if not negative_is_final(answers, since, self.settings.not_found_grace):
+                    if answers == 1:
+                        log.info("%s: the API does not know request %s (%s); asking again until that has held "
+                                 "for %gs", job.id, request_id, exc, self.settings.not_found_grace)
+                    await self._nap(doubt_delay(answers, since, self.settings.not_found_grace, self.policy,
+                                                self.rand))
+                    continue
+                if not forget:
+                    raise
+                self._remote_gone(job, request_id, exc, answers, since)
+            except ApiError as exc:
+                if raise_refusal and not isinstance(exc, TransientApiError):
+                    raise
+                self._record_error(job.id, exc.kind, f"the {kind} call failed: {exc}; the next run asks again")
+            return None
+
+    def _remote_gone(self, job: Job, request_id: str, exc: ApiError, answers: int, since: float) -> None:
+        message = (f"the API no longer knows request {request_id} ({exc}; {answers} answers alike, the last "
+                   f"{since:.0f}s after the job was submitted or finished); it may have expired")
         if job.id not in self._previous:  # --retry-failed runs only the manifest's job as written
-            message += ". Use --retry-failed to submit the job again"
+            message += (". Use --retry-failed to ask again and, if it is still unknown, submit the job again")
         if self.ledger.cost_of(job.id) is None:
-            self.committed_usd -= self._estimate(job)  # no longer counted: see Ledger.spent_usd
+            self._release(self._estimate(job))  # no longer counted: see spend.job_cost
         self.ledger.set_state(job.id, "failed", error=("not_found", message))
         log.warning("%s: failed: %s", job.id, message)
+
+    async def _recheck(self, job: Job, row: JobRow) -> tuple[str | None, float]:
+        """`--retry-failed` for a job that has a request id: ask that request first. If the API knows
+        it and it has not failed, its money counts again and it is polled and collected; only a request
+        the API does not know (after the grace window) or that failed or was cancelled is submitted
+        again. Returns the request id to poll and its age, or (None, 0) to stop here."""
+        request_id = row.request_id
+        anchor = self._anchor(row.finished_at or row.submitted_at)
+        try:
+            status = await self._remote(job, request_id, "status", lambda: self.client.status(request_id),
+                                        anchor=anchor, forget=False)
+        except RequestNotFound:
+            log.info("%s: request %s is unknown to the API; submitting the job again", job.id, request_id)
+            return await self._submit(job), 0.0
+        if status is None:  # could not ask: leave the job as it is, its request id kept
+            return None, 0.0
+        if status.state in ("failed", "cancelled"):
+            log.info("%s: request %s %s remotely; submitting the job again", job.id, request_id, status.state)
+            return await self._submit(job), 0.0
+        state = status.state if status.state in ("queued", "running") else "running"
+        self.committed_usd += self.manifest.estimate_cost(job) - (row.cost_usd or 0.0)
+        self.ledger.set_state(job.id, state, clear_error=True, remote_status=status.raw_status, cost_usd=None,
+                              finished_at=None)
+        log.info("%s: request %s is %s after all; collecting it", job.id, request_id, status.raw_status)
+        return request_id, _seconds_since(row.submitted_at)
 
     async def _timed_out(self, job: Job, request_id: str, state: str) -> None:
         minutes = self.settings.job_timeout / 60
@@ -485,7 +728,7 @@ class Scheduler:
             if outcome is not None and outcome.cancelled:
                 self.ledger.set_state(job.id, "cancelled",
                                       error=("timeout", f"still queued after {minutes:g} min; cancelled"))
-                self.committed_usd -= self._estimate(job)
+                self._release(self._estimate(job))
                 log.warning("%s: cancelled: still queued after %g min", job.id, minutes)
                 return None
         self.ledger.set_state(job.id, state, error=("timeout", f"not finished after {minutes:g} min; request "
@@ -495,14 +738,19 @@ class Scheduler:
 
     # -- collect -----------------------------------------------------------------------------------
     async def _collect(self, job: Job, request_id: str | None, result: Result | None,
-                       recorded_cost: float | None = None) -> None:
+                       recorded_cost: float | None = None, *, anchor: float | None = None) -> None:
         """Record a finished job's outcome and download its outputs. `recorded_cost` is what the ledger
-        already holds for a job collected again (its files were damaged), counted in `committed_usd`."""
+        already holds for a job collected again (its files were damaged), counted in `committed_usd`;
+        `anchor` is when it finished (or was submitted), on this run's clock."""
         if request_id is None:
             self.ledger.set_state(job.id, "failed", error=("internal", "no request id recorded"))
             return
         if result is None:
-            result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id))
+            anchor = self.clock() if anchor is None else anchor
+            result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
+                                        anchor=anchor)
+            if result is not None:
+                result = await self._settled(job, request_id, result, anchor)
             if result is None:
                 return
             if result.state in ("queued", "running"):
@@ -514,12 +762,12 @@ class Scheduler:
         held = recorded_cost if recorded_cost is not None else self._estimate(job)
         if result.state == "cancelled":
             self.ledger.set_state(job.id, "cancelled", error=("cancelled", "cancelled remotely"), **finished)
-            self.committed_usd -= held
+            self._release(held)
             return
         if result.state == "failed" or not result.output_urls:
             message = result.error or "the job finished without any output"
             self.ledger.set_state(job.id, "failed", error=("remote", message), cost_usd=result.cost_usd, **finished)
-            self.committed_usd += (result.cost_usd or 0.0) - held
+            self._release(held - (result.cost_usd or 0.0))
             log.warning("%s: failed remotely: %s", job.id, message)
             return
         cost = result.cost_usd if result.cost_usd is not None else self._estimate(job)
@@ -552,7 +800,7 @@ class Scheduler:
             try:
                 got = await with_retries(
                     lambda url=url, name=name: self._count_download(url, output_dir / name, max_bytes),
-                    policy=self.policy, sleep=self.sleep, rand=self.rand,
+                    policy=self.policy, sleep=self._retry_nap, rand=self.rand,
                     retryable=lambda e: isinstance(e, (DownloadInterrupted, TransientApiError)),
                 )
             except OutputUrlExpired as exc:

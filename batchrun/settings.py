@@ -62,6 +62,9 @@ SETTINGS: tuple[Setting, ...] = (
             0.0, 3600),
     Setting("job_timeout", float, 1800.0, "seconds after submission before a job is given up on: cancelled "
             "if still queued, otherwise left for a later run to collect", 1, 7 * 86400),
+    Setting("not_found_grace", float, 300.0, "seconds after a job's submission (or its completion) during "
+            "which the API saying it does not know the request, or that it completed without outputs, is not "
+            "believed: the request is asked again with backoff and its money stays counted", 0, 86400),
     Setting("max_attempts", int, 8, "tries per status, result or download call before the job is left "
             "for a later run", 1, 100),
     Setting("resubmit_unknown", bool, False, "resubmit jobs whose POST may or may not have reached the "
@@ -83,6 +86,7 @@ class Settings:
     poll_min_interval: float = 1.0
     poll_max_interval: float = 30.0
     job_timeout: float = 1800.0
+    not_found_grace: float = 300.0
     max_attempts: int = 8
     resubmit_unknown: bool = False
     max_wait: float | None = None

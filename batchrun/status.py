@@ -21,6 +21,7 @@ from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
 from batchrun.plan import refusal
 from batchrun.results import provenance_intact, provenance_path
+from batchrun.spend import Spend
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
 IN_FLIGHT_OR_DOWNLOADING = ("queued", "running", "downloading")
@@ -31,7 +32,7 @@ UNSETTLED = ("unknown", "submitting")  # may have created a job: shown with what
 class StatusReport:
     output_dir: Path
     counts: dict[str, int]
-    spent_usd: float
+    spend: Spend
     attention: list[JobRow]  # jobs a person should look at, with their errors
     not_in_manifest: list[str]  # ledger jobs the manifest no longer lists
     not_started: list[str]  # manifest jobs the ledger has never seen
@@ -66,7 +67,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
         rows = ledger.all()
-        spent = ledger.spent_usd()
+        spent = ledger.spend()
     finally:
         ledger.close()
     by_id = {row.id: row for row in rows}
@@ -85,7 +86,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     return StatusReport(
         output_dir=output_dir,
         counts={state: counts[state] for state in STATES if counts[state]},
-        spent_usd=spent,
+        spend=spent,
         attention=attention,
         not_in_manifest=not_in_manifest,
         not_started=[job.id for job in manifest.jobs if job.id not in by_id] if manifest else [],
@@ -117,8 +118,12 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "running_pid": report.running_pid,
         "counts": report.counts,
         "total": sum(report.counts.values()),
-        "spent_usd": round(report.spent_usd, 4),
-        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "error": _error(report, r)}
+        "spent_usd": round(report.spend.total_usd, 4),
+        "simulated_usd": round(report.spend.simulated_usd, 4),
+        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "request_ids": list(r.request_ids),
+                       "error": _error(report, r),
+                       **({"submitted_at": r.submitted_at, "prompt": prompt_start(r, 200)}
+                          if r.state in UNSETTLED else {})}
                       for r in report.attention],
         "refused": [{"id": job_id, "refusal": why} for job_id, why in report.refused.items()],
         "damaged": [{"id": job_id, "path": name, "problem": problem} for job_id, name, problem in report.damaged],
@@ -137,7 +142,7 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
     width = max((len(s) for s in report.counts), default=5)
     for state, n in report.counts.items():
         print(f"  {state:<{width}}  {n:>6}", file=out)
-    print(f"spent: ${report.spent_usd:.2f} (actual where the API reported it, else estimated)", file=out)
+    print(f"spent: {report.spend.describe()} (actual where the API reported it, else estimated)", file=out)
     if report.attention:
         print(f"needing attention ({len(report.attention)}):", file=out)
         for row in report.attention[:limit]:
@@ -145,7 +150,8 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
                 print(f"  {row.id}  refused (the ledger's job is {row.state}): {report.refused[row.id]}", file=out)
                 continue
             why = f": {row.error['message']}" if row.error else ""
-            print(f"  {row.id}  {row.state}{why}", file=out)
+            earlier = f" (earlier requests: {', '.join(row.earlier_request_ids)})" if row.earlier_request_ids else ""
+            print(f"  {row.id}  {row.state}{why}{earlier}", file=out)
             if row.state in UNSETTLED:
                 # What a person needs to find the request on RunComfy's Generations page, then adopt it.
                 when = (row.submitted_at or "?")[:19].replace("T", " ")

@@ -13,6 +13,7 @@ import io
 import json
 import sqlite3
 import textwrap
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,26 @@ class FakeClock:
         self.sleeps.append(seconds)
         self.t += seconds
         await asyncio.sleep(0)
+
+
+class ScaledClock:
+    """Real concurrency, faster time: `speed` simulated seconds pass per real second.
+
+    Concurrent sleeps overlap as they do for real (a `FakeClock` adds them up one after the other), so
+    jobs that wait together are tested waiting together, with the server's real-world figures
+    (Retry-After: 10) and without waiting for real."""
+
+    def __init__(self, speed: float = 100.0, start: float = 1000.0) -> None:
+        self.speed, self.start = speed, start
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        return self.start + (time.monotonic() - self._t0) * self.speed
+
+    __call__ = now
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, float(seconds)) / self.speed)
 
 
 def job(job_id: str, prompt: str | None = None, **extra: Any) -> dict[str, Any]:

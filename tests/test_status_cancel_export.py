@@ -44,7 +44,8 @@ async def test_status_shows_counts_attention_and_spend(tmp_path):
     code, out, _ = await _main(["status", str(tmp_path / "out"), "--json"])
     data = json.loads(out)
     assert data["counts"] == {"done": 2, "failed": 1} and data["total"] == 3
-    assert data["attention"] == [{"id": "bad", "state": "failed", "request_id": data["attention"][0]["request_id"],
+    rid = data["attention"][0]["request_id"]
+    assert data["attention"] == [{"id": "bad", "state": "failed", "request_id": rid, "request_ids": [rid],
                                   "error": {"kind": "remote", "message": "content policy violation (sandbox)"}}]
     assert data["spent_usd"] == 0.84
 
@@ -124,25 +125,36 @@ async def test_export_jsonl_and_csv_hold_one_line_per_job(tmp_path):
     assert rows[2]["state"] == "failed" and rows[2]["error_message"] == "content policy violation (sandbox)"
 
 
-async def test_a_request_id_the_server_no_longer_knows_fails_the_job_clearly(tmp_path):
-    """The API forgets request ids after a while (404001). The job must fail with that reason once,
-    not be polled forever, and --retry-failed submits it again."""
+async def test_a_request_id_the_server_no_longer_knows_fails_the_job_after_the_grace_window(tmp_path):
+    """The API forgets request ids after a while (404001). The job fails with that reason once the answer
+    has held across the grace window (not on the first 404, not polled forever); --retry-failed asks the
+    request again, and only because it is still unknown submits the job again, keeping the old id."""
     clock = FakeClock()
     async with Sandbox(capacity=3, render_seconds=1000, video_bytes=VIDEO, clock=clock) as first:
         manifest = await _leave_jobs_in_flight(tmp_path, first, clock, n=1, concurrency=1)
-    async with Sandbox(video_bytes=VIDEO) as forgetful:  # a server that has never heard of the request
-        outcome, _ = await run(manifest, forgetful)
+    old_id = results(tmp_path / "out")["clip-00"]["request_id"]
+    manifest = write_manifest(tmp_path, jobs(1), concurrency=1, poll_min_interval=1)
+    async with Sandbox(video_bytes=VIDEO, clock=clock, seed=1) as forgetful:  # never heard of the request
+        started = clock.now()
+        outcome, _ = await run(manifest, forgetful, clock=clock)
         assert outcome.exit_code == 1
         row = results(tmp_path / "out")["clip-00"]
         assert row["state"] == "failed" and row["error"]["kind"] == "not_found"
         assert "no longer knows request" in row["error"]["message"]
-        assert forgetful.calls["status"] == 1 and forgetful.posts_total == 0
+        # Asked again with backoff across the default 300 s window, a dozen calls or so, then believed.
+        assert 3 <= forgetful.calls["status"] <= 20 and clock.now() - started >= 290
+        assert forgetful.posts_total == 0
+        assert row["cost_usd"] is None and "spent in this output dir: $0.00" in outcome.lines[0]
 
         from batchrun.plan import RunOptions
 
-        again, _ = await run(manifest, forgetful, options=RunOptions(retry_failed=True))
-        assert again.exit_code == 0
-        assert results(tmp_path / "out")["clip-00"]["submissions"] == 2
+        statuses = forgetful.calls["status"]
+        again, said = await run(manifest, forgetful, clock=clock, options=RunOptions(retry_failed=True))
+        assert again.exit_code == 0, said
+        assert forgetful.calls["status"] > statuses + 1  # the old request was asked about first
+        row = results(tmp_path / "out")["clip-00"]
+        assert row["submissions"] == 2 and forgetful.jobs_created == 1
+        assert row["request_ids"] == [old_id, row["request_id"]]
 
 
 async def test_a_job_whose_post_was_refused_can_be_edited_before_the_next_run(tmp_path):

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import re
 import sys
@@ -23,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.utils import formatdate
 from importlib import resources
 from typing import Any
 
@@ -83,6 +85,19 @@ class Faults:
     videos_per_job: int = 1  # a completed job's videos; over 1 they come as `output.videos` (a list)
     balance_error: int | None = None  # the balance call answers this HTTP status (e.g. 503) instead
     show_input: bool = False  # status and result answers also carry the job's `input` (the docs do not)
+    # Answers that are negative at first and right a moment later (eventual consistency), per job:
+    unknown_first_calls: int = 0  # its first N status/result calls answer 404 404001
+    outputs_late_calls: int = 0  # its first N result calls once completed have no output and no error
+    result_404_after_completion: int = 0  # its first N result calls once completed answer 404 404001
+    # Time as the server tells it:
+    clock_offset: float = 0.0  # the server's clock minus the true time, seconds (its Date header shows it)
+    retry_after_in: float | None = None  # if set, 429s carry Retry-After as an HTTP-date this many
+    # seconds after the server's own clock (instead of `retry_after`)
+    # An account-wide limit on submits: at most `submit_limit` jobs created per `submit_window` seconds
+    # (a fixed window on the sandbox clock); more answer 429 with Retry-After = whole seconds until the
+    # next window. 0 disables.
+    submit_limit: int = 0
+    submit_window: float = 10.0
 
 
 def _sample_video() -> bytes:
@@ -144,6 +159,8 @@ class Sandbox:
         self._downloads_served = 0
         self._downloads_cut = 0
         self._stored: dict[int, tuple[bytes, bytes, str, str]] = {}  # by version: (source, served, ETag, date)
+        self._window: tuple[float, int] = (float("-inf"), 0)  # (start, jobs created) of the submit window
+        self._asked: Counter[tuple[str, str]] = Counter()  # (request id, phase) -> calls, for late answers
 
         self.base_url: str | None = None
         self._runner: web.AppRunner | None = None
@@ -225,7 +242,27 @@ class Sandbox:
 
         return gate
 
+    def _http_date(self, after: float = 0.0) -> str:
+        """The server's clock (the sandbox clock on wall time, plus `clock_offset`) as an HTTP-date."""
+        now = self._wall0 + (self.clock() - self._clock0) + self.faults.clock_offset
+        return formatdate(now + after, usegmt=True)
+
     async def _gate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        resp = await self._gate_checks(request, handler)
+        if not resp.prepared:  # a streamed download has sent its headers already
+            resp.headers["Date"] = self._http_date()
+        return resp
+
+    def _late(self, job: Job, phase: str, calls: int) -> bool:
+        """Whether this call is one of the first `calls` of `job` in `phase` (then counted as a fault)."""
+        key = (job.request_id, phase)
+        if self._asked[key] >= calls:
+            return False
+        self._asked[key] += 1
+        self.faults_served[phase] += 1
+        return True
+
+    async def _gate_checks(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """Count every call, then apply auth and the rate limit to the /v1/ API."""
         kind = getattr(request.match_info.route, "name", None)
         if kind is None:
@@ -250,8 +287,10 @@ class Sandbox:
         self._api_calls += 1
         every = self.faults.rate_limit_every
         if every and self._api_calls % every == 0:
+            self.faults_served["rate_limit"] += 1
             resp = _error(429, 429001, "rate limited (sandbox)")
-            resp.headers["Retry-After"] = self.faults.retry_after
+            after = self.faults.retry_after_in
+            resp.headers["Retry-After"] = self.faults.retry_after if after is None else self._http_date(after)
             return resp
         return await handler(request)
 
@@ -356,6 +395,16 @@ class Sandbox:
             return _error(402, 400002, "no remaining balance")
 
         now = self._now()
+        if self.faults.submit_limit:
+            window = self.faults.submit_window
+            start = math.floor(now / window) * window
+            used = self._window[1] if self._window[0] == start else 0
+            if used >= self.faults.submit_limit:
+                self.faults_served["submit_limit"] += 1
+                resp = _error(429, 429001, "too many requests for this account (sandbox)")
+                resp.headers["Retry-After"] = str(max(1, math.ceil(start + window - now)))
+                return resp
+            self._window = (start, used + 1)
         job = Job(
             # Random like RunComfy's, never from the seed: a sandbox started later (a resumed `--sandbox`
             # run, a restarted `batchrun sandbox`) must not hand out ids an earlier one already gave.
@@ -408,18 +457,30 @@ class Sandbox:
         return web.json_response({"balance_usd": usd, "balance_microdollars": round(usd * 1_000_000),
                                   "currency": "USD"})
 
+    def _not_found_yet(self, job: Job) -> web.Response | None:
+        if self._late(job, "unknown_first_calls", self.faults.unknown_first_calls):
+            return _error(404, 404001, "request not found")
+        return None
+
     async def _status(self, request: web.Request) -> web.Response:
         now = self._now()
         job = self._job(request)
+        late = self._not_found_yet(job)
+        if late:
+            return late
         fault = self._server_fault(with_http200=True)
         return fault or web.json_response(self._status_body(request, job, now))
 
     async def _result(self, request: web.Request) -> web.Response:
         now = self._now()
         job = self._job(request)
-        fault = self._server_fault(with_http200=True)
+        fault = self._not_found_yet(job) or self._server_fault(with_http200=True)
         if fault:
             return fault
+        if job.status == COMPLETED and self._late(job, "result_404_after_completion",
+                                                  self.faults.result_404_after_completion):
+            return _error(404, 404001, "request not found")
+        outputs_late = job.status == COMPLETED and self._late(job, "outputs_late_calls", self.faults.outputs_late_calls)
         if job.status not in FINISHED:
             refusal = self.faults.result_refused_until_finished
             if refusal:
@@ -429,7 +490,8 @@ class Sandbox:
         body: dict[str, Any] = {
             "request_id": job.request_id,
             "status": job.status,
-            "output": self._output(request, job, now) if job.status == COMPLETED else None,
+            "output": (self._output(request, job, now)
+                       if job.status == COMPLETED and not outputs_late else None),
             "created_at": self._iso(job.created_at),
             "finished_at": self._iso(job.finished_at),
             "error": job.error if job.status == FAILED else None,
