@@ -235,12 +235,10 @@ class Scheduler:
         self._cancel_all()
 
     def _halt(self, reason: str, message: str) -> None:
-        """Stop the whole run because it can no longer record or store what happens (disk full)."""
-        if self.fatal_error is None:
-            self.fatal_error = message
-            log.error("stopping: %s", message)
-        self.stop_submitting(reason)
-        self._cancel_all()
+        """Stop the whole run because it can no longer record or store what happens (disk full). As in
+        `_leave`, a call under way is not cancelled: a POST in flight gets its answer, so its request id
+        is recorded, or named in the output if the ledger cannot take it."""
+        self._leave(reason, message)
 
     def posts_in_flight(self) -> int:
         """Jobs whose POST is about to be sent or not yet answered: once submitting has stopped and this

@@ -245,7 +245,7 @@ async def test_a_removed_job_whose_request_expired_fails_once_without_a_hint_tha
     clock = FakeClock()
     async with Sandbox(capacity=8, render_seconds=1000, video_bytes=VIDEO, clock=clock) as first:
         await _in_flight(tmp_path, first, clock, jobs(2))
-    manifest = write_manifest(tmp_path, [job("clip-00")], **SLOW)
+    manifest = write_manifest(tmp_path, [job("clip-00")], **SLOW, not_found_grace=0)
     async with Sandbox(video_bytes=VIDEO) as forgetful:  # a server that has never heard of those requests
         outcome, said = await run(manifest, forgetful)
         assert outcome.exit_code == 1, said
@@ -255,7 +255,8 @@ async def test_a_removed_job_whose_request_expired_fails_once_without_a_hint_tha
         assert any(line.startswith("  clip-01 (no longer in the manifest, request ") and "failed: the API no "
                    "longer knows request" in line for line in outcome.lines)
         await run(manifest, forgetful)  # failed for good: not polled again
-        assert forgetful.calls["status"] == 2 and forgetful.posts_total == 0
+        # Each request is asked twice (a "not found" is believed only once it is repeated), then never again.
+        assert forgetful.calls["status"] == 4 and forgetful.posts_total == 0
 
 
 async def test_jobs_not_submitted_because_the_budget_was_reached_say_so_in_results_and_status(tmp_path):
