@@ -88,6 +88,10 @@ MIGRATIONS: list[str] = [
         checked_at TEXT NOT NULL
     );
     """,
+    # 3: a cost the API reported that is not a usable figure (e.g. "1e308"): kept, never counted
+    """
+    ALTER TABLE jobs ADD COLUMN cost_flag TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -125,6 +129,7 @@ class JobRow:
     finished_at: str | None
     downloaded_at: str | None
     outputs: tuple[Output, ...] = ()
+    cost_flag: str | None = None  # what the API reported as the cost when it was not a usable figure
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -310,7 +315,7 @@ class Ledger:
             conn.executemany(
                 "UPDATE jobs SET state='submitting', submissions=submissions+1, submitted_at=?, request_id=NULL,"
                 " error_kind=NULL, error_message=NULL, cost_usd=NULL, remote_status=NULL, started_at=NULL,"
-                " finished_at=NULL, downloaded_at=NULL, output_urls=NULL, updated_at=? WHERE id=?",
+                " finished_at=NULL, downloaded_at=NULL, output_urls=NULL, cost_flag=NULL, updated_at=? WHERE id=?",
                 [(now, now, job_id) for job_id in job_ids],
             )
             conn.executemany("DELETE FROM outputs WHERE job_id=?", [(job_id,) for job_id in job_ids])

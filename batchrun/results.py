@@ -35,6 +35,7 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "outputs": [{"path": o.path, "bytes": o.bytes, "sha256": o.sha256} for o in row.outputs],
         "cost_usd": cost,
         "cost_source": source,
+        "cost_flag": row.cost_flag,  # the API's figure when it was unusable (the estimate is counted)
         "estimated_cost_usd": row.estimated_cost_usd,
         "error": row.error,
         "remote_status": row.remote_status,

@@ -33,6 +33,7 @@ from batchrun.plan import Plan, RunOptions, make_plan
 from batchrun.progress import Progress, describe
 from batchrun.results import write_results
 from batchrun.scheduler import Scheduler
+from batchrun.servertext import server_text
 
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"
@@ -49,6 +50,27 @@ class RunOutcome:
     counts: dict[str, int]  # states of the manifest's jobs after the run
     spent_usd: float
     lines: list[str] = field(default_factory=list)  # the closing report, for people
+
+
+class _OneSafeLine(logging.Filter):
+    """Each line for run.log and the console as one line, capped, with the token blanked out.
+
+    Server text is made safe where it enters batchrun (`api`, `servertext`); this is the last guard
+    for text quoted from elsewhere, e.g. an exception a library raised about a redirect's target."""
+
+    MAX_CHARS = 4000
+
+    def __init__(self, secrets: tuple[str, ...]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not stop the run
+            message = str(record.msg)
+        record.msg, record.args = server_text(message, self.MAX_CHARS, self.secrets), None
+        return True
 
 
 class _ConsoleHandler(logging.Handler):
@@ -293,6 +315,8 @@ async def run_manifest(
         ledger = Ledger.open(output_dir)
         handler = _open_run_log(output_dir, stream)
         console = _ConsoleHandler(stream)
+        for sink in (handler, console):
+            sink.addFilter(_OneSafeLine((token,) if token else ()))
         log.addHandler(handler)
         log.addHandler(console)
         log.setLevel(logging.INFO)
