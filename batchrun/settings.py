@@ -143,6 +143,7 @@ def check_base_url(value: str, source: str = "the API base URL") -> str:
         raise UsageError(f"{source}: {shown} is not a usable URL ({server_text(exc, 80)})") from None
     if url.user is not None or url.password is not None:
         raise UsageError(f"{source}: must not carry a user name or password")
-    if url.scheme not in ("http", "https") or not host or port is None or url.query_string or url.fragment:
+    if (url.scheme not in ("http", "https") or not host or port is None or url.query_string or url.fragment
+            or not text.isprintable() or " " in text):
         raise UsageError(f"{source}: must look like https://host[:port][/path], not {shown}")
     return str(url)
