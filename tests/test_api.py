@@ -663,3 +663,13 @@ def test_classify_message_from_detail_string_and_redaction():
 def test_classify_rejects_unknown_call_names():
     with pytest.raises(ValueError):
         classify(200, {}, b"{}", "download")
+
+
+async def test_an_answer_over_the_size_cap_is_malformed_not_read_whole(server, client):
+    from batchrun.api import MAX_ANSWER_BYTES
+
+    server.reply(200, {"status": "in_queue", "pad": "x" * (MAX_ANSWER_BYTES + 10)})
+    err = await expect(client.status("r-1"), MalformedAnswer)
+    assert f"over {MAX_ANSWER_BYTES} bytes" in err.message
+    server.reply(200, {"request_id": "r-1", "pad": "x" * (MAX_ANSWER_BYTES + 10)})
+    await expect(client.submit(MODEL, {"prompt": "x"}), SubmitOutcomeUnknown)  # it may have created a job
