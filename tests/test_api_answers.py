@@ -221,14 +221,14 @@ def _check(call: str, status: int, head: dict, body: bytes) -> None:
         _check_parsed(call, value)
 
 
-@settings(max_examples=FUZZ_EXAMPLES[0], deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES[0], deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(CALLS), statuses, headers, objects)
 @example("result", 200, {}, {"status": "completed", "output": {"video": "https://cdn/a.mp4"}, "cost": "1e308"})
 def test_fuzz_any_json_answer_is_a_value_or_our_own_error(call, status, head, data):
     _check(call, status, head, json.dumps(data).encode())
 
 
-@settings(max_examples=FUZZ_EXAMPLES[1], deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES[1], deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(CALLS), statuses, headers, any_bodies)
 @example("status", 200, {}, b'{"a":' * 1000 + b"1" + b"}" * 1000)
 def test_fuzz_any_bytes_are_a_value_or_our_own_error(call, status, head, body):
