@@ -16,8 +16,8 @@ from typing import TextIO
 from batchrun import __version__
 from batchrun.errors import BatchrunError, LedgerError, ManifestError, OutputDirLocked, Problem, UsageError
 from batchrun.manifest import Manifest, load_manifest
-
-DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
+from batchrun.settings import DEFAULT_BASE_URL
+from batchrun.settings import base_url as resolve_base_url
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_USAGE, EXIT_AUTH, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
 MAX_PROBLEMS_SHOWN = 50
@@ -96,7 +96,7 @@ def _connection(args) -> tuple[str | None, str | None]:
     """Base URL and token: flag, then environment, then default. The token never leaves this pair."""
     if args.sandbox:
         return None, None
-    base_url = args.base_url or os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
+    base_url = resolve_base_url(args.base_url, os.environ)
     token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
     if not token:
         raise UsageError("set RUNCOMFY_API_TOKEN to your RunComfy API token (or use --sandbox to try for free)")

@@ -7,6 +7,7 @@
     ├── OutputDirLocked             another run holds this output directory (exit 75)
     ├── ApiError                    the API answered with an error, or could not be reached
     │   ├── TransientApiError       worth retrying: connection failure, timeout, 408, 429, 5xx
+    │   │   └── MalformedAnswer     an answer batchrun cannot read (bad JSON, unusable fields)
     │   ├── AuthError               token or balance problem: stop submitting (exit 3)
     │   ├── InvalidRequestError     the API rejected the input (400/422): retrying cannot help
     │   └── RequestNotFound         the request id is unknown or expired (404)
@@ -119,11 +120,24 @@ class TransientApiError(ApiError):
 
     kind = "transient"
 
-    def __init__(self, message: str, *, connected: bool = True, **kwargs):
+    def __init__(self, message: str, *, connected: bool = True, refused: bool | None = None, **kwargs):
         # connected=False means the request never reached the server, so a POST could not
-        # have created a job and may be retried safely.
+        # have created a job and may be retried safely. refused=True means the server answered
+        # that it did not take the request on: by default any 4xx answer (408, 429...).
         self.connected = connected
         super().__init__(message, **kwargs)
+        status = self.status
+        self.refused = refused if refused is not None else status is not None and 400 <= status < 500
+
+
+class MalformedAnswer(TransientApiError):
+    """The API answered something batchrun cannot read: not JSON, nested too deep, too large, or a
+    field that cannot be used (a request id that is not one, an output URL that is not a URL).
+
+    Retried like a transient failure, then recorded on the job; never raised for a submit, whose
+    unreadable answer may have created a job (`SubmitOutcomeUnknown`)."""
+
+    kind = "malformed"
 
 
 class AuthError(ApiError):

@@ -106,6 +106,10 @@ MIGRATIONS: list[str] = [
         SELECT id, request_id, submitted_at FROM jobs WHERE request_id IS NOT NULL;
     ALTER TABLE jobs ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: a cost the API reported that is not a usable figure (e.g. "1e308"): kept, never counted
+    """
+    ALTER TABLE jobs ADD COLUMN cost_flag TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -151,6 +155,7 @@ class JobRow:
     def earlier_request_ids(self) -> tuple[str, ...]:
         """Request ids of earlier submissions, not the current one."""
         return tuple(r for r in self.request_ids if r != self.request_id)
+    cost_flag: str | None = None  # what the API reported as the cost when it was not a usable figure
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -373,7 +378,8 @@ class Ledger:
             conn.executemany(
                 "UPDATE jobs SET state='submitting', submissions=submissions+1, submitted_at=?, request_id=NULL,"
                 " error_kind=NULL, error_message=NULL, cost_usd=NULL, remote_status=NULL, started_at=NULL,"
-                " finished_at=NULL, downloaded_at=NULL, output_urls=NULL, simulated=?, updated_at=? WHERE id=?",
+                " finished_at=NULL, downloaded_at=NULL, output_urls=NULL, simulated=?, cost_flag=NULL, updated_at=?"
+                " WHERE id=?",
                 [(now, int(simulated), now, job_id) for job_id in job_ids],
             )
             conn.executemany("DELETE FROM outputs WHERE job_id=?", [(job_id,) for job_id in job_ids])

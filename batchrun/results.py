@@ -38,6 +38,7 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "cost_usd": cost,
         "cost_source": source,
         "simulated": row.simulated,
+        "cost_flag": row.cost_flag,  # the API's figure when it was unusable (the estimate is counted)
         "estimated_cost_usd": row.estimated_cost_usd,
         "error": row.error,
         # Why the manifest's job of this id was not run as written (its input changed after it was

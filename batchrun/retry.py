@@ -29,11 +29,6 @@ from batchrun.errors import TransientApiError
 
 T = TypeVar("T")
 
-# HTTP statuses with which a server tells us it did not process a POST: it refused to take it on
-# (408 Request Timeout, 429 Too Many Requests, 503 Service Unavailable). Any other 5xx may come
-# from a failure *after* the job was created.
-SUBMIT_SAFE_STATUSES = frozenset({408, 429, 503})
-
 _DELAY_SECONDS = re.compile(r"[+-]?\d+(\.\d+)?")
 
 
@@ -111,12 +106,14 @@ def is_retryable(err: BaseException) -> bool:
 def submit_is_retryable(err: BaseException) -> bool:
     """Whether a failed submit certainly created no job, so sending it again cannot pay twice.
 
-    True only for a `TransientApiError` that never reached the server (``connected=False``) or whose
-    HTTP status is 408, 429 or 503. Everything else, including `SubmitOutcomeUnknown`, is False.
+    True only for a `TransientApiError` that never reached the server (``connected=False``) or that the
+    server refused to take on (``refused``: a 4xx such as 408 or 429). Everything else, including every
+    5xx whatever its body says and `SubmitOutcomeUnknown`, is False: a 5xx may come from a failure
+    *after* the job was created.
     """
     if not isinstance(err, TransientApiError):
         return False
-    return not err.connected or err.status in SUBMIT_SAFE_STATUSES
+    return not err.connected or err.refused
 
 
 def next_delay(

@@ -38,6 +38,7 @@ from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan
 from batchrun.progress import Progress, describe
 from batchrun.results import write_provenance, write_results
 from batchrun.scheduler import Scheduler
+from batchrun.servertext import server_text
 from batchrun.spend import Spend
 
 log = logging.getLogger("batchrun")
@@ -56,6 +57,27 @@ class RunOutcome:
     spent_usd: float
     lines: list[str] = field(default_factory=list)  # the closing report, for people
     run_spent_usd: float = 0.0  # committed by this run (actual where reported, else estimated)
+
+
+class _OneSafeLine(logging.Filter):
+    """Each line for run.log and the console as one line, capped, with the token blanked out.
+
+    Server text is made safe where it enters batchrun (`api`, `servertext`); this is the last guard
+    for text quoted from elsewhere, e.g. an exception a library raised about a redirect's target."""
+
+    MAX_CHARS = 4000
+
+    def __init__(self, secrets: tuple[str, ...]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not stop the run
+            message = str(record.msg)
+        record.msg, record.args = server_text(message, self.MAX_CHARS, self.secrets), None
+        return True
 
 
 class _ConsoleHandler(logging.Handler):
@@ -473,6 +495,7 @@ async def run_manifest(
     with OutputDirLock(output_dir):
         stoprequest.clear(output_dir)  # a request left for an earlier run that ended before seeing it
         console_handler = _ConsoleHandler(stream) if events is None else _events_handler(events)
+        console_handler.addFilter(_OneSafeLine((token,) if token else ()))
         log.addHandler(console_handler)
         log.setLevel(logging.INFO)
         try:
@@ -487,6 +510,7 @@ async def run_manifest(
             log.removeHandler(console_handler)
             handler.close()
             raise
+        handler.addFilter(_OneSafeLine((token,) if token else ()))
         log.addHandler(handler)
         flusher = asyncio.create_task(_flush_periodically(handler))
         try:

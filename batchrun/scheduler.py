@@ -404,7 +404,8 @@ class Scheduler:
 
     def _record_error(self, job_id: str, kind: str, message: str) -> None:
         self.problems.add(job_id)
-        self.ledger.set_error(job_id, kind, message)
+        # Download errors quote what a storage host said: made as safe as the API's own text.
+        self.ledger.set_error(job_id, kind, self.client.scrub(message))
 
     # -- submit ----------------------------------------------------------------------------------
     async def _submit(self, job: Job) -> str | None:
@@ -529,6 +530,10 @@ class Scheduler:
                           submitted.request_id)
                 raise
             log.info("%s: submitted as %s", job.id, submitted.request_id)
+            if submitted.problem is not None:  # the job exists (recorded above); the error still counts
+                log.warning("%s: accepted as %s with an error: %s", job.id, submitted.request_id, submitted.problem)
+                if isinstance(submitted.problem, AuthError):
+                    self._auth_failed(submitted.problem)
             self.on_change()
             return submitted.request_id
 
@@ -764,14 +769,17 @@ class Scheduler:
             return
         if result.state == "failed" or not result.output_urls:
             message = result.error or "the job finished without any output"
-            self.ledger.set_state(job.id, "failed", error=("remote", message), cost_usd=result.cost_usd, **finished)
+            self.ledger.set_state(job.id, "failed", error=("remote", message), cost_usd=result.cost_usd,
+                                  cost_flag=result.cost_flag, **finished)
             self._release(held - (result.cost_usd or 0.0))
             log.warning("%s: failed remotely: %s", job.id, message)
             return
         cost = result.cost_usd if result.cost_usd is not None else self._estimate(job)
         self.committed_usd += cost - held
+        if result.cost_flag:  # recorded, never counted: the estimate stands in for it
+            log.warning("%s: the API reported a %s; counting the estimate $%.2f", job.id, result.cost_flag, cost)
         self.ledger.set_state(job.id, "downloading", clear_error=True, output_urls=result.output_urls,
-                              cost_usd=result.cost_usd, **finished)
+                              cost_usd=result.cost_usd, cost_flag=result.cost_flag, **finished)
         self.on_change()
         async with self._downloads:
             outputs = await self._download_all(job, request_id, result.output_urls)

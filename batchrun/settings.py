@@ -2,6 +2,7 @@
 
 The README's manifest reference is generated from `SETTINGS` (see `reference_table`), so the two
 cannot drift apart. Command-line flags override the manifest; `Settings.with_overrides` applies them.
+The API base URL (flag, then environment, then default) is resolved and checked once, by `base_url`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
+BASE_URL_ENV = "RUNCOMFY_BASE_URL"
 
 
 @dataclass(frozen=True)
@@ -120,3 +125,38 @@ def reference_table() -> str:
 def api_token() -> str:
     """The API token from the environment (`RUNCOMFY_API_TOKEN`), read when asked, never at import; "" if unset."""
     return os.environ.get(TOKEN_ENV, "").strip()
+
+
+def base_url(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The API base URL: `--base-url`, else `RUNCOMFY_BASE_URL` from `environ`, else the default.
+
+    Checked here, once, for every command that talks to the API; raises `UsageError` naming where
+    the bad value came from."""
+    if flag:
+        return check_base_url(flag, "--base-url")
+    if environ.get(BASE_URL_ENV, "").strip():
+        return check_base_url(environ[BASE_URL_ENV], BASE_URL_ENV)
+    return DEFAULT_BASE_URL
+
+
+def check_base_url(value: str, source: str = "the API base URL") -> str:
+    """`value` as a usable API base URL (`http(s)://host[:port][/path]`, no trailing slash), or
+    `UsageError` saying what is wrong. A URL carrying a user name or password is refused unshown."""
+    from yarl import URL
+
+    from batchrun.errors import UsageError
+    from batchrun.servertext import server_text
+
+    text = value.strip().rstrip("/") if isinstance(value, str) else ""
+    shown = server_text(repr(value), 120)
+    try:
+        url = URL(text)
+        host, port = url.host, url.port  # yarl checks the port only when asked for it
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{source}: {shown} is not a usable URL ({server_text(exc, 80)})") from None
+    if url.user is not None or url.password is not None:
+        raise UsageError(f"{source}: must not carry a user name or password")
+    if (url.scheme not in ("http", "https") or not host or port is None or url.query_string or url.fragment
+            or not text.isprintable() or " " in text):
+        raise UsageError(f"{source}: must look like https://host[:port][/path], not {shown}")
+    return str(url)

@@ -31,6 +31,7 @@ from batchrun.errors import (
     ApiError,
     AuthError,
     InvalidRequestError,
+    MalformedAnswer,
     RequestNotFound,
     SubmitOutcomeUnknown,
     TransientApiError,
@@ -211,8 +212,8 @@ async def test_result_with_videos_and_cost_string(server, client):
         output_urls=["https://cdn/a.mp4", "https://cdn/b.mp4", "https://cdn/t.png"],
         cost_usd=0.42,
         error=None,
-        created_at="2025-03-01T12:00:00Z",
-        finished_at="2025-03-01T12:01:30Z",
+        created_at="2025-03-01T12:00:00.000Z",
+        finished_at="2025-03-01T12:01:30.000Z",
     )
     assert server.seen[0]["raw_path"] == "/v1/requests/r-1/result?include_cost=true"
 
@@ -288,7 +289,8 @@ async def test_error_answers_are_classified(server, client, call, status, body, 
 async def test_non_json_error_body_is_described_briefly(server, client):
     server.reply(502, "<html>\n<head><title>502 Bad Gateway</title></head>\x00" + "x" * 5000)
     err = await expect(client.status("r-1"), TransientApiError)
-    assert "non-JSON answer (HTTP 502): <html> <head><title>502 Bad Gateway</title></head>" in err.message
+    said = "HTTP 502: server error: non-JSON answer: <html> <head><title>502 Bad Gateway</title></head>\ufffd"
+    assert said in err.message
     assert len(err.message) < 200
 
 
@@ -332,9 +334,10 @@ async def test_retry_after_http_date_header(server, client):
         ("cancel", "ok"),
     ],
 )
-async def test_unusable_success_answers_are_transient(server, client, call, body):
+async def test_unusable_success_answers_are_malformed_and_retried(server, client, call, body):
     server.reply(200, body)
-    err = await expect(getattr(client, call)("r-1"), TransientApiError)
+    err = await expect(getattr(client, call)("r-1"), MalformedAnswer)
+    assert isinstance(err, TransientApiError)  # retried like a transient failure
     assert err.status == 200
 
 
@@ -358,6 +361,7 @@ async def test_redirects_are_not_followed(server, client):
         (500, {"error_code": 500001, "error_message": "internal"}),
         (502, "Bad Gateway"),
         (504, "Gateway Timeout"),
+        (503, {"message": "try later"}),  # every 5xx, whatever it says
         (599, ""),
         (303, ""),  # "see other": the POST was processed somewhere
     ],
@@ -368,7 +372,7 @@ async def test_submit_answers_that_may_have_created_a_job(server, client, status
     assert not submit_is_retryable(err)
 
 
-@pytest.mark.parametrize("status", [408, 429, 503])
+@pytest.mark.parametrize("status", [408, 429])
 async def test_submit_answers_that_created_nothing_are_retryable(server, client, status):
     server.reply(status, {"message": "try later"}, **{"Retry-After": "3"})
     err = await expect(client.submit(MODEL, {"prompt": "x"}), TransientApiError)
@@ -659,3 +663,13 @@ def test_classify_message_from_detail_string_and_redaction():
 def test_classify_rejects_unknown_call_names():
     with pytest.raises(ValueError):
         classify(200, {}, b"{}", "download")
+
+
+async def test_an_answer_over_the_size_cap_is_malformed_not_read_whole(server, client):
+    from batchrun.api import MAX_ANSWER_BYTES
+
+    server.reply(200, {"status": "in_queue", "pad": "x" * (MAX_ANSWER_BYTES + 10)})
+    err = await expect(client.status("r-1"), MalformedAnswer)
+    assert f"over {MAX_ANSWER_BYTES} bytes" in err.message
+    server.reply(200, {"request_id": "r-1", "pad": "x" * (MAX_ANSWER_BYTES + 10)})
+    await expect(client.submit(MODEL, {"prompt": "x"}), SubmitOutcomeUnknown)  # it may have created a job

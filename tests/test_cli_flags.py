@@ -36,3 +36,24 @@ def test_run_without_a_token_says_how_to_get_going(monkeypatch, tmp_path):
     assert main(["run", EXAMPLE, "--output", str(tmp_path / "o")], stdout=out, stderr=err) == 2
     assert "set RUNCOMFY_API_TOKEN" in err.getvalue() and "--sandbox" in err.getvalue()
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "cancel"])
+@pytest.mark.parametrize(("where", "url", "message"), [
+    ("env", "http://[::1", "RUNCOMFY_BASE_URL: 'http://[::1' is not a usable URL"),
+    ("env", "http://host:99999", "RUNCOMFY_BASE_URL: 'http://host:99999' is not a usable URL"),
+    ("flag", "ftp://host", "--base-url: must look like https://host[:port][/path], not 'ftp://host'"),
+    ("flag", "https://user:sk-SECRET-1@host", "--base-url: must not carry a user name or password"),
+    ("env", "https://host/\x1b]0;x\x07", "RUNCOMFY_BASE_URL: must look like"),
+])
+def test_a_bad_base_url_is_a_usage_error_wherever_it_is_read(command, where, url, message, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "sk-test-token-1")
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", url if where == "env" else "https://model-api.runcomfy.net")
+    argv = [command, EXAMPLE, "--output", str(tmp_path / "o")] + (["--base-url", url] if where == "flag" else [])
+    out, err = io.StringIO(), io.StringIO()
+    assert main(argv, stdout=out, stderr=err) == 2
+    text = out.getvalue() + err.getvalue()
+    assert message in text and "Traceback" not in text, text
+    assert "sk-SECRET-1" not in text and "\x1b" not in text and "\x07" not in text
+    assert list(tmp_path.iterdir()) == []  # nothing created, nothing sent

@@ -113,7 +113,8 @@ def test_is_retryable(err, expected):
         (TransientApiError("no connection", connected=False), True),
         (TransientApiError("rate limited", status=429), True),
         (TransientApiError("request timeout", status=408), True),
-        (TransientApiError("unavailable", status=503), True),
+        (TransientApiError("unavailable", status=503), False),  # every 5xx: may have been created
+        (TransientApiError("422 with 500001", status=422, code=500001), True),
         (TransientApiError("internal", status=500), False),
         (TransientApiError("bad gateway", status=502), False),
         (TransientApiError("gateway timeout", status=504), False),
