@@ -246,7 +246,8 @@ async def _follow(session: aiohttp.ClientSession, url: str, where: str, headers:
         try:
             target = target.join(URL(location))
         except (TypeError, ValueError):
-            raise DownloadError(f"{where} redirected to an unusable Location") from None
+            shown = location if len(location) <= 200 else location[:197] + "..."
+            raise DownloadError(f"{where} redirected to an unusable Location {shown!r}") from None
     raise DownloadError(f"{where} redirected more than {MAX_REDIRECTS} times")
 
 
