@@ -230,7 +230,7 @@ class Ledger:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
         if readonly:
-            self._history = version >= 3
+            self._history = version >= 4  # migration 4 added the requests table and `simulated`
             self._load_states()
             return
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -321,6 +321,13 @@ class Ledger:
         return add_up(self.conn.execute(
             f"SELECT state, submissions, cost_usd, estimated_cost_usd, {'simulated' if self._history else 0} FROM jobs"
             " WHERE submissions > 0 OR cost_usd IS NOT NULL"))
+
+    def sent_to_sandbox(self) -> set[bool]:
+        """For the jobs ever sent from this output dir: whether they went to the built-in sandbox (True),
+        to an API (False), or both. Empty when nothing was sent."""
+        if not self._history:
+            return {False} if self.conn.execute("SELECT 1 FROM jobs WHERE submissions > 0 LIMIT 1").fetchone() else set()
+        return {bool(r[0]) for r in self.conn.execute("SELECT DISTINCT simulated FROM jobs WHERE submissions > 0")}
 
     def spent_usd(self) -> float:
         """`spend()` in one figure, simulated money included: what a budget counts against."""

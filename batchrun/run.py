@@ -529,8 +529,22 @@ async def run_manifest(
             ledger.close()
 
 
+def _refuse_mixing(ledger: Ledger, output_dir: Path, sandbox: bool) -> None:
+    """Sandbox results and paid ones never share a ledger: a real run would skip the sandbox's `done`
+    jobs without ever paying for them, and a sandbox run would put fake videos beside paid ones."""
+    sent = ledger.sent_to_sandbox()
+    if not sandbox and True in sent:
+        raise UsageError(f"{output_dir} holds results of --sandbox runs (simulated, not real videos); a real run "
+                         "there would take those jobs as done without paying for them. Run for real into another "
+                         "dir (--output DIR), or delete this one first; nothing was sent")
+    if sandbox and False in sent:
+        raise UsageError(f"{output_dir} holds jobs sent to the real API; a --sandbox run there would mix simulated "
+                         "results with paid ones. Use --output DIR for sandbox runs; nothing was sent")
+
+
 async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, options, sandbox, stream, progress,
                       handle_signals, clock, sleep, rand, check_balance=False, balance_url=None) -> RunOutcome:
+    _refuse_mixing(ledger, manifest.output_dir, sandbox)
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)

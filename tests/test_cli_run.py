@@ -285,3 +285,28 @@ def test_leaving_now_keeps_every_job_in_flight_recorded(tmp_path, sandbox_proces
         assert_done(out, row, video)
         assert row["submissions"] == 1
     assert {final[r["id"]]["request_id"] for r in in_flight} == {r["request_id"] for r in in_flight}
+
+
+# -- sandbox results and paid ones never share a ledger -----------------------------------------
+
+
+@pytest.mark.parametrize("sandbox_first", [True, False], ids=["sandbox-then-real", "real-then-sandbox"])
+async def test_sandbox_and_real_runs_never_share_an_output_dir(tmp_path, monkeypatch, sandbox_first):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", CANARY)
+    manifest = write_manifest(tmp_path, jobs(2), poll_min_interval=0.05, poll_max_interval=0.2)
+    out = tmp_path / "out"
+    async with Sandbox(video_bytes=VIDEO, render_seconds=0.1) as api:
+        real = ["run", str(manifest), "--output", str(out), "--base-url", api.base_url, "--no-progress",
+                "--no-preflight", "--no-balance-check"]
+        fake = ["run", str(manifest), "--output", str(out), "--sandbox", "--no-progress"]
+        first, second = (fake, real) if sandbox_first else (real, fake)
+        assert (await _main(first))[0] == 0
+        posts = api.posts_total
+        before = {p.name: p.read_bytes() for p in out.glob("*.mp4")}
+        code, stdout, stderr = await _main(second)
+        assert code == 2, stdout + stderr
+        assert api.posts_total == posts  # nothing was sent
+        said = stdout + stderr
+        assert "--output" in said and ("--sandbox" in said or "real API" in said)
+        assert {p.name: p.read_bytes() for p in out.glob("*.mp4")} == before
+        assert CANARY not in said
