@@ -326,7 +326,8 @@ class Ledger:
         """For the jobs ever sent from this output dir: whether they went to the built-in sandbox (True),
         to an API (False), or both. Empty when nothing was sent."""
         if not self._history:
-            return {False} if self.conn.execute("SELECT 1 FROM jobs WHERE submissions > 0 LIMIT 1").fetchone() else set()
+            sent = self.conn.execute("SELECT 1 FROM jobs WHERE submissions > 0 LIMIT 1").fetchone()
+            return {False} if sent else set()
         return {bool(r[0]) for r in self.conn.execute("SELECT DISTINCT simulated FROM jobs WHERE submissions > 0")}
 
     def spent_usd(self) -> float:
