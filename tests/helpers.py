@@ -196,3 +196,13 @@ def manifest_problems(tmp_path: Path, text: str) -> list[str]:
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
     return [str(p).removeprefix(f"{path}:") for p in info.value.problems]
+
+
+async def cli(argv: list[str]) -> tuple[int, str, str]:
+    """`batchrun.cli.main(argv)` in a worker thread (it runs its own event loop, so a sandbox in the test's
+    loop keeps serving): (exit code, stdout, stderr)."""
+    from batchrun.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()

@@ -3,23 +3,15 @@ is checked with the result call, and is collected by the next run without a seco
 
 from __future__ import annotations
 
-import asyncio
-import io
 import re
 
 import pytest
+from helpers import cli as _main
 from helpers import job, ledger_rows, results, write_manifest
 
-from batchrun.cli import main
 from batchrun.sandbox import Faults, Sandbox
 
 TOKEN = "adopt-token"
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

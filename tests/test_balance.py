@@ -4,25 +4,18 @@ the first job and otherwise stops submitting before it runs out. Every server is
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 
 import pytest
+from helpers import cli as _main
 from helpers import jobs, ledger_rows, write_manifest
 
 from batchrun.balance import DEFAULT_BALANCE_URL, Balance, balance_url, fetch_balance, may_carry_token
-from batchrun.cli import DEFAULT_BASE_URL, main
+from batchrun.cli import DEFAULT_BASE_URL
 from batchrun.sandbox import Faults, Sandbox
 
 JOB_USD = 0.42  # 5 s without audio at $0.084/s
 CANARY = "sk-CANARY-balance-91c2"
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -5,14 +5,13 @@ the test says so)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import sys
 from pathlib import Path
 
 from helpers import FakeClock, jobs, results, run, write_manifest
+from helpers import cli as _main
 
-from batchrun.cli import main
 from batchrun.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,12 +23,6 @@ def _env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 async def _until(predicate, timeout: float, what: str) -> None:

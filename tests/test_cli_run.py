@@ -3,8 +3,6 @@ for Ctrl-C and SIGTERM. Every server is a real sandbox on 127.0.0.1."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 import os
 import signal
@@ -16,21 +14,14 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_done, job, jobs, ledger_rows, model_input, results, write_manifest
+from helpers import cli as _main
 
-from batchrun.cli import main
 from batchrun.lock import OutputDirLock
 from batchrun.sandbox import Faults, Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "sk-CANARY-7f3a"
 VIDEO = b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 20
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    """`main(argv)` in a worker thread (it runs its own event loop), so the sandbox keeps serving here."""
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 # -- the token never leaks ---------------------------------------------------------------------

@@ -3,24 +3,17 @@ the closing lines, `status`, `plan` and results.jsonl."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 
 from helpers import FakeClock, job, jobs, model_input, results, run, write_manifest
+from helpers import cli as _main
 
-from batchrun.cli import main
 from batchrun.plan import RunOptions
 from batchrun.sandbox import Sandbox
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8
 SLOW = {"poll_min_interval": 1, "poll_max_interval": 5}
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 async def _in_flight(tmp_path, sandbox, clock, job_list):

@@ -7,15 +7,13 @@ the ledger, what run.log, the console and the report say, and that the token is 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 
 import pytest
 from aiohttp import web
+from helpers import cli as _main
 from helpers import job, ledger_rows, results, run, write_manifest
 from hostile_api import HostileApi, Job, json_answer
-
-from batchrun.cli import main
 
 TOKEN = "sk-ECHO-5e1f0a7c"
 NASTY = "\x1b[31mred\x1b[0m\x1b]0;title\x07\x9b2J\u202eevil\u2066\r\nFAKE LOG LINE\x00"
@@ -24,12 +22,6 @@ NASTY = "\x1b[31mred\x1b[0m\x1b]0;title\x07\x9b2J\u202eevil\u2066\r\nFAKE LOG LI
 def forbidden_in(text: str) -> list[str]:
     """Control characters that must never reach a file or a terminal from a server."""
     return [ch for ch in ("\x1b", "\x07", "\x9b", "\u202e", "\u2066", "\x00") if ch in text]
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 # -- submits: only a certain refusal is sent again -------------------------------------------------

@@ -3,29 +3,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import io
 import signal
 
 import pytest
 from helpers import FakeClock, job, jobs, manifest_problems, write_manifest
+from helpers import cli as _main
 from receiver import Receiver
 from test_cli_run import _manifest_for_signals, _start_run, _submits, _wait_for, sandbox_process  # noqa: F401
 
 from batchrun import notify
-from batchrun.cli import main
 from batchrun.lock import OutputDirLock
 from batchrun.sandbox import Sandbox
 
 CANARY = "sk-CANARY-notify-55e1"
 SUMMARY_KEYS = {"manifest", "output_dir", "exit_code", "meaning", "counts", "spent_this_run_usd", "spent_total_usd",
                 "jobs", "capped", "report", "text"}
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import subprocess
 import sys
 
 import pytest
+from helpers import cli as _main
 from helpers import jobs, run, write_manifest
 
 from batchrun.cli import main
@@ -16,12 +16,6 @@ from batchrun.errors import OutputDirLocked
 from batchrun.lock import OutputDirLock
 from batchrun.run import RUN_LOG_MAX_BYTES
 from batchrun.sandbox import Sandbox
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 async def test_a_symlinked_output_dir_is_followed(tmp_path):

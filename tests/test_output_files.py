@@ -4,28 +4,21 @@ another job owns, the user's umask. Every run is a real run against a sandbox on
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import stat
 import subprocess
 import sys
 
 import pytest
+from helpers import cli as _main
 from helpers import job, jobs, results, write_manifest
 from proc_helpers import env
 
-from batchrun.cli import main
 from batchrun.run import RUN_LOG_MAX_BYTES
 from batchrun.sandbox import Faults, Sandbox
 
 VIDEO = b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8
 VICTIM = b"export PATH=/usr/bin  # the user's own file\n"
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 async def _run(manifest, sandbox, *flags: str) -> tuple[int, str, str]:

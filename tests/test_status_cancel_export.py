@@ -8,17 +8,11 @@ import io
 import json
 
 from helpers import FakeClock, job, jobs, results, run, write_manifest
+from helpers import cli as _main
 
-from batchrun.cli import main
 from batchrun.sandbox import Faults, Sandbox
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8
-
-
-async def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 async def _leave_jobs_in_flight(tmp_path, sandbox, clock, n=3, concurrency=3):
