@@ -251,11 +251,11 @@ def _error_for(status, code, call, message, kwargs, headers, secrets) -> ApiErro
         return TransientApiError(f"{label}: server error: {message}", **kwargs)
     if 300 <= status < 400:
         if status == 303:  # "see other": for a POST, processed elsewhere
-            return ApiError(f"{label}: unexpected answer: {message}", **kwargs)
+            return _unreadable(call, f"{label}: unexpected answer: {message}", kwargs)
         where = server_text(headers.get("Location", ""), 100, secrets)
         return InvalidRequestError(f"{label}: redirected to {where or '?'}; check the base URL", **kwargs)
     if not 200 <= status < 500:  # 1xx, or no HTTP status at all
-        return ApiError(f"{label}: unexpected answer: {message}", **kwargs)
+        return _unreadable(call, f"{label}: unexpected answer: {message}", kwargs)
     effective = status
     if 200 <= status < 300 and code is not None and 100 <= code // 1000 <= 599:
         # An error body inside a 2xx: RunComfy's codes start with the HTTP status they stand for
@@ -284,7 +284,16 @@ def _error_for(status, code, call, message, kwargs, headers, secrets) -> ApiErro
     if 400 <= effective < 500:
         return InvalidRequestError(f"{label}: rejected: {message}", **kwargs)
     # A 2xx with an unreadable error code, or anything stranger: we cannot tell what happened.
-    return ApiError(f"{label}: unexpected answer: {message}", **kwargs)
+    return _unreadable(call, f"{label}: unexpected answer: {message}", kwargs)
+
+
+def _unreadable(call: str, message: str, kwargs: dict) -> ApiError:
+    """An answer that says neither yes nor no. For a submit a plain `ApiError`, which `_submit_view`
+    turns into "outcome unknown" (a job may exist); for any other call a `MalformedAnswer`, asked again
+    like a transient failure and then recorded on the job."""
+    if call == "submit":
+        return ApiError(message, **kwargs)
+    return MalformedAnswer(message, **kwargs)
 
 
 def _not_found(call, label, message, kwargs) -> ApiError:

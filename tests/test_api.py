@@ -28,7 +28,6 @@ from batchrun.api import (
     make_limiter,
 )
 from batchrun.errors import (
-    ApiError,
     AuthError,
     InvalidRequestError,
     MalformedAnswer,
@@ -649,7 +648,8 @@ def test_classify_zero_error_code_is_not_an_error():
 
 def test_classify_unknown_code_in_200_is_an_error():
     err = classify(200, {}, b'{"error_code": 999, "message": "??"}', "status", now=NOW)
-    assert type(err) is ApiError and err.code == 999
+    # Neither yes nor no: asked again like a transient failure, then recorded on the job.
+    assert type(err) is MalformedAnswer and err.code == 999 and isinstance(err, TransientApiError)
     unknown = classify(200, {}, b'{"error_code": 999, "message": "??"}', "submit", now=NOW)
     assert isinstance(unknown, SubmitOutcomeUnknown)
 

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from batchrun.api import CALLS, CancelOutcome, Result, Status, Submitted, parse_answer
 from batchrun.errors import (
-    ApiError,
     AuthError,
     BatchrunError,
     InvalidRequestError,
@@ -124,7 +123,8 @@ def test_an_unreadable_queue_position_is_none(position):
 @pytest.mark.parametrize("code", ["²", "٤٠٠٠٠٢", "abc", -5, 1.5, 10**12, [400002]])
 def test_an_unreadable_error_code_is_an_error_of_unknown_kind(code):
     err = failure("status", 200, {"error_code": code, "message": "odd"})
-    assert type(err) is ApiError and err.code == -1
+    assert type(err) is MalformedAnswer and err.code == -1  # retried like a transient failure
+    assert isinstance(failure("submit", 200, {"error_code": code, "message": "odd"}), SubmitOutcomeUnknown)
 
 
 @pytest.mark.parametrize("body", [
