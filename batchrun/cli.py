@@ -114,7 +114,7 @@ def _plan_balance(args):
     token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
     if not token:
         return lambda: Balance(None, "no RUNCOMFY_API_TOKEN set")
-    base_url = getattr(args, "base_url", None) or os.environ.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
+    base_url = resolve_base_url(getattr(args, "base_url", None), os.environ)  # UsageError (exit 2) if unusable
     url = balance_url(base_url, os.environ, DEFAULT_BASE_URL)
     return lambda: asyncio.run(fetch_balance(url, token))
 

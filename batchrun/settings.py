@@ -159,4 +159,24 @@ def check_base_url(value: str, source: str = "the API base URL") -> str:
     if (url.scheme not in ("http", "https") or not host or port is None or url.query_string or url.fragment
             or not text.isprintable() or " " in text):
         raise UsageError(f"{source}: must look like https://host[:port][/path], not {shown}")
+    if not _usable_host(host):
+        # Caught here, not when a POST fails to encode the name (which would read as "sent, outcome unknown").
+        raise UsageError(f"{source}: {server_text(host, 80)!r} is not a usable host name ({shown})")
     return str(url)
+
+
+def _usable_host(host: str) -> bool:
+    """An IP address, or a DNS name whose labels are 1-63 characters and that encodes as IDNA."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    name = host.rstrip(".")
+    try:
+        encoded = name.encode("idna")
+    except UnicodeError:
+        return False
+    return 0 < len(encoded) <= 253 and all(0 < len(label) <= 63 for label in encoded.split(b"."))

@@ -38,9 +38,12 @@ def test_run_without_a_token_says_how_to_get_going(monkeypatch, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "cancel"])
+@pytest.mark.parametrize("command", ["run", "cancel", "plan"])
 @pytest.mark.parametrize(("where", "url", "message"), [
     ("env", "http://[::1", "RUNCOMFY_BASE_URL: 'http://[::1' is not a usable URL"),
+    ("env", "http://a..b/", "RUNCOMFY_BASE_URL: 'a..b' is not a usable host name"),
+    ("flag", "http://xn--/", "--base-url: 'http://xn--/' is not a usable URL"),
+    ("flag", "http://" + "x" * 64 + ".example", "is not a usable host name"),
     ("env", "http://host:99999", "RUNCOMFY_BASE_URL: 'http://host:99999' is not a usable URL"),
     ("flag", "ftp://host", "--base-url: must look like https://host[:port][/path], not 'ftp://host'"),
     ("flag", "https://user:sk-SECRET-1@host", "--base-url: must not carry a user name or password"),
