@@ -361,7 +361,7 @@ class Ledger:
         with self._transaction() as conn:
             conn.executemany("UPDATE jobs SET error_kind=?, error_message=?, updated_at=? WHERE id=? AND"
                              " state='pending' AND (error_kind IS NULL OR error_kind IN"
-                             " ('budget', 'deadline', 'cancel', 'auth'))",
+                             " ('budget', 'deadline', 'cancel', 'auth', 'unanswered'))",
                              [(kind, message, utc_now(), job_id) for job_id in job_ids])
 
     def set_refusals(self, refusals: dict[str, str]) -> None:

@@ -362,6 +362,7 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
         "disk_full": f"stopped: {scheduler.fatal_error}",
         "cancel": "stopped submitting: 'batchrun cancel' asked; jobs not submitted stay pending for the next run",
         "unreachable": f"stopped: {scheduler.fatal_error}",
+        "unanswered": f"stopped submitting: {scheduler.fatal_error}",
     }.get(scheduler.stop_reason or "")
     if reason:
         lines.append(reason)
@@ -405,6 +406,7 @@ def _explain_not_submitted(manifest: Manifest, ledger: Ledger, scheduler: Schedu
         "deadline": "not submitted: max_wait was reached; the next run submits it",
         "cancel": "not submitted: 'batchrun cancel' stopped this run's submitting; the next run submits it",
         "auth": f"not submitted: the API stopped the run: {scheduler.auth_error}",
+        "unanswered": "not submitted: the submits before it got no usable answer; the next run submits it",
     }.get(scheduler.stop_reason or "")
     if message is None or scheduler.interrupted:
         return

@@ -72,6 +72,9 @@ log = logging.getLogger("batchrun.run")
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp"}
 MAX_URL_REFRESHES = 3
 UNREACHABLE_AFTER = 5  # connection failures in a row (and more than jobs in flight) that end the run
+# Submits in a row whose outcome is unknown (sent, no usable answer: a timeout, a 5xx...) with none accepted
+# in between, after which submitting stops: each may have created a job nobody can collect without help.
+UNANSWERED_AFTER = 3
 
 
 class _OutOfTime(Exception):
@@ -216,6 +219,7 @@ class Scheduler:
         # More failures than jobs in flight: at least one job failed twice, so it is not one blip.
         self._unreachable_after = max(unreachable_after, self.settings.concurrency + 1)
         self._connect_failures = 0
+        self._unanswered = 0  # submits in a row whose outcome is unknown, none accepted in between
         self._pacer = SubmitPacer(clock, rand, lambda seconds: self._nap(seconds, submit=True))
         self._submits_accepted = 0
 
@@ -463,7 +467,8 @@ class Scheduler:
         attempt = 0
         accepted_at_refusal: int | None = None  # submits accepted (all jobs) when this one was last refused
         while True:
-            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "unreachable", "cancel"):
+            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "unreachable", "cancel",
+                                                        "unanswered"):
                 self._release(estimate)
                 return None
             try:
@@ -476,6 +481,14 @@ class Scheduler:
                 self._reached()
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
                 log.warning("%s: unknown: %s", job.id, exc)
+                self._unanswered += 1
+                if self._unanswered >= UNANSWERED_AFTER and self.stop_reason is None:
+                    base = getattr(self.client, "base_url", "?")
+                    self.fatal_error = (f"{self._unanswered} submits in a row to {base} got no usable answer "
+                                        f"(last: {exc}); each may have created a job, so no more are sent. "
+                                        "Check RunComfy's Generations page and the API's status, then run again")
+                    log.error("stopping: %s", self.fatal_error)
+                    self.stop_submitting("unanswered")
                 return None  # it may have been created: its estimate stays counted against the budget
             except AuthError as exc:
                 self._reached()
@@ -521,6 +534,7 @@ class Scheduler:
                 return None
             self._reached()
             self._submits_accepted += 1
+            self._unanswered = 0
             crashpoint("after_post")
             try:
                 self.ledger.mark_submitted(job.id, submitted.request_id)

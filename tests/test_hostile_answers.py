@@ -12,7 +12,7 @@ import json
 import pytest
 from aiohttp import web
 from helpers import cli as _main
-from helpers import job, ledger_rows, results, run, write_manifest
+from helpers import job, jobs, ledger_rows, results, run, write_manifest
 from hostile_api import HostileApi, Job, json_answer
 
 TOKEN = "sk-ECHO-5e1f0a7c"
@@ -63,6 +63,33 @@ async def test_a_submit_that_may_have_created_a_job_is_never_sent_again(tmp_path
     assert {rows[j]["state"] for j in "ab"} == {"unknown"}
     assert all(rows[j]["submissions"] == 1 for j in "ab")
     assert "may or may not have been created" in rows["a"]["error"]["message"]
+
+
+@pytest.mark.parametrize("answer", ["503-with-retry-after", "reset-after-sending", "200-not-json"])
+async def test_submits_that_keep_getting_no_usable_answer_stop_submitting(tmp_path, answer):
+    """An API that takes POSTs but answers none usably: each may have created a job, so after a few in a
+    row batchrun stops sending more instead of leaving the whole batch `unknown`."""
+    accept_first = {"n": 1}
+
+    async def script(call: str, job: Job | None, request: web.Request):
+        if call != "submit":
+            return None
+        if accept_first["n"]:  # one accepted submit first: the count is of unanswered ones *in a row*
+            accept_first["n"] -= 1
+            return None
+        return await _hang_up(request) if answer == "reset-after-sending" else SUBMIT_ANSWERS[answer]()
+
+    manifest = write_manifest(tmp_path, jobs(8), concurrency=1)
+    async with HostileApi(script) as api:
+        outcome, said = await run(manifest, api)
+        assert sum(api.posts_by_prompt.values()) == 1 + 3  # then no more POSTs
+    assert outcome.exit_code == 1
+    rows = results(tmp_path / "out")
+    states = sorted(row["state"] for row in rows.values())
+    assert states == ["done"] + ["pending"] * 4 + ["unknown"] * 3
+    assert any(line.startswith("stopped submitting: 3 submits in a row") for line in outcome.lines), outcome.lines
+    pending = [row for row in rows.values() if row["state"] == "pending"]
+    assert all("got no usable answer" in row["error"]["message"] for row in pending)
 
 
 async def test_a_2xx_naming_a_request_is_created_whatever_else_it_says(tmp_path):
