@@ -7,6 +7,7 @@ library user would need.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import os
 import sys
@@ -20,6 +21,7 @@ from batchrun.settings import DEFAULT_BASE_URL
 from batchrun.settings import base_url as resolve_base_url
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_USAGE, EXIT_AUTH, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `cat` whose reader left
 MAX_PROBLEMS_SHOWN = 50
 
 
@@ -455,3 +457,10 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     except KeyboardInterrupt:
         print("batchrun: interrupted", file=err)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `batchrun status | head`: the reader left. End quietly, as `cat` does, and keep Python from
+        # complaining when it flushes stdout at exit.
+        if out is sys.stdout:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -282,3 +282,15 @@ def test_many_warnings_on_a_valid_manifest_say_they_were_cut(tmp_path):
     code, out, _ = run_validate(path)
     assert code == 0
     assert out.splitlines()[-1] == f"{path}: ok, 55 jobs, 55 warnings (first 50 shown)"
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
+    """`batchrun validate ... | head -1`: no BrokenPipeError traceback, whatever the command prints."""
+    # Over a pipe buffer (64 KiB) of "ok" lines on stdout, so the reader is gone before the last write.
+    reader = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "batchrun", "validate", *[str(EXAMPLE)] * 3000],
+                          stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=120)
+    reader.stdin.close()
+    reader.wait(timeout=10)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141  # as a shell reports for `cat`
