@@ -7,8 +7,8 @@ library user would need.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
