@@ -320,6 +320,17 @@ async def _stream(
     if total is not None and part.size != total:
         raise DownloadInterrupted(f"download of {where} ended at {part.size} of {total} bytes")
     _check_media(part, resp, total, where, limits.kind)
+    if total is None:
+        # No length was given: the body ended where the connection closed, which may be early. An mp4's
+        # own box sizes say where it ends.
+        fd = os.open(part.path, os.O_RDONLY | os.O_NOFOLLOW)  # the .part's own fd is write-only
+        try:
+            end = media.declared_end(lambda offset, n: os.pread(fd, n, offset), part.size)
+        finally:
+            os.close(fd)
+        if end is not None and end > part.size:
+            raise DownloadInterrupted(f"download of {where} ended at {part.size} bytes, without a length; the "
+                                      f"file's own structure says {end}")
 
 
 _KIND_NAMES = {"video": "a video", "image": "an image", "audio": "an audio file"}

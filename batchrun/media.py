@@ -11,9 +11,10 @@ the EBML/Matroska spec, the PNG, JPEG, GIF, RIFF (WebP, WAV, AVI), Ogg, FLAC and
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["HEAD_BYTES", "KINDS", "Container", "accepts", "describe", "printable", "sniff"]
+__all__ = ["HEAD_BYTES", "KINDS", "Container", "accepts", "declared_end", "describe", "printable", "sniff"]
 
 HEAD_BYTES = 64  # every signature below is decided within the first 64 bytes
 KINDS = ("video", "image", "audio")
@@ -80,6 +81,39 @@ def _iso_bmff(head: bytes) -> Container | None:
     if brand == b"qt  ":
         return _c("mov", "video")
     return _c("mp4", "video", "audio")
+
+
+def declared_end(read_at: Callable[[int, int], bytes], size: int, max_boxes: int = 100_000) -> int | None:
+    """Where an ISO-BMFF file (mp4, mov, m4a) says it ends, from its top-level box sizes: each box starts
+    with a 32-bit size (1: a 64-bit size follows; 0: to the end of the file) and a 4-byte type.
+
+    `read_at(offset, n)` reads the file's bytes; `size` is how many it has. Returns the end the boxes
+    declare (more than `size` for a file cut short), or None when the file is not ISO-BMFF or its boxes
+    cannot be walked (then nothing is known). Used for a body that came without a length, whose end is
+    otherwise only where the connection closed (ISO/IEC 14496-12, 4.2)."""
+    head = read_at(0, 16)
+    if len(head) < 16 or head[4:8] != b"ftyp" or _iso_bmff(head) is None:
+        return None
+    offset = 0
+    for _ in range(max_boxes):
+        if offset >= size:
+            return offset
+        header = read_at(offset, 16)
+        if len(header) < 8:
+            return offset + 8  # a box header cut short
+        box = struct.unpack(">I", header[:4])[0]
+        if box == 0:
+            return size  # the last box runs to the end of the file, whatever that is
+        if box == 1:
+            if len(header) < 16:
+                return offset + 16
+            box = struct.unpack(">Q", header[8:16])[0]
+            if box < 16:
+                return None
+        elif box < 8:
+            return None
+        offset += box
+    return None
 
 
 def accepts(kind: str | None, head: bytes) -> bool:

@@ -206,3 +206,10 @@ async def cli(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
+
+
+def mp4(payload: bytes, brand: bytes = b"isom") -> bytes:
+    """A small file with an MP4's box structure: an ftyp box, then an mdat box holding `payload`. Its box
+    sizes say where it ends, as a real MP4's do (batchrun checks them when a body comes without a length)."""
+    ftyp = b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x02\x00isomiso2"
+    return ftyp + (8 + len(payload)).to_bytes(4, "big") + b"mdat" + payload

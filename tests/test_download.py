@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import mp4
 
 from batchrun.download import (
     Downloaded,
@@ -37,7 +38,7 @@ from batchrun.errors import (
 )
 
 FTYP = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"  # an MP4's first box
-DATA = FTYP + random.Random(20240601).randbytes(300_000 - len(FTYP))
+DATA = mp4(random.Random(20240601).randbytes(300_000 - len(FTYP) - 8))
 SHA = hashlib.sha256(DATA).hexdigest()
 HALF = len(DATA) // 2
 ETAG = '"data-v1"'  # what every handler below names DATA by

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
+from helpers import mp4
 
 from batchrun.download import MAX_REDIRECTS, download, meta_path, part_path, verify
 from batchrun.errors import (
@@ -28,8 +29,8 @@ from batchrun.errors import (
 from batchrun.outputhosts import HostPolicy
 
 FTYP = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
-VIDEO = FTYP + random.Random(7).randbytes(200_000)
-NEWER = FTYP + random.Random(8).randbytes(200_000)  # the same output, re-rendered: same size, other bytes
+VIDEO = mp4(random.Random(7).randbytes(200_000))
+NEWER = mp4(random.Random(8).randbytes(200_000))  # the same output, re-rendered: same size, other bytes
 HALF = len(VIDEO) // 2
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x08\x00\x00\x00\x08\x08\x02\x00\x00\x00K\x6d\x29\xdc"
 EXPIRED_PAGE = b"<html><body>This link has expired.</body></html>\n"
@@ -438,6 +439,41 @@ async def test_a_chunked_body_cut_mid_way_is_not_complete(host, session, dest):
     assert part_path(dest).read_bytes() == VIDEO[:HALF]
     assert_got(dest, await download(session, host.url("/chunked-cut"), dest, kind="video"), VIDEO)
     assert host.seen("/chunked-cut", "Range") == [None, f"bytes={HALF}-"]
+
+
+async def _close_delimited(body: bytes):
+    """A storage host that sends `body` with neither Content-Length nor chunked framing: the end of the
+    body is where it closes the connection (HTTP/1.1 allows it), so a cut looks like an end."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("cut", [2 / 3, 0.5, 0.1], ids=["two-thirds", "half", "a-tenth"])
+async def test_a_body_without_a_length_that_ends_early_is_not_complete(session, dest, cut):
+    server = await _close_delimited(VIDEO[: int(len(VIDEO) * cut)])
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v.mp4"
+    try:
+        with pytest.raises(DownloadInterrupted, match=f"structure says {len(VIDEO)}"):
+            await download(session, url, dest, kind="video")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not dest.exists()
+
+
+async def test_a_whole_body_without_a_length_is_complete(session, dest):
+    server = await _close_delimited(VIDEO)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v.mp4"
+    try:
+        assert_got(dest, await download(session, url, dest, kind="video"), VIDEO)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_206_shorter_than_its_content_range_is_not_complete(host, session, dest):

@@ -107,3 +107,28 @@ def test_describe_is_capped_and_shows_no_control_characters():
     assert len(text) < 200
     assert not any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
     assert "\\x1b" not in text and "?[31mred" in text
+
+
+def _ends(data: bytes) -> int | None:
+    return media.declared_end(lambda offset, n: data[offset : offset + n], len(data))
+
+
+def test_an_mp4s_boxes_say_where_it_ends():
+    ftyp = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+    moov = (8 + 100).to_bytes(4, "big") + b"moov" + bytes(100)
+    mdat = (8 + 1000).to_bytes(4, "big") + b"mdat" + bytes(1000)
+    whole = ftyp + moov + mdat
+    assert _ends(whole) == len(whole)
+    assert _ends(whole[:-1]) == len(whole)  # cut by one byte: the boxes still say the whole size
+    assert _ends(whole[: len(ftyp) + 4]) == len(ftyp) + 8  # cut inside a box header
+    large = (1).to_bytes(4, "big") + b"mdat" + (16 + 50).to_bytes(8, "big") + bytes(50)
+    assert _ends(ftyp + large) == len(ftyp) + 66  # a 64-bit box size
+    assert _ends(ftyp + large[:-10]) == len(ftyp) + 66
+    to_end = (0).to_bytes(4, "big") + b"mdat" + bytes(77)
+    assert _ends(ftyp + to_end) == len(ftyp) + 85  # size 0: the last box runs to the end, whatever it is
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n" + bytes(100), b"\x1a\x45\xdf\xa3" + bytes(100), b"",
+                                  b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00\x00\x00\x04free"])
+def test_files_whose_end_cannot_be_read_from_their_boxes_say_nothing(data):
+    assert _ends(data) is None

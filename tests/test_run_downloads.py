@@ -8,15 +8,15 @@ import ipaddress
 import json
 
 import pytest
-from helpers import FakeClock, assert_done, job, ledger_rows, results, run, sha256, write_manifest
+from helpers import FakeClock, assert_done, job, ledger_rows, mp4, results, run, sha256, write_manifest
 
 from batchrun.ledger import Ledger, Output
 from batchrun.outputhosts import HostPolicy
 from batchrun.plan import RunOptions
 from batchrun.sandbox import Faults, Sandbox
 
-VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
-NEWER = b"\x00\x00\x00\x18ftypmp42" + bytes(range(255, -1, -1)) * 40  # re-rendered: same size, other bytes
+VIDEO = mp4(bytes(range(256)) * 40, b"mp42")
+NEWER = mp4(bytes(range(255, -1, -1)) * 40, b"mp42")  # re-rendered: same size, other bytes
 PAGE = b"<html><body><h1>This link has expired</h1></body></html>"
 
 
