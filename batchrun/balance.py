@@ -22,6 +22,7 @@ import aiohttp
 from yarl import URL
 
 from batchrun.errors import UsageError
+from batchrun.servertext import redact
 
 DEFAULT_BALANCE_URL = "https://api.runcomfy.net/prod/v2/balance"
 RUNCOMFY_MODEL_API = "https://model-api.runcomfy.net"
@@ -134,7 +135,7 @@ def _usd(data: object) -> float | None:
 
 
 def _redact(text: str, token: str) -> str:
-    return text.replace(token, "***") if token else text
+    return redact(text, (token,)) if token else text
 
 
 def jobs_covered(room_usd: float, estimates: Iterable[float]) -> int:

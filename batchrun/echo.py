@@ -9,6 +9,8 @@ message never moves the cursor or splits into lines, and the length is capped.
 
 from __future__ import annotations
 
+import re
+
 from batchrun import settings
 
 MAX_QUOTED = 80  # characters of an echoed value: enough to recognise it, never a page of a file
@@ -19,8 +21,8 @@ _MIN_SECRET = 6  # a shorter "token" is a test value or a typo; replacing it wou
 def redact(text: str) -> str:
     """`text` with the API token (from the environment) replaced by a marker."""
     token = settings.api_token()
-    if len(token) >= _MIN_SECRET and token in text:
-        text = text.replace(token, REDACTED)
+    if len(token) >= _MIN_SECRET:
+        text = re.sub(re.escape(token), REDACTED, text, flags=re.IGNORECASE)  # in any case, as servertext does
     return text
 
 

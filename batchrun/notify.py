@@ -25,6 +25,7 @@ import aiohttp
 from yarl import URL
 
 from batchrun.ledger import LEDGER_NAME, Ledger
+from batchrun.servertext import holds_secret, redact
 
 MAX_JOBS_LISTED = 50
 MEANINGS = {
@@ -129,9 +130,9 @@ def _scrub(body: dict[str, Any], token: str | None) -> dict[str, Any]:
     if not token:
         return body
     text = json.dumps(body)
-    if token not in text:
+    if not holds_secret(text, (token,)):
         return body
-    return json.loads(text.replace(json.dumps(token)[1:-1], "***"))
+    return json.loads(redact(text, (json.dumps(token)[1:-1],)))
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,18 @@ _SPACES = re.compile(r"\s+")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every string of `secrets` (of `MIN_SECRET_CHARS` or more) replaced by ``***``."""
+    """`text` with every string of `secrets` (of `MIN_SECRET_CHARS` or more) replaced by ``***``, in any
+    letter case: a URL library lowercases a host name, so an echoed token may come back lowercased."""
     for secret in secrets:
         if len(secret) >= MIN_SECRET_CHARS:
-            text = text.replace(secret, "***")
+            text = re.sub(re.escape(secret), "***", text, flags=re.IGNORECASE)
     return text
 
 
 def holds_secret(text: str, secrets: Iterable[str]) -> bool:
     """Whether `text` contains one of `secrets` that `redact` would blank out."""
-    return any(len(secret) >= MIN_SECRET_CHARS and secret in text for secret in secrets)
+    folded = text.casefold()
+    return any(len(secret) >= MIN_SECRET_CHARS and secret.casefold() in folded for secret in secrets)
 
 
 def server_text(value: object, limit: int = MAX_TEXT, secrets: Iterable[str] = ()) -> str:

@@ -222,6 +222,8 @@ def _echo_script(api: HostileApi):
             return None
         if call == "download" and kind == "location":
             return web.Response(status=302, headers={"Location": f"http://[{token}/video.mp4"})
+        if call == "download" and kind == "host":  # a URL library lowercases the host: the token too
+            return web.Response(status=302, headers={"Location": f"gopher://{token}/x"})
         if call in ("status", "result") and job is not None:
             if kind == "status" and job.calls["status"] + job.calls["result"] == 1:
                 return json_answer(200, {"request_id": job.request_id, "status": f"in_progress {token}"})
@@ -239,7 +241,7 @@ def _echo_script(api: HostileApi):
 
 async def test_a_server_echoing_the_token_never_gets_it_into_files_or_output(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
-    kinds = ["id", "refused", "status", "url", "location", "redirect", "auth"]
+    kinds = ["id", "refused", "status", "url", "location", "redirect", "auth", "host"]
     manifest = write_manifest(tmp_path, [job(k, prompt=f"{k} ({k})") for k in kinds], concurrency=1,
                               max_attempts=2, poll_max_interval=0.2)  # the CLI waits for real
     out = tmp_path / "out"
@@ -269,8 +271,8 @@ async def test_a_server_echoing_the_token_never_gets_it_into_files_or_output(tmp
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {"ledger.sqlite", "results.jsonl", "report.html", "run.log"} <= {p.name for p in files}
     for path in files:
-        assert TOKEN.encode() not in path.read_bytes(), path
+        assert TOKEN.lower().encode() not in path.read_bytes().lower(), path  # in any letter case
     for text in said:
-        assert TOKEN not in text
+        assert TOKEN.lower() not in text.lower()
         assert not forbidden_in(text)
 
