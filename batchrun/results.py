@@ -81,7 +81,8 @@ def provenance_path(output_dir: Path, row: JobRow) -> Path:
 
 
 def provenance_intact(output_dir: Path, row: JobRow) -> bool:
-    """`<id>.json` is a regular file (not a symlink) naming this job's request, input digest and outputs.
+    """`<id>.json` is a regular file (not a symlink) naming this job's request, model, input (and its
+    digest) and outputs.
 
     Fields a newer batchrun adds or an older one lacked do not count: only what identifies the render."""
     path = provenance_path(output_dir, row)
@@ -100,8 +101,10 @@ def provenance_intact(output_dir: Path, row: JobRow) -> bool:
     finally:
         os.close(fd)
     expected = job_record(row)
+    expected.update({"model": row.model, "input": row.input})
     return isinstance(record, dict) and all(record.get(key) == expected[key]
-                                            for key in ("id", "request_id", "input_sha256", "outputs"))
+                                            for key in ("id", "request_id", "input_sha256", "outputs", "model",
+                                                        "input"))
 
 
 def write_provenance(output_dir: Path, row: JobRow) -> Path:

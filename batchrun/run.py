@@ -34,7 +34,7 @@ from batchrun.ledger import Ledger
 from batchrun.ledger_index import LedgerIndex, check_new_ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
-from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan
+from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
 from batchrun.progress import Progress, describe
 from batchrun.results import write_provenance, write_results
 from batchrun.scheduler import Scheduler
@@ -310,8 +310,7 @@ def _previous_not_done(ledger: Ledger, plan: Plan) -> list[str]:
 def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan, spend: Spend) -> list[str]:
     counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
     refused = {job.id: why for job, why in plan.refused}
-    refused_note = (f" ({_plural(len(refused), 'job')} refused: input changed after it was submitted, "
-                    "see below)" if refused else "")
+    refused_note = f" ({_plural(len(refused), 'job')} refused, see below)" if refused else ""
     lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}{refused_note}; spent in this output dir: "
              f"{spend.describe()} (actual where the API reported it, else estimated)"]
     lines += [f"  refused: {why}" for why in list(refused.values())[:20]]
@@ -375,14 +374,31 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     return lines
 
 
+def _unrepaired(ledger: Ledger, plan: Plan) -> list[str]:
+    """Done jobs this run set out to download again (a file missing or damaged) whose files are still not
+    intact: checked on disk, so the closing lines never claim a repair that did not happen."""
+    found = []
+    for job, row in plan.collect:
+        if row.state == "done" and job.id not in plan.previous:
+            now = ledger.get(job.id)
+            if now is None or now.state != "done" or not outputs_intact(ledger.path.parent, now):
+                found.append(job.id)
+    return found
+
+
 def _previous_lines(ledger: Ledger, plan: Plan) -> list[str]:
-    """What became of paid requests that are not the manifest's job as written (see `Plan.previous`)."""
+    """What became of paid requests that are not the manifest's job as written (see `Plan.previous`), and
+    of done jobs whose files were missing or damaged (checked again: only a repair that happened is said)."""
     lines = []
+    unrepaired = _unrepaired(ledger, plan)
     repaired = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous
-                and ledger.state_of(job.id) == "done"]
+                and job.id not in unrepaired]
     if repaired:
         lines.append(f"downloaded again the missing or damaged files of {_plural(len(repaired), 'job')}: "
                      f"{_ids(repaired)}")
+    if unrepaired:
+        lines.append(f"could not repair the missing or damaged files of {_plural(len(unrepaired), 'job')}: "
+                     f"{_ids(unrepaired)} (see 'batchrun status'; the next run tries again)")
     for why in (GONE, PREVIOUS_INPUT):
         done = [job_id for job_id, (_, reason) in plan.previous.items()
                 if reason == why and ledger.state_of(job_id) == "done"]
@@ -424,7 +440,7 @@ def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: P
         return EXIT_AUTH
     all_done = all(ledger.state_of(job.id) == "done" for job in manifest.jobs)
     # A refused job is not done as the manifest asks; a paid render still to collect is not done either.
-    if not all_done or plan.refused or _previous_not_done(ledger, plan):
+    if not all_done or plan.refused or _previous_not_done(ledger, plan) or _unrepaired(ledger, plan):
         return EXIT_NOT_DONE
     return EXIT_OK
 

@@ -137,7 +137,7 @@ async def test_jobs_refused_after_a_post_run_edit_are_in_the_closing_lines_statu
         outcome, said = await run(manifest, sandbox)
         assert outcome.exit_code == 1
         assert sandbox.posts_total == 12
-    assert outcome.lines[0].startswith("12 jobs: done=12 (4 jobs refused: input changed after it was submitted")
+    assert outcome.lines[0].startswith("12 jobs: done=12 (4 jobs refused, see below)")
     assert sum(line.startswith("  refused: ") for line in outcome.lines) == 4
     refused = {i for i, r in results(out).items() if r["refusal"]}
     assert refused == {"clip-01", "clip-04", "clip-07", "clip-10"}
@@ -161,10 +161,13 @@ async def test_jobs_refused_after_a_post_run_edit_are_in_the_closing_lines_statu
 async def test_missing_or_damaged_outputs_and_provenance_are_reported_then_repaired(tmp_path):
     out = tmp_path / "out"
     async with Sandbox(video_bytes=VIDEO) as sandbox:
-        manifest = write_manifest(tmp_path, jobs(4))
+        manifest = write_manifest(tmp_path, jobs(5))
         assert (await run(manifest, sandbox))[0].exit_code == 0
         (out / "clip-00.json").unlink()
         (out / "clip-01.json").write_text("{\"id\": \"clip-01\"")  # cut short
+        forged = json.loads((out / "clip-04.json").read_text())
+        forged["input"]["prompt"] = "forged"  # the digest beside it still matches: the input itself is read
+        (out / "clip-04.json").write_text(json.dumps(forged))
         (out / "clip-02.mp4").write_bytes(VIDEO[:-1] + b"x")
         (out / "clip-03.mp4").unlink()
 
@@ -172,18 +175,18 @@ async def test_missing_or_damaged_outputs_and_provenance_are_reported_then_repai
         assert code == 0
         assert sorted((d["path"], d["problem"]) for d in json.loads(shown)["damaged"]) == [
             ("clip-00.json", "missing"), ("clip-01.json", "damaged"), ("clip-02.mp4", "damaged"),
-            ("clip-03.mp4", "missing")]
+            ("clip-03.mp4", "missing"), ("clip-04.json", "damaged")]
         code, shown, _ = await _main(["status", str(out)])
-        assert "missing or damaged files (4); the next run repairs them:" in shown
+        assert "missing or damaged files (5); the next run repairs them:" in shown
 
         outcome, said = await run(manifest, sandbox)
         assert outcome.exit_code == 0, said
-        assert sandbox.posts_total == 4
-    for i in range(4):
+        assert sandbox.posts_total == 5
+    for i in range(5):
         assert (out / f"clip-{i:02d}.mp4").read_bytes() == VIDEO
         assert json.loads((out / f"clip-{i:02d}.json").read_text())["id"] == f"clip-{i:02d}"
     text = "\n".join(outcome.lines)
-    assert "rewrote 2 provenance files that were missing or damaged: clip-00.json, clip-01.json" in text
+    assert "rewrote 3 provenance files that were missing or damaged: clip-00.json, clip-01.json, clip-04.json" in text
     assert "downloaded again the missing or damaged files of 2 jobs: clip-02, clip-03" in text
     code, shown, _ = await _main(["status", str(manifest), "--json"])
     assert json.loads(shown)["damaged"] == []
@@ -263,3 +266,24 @@ async def test_jobs_not_submitted_because_the_budget_was_reached_say_so_in_resul
                               "budget"} for r in waiting.values())
     code, shown, _ = await _main(["status", str(manifest), "--json"])
     assert {a["id"] for a in json.loads(shown)["attention"]} == set(waiting)
+
+
+async def test_a_repair_that_did_not_happen_is_not_claimed(tmp_path):
+    """A done job's video replaced by a link; the API no longer knows its request: the run says it could
+    not repair it (exit 1), never that it downloaded it again, and the link's target is untouched."""
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path, [job("a")], not_found_grace=0, poll_min_interval=0.05)
+    async with Sandbox(video_bytes=VIDEO) as first:
+        assert (await run(manifest, first))[0].exit_code == 0
+    victim = tmp_path / "victim.mp4"
+    victim.write_bytes(b"not yours")
+    (out / "a.mp4").unlink()
+    (out / "a.mp4").symlink_to(victim)
+    async with Sandbox(video_bytes=VIDEO) as forgetful:
+        outcome, said = await run(manifest, forgetful)
+        assert forgetful.posts_total == 0
+    text = "\n".join(outcome.lines)
+    assert outcome.exit_code == 1, said
+    assert "downloaded again" not in text
+    assert "could not repair the missing or damaged files of 1 job: a" in text
+    assert victim.read_bytes() == b"not yours"
