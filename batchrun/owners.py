@@ -50,8 +50,9 @@ class FileOwners:
         if numbered is not None:
             owner = self._by_folded.get(numbered[0].lower())
             if owner is not None and owner != job_id:
-                return (f"its video {job_id}.mp4 would take the name of output #{numbered[1]} of job {owner!r}, "
-                        "which this output dir's ledger holds; give it another id")
+                return (f"its video {job_id}.mp4 has the name kept for output #{numbered[1]} of job {owner!r} "
+                        f"(a job's further outputs are {owner}-2.mp4, {owner}-3.mp4...), which this output dir's "
+                        "ledger holds; give it another id")
         taken = self._numbered.get(job_id.lower())
         if taken is not None and taken[0] != job_id:
             return (f"its output #{taken[1]} would be named {taken[0]}.mp4, which job {taken[0]!r} in this output "

@@ -19,6 +19,7 @@ from batchrun import download
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
+from batchrun.owners import FileOwners
 from batchrun.plan import refusal
 from batchrun.results import provenance_intact, provenance_path
 from batchrun.spend import Spend
@@ -74,6 +75,14 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     if manifest is not None:
         refused = {job.id: why for job in manifest.jobs
                    if job.id in by_id and (why := refusal(job, by_id[job.id])) is not None}
+        # A job never sent whose file names another ledger job owns (as `plan.decide` refuses it).
+        owners = FileOwners(rows)
+        for job in manifest.jobs:
+            row = by_id.get(job.id)
+            if row is not None and row.state == "pending" and row.submissions == 0 and job.id not in refused:
+                clash = owners.clash(job.id)
+                if clash:
+                    refused[job.id] = f"{job.label}: {clash}"
     else:
         refused = {row.id: row.refusal for row in rows if row.refusal}
     counts = Counter(row.state for row in rows)

@@ -4,6 +4,7 @@ another job owns, the user's umask. Every run is a real run against a sandbox on
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -137,8 +138,11 @@ async def test_a_later_job_named_like_an_earlier_jobs_second_output_is_refused(t
         code, stdout, err = await _run(later, sandbox, "--output", str(out))
         assert code == 1, err
         assert sandbox.posts_total == 2  # x and other; x-2 never sent
-    assert "refused" in stdout + err and "x-2.mp4 would take the name of output #2 of job 'x'" in stdout + err
+    assert "refused" in stdout + err and "x-2.mp4 has the name kept for output #2 of job 'x'" in stdout + err
     assert (out / "x-2.mp4").read_bytes() == VIDEO
+    code, shown, _ = await _main(["status", str(later), "--output", str(out), "--json"])
+    assert code == 0
+    assert [item["id"] for item in json.loads(shown)["refused"]] == ["x-2"]  # where users look, too
     rows = results(out)
     assert rows["x"]["state"] == "done" and rows["other"]["state"] == "done"
     assert rows["x-2"]["submissions"] == 0
