@@ -73,6 +73,7 @@ def summary(*, manifest: str, output_dir: Path | None, exit_code: int, job_ids: 
     listed: list[dict[str, Any]] = []
     more = 0
     total_spent = None
+    total = None
     if output_dir is not None and (output_dir / LEDGER_NAME).exists():
         try:
             ledger = Ledger.open(output_dir, create=False, readonly=True)
@@ -91,17 +92,24 @@ def summary(*, manifest: str, output_dir: Path | None, exit_code: int, job_ids: 
                                            "reason": row.error["message"] if row.error else None})
                         else:
                             more += 1
-                total_spent = round(ledger.spent_usd(), 4)
+                total = ledger.spend()
+                total_spent = round(total.total_usd, 4)
             finally:
                 ledger.close()
     report = output_dir / "report.html" if output_dir is not None else None
     meaning = MEANINGS.get(exit_code, "unexpected exit code")
     name = Path(manifest).name
     state_text = " ".join(f"{state}={n}" for state, n in sorted(counts.items())) or "no jobs recorded"
-    spend = f"${run_spent_usd:.2f} this run" if run_spent_usd is not None else "spend this run unknown"
+    simulated = total is not None and total.simulated_usd > 0
+    if exit_code == 2 and run_spent_usd is None:
+        spend = "nothing was sent"  # exit 2 means nothing was sent, whatever else happened
+    elif run_spent_usd is None:
+        spend = "spend this run unknown"
+    else:
+        spend = f"${run_spent_usd:.2f}{' simulated (sandbox)' if simulated else ''} this run"
     text = f"batchrun {name}: exit {exit_code} ({meaning}); {state_text}; {spend}"
-    if total_spent is not None:
-        text += f", ${total_spent:.2f} in total"
+    if total is not None:
+        text += f", {total.describe()} in total"
     if listed:
         text += f"; needing attention: {', '.join(j['id'] for j in listed[:5])}" + (
             " ..." if len(listed) + more > 5 else "")
@@ -115,6 +123,7 @@ def summary(*, manifest: str, output_dir: Path | None, exit_code: int, job_ids: 
         "counts": dict(sorted(counts.items())),
         "spent_this_run_usd": None if run_spent_usd is None else round(run_spent_usd, 4),
         "spent_total_usd": total_spent,
+        "simulated_usd": None if total is None else round(total.simulated_usd, 4),  # sandbox money, not real
         "jobs": listed,
         "capped": more > 0,
         "jobs_not_listed": more,

@@ -106,6 +106,17 @@ async def test_exit_2_after_reading_the_manifest_still_notifies(tmp_path, monkey
         code, _, _ = await _main(["run", str(tmp_path / "bad.yaml"), "--notify", hook.url])
         assert code == 2
         assert hook.bodies[1]["exit_code"] == 2 and hook.bodies[1]["error"].startswith("invalid manifest")
+        assert all("nothing was sent" in body["text"] for body in hook.bodies)
+
+
+async def test_a_sandbox_runs_money_is_labelled_simulated_in_the_notification(tmp_path):
+    with Receiver() as hook:
+        manifest = write_manifest(tmp_path, jobs(2), notify=[hook.url])
+        code, _, stderr = await _main(["run", str(manifest), "--sandbox", "--no-progress"])
+        assert code == 0, stderr
+        body = hook.bodies[0]
+        assert "$0.84 simulated (sandbox) this run" in body["text"] and "simulated (sandbox) in total" in body["text"]
+        assert body["simulated_usd"] == pytest.approx(0.84)
 
 
 async def test_exit_75_does_not_notify(tmp_path):
