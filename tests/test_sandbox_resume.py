@@ -18,7 +18,7 @@ def _request_ids(out) -> dict[str, str]:
 
 def test_a_resumed_sandbox_run_never_takes_another_jobs_result(tmp_path):
     manifest = write_manifest(tmp_path, jobs(4), concurrency=2, poll_min_interval=0.1, poll_max_interval=0.3,
-                              requests_per_second=100, not_found_grace=1)
+                              requests_per_second=100)
     out = tmp_path / "out"
     first = start("run", str(manifest), "--sandbox", "--no-progress", cwd=tmp_path)
     try:
