@@ -110,7 +110,24 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN cost_flag TEXT;
     """,
+    # 6 (review): which take of its input a job is, the reviewer's decision on it, and the takes asked
+    # for with `batchrun reroll` (submitted by the next run; see batchrun.takes)
+    """
+    ALTER TABLE jobs ADD COLUMN take INTEGER;
+    ALTER TABLE jobs ADD COLUMN take_of TEXT;
+    ALTER TABLE jobs ADD COLUMN decision TEXT;
+    ALTER TABLE jobs ADD COLUMN rating INTEGER;
+    ALTER TABLE jobs ADD COLUMN note TEXT;
+    ALTER TABLE jobs ADD COLUMN decided_at TEXT;
+    CREATE TABLE rerolls (
+        id TEXT PRIMARY KEY,
+        take_of TEXT NOT NULL,
+        take INTEGER NOT NULL,
+        requested_at TEXT NOT NULL
+    );
+    """,
 ]
+DECISIONS = ("picked", "rejected")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -156,6 +173,12 @@ class JobRow:
         """Request ids of earlier submissions, not the current one."""
         return tuple(r for r in self.request_ids if r != self.request_id)
     cost_flag: str | None = None  # what the API reported as the cost when it was not a usable figure
+    take: int | None = None  # which take of its input (None: take 1)
+    take_of: str | None = None  # id of take 1 of the same input (None: this is take 1)
+    decision: str | None = None  # the reviewer's: "picked", "rejected" or None (not decided)
+    rating: int | None = None  # the reviewer's, 1-5
+    note: str | None = None  # the reviewer's
+    decided_at: str | None = None
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -462,6 +485,53 @@ class Ledger:
         """The cost the API reported for this job, if it did."""
         row = self.conn.execute("SELECT cost_usd FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else row[0]
+
+    # -- takes and review ------------------------------------------------------------------------
+    def record_takes(self, takes: dict[str, tuple[int, str]]) -> None:
+        """Record which take of which input each job is: {id: (take, take_of)}, for takes 2 and up."""
+        with self._transaction() as conn:
+            conn.executemany("UPDATE jobs SET take=?, take_of=? WHERE id=? AND take IS NULL",
+                             [(take, take_of, job_id) for job_id, (take, take_of) in takes.items()])
+
+    def rerolls(self) -> list[tuple[str, str, int]]:
+        """Takes asked for with `batchrun reroll`: (id, take_of, take), oldest first."""
+        if not self._has_table("rerolls"):
+            return []
+        return [tuple(r) for r in self.conn.execute("SELECT id, take_of, take FROM rerolls ORDER BY rowid")]
+
+    def add_rerolls(self, rerolls: list[tuple[str, str, int]]) -> None:
+        now = utc_now()
+        with self._transaction(durable=True) as conn:
+            conn.executemany("INSERT OR IGNORE INTO rerolls (id, take_of, take, requested_at) VALUES (?, ?, ?, ?)",
+                             [(*r, now) for r in rerolls])
+
+    def set_decision(self, job_id: str, **changes: object) -> JobRow:
+        """Set any of `decision` (DECISIONS or None), `rating` (1-5 or None), `note` (text or None) of a
+        job, committed before returning; returns the job. Raises LedgerError for an unknown job or value."""
+        allowed = {"decision", "rating", "note"}
+        if not changes or set(changes) - allowed:
+            raise LedgerError(f"a decision sets {', '.join(sorted(allowed))}, not {sorted(set(changes) - allowed)}")
+        decision, rating, note = changes.get("decision"), changes.get("rating"), changes.get("note")
+        if "decision" in changes and decision is not None and decision not in DECISIONS:
+            raise LedgerError(f"decision must be one of {', '.join(DECISIONS)} or null, not {decision!r}")
+        if "rating" in changes and rating is not None and (
+                isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5):
+            raise LedgerError(f"rating must be 1 to 5 or null, not {rating!r}")
+        if "note" in changes and note is not None and (not isinstance(note, str) or len(note) > 10_000):
+            raise LedgerError("note must be text of at most 10,000 characters")
+        with self._transaction() as conn:
+            sets = ", ".join(f"{k}=?" for k in changes)
+            cursor = conn.execute(f"UPDATE jobs SET {sets}, decided_at=? WHERE id=?",
+                                  (*changes.values(), utc_now(), job_id))
+            if cursor.rowcount != 1:
+                raise LedgerError(f"no job {job_id!r} in this ledger")
+        row = self.get(job_id)
+        assert row is not None
+        return row
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() \
+            is not None
 
     # -- preflight cache -------------------------------------------------------------------------
     PREFLIGHT_FIELDS = ("url", "ok", "problem", "content_type", "bytes", "width", "height")
