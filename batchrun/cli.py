@@ -329,8 +329,11 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
 
 def cmd_report(args, out: TextIO, err: TextIO) -> int:
     from batchrun.report import write_report
+    from batchrun.startimages import copy_local
 
-    output_dir, _ = _resolve_target(args.target, args.output, err)
+    output_dir, manifest = _resolve_target(args.target, args.output, err)
+    if manifest is not None and (output_dir / "ledger.sqlite").is_file():
+        copy_local(output_dir, manifest.jobs)
     print(f"report: {write_report(output_dir)}", file=out)
     return EXIT_OK
 

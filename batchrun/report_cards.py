@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from batchrun import startimages
 from batchrun.ledger import JobRow
 from batchrun.report_timeline import JobTimes, esc
 from batchrun.spend import job_cost
@@ -127,8 +128,11 @@ class ImageBudget:
         return True
 
 
-def image_src(value: Any, budget: ImageBudget) -> tuple[str | None, str]:
-    """A URL the page can show a start image from, or None and what to say instead."""
+def image_src(value: Any, budget: ImageBudget, output_dir: Path | None = None) -> tuple[str | None, str]:
+    """A URL the page can show a start image from, or None and what to say instead.
+
+    A local path as written in a manifest is relative to the manifest's folder, not to the output dir
+    where the page lives: the run's copy of it (`startimages`) is shown when `output_dir` holds one."""
     if not isinstance(value, str) or not value.strip():
         return None, "no start image"
     scheme = urlsplit(value).scheme.lower()
@@ -140,12 +144,16 @@ def image_src(value: Any, budget: ImageBudget) -> tuple[str | None, str]:
         return (value, "") if budget.take(len(value)) else (None, "inline image left out to keep the page small")
     if len(scheme) > 1:  # javascript: and friends; a single letter is a Windows drive
         return None, f"{scheme}: URL not shown"
+    if output_dir is not None and (output_dir / startimages.copy_name(value)).is_file():
+        return quote(startimages.copy_name(value)), ""
     path = Path(value)
+    if output_dir is not None and not path.is_absolute():
+        return None, f"local image {value} (not copied into this folder: run 'batchrun report MANIFEST')"
     return (path.as_uri() if path.is_absolute() else quote(value)), ""
 
 
-def _start_image(job: Job, budget: ImageBudget) -> str:
-    src, why = image_src(job.row.input.get("start_image_url"), budget)
+def _start_image(job: Job, budget: ImageBudget, output_dir: Path) -> str:
+    src, why = image_src(job.row.input.get("start_image_url"), budget, output_dir)
     if src is not None:
         return f'<img loading="lazy" decoding="async" src="{esc(src)}" alt="start image of {esc(job.row.id)}">'
     return f'<div class="ph">{esc(why)}</div>'
@@ -223,6 +231,6 @@ def card_html(job: Job, output_dir: Path, budget: ImageBudget) -> str:
             f"{_media(job, output_dir)}"
             f'<div class="body"><div class="head"><h3>{esc(row.id)}</h3>'
             f'<span class="badge {esc(row.state)}">{esc(row.state)}</span></div>'
-            f'<div class="start">{_start_image(job, budget)}<div>{_prompt(job)}</div></div>'
+            f'<div class="start">{_start_image(job, budget, output_dir)}<div>{_prompt(job)}</div></div>'
             f"{error}{_facts(job)}</div></article>")
 

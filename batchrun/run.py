@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import console, outputhosts, schema, stoprequest
+from batchrun import console, outputhosts, schema, startimages, stoprequest
 from batchrun.api import Client, make_limiter
 from batchrun.balance import balance_url as default_balance_url
 from batchrun.balance import fetch_balance, judge
@@ -548,6 +548,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)
+    startimages.copy_local(manifest.output_dir, manifest.jobs)  # for report.html and the review app
     if options.preflight and sandbox:
         print("preflight: skipped with --sandbox (the sandbox does not fetch images)", file=stream)
     elif options.preflight and plan.submit:
