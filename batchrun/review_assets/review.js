@@ -68,7 +68,7 @@
     bar.append(el("span", { class: "badge " + t.state, text: t.state }));
     if (t.gone) bar.append(el("span", { class: "badge gone", text: "not in the manifest",
                                         title: "this job is no longer in the manifest" }));
-    if (t.state !== "asked") {
+    if (t.state === "done" || t.decision) {
       const pick = el("button", { type: "button", class: "pick", "aria-pressed": String(t.decision === "picked"),
                                   title: "pick (p)", text: "pick" });
       pick.addEventListener("click", () => decide(t.id, { decision: t.decision === "picked" ? null : "picked" }));
@@ -120,7 +120,7 @@
   function redrawTake(id) {
     const old = groupsEl.querySelector('article.take[data-id="' + CSS.escape(id) + '"]');
     if (!old) return;
-    const hadFocus = document.activeElement === old;
+    const hadFocus = old.contains(document.activeElement);
     const fresh = takeCard(findTake(id));
     const video = old.querySelector("video");
     if (video) fresh.querySelector("video").replaceWith(video); // keeps playback where it was
