@@ -331,10 +331,20 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
     from batchrun.report import write_report
     from batchrun.startimages import copy_local
 
+    from batchrun.ledger import Ledger
+    from batchrun.takes import with_rerolls
+
     output_dir, manifest = _resolve_target(args.target, args.output, err)
+    listed = None
     if manifest is not None and (output_dir / "ledger.sqlite").is_file():
+        ledger = Ledger.open(output_dir, create=False, readonly=True)
+        try:
+            with_rerolls(manifest, ledger.rerolls())
+        finally:
+            ledger.close()
+        listed = {job.id for job in manifest.jobs}
         copy_local(output_dir, manifest.jobs)
-    print(f"report: {write_report(output_dir)}", file=out)
+    print(f"report: {write_report(output_dir, listed)}", file=out)
     return EXIT_OK
 
 

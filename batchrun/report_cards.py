@@ -219,18 +219,34 @@ def _facts(job: Job) -> str:
     return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts) + "</dl>"
 
 
-def card_html(job: Job, output_dir: Path, budget: ImageBudget) -> str:
+def _review(row: JobRow, gone: bool) -> str:
+    """The reviewer's decision, rating and note (read-only here; made in `batchrun review`)."""
+    badges = ""
+    if row.take and row.take > 1:
+        badges += f'<span class="badge take">take {row.take}</span>'
+    if row.decision:
+        badges += f'<span class="badge {esc(row.decision)}">{esc(row.decision)}</span>'
+    if row.rating:
+        badges += f'<span class="badge rating" title="rating {row.rating} of 5">{"★" * row.rating}</span>'
+    if gone:
+        badges += '<span class="badge gone" title="this job is no longer in the manifest">not in the manifest</span>'
+    return badges
+
+
+def card_html(job: Job, output_dir: Path, budget: ImageBudget, gone: bool = False) -> str:
     row = job.row
     usd, _ = job.cost
     render = job.render_time
     error = (f'<p class="error"><b>{esc(row.error_kind)}</b>: {esc(row.error_message or "")}</p>'
              if row.error_kind else "")
     return (f'<article class="card {esc(row.state)}" id="card-{esc(row.id)}" data-state="{esc(row.state)}" '
-            f'data-order="{job.order}" data-cost="{"" if usd is None else f"{usd:.6f}"}" '
+            f'data-order="{job.order}" data-id="{esc(row.id)}" data-decision="{esc(row.decision or "")}" '
+            f'data-gone="{str(gone).lower()}" data-cost="{"" if usd is None else f"{usd:.6f}"}" '
             f'data-render="{"" if render is None else f"{render:.3f}"}">'
             f"{_media(job, output_dir)}"
             f'<div class="body"><div class="head"><h3>{esc(row.id)}</h3>'
-            f'<span class="badge {esc(row.state)}">{esc(row.state)}</span></div>'
+            f'<span class="badge {esc(row.state)}">{esc(row.state)}</span>{_review(row, gone)}</div>'
             f'<div class="start">{_start_image(job, budget, output_dir)}<div>{_prompt(job)}</div></div>'
-            f"{error}{_facts(job)}</div></article>")
+            + (f'<p class="note">{esc(row.note)}</p>' if row.note else "")
+            + f"{error}{_facts(job)}</div></article>")
 

@@ -169,7 +169,7 @@ def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
     return handler
 
 
-def _refresh_report(output_dir: Path, jobs_in_ledger: int) -> None:
+def _refresh_report(output_dir: Path, jobs_in_ledger: int, manifest: Manifest) -> None:
     """report.html follows every run; a failure here must not change what the run achieved."""
     from batchrun.report import write_report
 
@@ -179,7 +179,7 @@ def _refresh_report(output_dir: Path, jobs_in_ledger: int) -> None:
                  jobs_in_ledger, AUTO_REPORT_MAX_JOBS)
         return
     try:
-        write_report(output_dir)
+        write_report(output_dir, listed={job.id for job in manifest.jobs})
     except Exception as exc:  # noqa: BLE001 - the report is a convenience, the ledger is the record
         log.warning("could not refresh report.html: %s", exc)
 
@@ -603,7 +603,6 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         write_results(ledger, manifest.output_dir)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
         log.warning("could not rewrite results.jsonl: %s", exc)
-    _refresh_report(manifest.output_dir, sum(ledger.counts().values()))
     exit_code = _exit_code(manifest, ledger, scheduler, plan)
     # The ledger's spend, as status, results.jsonl and report.html count it: the scheduler's running
     # figure also holds estimates of submits that a signal cut short before anything was sent.
@@ -619,5 +618,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                                               "calls": dict(scheduler.calls)})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
+    # After the run's end is recorded, so the report shows this run finished, with its exit code.
+    _refresh_report(manifest.output_dir, sum(ledger.counts().values()), manifest)
     return RunOutcome(exit_code, counts_now, spend.total_usd, lines,
                       run_spent_usd=spend.total_usd - spent_before)
