@@ -328,10 +328,9 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_report(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.ledger import Ledger
     from batchrun.report import write_report
     from batchrun.startimages import copy_local
-
-    from batchrun.ledger import Ledger
     from batchrun.takes import with_rerolls
 
     output_dir, manifest = _resolve_target(args.target, args.output, err)
