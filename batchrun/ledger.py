@@ -110,8 +110,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN cost_flag TEXT;
     """,
-    # 6 (review): which take of its input a job is, the reviewer's decision on it, and the takes asked
-    # for with `batchrun reroll` (submitted by the next run; see batchrun.takes)
+    # 6 (review): which take of its input a job is, the reviewer's decision on it, the facts read from
+    # its video (batchrun.mediafacts), and the takes asked for with `batchrun reroll` (see batchrun.takes)
     """
     ALTER TABLE jobs ADD COLUMN take INTEGER;
     ALTER TABLE jobs ADD COLUMN take_of TEXT;
@@ -119,6 +119,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN rating INTEGER;
     ALTER TABLE jobs ADD COLUMN note TEXT;
     ALTER TABLE jobs ADD COLUMN decided_at TEXT;
+    ALTER TABLE jobs ADD COLUMN media_json TEXT;
     CREATE TABLE rerolls (
         id TEXT PRIMARY KEY,
         take_of TEXT NOT NULL,
@@ -179,6 +180,7 @@ class JobRow:
     rating: int | None = None  # the reviewer's, 1-5
     note: str | None = None  # the reviewer's
     decided_at: str | None = None
+    media: dict[str, Any] | None = None  # read from the first output file: see batchrun.mediafacts
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -190,6 +192,7 @@ def _row(record: sqlite3.Row, outputs: tuple[Output, ...], request_ids: tuple[st
     data["input"] = json.loads(data.pop("input_json"))
     data["output_urls"] = json.loads(data["output_urls"] or "[]")
     data["simulated"] = bool(data.get("simulated"))
+    data["media"] = json.loads(data.pop("media_json", None) or "null") or None
     data.pop("updated_at")
     return JobRow(**data, outputs=outputs, request_ids=request_ids)
 
@@ -528,6 +531,17 @@ class Ledger:
         row = self.get(job_id)
         assert row is not None
         return row
+
+    def without_media(self) -> list[tuple[str, str]]:
+        """(id, path of its first output) of the done jobs whose media facts were never read."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT j.id, o.path FROM jobs j JOIN outputs o ON o.job_id = j.id "
+            "AND o.idx = (SELECT MIN(idx) FROM outputs WHERE job_id = j.id) "
+            "WHERE j.state = 'done' AND j.media_json IS NULL ORDER BY j.rowid")]
+
+    def set_media(self, job_id: str, facts: dict[str, Any]) -> None:
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET media_json=? WHERE id=?", (json.dumps(facts), job_id))
 
     def _has_table(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() \

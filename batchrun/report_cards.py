@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from batchrun import startimages
+from batchrun import mediafacts, startimages
 from batchrun.ledger import JobRow
 from batchrun.report_timeline import JobTimes, esc
 from batchrun.spend import job_cost
@@ -177,8 +177,10 @@ def _media(job: Job, output_dir: Path) -> str:
             text = f"no video ({row.state})"
         return f'<div class="media"><div class="none">{esc(text)}</div></div>'
     first, *others = present
-    html = [f'<div class="media"><video controls preload="none" playsinline src="{esc(quote(first.path))}">'
-            f"</video></div>"]
+    poster = mediafacts.poster_path(row.id)
+    poster_attr = f' poster="{esc(quote(poster))}"' if (output_dir / poster).is_file() else ""
+    html = [f'<div class="media"><video controls preload="none" playsinline{poster_attr} '
+            f'src="{esc(quote(first.path))}"></video></div>']
     if others or missing:
         links = " ".join(f'<a href="{esc(quote(o.path))}">{esc(o.path)}</a>' for o in others)
         gone = f" missing: {esc(', '.join(missing))}" if missing else ""
@@ -211,6 +213,8 @@ def _facts(job: Job) -> str:
     audio = row.input.get("generate_audio")
     facts = [("duration", f"{job.video_seconds:g} s" + (", with audio" if audio else "")),
              ("cost", cost), ("queue wait", fmt_seconds(job.queue_wait)), ("render", fmt_seconds(job.render_time))]
+    if row.media:
+        facts.append(("file", mediafacts.describe(row.media)))
     if row.submissions > 1:
         facts.append(("submissions", str(row.submissions)))
     facts.append(("request id", row.request_id or "—"))
@@ -239,6 +243,7 @@ def card_html(job: Job, output_dir: Path, budget: ImageBudget, gone: bool = Fals
     render = job.render_time
     error = (f'<p class="error"><b>{esc(row.error_kind)}</b>: {esc(row.error_message or "")}</p>'
              if row.error_kind else "")
+    error += "".join(f'<p class="error flag">{esc(flag)}</p>' for flag in mediafacts.flags(row.media, row.input))
     return (f'<article class="card {esc(row.state)}" id="card-{esc(row.id)}" data-state="{esc(row.state)}" '
             f'data-order="{job.order}" data-id="{esc(row.id)}" data-decision="{esc(row.decision or "")}" '
             f'data-gone="{str(gone).lower()}" data-cost="{"" if usd is None else f"{usd:.6f}"}" '

@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from batchrun import mediafacts
 from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
@@ -58,6 +59,8 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "decision": row.decision,
         "rating": row.rating,
         "note": row.note,
+        "media": row.media,  # {"duration_s", "width", "height", "fps", "has_audio"} read from the file, or null
+        "media_flags": mediafacts.flags(row.media, row.input),  # how the file differs from what was paid for
     }
 
 

@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from batchrun import startimages, takes
+from batchrun import mediafacts, startimages, takes
 from batchrun.errors import LedgerError, UsageError
 from batchrun.ledger import JobRow, Ledger
 from batchrun.manifest import Manifest
@@ -37,6 +37,7 @@ HOST = "127.0.0.1"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 REFRESH_SECONDS = 4.0  # how often the page asks for the jobs again (new takes of a run going)
+FACTS_PER_REFRESH = 20  # videos read for media facts and posters per refresh, so no answer waits long
 
 
 def _asset(name: str) -> str:
@@ -92,6 +93,7 @@ class ReviewApp:
 
     def jobs(self) -> dict[str, Any]:
         """The page's data: inputs in ledger order, each with its takes (and takes asked for, not run yet)."""
+        mediafacts.fill(self.ledger, self.output_dir, limit=FACTS_PER_REFRESH)
         rows = self.ledger.all()
         listed = {job.id for job in self.manifest.jobs} if self.manifest is not None else None
         groups: dict[str, dict[str, Any]] = {}
@@ -106,12 +108,17 @@ class ReviewApp:
                 "error": row.error_message if row.error_kind else None,
                 "gone": listed is not None and row.id not in listed,
                 "videos": [self._url("/media/" + o.path) for o in row.outputs if _safe_relative(o.path)],
+                "poster": (self._url("/poster/" + row.id)
+                           if (self.output_dir / mediafacts.poster_path(row.id)).is_file() else None),
+                "media": mediafacts.describe(row.media) if row.media else None,
+                "flags": mediafacts.flags(row.media, row.input),
             })
         known = {row.id for row in rows}
         for job_id, take_of, take in self.ledger.rerolls():
             if job_id not in known and take_of in groups:
                 groups[take_of]["takes"].append({"id": job_id, "take": take, "state": "asked", "decision": None,
                                                  "rating": None, "note": "", "videos": [], "error": None,
+                                                 "poster": None, "media": None, "flags": [],
                                                  "gone": False, "model": groups[take_of]["model"]})
         for group in groups.values():
             group["takes"].sort(key=lambda t: t["take"])
@@ -170,6 +177,13 @@ class ReviewApp:
             raise web.HTTPNotFound()
         return web.FileResponse(self.output_dir / startimages.copy_name(value))
 
+    async def poster(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job"]
+        path = self.output_dir / mediafacts.poster_path(job_id)
+        if self.ledger.get(job_id) is None or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
     async def decide(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         job_id = body.pop("id", None)
@@ -202,6 +216,7 @@ class ReviewApp:
         app.router.add_get("/api/jobs", self.data)
         app.router.add_get("/media/{path:.+}", self.media)
         app.router.add_get("/start/{job}", self.start_image)
+        app.router.add_get("/poster/{job}", self.poster)
         app.router.add_post("/api/decide", self.decide)
         app.router.add_post("/api/reroll", self.reroll)
         return app

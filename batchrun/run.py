@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import console, outputhosts, schema, startimages, stoprequest
+from batchrun import console, mediafacts, outputhosts, schema, startimages, stoprequest
 from batchrun.api import Client, make_limiter
 from batchrun.balance import balance_url as default_balance_url
 from batchrun.balance import fetch_balance, judge
@@ -167,6 +167,14 @@ def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
     handler.setFormatter(console.utc_formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     return handler
+
+
+def _read_media_facts(output_dir: Path, ledger: Ledger) -> None:
+    """Duration, size, frame rate, audio and a poster frame of each new video; never changes the run's outcome."""
+    try:
+        mediafacts.fill(ledger, output_dir)
+    except Exception as exc:  # noqa: BLE001 - the files are verified; facts are for people
+        log.warning("could not read the media facts of the new videos: %s", exc)
 
 
 def _refresh_report(output_dir: Path, jobs_in_ledger: int, manifest: Manifest) -> None:
@@ -599,6 +607,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             if display:
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
+    _read_media_facts(manifest.output_dir, ledger)
     try:
         write_results(ledger, manifest.output_dir)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again

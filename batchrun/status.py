@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchrun import download, takes
+from batchrun import download, mediafacts, takes
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
@@ -41,6 +41,7 @@ class StatusReport:
     damaged: list[tuple[str, str, str]] = field(default_factory=list)  # (id, file, "missing" | "damaged")
     states: dict[str, str] = field(default_factory=dict)  # id -> state, for the jobs listed above
     decisions: dict[str, int] = field(default_factory=dict)  # "picked" / "rejected" / "unrated" (done, undecided)
+    media_flags: dict[str, list[str]] = field(default_factory=dict)  # id -> how its file differs from what was paid
 
 
 def _running_pid(output_dir: Path) -> int | None:
@@ -98,6 +99,8 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
         damaged=damaged,
         states={job_id: by_id[job_id].state for job_id in not_in_manifest},
         decisions=decision_counts(rows),
+        media_flags={row.id: found for row in rows if row.state == "done"
+                     and (found := mediafacts.flags(row.media, row.input))},
     )
 
 
@@ -140,6 +143,7 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "not_in_manifest": report.not_in_manifest,
         "not_started": report.not_started,
         "decisions": report.decisions,
+        "media_flags": [{"id": job_id, "flags": found} for job_id, found in report.media_flags.items()],
     }
 
 
@@ -180,6 +184,12 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
             print(f"  {name}  {problem} (job {job_id})", file=out)
         if len(report.damaged) > limit:
             print(f"  ... and {len(report.damaged) - limit} more (use --json for all)", file=out)
+    if report.media_flags:
+        print(f"videos that differ from what was paid for ({len(report.media_flags)}):", file=out)
+        for job_id, found in list(report.media_flags.items())[:limit]:
+            print(f"  {job_id}  {'; '.join(found)}", file=out)
+        if len(report.media_flags) > limit:
+            print(f"  ... and {len(report.media_flags) - limit} more (use --json for all)", file=out)
     if report.not_in_manifest:
         shown = ", ".join(f"{job_id} ({report.states[job_id]})" for job_id in report.not_in_manifest[:20])
         more = " ..." if len(report.not_in_manifest) > 20 else ""

@@ -88,6 +88,14 @@ def test_review_with_the_keyboard_in_chromium(tmp_path: Path):
         # The local start image is served from the output dir's copy and really loads.
         width = page.eval_on_selector("section.group[data-group=harbor] img", "img => img.complete && img.naturalWidth")
         assert width == 640
+        # Poster frames (from the real sample video) load; the sample is 2 s where 5 s was asked: flagged.
+        posters = page.eval_on_selector_all("video[poster]", "vs => vs.map(v => v.getAttribute('poster'))")
+        assert len(posters) == 4
+        sizes = page.evaluate("""async (urls) => Promise.all(urls.map((u) => new Promise((resolve) => {
+            const image = new Image(); image.onload = () => resolve(image.naturalWidth);
+            image.onerror = () => resolve(0); image.src = u; })))""", posters)
+        assert sizes == [160] * 4, sizes
+        assert "shorter than asked: 2 s, asked 5 s" in page.locator("article.take[data-id=harbor] .flag").inner_text()
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
 
         # Keyboard only: the first take has focus. Reject it, move right, pick and rate the second.

@@ -58,7 +58,9 @@
                                  "data-state": t.state, "data-decision": t.decision || "",
                                  "data-rating": t.rating == null ? "" : String(t.rating) });
     if (t.videos.length) {
-      card.append(el("video", { src: t.videos[0], controls: "", preload: "metadata", playsinline: "" }));
+      const attrs = { src: t.videos[0], controls: "", preload: "metadata", playsinline: "" };
+      if (t.poster) attrs.poster = t.poster;
+      card.append(el("video", attrs));
     } else {
       const why = t.state === "asked" ? "asked for: the next run submits it" :
         t.state === "done" ? "no video file" : t.state;
@@ -85,6 +87,8 @@
     }
     card.append(bar);
     if (t.error) card.append(el("div", { class: "error", text: t.error }));
+    for (const flag of t.flags || []) card.append(el("div", { class: "error flag", text: flag }));
+    if (t.media) card.append(el("div", { class: "facts", text: t.media }));
     if (t.state !== "asked") {
       const note = el("textarea", { rows: "1", placeholder: "note (n)", "aria-label": "note on " + t.id });
       note.value = t.note || "";
