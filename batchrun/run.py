@@ -377,7 +377,9 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
         lines.append("interrupted: jobs in flight are recorded; the next run picks them up")
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
     report = manifest.output_dir / "report.html"
-    if report.exists():
+    # The report is written after these lines (once the run's end is recorded), for up to
+    # AUTO_REPORT_MAX_JOBS jobs; a failure to write it is logged as a warning.
+    if report.exists() or sum(ledger.counts().values()) <= AUTO_REPORT_MAX_JOBS:
         lines.append(f"report: {report}")
     return lines
 

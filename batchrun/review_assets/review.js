@@ -118,7 +118,9 @@
     }
     const takes = el("div", { class: "takes" });
     for (const t of g.takes) takes.append(takeCard(t));
-    return el("section", { class: "group", "data-group": g.id }, head, takes);
+    // An input with nothing to watch yet (pending, failed) takes one short row, not a screen of empty players.
+    const waiting = g.takes.every((t) => !t.videos.length);
+    return el("section", { class: "group" + (waiting ? " waiting" : ""), "data-group": g.id }, head, takes);
   }
 
   function redrawTake(id) {
