@@ -62,8 +62,10 @@ def _safe_relative(path: str) -> bool:
 class ReviewApp:
     """The app's state: one output dir, its ledger (opened for writing), the manifest if given, the token."""
 
-    def __init__(self, output_dir: Path, manifest: Manifest | None, token: str | None = None):
+    def __init__(self, output_dir: Path, manifest: Manifest | None, token: str | None = None,
+                 refresh_seconds: float = REFRESH_SECONDS):
         self.output_dir = Path(output_dir)
+        self.refresh_seconds = refresh_seconds
         self.manifest = manifest
         self.token = token or secrets.token_urlsafe(24)
         self.ledger = Ledger.open(self.output_dir, create=False)  # LedgerError when nothing has run
@@ -123,7 +125,7 @@ class ReviewApp:
         for group in groups.values():
             group["takes"].sort(key=lambda t: t["take"])
         return {"groups": list(groups.values()), "can_reroll": self.manifest is not None,
-                "refresh_seconds": REFRESH_SECONDS}
+                "refresh_seconds": self.refresh_seconds}
 
     # -- HTTP ----------------------------------------------------------------------------------------
     @web.middleware
@@ -244,8 +246,9 @@ class ReviewServer:
     """`async with ReviewServer(output_dir, manifest, port=0) as server:` serves until the block ends; `url`
     is what to open (it carries the token)."""
 
-    def __init__(self, output_dir: Path, manifest: Manifest | None, *, port: int = 0, token: str | None = None):
-        self.app = ReviewApp(output_dir, manifest, token)
+    def __init__(self, output_dir: Path, manifest: Manifest | None, *, port: int = 0, token: str | None = None,
+                 refresh_seconds: float = REFRESH_SECONDS):
+        self.app = ReviewApp(output_dir, manifest, token, refresh_seconds)
         self.port = port
         self._runner: web.AppRunner | None = None
 

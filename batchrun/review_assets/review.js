@@ -235,6 +235,10 @@
     e.preventDefault();
   });
 
-  refresh(false);
-  setInterval(() => refresh(false), Math.max(1, data.refresh_seconds || 4) * 1000);
+  // The server says how often to ask again (a run going adds takes); the next ask waits for this one.
+  async function poll() {
+    await refresh(false);
+    setTimeout(poll, Math.max(0.2, data.refresh_seconds || 4) * 1000);
+  }
+  poll();
 })();
