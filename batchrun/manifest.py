@@ -397,6 +397,7 @@ class _JobBuilder:
     def __init__(self, model: Model, ctx: _Context, images: LocalImages, out: _Collector):
         self.model, self.ctx, self.images, self.out = model, ctx, images, out
         self.jobs: list[Job] = []
+        self.over = False  # the takes made more than MAX_JOBS jobs (said once)
 
     def add(self, job_input: dict[str, Any], job_id: str | None, shown_id: str | None, origin: Origin) -> None:
         """`job_id` None means derive it from the input, unless `shown_id` says the written id was refused.
@@ -431,6 +432,13 @@ class _JobBuilder:
         count = takes.check_count(takes_value)
         if isinstance(count, str):
             self.out.add_at(*origin.locate((takes.KEY,), label), count)
+            return
+        if len(self.jobs) + count > MAX_JOBS:
+            if not self.over:
+                self.over = True
+                file, line, column = origin.position()
+                self.out.add_at(file, line, column, label, f"with their takes the jobs come to more than {MAX_JOBS:,}, "
+                                "the most a manifest may hold: split the batch into several manifests")
             return
         if job_id is not None and count > 1 and len(takes.take_id(job_id, count)) > 64:
             file, line, column = origin.position()

@@ -152,3 +152,32 @@ async def test_decisions_show_in_status_export_and_copy(tmp_path):
     code, _, err = await cli(["copy", str(out), str(dest), "--picked"])
     assert code == 1 and "cliff.mp4 exists with other content" in err
     assert (dest / "cliff.mp4").read_bytes() == b"mine"
+
+
+def test_takes_from_a_jobs_file(tmp_path):
+    (tmp_path / "shots.csv").write_text("id,prompt,takes\nbeach,waves,3\ncliff,rocks,\nbad,x,zero\n", encoding="utf-8")
+    (tmp_path / "more.jsonl").write_text('{"id": "gull", "prompt": "birds", "takes": 2}\n', encoding="utf-8")
+    text = """\
+        version: 1
+        defaults: {duration: 5, start_image_url: https://example.com/a.png}
+        jobs_from: %s
+        """
+    problems = manifest_problems(tmp_path, text % "shots.csv")
+    assert len(problems) == 1 and "shots.csv:4:" in problems[0] and "whole number" in problems[0], problems
+    (tmp_path / "shots.csv").write_text("id,prompt,takes\nbeach,waves,3\ncliff,rocks,\n", encoding="utf-8")
+    assert [j.id for j in load_manifest(write_yaml(tmp_path, text % "shots.csv")).jobs] == [
+        "beach", "beach-t2", "beach-t3", "cliff"]
+    assert [j.id for j in load_manifest(write_yaml(tmp_path, text % "more.jsonl")).jobs] == ["gull", "gull-t2"]
+
+
+def test_takes_count_against_the_job_limit(tmp_path):
+    problems = manifest_problems(tmp_path, """\
+        version: 1
+        defaults: {duration: 5, start_image_url: https://example.com/a.png, takes: 100}
+        jobs:
+          - id: m
+            prompt: x
+            matrix: {duration: [5, 6, 7, 8, 9, 10, 11], negative_prompt: [a, b, c, d, e, f, g, h, i, j, k],
+                     cfg_scale: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.15, 0.25, 0.35]}
+        """)
+    assert len(problems) == 1 and "more than 100,000" in problems[0], problems
