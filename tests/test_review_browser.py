@@ -135,6 +135,13 @@ def test_review_with_the_keyboard_in_chromium(tmp_path: Path):
         assert page.locator("article.take[data-id=harbor][data-decision=rejected]").count() == 1
         assert page.locator("article.take[data-id=harbor-t2] textarea").input_value() == "the boats, not the gulls"
         page.screenshot(path=str(tmp_path / "review-decided.png"), full_page=True)
+        # Show only the picks, then only what is left to review.
+        page.click("button[data-show=picked]")
+        assert page.eval_on_selector_all("article.take:not([hidden])", "cs => cs.map(c => c.dataset.id)") == [
+            "harbor-t2", "cliff-t2"]
+        page.click("button[data-show=review]")
+        assert page.eval_on_selector_all("article.take:not([hidden])", "cs => cs.map(c => c.dataset.id)") == ["cliff"]
+        page.click("button[data-show=all]")
 
         # The next run submits the one take asked for from the page, and nothing after that; the open
         # page shows the new take by itself, next to the earlier ones.

@@ -7,6 +7,33 @@
   const statusEl = document.getElementById("status");
   let data = { groups: [], can_reroll: false, refresh_seconds: 4 };
   const shown = new Map(); // group id -> signature of what is drawn
+  let showing = "all"; // which takes are shown: all, review (done, undecided), picked, rejected
+
+  function visible(t) {
+    if (showing === "review") return t.state === "done" && !t.decision;
+    if (showing === "picked" || showing === "rejected") return t.decision === showing;
+    return true;
+  }
+  function applyFilter() {
+    for (const section of groupsEl.querySelectorAll("section.group")) {
+      let any = false;
+      for (const card of section.querySelectorAll("article.take")) {
+        const t = findTake(card.dataset.id);
+        card.hidden = !(t && visible(t));
+        any = any || !card.hidden;
+      }
+      section.hidden = !any;
+    }
+  }
+  for (const button of document.querySelectorAll("button[data-show]")) {
+    button.addEventListener("click", () => {
+      showing = button.dataset.show;
+      for (const b of document.querySelectorAll("button[data-show]")) {
+        b.setAttribute("aria-pressed", String(b === button));
+      }
+      applyFilter();
+    });
+  }
 
   function api(path) { return path + "?token=" + encodeURIComponent(token); }
   function say(text, bad) { statusEl.textContent = text; statusEl.classList.toggle("bad", !!bad); }
@@ -132,6 +159,7 @@
     if (video) fresh.querySelector("video").replaceWith(video); // keeps playback where it was
     old.replaceWith(fresh);
     if (hadFocus) fresh.focus();
+    applyFilter();
   }
 
   function drawCounts() {
@@ -172,6 +200,7 @@
       }
       previous = section;
     }
+    applyFilter();
     drawCounts();
   }
 
@@ -188,19 +217,21 @@
     } catch (err) { say("could not load the jobs: " + err.message, true); }
   }
 
-  function cards() { return Array.from(groupsEl.querySelectorAll("article.take")); }
+  function cards() {
+    return Array.from(groupsEl.querySelectorAll("article.take")).filter((c) => !c.hidden && !c.closest("section").hidden);
+  }
   function move(card, step) {
     const all = cards();
     const next = all[Math.max(0, Math.min(all.length - 1, all.indexOf(card) + step))];
     if (next) { next.focus(); next.scrollIntoView({ block: "nearest" }); }
   }
   function moveGroup(card, step) {
-    const sections = Array.from(groupsEl.querySelectorAll("section.group"));
+    const sections = Array.from(groupsEl.querySelectorAll("section.group")).filter((s) => !s.hidden);
     const section = card.closest("section.group");
-    const index = Array.from(section.querySelectorAll("article.take")).indexOf(card);
+    const index = Array.from(section.querySelectorAll("article.take")).filter((c) => !c.hidden).indexOf(card);
     const target = sections[sections.indexOf(section) + step];
     if (!target) return;
-    const takes = target.querySelectorAll("article.take");
+    const takes = Array.from(target.querySelectorAll("article.take")).filter((c) => !c.hidden);
     const next = takes[Math.min(index, takes.length - 1)];
     if (next) { next.focus(); next.scrollIntoView({ block: "nearest" }); }
   }
