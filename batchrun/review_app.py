@@ -124,7 +124,9 @@ class ReviewApp:
                                                  "gone": False, "model": groups[take_of]["model"]})
         for group in groups.values():
             group["takes"].sort(key=lambda t: t["take"])
-        return {"groups": list(groups.values()), "can_reroll": self.manifest is not None,
+        # Media first: inputs with something to watch, then those still waiting (ledger order within each).
+        ordered = sorted(groups.values(), key=lambda g: not any(t["videos"] for t in g["takes"]))
+        return {"groups": ordered, "can_reroll": self.manifest is not None,
                 "refresh_seconds": self.refresh_seconds}
 
     # -- HTTP ----------------------------------------------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from helpers import cli, ledger_rows
+from helpers import cli, job, ledger_rows, run, write_manifest
 from review_batch import count_run, make_reviewed_batch
 
 from batchrun.manifest import load_manifest
-from batchrun.review_app import ReviewServer
+from batchrun.review_app import ReviewApp, ReviewServer
+from batchrun.sandbox import Sandbox
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,17 @@ async def test_decisions_and_rerolls_are_stored_and_the_next_run_submits_exactly
 async def test_review_without_a_ledger_is_a_usage_error(tmp_path):
     code, _, err = await cli(["review", str(tmp_path)])
     assert code == 2 and "no ledger" in err
+
+
+async def test_inputs_with_videos_come_first(tmp_path):
+    manifest = write_manifest(tmp_path, [job("storm", prompt="storm [fail]"), job("calm", takes=2)])
+    async with Sandbox() as sandbox:
+        await run(manifest, sandbox)
+    app = ReviewApp(tmp_path / "out", load_manifest(manifest))
+    try:
+        groups = app.jobs()["groups"]
+    finally:
+        app.close()
+    assert [(g["id"], [t["id"] for t in g["takes"]]) for g in groups] == [("calm", ["calm", "calm-t2"]),
+                                                                          ("storm", ["storm"])]
+    assert groups[1]["takes"][0]["error"] and not groups[1]["takes"][0]["videos"]

@@ -200,6 +200,12 @@
       }
       previous = section;
     }
+    // Keep the server's order (inputs with videos first) when an input's first video arrives.
+    const want = data.groups.map((g) => g.id);
+    const have = Array.from(groupsEl.querySelectorAll("section.group")).map((s) => s.dataset.group);
+    if (want.join("\n") !== have.join("\n")) {
+      for (const id of want) groupsEl.append(groupsEl.querySelector('section.group[data-group="' + CSS.escape(id) + '"]'));
+    }
     applyFilter();
     drawCounts();
   }
