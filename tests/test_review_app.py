@@ -3,9 +3,14 @@ store, and that the run afterwards submits exactly the asked takes."""
 
 from __future__ import annotations
 
+import signal
+import urllib.error
+import urllib.request
+
 import aiohttp
 import pytest
 from helpers import cli, job, ledger_rows, run, write_manifest
+from proc_helpers import start
 from review_batch import count_run, make_reviewed_batch
 
 from batchrun.manifest import load_manifest
@@ -95,3 +100,21 @@ async def test_inputs_with_videos_come_first(tmp_path):
     assert [(g["id"], [t["id"] for t in g["takes"]]) for g in groups] == [("calm", ["calm", "calm-t2"]),
                                                                           ("storm", ["storm"])]
     assert groups[1]["takes"][0]["error"] and not groups[1]["takes"][0]["videos"]
+
+
+def test_batchrun_review_prints_its_url_and_stops_on_ctrl_c(batch):
+    proc = start("review", str(batch), cwd=batch.parent)
+    try:
+        first = proc.stdout.readline()
+        url = first.split(": ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and "?token=" in url, first
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert answer.status == 200 and b"review.js" in answer.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url.split("?")[0], timeout=10)
+        assert refused.value.code == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "every decision is in the ledger" in out and "Traceback" not in err
