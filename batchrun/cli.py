@@ -361,6 +361,8 @@ def cmd_reroll(args, out: TextIO, err: TextIO) -> int:
         made = takes.request_more(manifest, ledger, args.jobs, args.takes)
     except KeyError as exc:
         raise UsageError(f"{args.manifest}: no job {exc.args[0]!r} in this manifest; nothing was asked for") from None
+    except ValueError as exc:
+        raise UsageError(f"{args.manifest}: {exc}; nothing was asked for") from None
     finally:
         ledger.close()
     print(f"asked for {plural(len(made), 'more take')}: {', '.join(made)}; recorded in {output_dir / 'ledger.sqlite'}"

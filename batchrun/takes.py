@@ -72,8 +72,9 @@ def base_of(manifest: Manifest, job_id: str) -> str | None:
 def request_more(manifest: Manifest, ledger: Ledger, job_ids: list[str], count: int) -> list[str]:
     """Record `count` more takes of each job (by id of any of its takes) in the ledger; return the new ids.
 
-    Raises KeyError naming the first id that is not a job of the manifest. The next take number is
-    one past the highest the manifest, the ledger's jobs and earlier rerolls know for that input."""
+    Raises KeyError naming the first id that is not a job of the manifest, ValueError when a new id would
+    be over 64 characters; nothing is recorded then. The next take number is one past the highest the
+    manifest, the ledger's jobs and earlier rerolls know for that input."""
     bases = []
     for job_id in job_ids:
         base = base_of(manifest, job_id)
@@ -88,6 +89,9 @@ def request_more(manifest: Manifest, ledger: Ledger, job_ids: list[str], count: 
         for _ in range(count):
             while take_id(base, take) in known:
                 take += 1
+            if len(take_id(base, take)) > 64:
+                raise ValueError(f"take {take} of {base!r} would have the id {take_id(base, take)!r}, over 64 "
+                                 "characters: give the job a shorter id")
             made.append((take_id(base, take), base, take))
             known.add(take_id(base, take))
     ledger.add_rerolls(made)

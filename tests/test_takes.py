@@ -181,3 +181,17 @@ def test_takes_count_against_the_job_limit(tmp_path):
                      cfg_scale: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.15, 0.25, 0.35]}
         """)
     assert len(problems) == 1 and "more than 100,000" in problems[0], problems
+
+
+async def test_reroll_refuses_ids_over_64_characters(tmp_path):
+    long_id = "a" * 61  # takes 2 to 9 make 64 characters; take 10 would make 65
+    manifest = write_manifest(tmp_path, [job(long_id)])
+    async with Sandbox() as sandbox:
+        await run(manifest, sandbox)
+        code, _, err = await cli(["reroll", str(manifest), long_id, "--takes", "9"])
+        assert code == 2 and "over 64 characters" in err
+        code, _, err = await cli(["reroll", str(manifest), long_id, "--takes", "8"])
+        assert code == 0, err
+        await run(manifest, sandbox)
+        assert sandbox.jobs_created == 9
+        assert max(results(tmp_path / "out")) == long_id + "-t9"
