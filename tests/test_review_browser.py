@@ -128,6 +128,10 @@ def test_review_with_the_keyboard_in_chromium(tmp_path: Path):
         page.keyboard.press("ArrowLeft")
         page.keyboard.press("r")
         page.wait_for_selector("article.take[data-id=cliff-t3][data-state=asked]")
+        # A failed job has nothing to judge: the keys say so and store nothing.
+        page.locator("article.take[data-id=storm]").focus()
+        page.keyboard.press("p")
+        page.wait_for_function("() => document.querySelector('#status').textContent.includes('no video to judge')")
 
         # Reload: every decision is still there (read back from the ledger).
         page.reload()
@@ -155,7 +159,7 @@ def test_review_with_the_keyboard_in_chromium(tmp_path: Path):
     rows = ledger_rows(output_dir)
     assert (rows["harbor-t2"]["decision"], rows["harbor-t2"]["rating"], rows["harbor-t2"]["note"]) == (
         "picked", 4, "the boats, not the gulls")
-    assert rows["harbor"]["decision"] == "rejected"
+    assert rows["harbor"]["decision"] == "rejected" and rows["storm"]["decision"] is None
     assert [r["id"] for r in _export(output_dir, "--picked")] == ["harbor-t2", "cliff-t2"]
     assert ledger_rows(output_dir)["cliff-t3"]["state"] == "done"
     print(f"screenshots in {tmp_path}")

@@ -258,7 +258,9 @@
     else if (key === "ArrowLeft" || key === "k") move(card, -1);
     else if (key === "ArrowDown") moveGroup(card, 1);
     else if (key === "ArrowUp") moveGroup(card, -1);
-    else if (key === "p") decide(id, { decision: "picked" });
+    else if ("pxu012345".includes(key) && key.length === 1 && !(take && (take.state === "done" || take.decision))) {
+      say(id + " has no video to judge yet (" + (take ? take.state : "unknown") + ")");
+    } else if (key === "p") decide(id, { decision: "picked" });
     else if (key === "x") decide(id, { decision: "rejected" });
     else if (key === "u") decide(id, { decision: null });
     else if (key >= "1" && key <= "5") decide(id, { rating: Number(key) });
