@@ -287,12 +287,12 @@ def cmd_status(args, out: TextIO, err: TextIO) -> int:
 
 def cmd_export(args, out: TextIO, err: TextIO) -> int:
     from batchrun.ledger import Ledger
-    from batchrun.results import to_csv, to_jsonl
+    from batchrun.results import decision_filter, to_csv, to_jsonl
 
     output_dir, _ = _resolve_target(args.target, args.output, err)
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
-        rows = ledger.all()
+        rows = decision_filter(ledger.all(), args.decision)
     finally:
         ledger.close()
     data = to_csv(rows) if args.format == "csv" else to_jsonl(rows)
@@ -330,11 +330,65 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_report(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.ledger import Ledger
     from batchrun.report import write_report
+    from batchrun.startimages import copy_local
+    from batchrun.takes import with_rerolls
+
+    output_dir, manifest = _resolve_target(args.target, args.output, err)
+    listed = None
+    if manifest is not None and (output_dir / "ledger.sqlite").is_file():
+        ledger = Ledger.open(output_dir, create=False, readonly=True)
+        try:
+            with_rerolls(manifest, ledger.rerolls())
+        finally:
+            ledger.close()
+        listed = {job.id for job in manifest.jobs}
+        copy_local(output_dir, manifest.jobs)
+    print(f"report: {write_report(output_dir, listed)}", file=out)
+    return EXIT_OK
+
+
+def cmd_reroll(args, out: TextIO, err: TextIO) -> int:
+    from batchrun import takes
+    from batchrun.ledger import Ledger
+
+    if not 1 <= args.takes <= takes.MAX_TAKES:
+        raise UsageError(f"--takes must be from 1 to {takes.MAX_TAKES}, not {args.takes}")
+    output_dir, manifest = _resolve_target(args.manifest, args.output, err)
+    if manifest is None:
+        raise UsageError(f"{args.manifest}: reroll needs the manifest (it holds the jobs' inputs), not the output dir")
+    ledger = Ledger.open(output_dir, create=False)
+    try:
+        made = takes.request_more(manifest, ledger, args.jobs, args.takes)
+    except KeyError as exc:
+        raise UsageError(f"{args.manifest}: no job {exc.args[0]!r} in this manifest; nothing was asked for") from None
+    except ValueError as exc:
+        raise UsageError(f"{args.manifest}: {exc}; nothing was asked for") from None
+    finally:
+        ledger.close()
+    print(f"asked for {plural(len(made), 'more take')}: {', '.join(made)}; recorded in {output_dir / 'ledger.sqlite'}"
+          f"; the next 'batchrun run {args.manifest}' submits them", file=out)
+    return EXIT_OK
+
+
+def cmd_copy(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.picks import copy_picked
 
     output_dir, _ = _resolve_target(args.target, args.output, err)
-    print(f"report: {write_report(output_dir)}", file=out)
-    return EXIT_OK
+    copied = copy_picked(output_dir, Path(args.dest))
+    for problem in copied.problems:
+        print(f"batchrun: {problem}", file=err)
+    print(f"copied {plural(len(copied.files), 'file')} of {plural(copied.jobs, 'picked job')} to {args.dest} "
+          f"(with picks.csv)", file=out)
+    return EXIT_OK if not copied.problems else EXIT_NOT_DONE
+
+
+def cmd_review(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.review_app import serve
+
+    output_dir, manifest = _resolve_target(args.target, args.output, err)
+    return serve(output_dir, manifest, port=args.port, out=out, open_browser=args.open)
 
 
 def _add_target(command: argparse.ArgumentParser) -> None:
@@ -355,6 +409,15 @@ def _add_run_flags(command: argparse.ArgumentParser) -> None:
                          "elsewhere (it will pay for its jobs again)")
     command.add_argument("--no-balance-check", action="store_true",
                          help="do not ask the account's balance before paying ($RUNCOMFY_BALANCE_URL)")
+
+
+def _add_decision_filter(command: argparse.ArgumentParser, required: bool = False) -> None:
+    which = command.add_mutually_exclusive_group(required=required)
+    which.add_argument("--picked", dest="decision", action="store_const", const="picked", help="picked jobs only")
+    which.add_argument("--rejected", dest="decision", action="store_const", const="rejected",
+                       help="rejected jobs only")
+    which.add_argument("--unrated", dest="decision", action="store_const", const="unrated",
+                       help="done jobs not picked or rejected yet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,11 +478,32 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="the ledger as one line per job")
     _add_target(export)
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    _add_decision_filter(export)
     export.set_defaults(handler=cmd_export)
 
     report = commands.add_parser("report", help="write report.html: a gallery to review the videos")
     _add_target(report)
     report.set_defaults(handler=cmd_report)
+
+    review = commands.add_parser("review", help="serve the review app on 127.0.0.1: pick, reject, rate, re-roll takes")
+    _add_target(review)
+    review.add_argument("--port", type=int, default=0, metavar="N", help="port on 127.0.0.1 (default: a free one)")
+    review.add_argument("--open", action="store_true", help="also open the URL in the default browser")
+    review.set_defaults(handler=cmd_review)
+
+    reroll = commands.add_parser("reroll", help="ask for more takes of jobs; the next run submits them")
+    reroll.add_argument("manifest", metavar="MANIFEST")
+    reroll.add_argument("jobs", nargs="+", metavar="JOB")
+    reroll.add_argument("--takes", type=int, default=1, metavar="K", help="more takes of each job (default 1)")
+    reroll.add_argument("--output", metavar="DIR", help="its output directory, if not the usual")
+    reroll.set_defaults(handler=cmd_reroll)
+
+    copy = commands.add_parser("copy", help="copy the picked videos and a picks.csv sidecar to DEST")
+    _add_target(copy)
+    copy.add_argument("dest", metavar="DEST")
+    copy.add_argument("--picked", dest="decision", action="store_const", const="picked", required=True,
+                      help="copy the picked jobs' files (required: the only selection so far)")
+    copy.set_defaults(handler=cmd_copy)
 
     sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")

@@ -221,7 +221,8 @@ def _too_many(shown: str, line: int, limit: int) -> Problem:
 
 
 def _csv_rows(text: str, shown: str, model: Model, limit: int) -> tuple[list[Row], list[Problem]]:
-    properties = model.input_schema.get("properties", {})
+    # `takes` (batchrun.takes) is a job key, not model input, allowed as a column like `id`.
+    properties = {**model.input_schema.get("properties", {}), "takes": {"type": "integer"}}
     delimiter = tablefile.detect_delimiter(text, {"id", *properties})
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[Row] = []

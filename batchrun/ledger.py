@@ -110,7 +110,25 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN cost_flag TEXT;
     """,
+    # 6 (review): which take of its input a job is, the reviewer's decision on it, the facts read from
+    # its video (batchrun.mediafacts), and the takes asked for with `batchrun reroll` (see batchrun.takes)
+    """
+    ALTER TABLE jobs ADD COLUMN take INTEGER;
+    ALTER TABLE jobs ADD COLUMN take_of TEXT;
+    ALTER TABLE jobs ADD COLUMN decision TEXT;
+    ALTER TABLE jobs ADD COLUMN rating INTEGER;
+    ALTER TABLE jobs ADD COLUMN note TEXT;
+    ALTER TABLE jobs ADD COLUMN decided_at TEXT;
+    ALTER TABLE jobs ADD COLUMN media_json TEXT;
+    CREATE TABLE rerolls (
+        id TEXT PRIMARY KEY,
+        take_of TEXT NOT NULL,
+        take INTEGER NOT NULL,
+        requested_at TEXT NOT NULL
+    );
+    """,
 ]
+DECISIONS = ("picked", "rejected")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -156,6 +174,13 @@ class JobRow:
         """Request ids of earlier submissions, not the current one."""
         return tuple(r for r in self.request_ids if r != self.request_id)
     cost_flag: str | None = None  # what the API reported as the cost when it was not a usable figure
+    take: int | None = None  # which take of its input (None: take 1)
+    take_of: str | None = None  # id of take 1 of the same input (None: this is take 1)
+    decision: str | None = None  # the reviewer's: "picked", "rejected" or None (not decided)
+    rating: int | None = None  # the reviewer's, 1-5
+    note: str | None = None  # the reviewer's
+    decided_at: str | None = None
+    media: dict[str, Any] | None = None  # read from the first output file: see batchrun.mediafacts
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -167,6 +192,7 @@ def _row(record: sqlite3.Row, outputs: tuple[Output, ...], request_ids: tuple[st
     data["input"] = json.loads(data.pop("input_json"))
     data["output_urls"] = json.loads(data["output_urls"] or "[]")
     data["simulated"] = bool(data.get("simulated"))
+    data["media"] = json.loads(data.pop("media_json", None) or "null") or None
     data.pop("updated_at")
     return JobRow(**data, outputs=outputs, request_ids=request_ids)
 
@@ -462,6 +488,64 @@ class Ledger:
         """The cost the API reported for this job, if it did."""
         row = self.conn.execute("SELECT cost_usd FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else row[0]
+
+    # -- takes and review ------------------------------------------------------------------------
+    def record_takes(self, takes: dict[str, tuple[int, str]]) -> None:
+        """Record which take of which input each job is: {id: (take, take_of)}, for takes 2 and up."""
+        with self._transaction() as conn:
+            conn.executemany("UPDATE jobs SET take=?, take_of=? WHERE id=? AND take IS NULL",
+                             [(take, take_of, job_id) for job_id, (take, take_of) in takes.items()])
+
+    def rerolls(self) -> list[tuple[str, str, int]]:
+        """Takes asked for with `batchrun reroll`: (id, take_of, take), oldest first."""
+        if not self._has_table("rerolls"):
+            return []
+        return [tuple(r) for r in self.conn.execute("SELECT id, take_of, take FROM rerolls ORDER BY rowid")]
+
+    def add_rerolls(self, rerolls: list[tuple[str, str, int]]) -> None:
+        now = utc_now()
+        with self._transaction(durable=True) as conn:
+            conn.executemany("INSERT OR IGNORE INTO rerolls (id, take_of, take, requested_at) VALUES (?, ?, ?, ?)",
+                             [(*r, now) for r in rerolls])
+
+    def set_decision(self, job_id: str, **changes: object) -> JobRow:
+        """Set any of `decision` (DECISIONS or None), `rating` (1-5 or None), `note` (text or None) of a
+        job, committed before returning; returns the job. Raises LedgerError for an unknown job or value."""
+        allowed = {"decision", "rating", "note"}
+        if not changes or set(changes) - allowed:
+            raise LedgerError(f"a decision sets {', '.join(sorted(allowed))}, not {sorted(set(changes) - allowed)}")
+        decision, rating, note = changes.get("decision"), changes.get("rating"), changes.get("note")
+        if "decision" in changes and decision is not None and decision not in DECISIONS:
+            raise LedgerError(f"decision must be one of {', '.join(DECISIONS)} or null, not {decision!r}")
+        if "rating" in changes and rating is not None and (
+                isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5):
+            raise LedgerError(f"rating must be 1 to 5 or null, not {rating!r}")
+        if "note" in changes and note is not None and (not isinstance(note, str) or len(note) > 10_000):
+            raise LedgerError("note must be text of at most 10,000 characters")
+        with self._transaction() as conn:
+            sets = ", ".join(f"{k}=?" for k in changes)
+            cursor = conn.execute(f"UPDATE jobs SET {sets}, decided_at=? WHERE id=?",
+                                  (*changes.values(), utc_now(), job_id))
+            if cursor.rowcount != 1:
+                raise LedgerError(f"no job {job_id!r} in this ledger")
+        row = self.get(job_id)
+        assert row is not None
+        return row
+
+    def without_media(self) -> list[tuple[str, str]]:
+        """(id, path of its first output) of the done jobs whose media facts were never read."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT j.id, o.path FROM jobs j JOIN outputs o ON o.job_id = j.id "
+            "AND o.idx = (SELECT MIN(idx) FROM outputs WHERE job_id = j.id) "
+            "WHERE j.state = 'done' AND j.media_json IS NULL ORDER BY j.rowid")]
+
+    def set_media(self, job_id: str, facts: dict[str, Any]) -> None:
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET media_json=? WHERE id=?", (json.dumps(facts), job_id))
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() \
+            is not None
 
     # -- preflight cache -------------------------------------------------------------------------
     PREFLIGHT_FIELDS = ("url", "ok", "problem", "content_type", "bytes", "width", "height")

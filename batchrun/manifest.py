@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchrun import echo, generators, localfiles, schema
+from batchrun import echo, generators, localfiles, schema, takes
 from batchrun.errors import ManifestError, Problem
 from batchrun.localfiles import LocalImage, LocalImages
 from batchrun.models import DEFAULT_MODEL, Model, Price, UnknownModel, get_model
@@ -47,6 +47,8 @@ class Job:
     local_files: dict[str, Path] = field(default_factory=dict)  # field path ("start_image_url") -> absolute path
     origin: Origin | None = field(default=None, repr=False, compare=False)
     local_images: tuple[tuple[tuple, LocalImage], ...] = field(default=(), repr=False, compare=False)
+    take: int = 1  # which take of its input (see `batchrun.takes`); take 1 keeps the written or derived id
+    take_of: str = ""  # the id of take 1 of the same input ("" for take 1 itself)
 
     @property
     def label(self) -> str:
@@ -395,9 +397,14 @@ class _JobBuilder:
     def __init__(self, model: Model, ctx: _Context, images: LocalImages, out: _Collector):
         self.model, self.ctx, self.images, self.out = model, ctx, images, out
         self.jobs: list[Job] = []
+        self.over = False  # the takes made more than MAX_JOBS jobs (said once)
 
     def add(self, job_input: dict[str, Any], job_id: str | None, shown_id: str | None, origin: Origin) -> None:
-        """`job_id` None means derive it from the input, unless `shown_id` says the written id was refused."""
+        """`job_id` None means derive it from the input, unless `shown_id` says the written id was refused.
+
+        `takes: N` (not model input) makes N jobs of this input, ids as `takes.take_id` gives them."""
+        job_input = dict(job_input)
+        takes_value = job_input.pop(takes.KEY, 1)
         local_refs: list[tuple[tuple, str]] = []
         findings = schema.check_input(self.model, job_input, local_refs=local_refs)
         if local_refs:
@@ -422,10 +429,27 @@ class _JobBuilder:
                 self.out.add_at(*origin.locate(path, label), problem)
             for warning in image.warnings:
                 self.out.add_at(*origin.locate(path, label), warning, "warning")
+        count = takes.check_count(takes_value)
+        if isinstance(count, str):
+            self.out.add_at(*origin.locate((takes.KEY,), label), count)
+            return
+        if len(self.jobs) + count > MAX_JOBS:
+            if not self.over:
+                self.over = True
+                file, line, column = origin.position()
+                self.out.add_at(file, line, column, label, f"with their takes the jobs come to more than {MAX_JOBS:,}, "
+                                "the most a manifest may hold: split the batch into several manifests")
+            return
+        if job_id is not None and count > 1 and len(takes.take_id(job_id, count)) > 64:
+            file, line, column = origin.position()
+            self.out.add_at(file, line, column, label, f"id {job_id!r} is too long for {count} takes: "
+                            f"{takes.take_id(job_id, count)!r} is over 64 characters")
+            return
         if job_id is not None:
             local = {_format_path(path)[1:]: image.path for path, image in refs} if refs else {}
-            self.jobs.append(Job(len(self.jobs), job_id, job_input, digest, origin.line, origin.file, local, origin,
-                                 refs))
+            for take in range(1, count + 1):
+                self.jobs.append(Job(len(self.jobs), takes.take_id(job_id, take), job_input, digest, origin.line,
+                                     origin.file, local, origin, refs, take, job_id if take > 1 else ""))
 
 
 def _defaults(doc: dict, out: _Collector) -> dict[str, Any]:

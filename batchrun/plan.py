@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from batchrun import download
+from batchrun import download, takes
 from batchrun.balance import Balance, judge
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
@@ -96,6 +96,7 @@ def refusal(job: Job, row: JobRow) -> str | None:
 
 def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
     """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`, refusals), then decide."""
+    takes.with_rerolls(manifest, ledger.rerolls())
     rows = {row.id: row for row in ledger.all()}
     for row in rows.values():
         if row.state == "submitting":  # a run died between the intent and the POST's answer
@@ -107,6 +108,10 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
         if job.id not in rows or rows[job.id].state == "pending"
     )
     rows = {row.id: row for row in ledger.all()}
+    untold = {job.id: (job.take, job.take_of) for job in manifest.jobs if job.take > 1 and rows[job.id].take is None}
+    if untold:
+        ledger.record_takes(untold)
+        rows = {row.id: row for row in ledger.all()}
     plan = decide(manifest, rows, options)
     ledger.set_refusals({job.id: why for job, why in plan.refused})
     for job in plan.submit:
@@ -200,6 +205,7 @@ def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Pla
         return decide(manifest, {}, options), Spend()
     ledger = Ledger.open(manifest.output_dir, create=False, readonly=True)
     try:
+        takes.with_rerolls(manifest, ledger.rerolls())
         return decide(manifest, {row.id: row for row in ledger.all()}, options), ledger.spend()
     finally:
         ledger.close()

@@ -28,15 +28,17 @@ from batchrun.spend import add_up
 REPORT_NAME = "report.html"
 
 
-def write_report(output_dir: Path) -> Path:
-    """Write `<output_dir>/report.html` from the ledger (read-only, safe during a run); return its path."""
+def write_report(output_dir: Path, listed: set[str] | None = None) -> Path:
+    """Write `<output_dir>/report.html` from the ledger (read-only, safe during a run); return its path.
+
+    `listed`: the ids of the manifest's jobs, when known; ledger jobs not among them are marked."""
     output_dir = Path(output_dir)
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
         rows, runs = ledger.all(), ledger.runs()
     finally:
         ledger.close()
-    page = render(output_dir, rows, runs, datetime.now(timezone.utc))
+    page = render(output_dir, rows, runs, datetime.now(timezone.utc), listed)
     path = output_dir / REPORT_NAME
     # Not fsynced: the report can always be rebuilt from the ledger.
     atomic_write(path, page.encode("utf-8"), durable=False, before_rename=lambda: crashpoint("report_rewrite"))
@@ -60,7 +62,8 @@ def fmt_video(seconds: float) -> str:
 # -- summary --------------------------------------------------------------------------------------
 def summary_html(jobs: list[Job], runs: list[dict[str, Any]]) -> str:
     counts = {s: sum(1 for j in jobs if j.row.state == s) for s in STATES}
-    done, settled = counts["done"], counts["done"] + counts["failed"] + counts["cancelled"]
+    # Cancelled jobs were stopped by a person, not failed by the service: not in the success rate.
+    done, settled = counts["done"], counts["done"] + counts["failed"]
     rate = f"{done / settled:.0%}" if settled else "—"
     spend = add_up((j.row.state, j.row.submissions, j.row.cost_usd, j.row.estimated_cost_usd, j.row.simulated)
                    for j in jobs)
@@ -77,8 +80,10 @@ def summary_html(jobs: list[Job], runs: list[dict[str, Any]]) -> str:
     queue, n_queue = _median([j.queue_wait for j in jobs])
     render, n_render = _median([j.render_time for j in jobs])
     tiles = [
-        _tile("Jobs", str(len(jobs)), f"{done} done · {counts['failed']} failed"),
-        _tile("Success rate", rate, f"{done} of {settled} finished jobs done" if settled else "no job finished yet"),
+        _tile("Jobs", str(len(jobs)), f"{done} done · {counts['failed']} failed · {counts['cancelled']} cancelled"),
+        _tile("Success rate", rate, (f"{done} of {settled} done or failed jobs done" if settled else
+                                     "no job finished yet") + (" (cancelled jobs not counted)"
+                                                                if counts["cancelled"] else "")),
         _tile("Video delivered", fmt_video(delivered), f"of {fmt_video(requested)} in the batch"),
         _tile("Spend", spend.describe(), _spend_note(actual, estimated)),
         _tile("Wall time", fmt_seconds(wall), "first submit → last download"),
@@ -145,12 +150,16 @@ def _last_recorded(times: list[JobTimes], runs: list[dict[str, Any]]) -> float:
 
 
 def _timeline_section(jobs: list[Job], runs: list[dict[str, Any]], now: datetime) -> str:
-    ordered = sorted(jobs, key=lambda j: (j.submitted is None, j.submitted or now, j.order))
+    # Only jobs that were sent have times to draw: 280 pending rows would be a tall empty block.
+    unsent = sum(1 for j in jobs if j.submitted is None)
+    ordered = sorted((j for j in jobs if j.submitted is not None), key=lambda j: (j.submitted, j.order))
     times = [j.times() for j in ordered]
     run_starts = [t.timestamp() for t in (parse_time(r.get("started_at")) for r in runs) if t]
     svg = timeline_svg(times, run_starts, _last_recorded(times, runs))
     origin = min((j.submitted for j in jobs if j.submitted), default=None)
     where = f"+0s is {origin:%Y-%m-%d %H:%M:%S} UTC, the first submission. " if origin else ""
+    if unsent and ordered:
+        where += f"Not drawn: {unsent} job{'s' if unsent != 1 else ''} not submitted yet. "
     legend = "".join(f'<span><i class="{c}"></i>{esc(t)}</span>' for c, t in (
         ("queued", "queued (submitted → started)"), ("rendering", "rendering (started → finished)"),
         ("downloading", "downloading (finished → downloaded)"), ("remote", "queued or rendering (not polled)"),
@@ -166,7 +175,8 @@ def _toolbar(jobs: list[Job]) -> str:
     buttons = [f'<button type="button" data-filter="all" aria-pressed="true">all ({len(jobs)})</button>']
     buttons += [f'<button type="button" data-filter="{esc(s)}" aria-pressed="false">{esc(s)} '
                 f"({sum(1 for j in jobs if j.row.state == s)})</button>" for s in states]
-    options = (("order", "ledger order"), ("cost-desc", "cost, highest first"), ("cost-asc", "cost, lowest first"),
+    options = (("order", "ledger order"), ("id", "id"), ("cost-desc", "cost, highest first"),
+               ("cost-asc", "cost, lowest first"),
                ("render-desc", "render time, longest first"), ("render-asc", "render time, shortest first"))
     select = "".join(f'<option value="{v}">{esc(t)}</option>' for v, t in options)
     return (f'<div class="toolbar">{"".join(buttons)}<span class="spacer"></span>'
@@ -174,13 +184,15 @@ def _toolbar(jobs: list[Job]) -> str:
             f'<select id="sort">{select}</select></div>')
 
 
-def render(output_dir: Path, rows: list[JobRow], runs: list[dict[str, Any]], now: datetime) -> str:
-    """The whole page as text."""
+def render(output_dir: Path, rows: list[JobRow], runs: list[dict[str, Any]], now: datetime,
+           listed: set[str] | None = None) -> str:
+    """The whole page as text: the videos first, then the summary and the timeline."""
     jobs = [Job.of(row, i) for i, row in enumerate(rows)]
     budget = ImageBudget()
     title = f"batchrun report: {output_dir.resolve().name}"
     models = sorted({j.row.model for j in jobs})
-    cards = "\n".join(card_html(j, output_dir, budget) for j in jobs)
+    cards = "\n".join(card_html(j, output_dir, budget, gone=listed is not None and j.row.id not in listed)
+                      for j in jobs)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{esc(_csp())}">
@@ -189,12 +201,12 @@ def render(output_dir: Path, rows: list[JobRow], runs: list[dict[str, Any]], now
 <body><main>
 <h1>{esc(title)}</h1>
 <p class="sub">{esc(", ".join(models) or "no jobs yet")} · written {now:%Y-%m-%d %H:%M:%S} UTC from the ledger</p>
-<h2>Summary</h2>{summary_html(jobs, runs)}
-<h2>Timeline</h2>{_timeline_section(jobs, runs, now)}
 <h2>Jobs</h2>{_toolbar(jobs)}
 <div class="cards" id="cards">
 {cards or '<p class="empty">No jobs in this ledger.</p>'}
 </div>
+<h2>Summary</h2>{summary_html(jobs, runs)}
+<h2>Timeline</h2>{_timeline_section(jobs, runs, now)}
 <footer>Videos are linked by relative paths: keep report.html next to them (zip the whole folder to share).
 </footer></main><script>{JS}</script></body></html>
 """

@@ -88,6 +88,11 @@ ol.shots { margin: 4px 0 0; padding-left: 18px; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 10px; margin: 0; font-size: 12px; }
 dt { color: var(--muted); }
 dd { margin: 0; overflow-wrap: anywhere; }
+.badge.picked { background: #1a7f37; color: #fff; }
+.badge.rejected { background: #b42318; color: #fff; }
+.badge.gone { background: #fde68a; color: #5b4500; }
+.badge.take, .badge.rating { background: #e8ebf0; color: #333; }
+.note { font-style: italic; margin: 4px 0; }
 .error { background: #fdeeee; color: #8a1c1c; border-radius: 6px; padding: 6px 8px; font-size: 12px;
   overflow-wrap: anywhere; }
 .empty { color: var(--muted); }
@@ -128,6 +133,7 @@ JS = """
   }
   var orders = {
     "order": keyed("order", 1),
+    "id": function (a, b) { return a.dataset.id < b.dataset.id ? -1 : a.dataset.id > b.dataset.id ? 1 : 0; },
     "cost-desc": keyed("cost", -1), "cost-asc": keyed("cost", 1),
     "render-desc": keyed("render", -1), "render-asc": keyed("render", 1)
   };

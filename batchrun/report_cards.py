@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from batchrun import mediafacts, startimages
 from batchrun.ledger import JobRow
 from batchrun.report_timeline import JobTimes, esc
 from batchrun.spend import job_cost
@@ -127,8 +128,11 @@ class ImageBudget:
         return True
 
 
-def image_src(value: Any, budget: ImageBudget) -> tuple[str | None, str]:
-    """A URL the page can show a start image from, or None and what to say instead."""
+def image_src(value: Any, budget: ImageBudget, output_dir: Path | None = None) -> tuple[str | None, str]:
+    """A URL the page can show a start image from, or None and what to say instead.
+
+    A local path as written in a manifest is relative to the manifest's folder, not to the output dir
+    where the page lives: the run's copy of it (`startimages`) is shown when `output_dir` holds one."""
     if not isinstance(value, str) or not value.strip():
         return None, "no start image"
     scheme = urlsplit(value).scheme.lower()
@@ -140,12 +144,16 @@ def image_src(value: Any, budget: ImageBudget) -> tuple[str | None, str]:
         return (value, "") if budget.take(len(value)) else (None, "inline image left out to keep the page small")
     if len(scheme) > 1:  # javascript: and friends; a single letter is a Windows drive
         return None, f"{scheme}: URL not shown"
+    if output_dir is not None and (output_dir / startimages.copy_name(value)).is_file():
+        return quote(startimages.copy_name(value)), ""
     path = Path(value)
+    if output_dir is not None and not path.is_absolute():
+        return None, f"local image {value} (not copied into this folder: run 'batchrun report MANIFEST')"
     return (path.as_uri() if path.is_absolute() else quote(value)), ""
 
 
-def _start_image(job: Job, budget: ImageBudget) -> str:
-    src, why = image_src(job.row.input.get("start_image_url"), budget)
+def _start_image(job: Job, budget: ImageBudget, output_dir: Path) -> str:
+    src, why = image_src(job.row.input.get("start_image_url"), budget, output_dir)
     if src is not None:
         return f'<img loading="lazy" decoding="async" src="{esc(src)}" alt="start image of {esc(job.row.id)}">'
     return f'<div class="ph">{esc(why)}</div>'
@@ -169,8 +177,10 @@ def _media(job: Job, output_dir: Path) -> str:
             text = f"no video ({row.state})"
         return f'<div class="media"><div class="none">{esc(text)}</div></div>'
     first, *others = present
-    html = [f'<div class="media"><video controls preload="none" playsinline src="{esc(quote(first.path))}">'
-            f"</video></div>"]
+    poster = mediafacts.poster_path(row.id)
+    poster_attr = f' poster="{esc(quote(poster))}"' if (output_dir / poster).is_file() else ""
+    html = [f'<div class="media"><video controls preload="none" playsinline{poster_attr} '
+            f'src="{esc(quote(first.path))}"></video></div>']
     if others or missing:
         links = " ".join(f'<a href="{esc(quote(o.path))}">{esc(o.path)}</a>' for o in others)
         gone = f" missing: {esc(', '.join(missing))}" if missing else ""
@@ -203,6 +213,8 @@ def _facts(job: Job) -> str:
     audio = row.input.get("generate_audio")
     facts = [("duration", f"{job.video_seconds:g} s" + (", with audio" if audio else "")),
              ("cost", cost), ("queue wait", fmt_seconds(job.queue_wait)), ("render", fmt_seconds(job.render_time))]
+    if row.media:
+        facts.append(("file", mediafacts.describe(row.media)))
     if row.submissions > 1:
         facts.append(("submissions", str(row.submissions)))
     facts.append(("request id", row.request_id or "—"))
@@ -211,18 +223,35 @@ def _facts(job: Job) -> str:
     return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts) + "</dl>"
 
 
-def card_html(job: Job, output_dir: Path, budget: ImageBudget) -> str:
+def _review(row: JobRow, gone: bool) -> str:
+    """The reviewer's decision, rating and note (read-only here; made in `batchrun review`)."""
+    badges = ""
+    if row.take and row.take > 1:
+        badges += f'<span class="badge take">take {row.take}</span>'
+    if row.decision:
+        badges += f'<span class="badge {esc(row.decision)}">{esc(row.decision)}</span>'
+    if row.rating:
+        badges += f'<span class="badge rating" title="rating {row.rating} of 5">{"★" * row.rating}</span>'
+    if gone:
+        badges += '<span class="badge gone" title="this job is no longer in the manifest">not in the manifest</span>'
+    return badges
+
+
+def card_html(job: Job, output_dir: Path, budget: ImageBudget, gone: bool = False) -> str:
     row = job.row
     usd, _ = job.cost
     render = job.render_time
     error = (f'<p class="error"><b>{esc(row.error_kind)}</b>: {esc(row.error_message or "")}</p>'
              if row.error_kind else "")
+    error += "".join(f'<p class="error flag">{esc(flag)}</p>' for flag in mediafacts.flags(row.media, row.input))
     return (f'<article class="card {esc(row.state)}" id="card-{esc(row.id)}" data-state="{esc(row.state)}" '
-            f'data-order="{job.order}" data-cost="{"" if usd is None else f"{usd:.6f}"}" '
+            f'data-order="{job.order}" data-id="{esc(row.id)}" data-decision="{esc(row.decision or "")}" '
+            f'data-gone="{str(gone).lower()}" data-cost="{"" if usd is None else f"{usd:.6f}"}" '
             f'data-render="{"" if render is None else f"{render:.3f}"}">'
             f"{_media(job, output_dir)}"
             f'<div class="body"><div class="head"><h3>{esc(row.id)}</h3>'
-            f'<span class="badge {esc(row.state)}">{esc(row.state)}</span></div>'
-            f'<div class="start">{_start_image(job, budget)}<div>{_prompt(job)}</div></div>'
-            f"{error}{_facts(job)}</div></article>")
+            f'<span class="badge {esc(row.state)}">{esc(row.state)}</span>{_review(row, gone)}</div>'
+            f'<div class="start">{_start_image(job, budget, output_dir)}<div>{_prompt(job)}</div></div>'
+            + (f'<p class="note">{esc(row.note)}</p>' if row.note else "")
+            + f"{error}{_facts(job)}</div></article>")
 

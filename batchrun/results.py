@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from batchrun import mediafacts
 from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
@@ -17,7 +18,10 @@ from batchrun.spend import job_cost
 
 RESULTS_NAME = "results.jsonl"
 CSV_COLUMNS = ("id", "state", "request_id", "submissions", "input_sha256", "outputs", "cost_usd", "cost_source",
-               "error_kind", "error_message", "submitted_at", "finished_at", "refusal")
+               "error_kind", "error_message", "submitted_at", "finished_at", "refusal",
+               # for a review sheet: what was asked, and what the reviewer decided
+               "prompt", "image", "duration", "model", "take", "decision", "rating", "note")
+DECISION_FILTERS = ("picked", "rejected", "unrated")
 PROVENANCE_MAX_BYTES = 16 * 1024 * 1024  # far above any real <id>.json; a bigger file is not ours
 
 
@@ -49,7 +53,24 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "started_at": row.started_at,
         "finished_at": row.finished_at,
         "downloaded_at": row.downloaded_at,
+        "model": row.model,
+        "take": row.take or 1,
+        "take_of": row.take_of,
+        "decision": row.decision,
+        "rating": row.rating,
+        "note": row.note,
+        "media": row.media,  # {"duration_s", "width", "height", "fps", "has_audio"} read from the file, or null
+        "media_flags": mediafacts.flags(row.media, row.input),  # how the file differs from what was paid for
     }
+
+
+def decision_filter(rows: list[JobRow], which: str | None) -> list[JobRow]:
+    """The rows `export --picked|--rejected|--unrated` keeps; "unrated" is a done job not decided yet."""
+    if which is None:
+        return rows
+    if which == "unrated":
+        return [row for row in rows if row.decision is None and row.state == "done"]
+    return [row for row in rows if row.decision == which]
 
 
 def to_jsonl(rows: list[JobRow]) -> bytes:
@@ -65,6 +86,8 @@ def to_csv(rows: list[JobRow]) -> bytes:
         error = record.pop("error") or {}
         record["error_kind"], record["error_message"] = error.get("kind"), error.get("message")
         record["outputs"] = " ".join(o["path"] for o in record["outputs"])
+        record["prompt"], record["image"], record["duration"] = (
+            row.input.get("prompt"), row.input.get("start_image_url"), row.input.get("duration"))
         writer.writerow(["" if record[c] is None else record[c] for c in CSV_COLUMNS])
     return buffer.getvalue().encode("utf-8")
 

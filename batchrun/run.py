@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import console, outputhosts, schema, stoprequest
+from batchrun import console, mediafacts, outputhosts, schema, startimages, stoprequest
 from batchrun.api import Client, make_limiter
 from batchrun.balance import balance_url as default_balance_url
 from batchrun.balance import fetch_balance, judge
@@ -169,7 +169,15 @@ def _open_run_log(output_dir: Path, stream: TextIO) -> _RunLogHandler:
     return handler
 
 
-def _refresh_report(output_dir: Path, jobs_in_ledger: int) -> None:
+def _read_media_facts(output_dir: Path, ledger: Ledger) -> None:
+    """Duration, size, frame rate, audio and a poster frame of each new video; never changes the run's outcome."""
+    try:
+        mediafacts.fill(ledger, output_dir)
+    except Exception as exc:  # noqa: BLE001 - the files are verified; facts are for people
+        log.warning("could not read the media facts of the new videos: %s", exc)
+
+
+def _refresh_report(output_dir: Path, jobs_in_ledger: int, manifest: Manifest) -> None:
     """report.html follows every run; a failure here must not change what the run achieved."""
     from batchrun.report import write_report
 
@@ -179,7 +187,7 @@ def _refresh_report(output_dir: Path, jobs_in_ledger: int) -> None:
                  jobs_in_ledger, AUTO_REPORT_MAX_JOBS)
         return
     try:
-        write_report(output_dir)
+        write_report(output_dir, listed={job.id for job in manifest.jobs})
     except Exception as exc:  # noqa: BLE001 - the report is a convenience, the ledger is the record
         log.warning("could not refresh report.html: %s", exc)
 
@@ -369,7 +377,9 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
         lines.append("interrupted: jobs in flight are recorded; the next run picks them up")
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
     report = manifest.output_dir / "report.html"
-    if report.exists():
+    # The report is written after these lines (once the run's end is recorded), for up to
+    # AUTO_REPORT_MAX_JOBS jobs; a failure to write it is logged as a warning.
+    if report.exists() or sum(ledger.counts().values()) <= AUTO_REPORT_MAX_JOBS:
         lines.append(f"report: {report}")
     return lines
 
@@ -566,6 +576,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     run_id = ledger.start_run()
     log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
     plan = make_plan(manifest, ledger, options)
+    startimages.copy_local(manifest.output_dir, manifest.jobs)  # for report.html and the review app
     if options.preflight and sandbox:
         print("preflight: skipped with --sandbox (the sandbox does not fetch images)", file=stream)
     elif options.preflight and plan.submit:
@@ -619,11 +630,11 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             if display:
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
+    _read_media_facts(manifest.output_dir, ledger)
     try:
         write_results(ledger, manifest.output_dir)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
         log.warning("could not rewrite results.jsonl: %s", exc)
-    _refresh_report(manifest.output_dir, sum(ledger.counts().values()))
     exit_code = _exit_code(manifest, ledger, scheduler, plan)
     # The ledger's spend, as status, results.jsonl and report.html count it: the scheduler's running
     # figure also holds estimates of submits that a signal cut short before anything was sent.
@@ -639,5 +650,7 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                                               "calls": dict(scheduler.calls)})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
+    # After the run's end is recorded, so the report shows this run finished, with its exit code.
+    _refresh_report(manifest.output_dir, sum(ledger.counts().values()), manifest)
     return RunOutcome(exit_code, counts_now, spend.total_usd, lines,
                       run_spent_usd=spend.total_usd - spent_before)

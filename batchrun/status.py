@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchrun import download
+from batchrun import download, mediafacts, takes
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
@@ -41,6 +41,8 @@ class StatusReport:
     refused: dict[str, str] = field(default_factory=dict)  # id -> why the manifest's job is not run as written
     damaged: list[tuple[str, str, str]] = field(default_factory=list)  # (id, file, "missing" | "damaged")
     states: dict[str, str] = field(default_factory=dict)  # id -> state, for the jobs listed above
+    decisions: dict[str, int] = field(default_factory=dict)  # "picked" / "rejected" / "unrated" (done, undecided)
+    media_flags: dict[str, list[str]] = field(default_factory=dict)  # id -> how its file differs from what was paid
 
 
 def _running_pid(output_dir: Path) -> int | None:
@@ -69,6 +71,8 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     try:
         rows = ledger.all()
         spent = ledger.spend()
+        if manifest is not None:
+            takes.with_rerolls(manifest, ledger.rerolls())
     finally:
         ledger.close()
     by_id = {row.id: row for row in rows}
@@ -103,7 +107,16 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
         refused=refused,
         damaged=damaged,
         states={job_id: by_id[job_id].state for job_id in not_in_manifest},
+        decisions=decision_counts(rows),
+        media_flags={row.id: found for row in rows if row.state == "done"
+                     and (found := mediafacts.flags(row.media, row.input))},
     )
+
+
+def decision_counts(rows: list[JobRow]) -> dict[str, int]:
+    """The reviewer's decisions: picked and rejected jobs, and done jobs not decided yet ("unrated")."""
+    counts = Counter(row.decision or "unrated" for row in rows if row.decision or row.state == "done")
+    return {key: counts[key] for key in ("picked", "rejected", "unrated") if counts[key]}
 
 
 def _error(report: StatusReport, row: JobRow) -> dict[str, str] | None:
@@ -138,6 +151,8 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "damaged": [{"id": job_id, "path": name, "problem": problem} for job_id, name, problem in report.damaged],
         "not_in_manifest": report.not_in_manifest,
         "not_started": report.not_started,
+        "decisions": report.decisions,
+        "media_flags": [{"id": job_id, "flags": found} for job_id, found in report.media_flags.items()],
     }
 
 
@@ -152,6 +167,8 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
     for state, n in report.counts.items():
         print(f"  {state:<{width}}  {n:>6}", file=out)
     print(f"spent: {report.spend.describe()} (actual where the API reported it, else estimated)", file=out)
+    if report.decisions:
+        print("review: " + ", ".join(f"{n} {key}" for key, n in report.decisions.items()), file=out)
     if report.attention:
         print(f"needing attention ({len(report.attention)}):", file=out)
         for row in report.attention[:limit]:
@@ -176,6 +193,12 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
             print(f"  {name}  {problem} (job {job_id})", file=out)
         if len(report.damaged) > limit:
             print(f"  ... and {len(report.damaged) - limit} more (use --json for all)", file=out)
+    if report.media_flags:
+        print(f"videos that differ from what was paid for ({len(report.media_flags)}):", file=out)
+        for job_id, found in list(report.media_flags.items())[:limit]:
+            print(f"  {job_id}  {'; '.join(found)}", file=out)
+        if len(report.media_flags) > limit:
+            print(f"  ... and {len(report.media_flags) - limit} more (use --json for all)", file=out)
     if report.not_in_manifest:
         shown = ", ".join(f"{job_id} ({report.states[job_id]})" for job_id in report.not_in_manifest[:20])
         more = " ..." if len(report.not_in_manifest) > 20 else ""

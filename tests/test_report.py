@@ -22,6 +22,7 @@ from batchrun.manifest import load_manifest
 from batchrun.report import REPORT_NAME, render, write_report
 from batchrun.report_cards import ImageBudget, image_src, parse_time
 from batchrun.run import run_manifest
+from batchrun.startimages import copy_name
 
 IMAGE = "https://example.com/start.png"
 SCRIPT_PROMPT = 'A cat <script>alert(1)</script> says "quotes" & ampersands'
@@ -254,7 +255,8 @@ def test_missing_timestamps_show_what_there_is(tmp_path):
     ]
     text = render(tmp_path, rows, [], datetime.now(timezone.utc))
     page = Page(text)
-    assert text.count('class="row"') == len(rows)
+    # The job never sent has no times: it has its card, not a timeline row.
+    assert text.count('class="row"') == len(rows) - 1 and "Not drawn: 1 job not submitted yet." in text
     svg = text[text.index("<svg"): text.index("</svg>")]
     assert svg.count("seg queued open") == 1 and svg.count("seg rendering open") == 1
     assert svg.count("seg downloading open") == 1 and svg.count('class="seg remote"') == 1
@@ -268,12 +270,18 @@ def test_missing_timestamps_show_what_there_is(tmp_path):
 def test_start_images_of_every_kind(tmp_path):
     pixel = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
     inputs = {"data": pixel, "local": "images/harbor one.png", "absolute": "/srv/img/a.png",
-              "script": "javascript:alert(1)", "html": "data:text/html,<script>alert(1)</script>"}
+              "script": "javascript:alert(1)", "html": "data:text/html,<script>alert(1)</script>",
+              "uncopied": "images/elsewhere.png"}
     rows = [row(name, "pending", (None, None, None, None), input={"prompt": "p", "start_image_url": url})
             for name, url in inputs.items()]
+    # A manifest's local path is relative to the manifest, not to the page: the run's copy is shown.
+    copy = tmp_path / copy_name("images/harbor one.png")
+    copy.parent.mkdir()
+    copy.write_bytes(b"\x89PNG fake")
     page = Page(render(tmp_path, rows, [], datetime.now(timezone.utc)))
     sources = [img["src"] for img in page.find("img")]
-    assert sources == [pixel, "images/harbor%20one.png", "file:///srv/img/a.png"]
+    assert sources == [pixel, copy.relative_to(tmp_path).as_posix(), "file:///srv/img/a.png"]
+    assert "not copied into this folder" in page.card_text["uncopied"]
     assert "javascript: URL not shown" in page.card_text["script"]
     assert image_src(pixel, ImageBudget(len(pixel) - 1)) == (None, "inline image left out to keep the page small")
     assert "inline data that is not an image" in page.card_text["html"]

@@ -1,0 +1,140 @@
+"""What a downloaded video really is, read from the file, checked against what was paid for, and a
+poster frame for the galleries.
+
+PyAV (the `av` package: FFmpeg's libraries in a wheel) reads the container and its streams and decodes
+the first frame; we write that frame as a JPEG with FFmpeg's own MJPEG encoder, so no imaging library
+is needed. Facts are `{"duration_s", "width", "height", "fps", "has_audio"}` (results.jsonl's `media`),
+stored in the ledger once per done job. A file PyAV cannot read gets no facts (None) and no poster: it
+was already verified as a video by its size, sha256 and signature, so this is a picture for people, not
+a gate.
+
+Flags (`flags`): the duration differs from the `duration` asked by more than `DURATION_TOLERANCE_S`, or
+the file has no audio track though `generate_audio: true` was paid for.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("batchrun.run")
+
+POSTERS = "posters"
+POSTER_WIDTH = 480  # pixels; the galleries show takes about this wide
+READ_THREADS = 4
+DURATION_TOLERANCE_S = 0.5  # containers round; a whole second off is what a user would notice
+
+
+def probe(path: Path) -> dict[str, Any] | None:
+    """The media facts of the video at `path`, or None when it cannot be read (or PyAV is missing)."""
+    try:
+        import av
+    except ImportError:  # pragma: no cover - av is a dependency; an odd install degrades to no facts
+        return None
+    try:
+        with av.open(str(path)) as container:
+            video = next((s for s in container.streams if s.type == "video"), None)
+            if video is None:
+                return None
+            duration = None
+            if container.duration is not None:
+                duration = container.duration / 1_000_000  # microseconds (AV_TIME_BASE)
+            elif video.duration is not None and video.time_base:
+                duration = float(video.duration * video.time_base)
+            rate = video.average_rate or video.guessed_rate
+            return {
+                "duration_s": round(duration, 3) if duration is not None else None,
+                "width": video.codec_context.width or None,
+                "height": video.codec_context.height or None,
+                "fps": round(float(rate), 3) if isinstance(rate, Fraction) and rate else None,
+                "has_audio": any(s.type == "audio" for s in container.streams),
+            }
+    except Exception as exc:  # noqa: BLE001 - av raises its own FFmpeg error tree, and OSError
+        log.info("could not read media facts of %s: %s", path, exc)
+        return None
+
+
+def make_poster(path: Path, poster: Path) -> bool:
+    """Write the first frame of the video at `path` as a JPEG at `poster` (POSTER_WIDTH wide); True if done."""
+    try:
+        import av
+    except ImportError:  # pragma: no cover
+        return False
+    part = poster.with_name(poster.name + ".part")
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0))
+        width = min(POSTER_WIDTH, frame.width) // 2 * 2
+        height = max(2, round(frame.height * width / frame.width) // 2 * 2)
+        poster.parent.mkdir(exist_ok=True)
+        with av.open(str(part), "w", format="image2") as out:
+            stream = out.add_stream("mjpeg")
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+            image = frame.reformat(width=width, height=height, format="yuvj420p")
+            for packet in stream.encode(image):
+                out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        part.replace(poster)
+        return True
+    except Exception as exc:  # noqa: BLE001 - see probe
+        log.info("could not make a poster frame of %s: %s", path, exc)
+        part.unlink(missing_ok=True)
+        return False
+
+
+def poster_path(job_id: str) -> str:
+    """The poster's path relative to the output dir."""
+    return f"{POSTERS}/{job_id}.jpg"
+
+
+def flags(media: dict[str, Any] | None, job_input: dict[str, Any]) -> list[str]:
+    """What in the file differs from what was asked and paid for (empty when all is as asked or unknown)."""
+    if not media:
+        return []
+    found = []
+    asked, got = job_input.get("duration"), media.get("duration_s")
+    try:
+        asked_s = float(asked) if asked is not None else None
+    except (TypeError, ValueError):
+        asked_s = None
+    if asked_s is not None and got is not None and abs(got - asked_s) > DURATION_TOLERANCE_S:
+        found.append(f"{'shorter' if got < asked_s else 'longer'} than asked: {got:g} s, asked {asked_s:g} s")
+    if job_input.get("generate_audio") is True and media.get("has_audio") is False:
+        found.append("no audio track, though audio was asked (and paid) for")
+    return found
+
+
+def describe(media: dict[str, Any] | None) -> str:
+    """One line for people: "1280×720, 24 fps, 5.04 s, with audio"."""
+    if not media:
+        return "—"
+    size = f"{media['width']}×{media['height']}" if media.get("width") and media.get("height") else "size unknown"
+    fps = f"{media['fps']:g} fps" if media.get("fps") else "fps unknown"
+    seconds = f"{media['duration_s']:g} s" if media.get("duration_s") is not None else "duration unknown"
+    return f"{size}, {fps}, {seconds}, {'with audio' if media.get('has_audio') else 'no audio'}"
+
+
+def fill(ledger, output_dir: Path, limit: int | None = None) -> int:
+    """Read the facts (and make the poster) of every done job that has none yet (at most `limit`); store
+    them. Returns how many.
+
+    Safe while a run goes (one short write per job); a job whose file cannot be read is stored with
+    `{}` so it is not read again on every refresh."""
+    def read(item: tuple[str, str]) -> tuple[str, dict[str, Any] | None]:
+        job_id, path = item
+        facts = probe(output_dir / path)
+        if facts is not None:
+            make_poster(output_dir / path, output_dir / poster_path(job_id))
+        return job_id, facts
+
+    todo = ledger.without_media()[:limit]
+    # FFmpeg decodes without holding the GIL: a few threads read a long batch's videos several times faster.
+    # The ledger is written from this thread only.
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        for job_id, facts in pool.map(read, todo):
+            ledger.set_media(job_id, facts or {})
+    return len(todo)

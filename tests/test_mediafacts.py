@@ -1,0 +1,86 @@
+"""Media facts read from the downloaded files with PyAV, checked against what was asked and paid for,
+and poster frames: on the sandbox's real sample video and on a video made here with sound."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import pytest
+from helpers import cli, job, results, run, write_manifest
+
+from batchrun.sandbox import Sandbox
+
+av = pytest.importorskip("av", reason="PyAV is a dependency of batchrun: pip install av")
+
+
+def made_video(seconds: int = 5, fps: int = 24, audio: bool = True) -> bytes:
+    """An mp4 of `seconds` of grey frames (MPEG-4 part 2) and, if asked, silence (AAC)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        video = out.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = 320, 180, "yuv420p"
+        sound = out.add_stream("aac", rate=44100) if audio else None
+        for i in range(seconds * fps):
+            frame = av.VideoFrame(320, 180, "yuv420p")
+            for plane in frame.planes:
+                plane.update(bytes([128]) * plane.buffer_size)
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        if sound is not None:
+            samples = 1024
+            for i in range(seconds * 44100 // samples):
+                frame = av.AudioFrame(format="fltp", layout="stereo", samples=samples)
+                for plane in frame.planes:
+                    plane.update(bytes(plane.buffer_size))
+                frame.sample_rate, frame.pts = 44100, i * samples
+                out.mux(sound.encode(frame))
+            out.mux(sound.encode(None))
+    return buffer.getvalue()
+
+
+async def test_the_sandbox_sample_is_flagged_short_and_silent(tmp_path):
+    manifest = write_manifest(tmp_path, [job("loud", generate_audio=True), job("quiet")])
+    out = tmp_path / "out"
+    async with Sandbox() as sandbox:  # its sample: 2 s, 160x90, 10 fps, no audio track
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0
+    rows = results(out)
+    assert rows["loud"]["media"] == {"duration_s": 2.0, "width": 160, "height": 90, "fps": 10.0, "has_audio": False}
+    assert rows["loud"]["media_flags"] == ["shorter than asked: 2 s, asked 5 s",
+                                           "no audio track, though audio was asked (and paid) for"]
+    assert rows["quiet"]["media_flags"] == ["shorter than asked: 2 s, asked 5 s"]
+    poster = (out / "posters" / "loud.jpg").read_bytes()
+    assert poster.startswith(b"\xff\xd8\xff") and len(poster) > 500
+    code, said, _ = await cli(["status", str(out)])
+    assert code == 0 and "videos that differ from what was paid for (2):" in said
+    assert "loud  shorter than asked: 2 s, asked 5 s; no audio track" in said
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert 'poster="posters/loud.jpg"' in report and "no audio track, though audio was asked" in report
+
+
+async def test_a_video_as_asked_has_no_flags(tmp_path):
+    manifest = write_manifest(tmp_path, [job("as-asked", generate_audio=True)])
+    async with Sandbox(video_bytes=made_video(5, audio=True)) as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0
+    row = results(tmp_path / "out")["as-asked"]
+    media = row["media"]
+    assert abs(media["duration_s"] - 5) < 0.2 and media["has_audio"] is True
+    assert (media["width"], media["height"], media["fps"]) == (320, 180, 24.0)
+    assert row["media_flags"] == []
+    code, said, _ = await cli(["status", str(tmp_path / "out")])
+    assert "differ from what was paid" not in said
+
+
+async def test_an_unreadable_video_gets_no_facts_and_no_poster(tmp_path):
+    # Passes the download's checks (an mp4 signature) but holds no playable stream.
+    broken = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
+    manifest = write_manifest(tmp_path, [job("broken")])
+    async with Sandbox(video_bytes=broken) as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0
+    row = results(tmp_path / "out")["broken"]
+    assert row["state"] == "done" and row["media"] is None and row["media_flags"] == []
+    assert not (tmp_path / "out" / "posters" / "broken.jpg").exists()
