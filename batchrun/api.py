@@ -107,7 +107,7 @@ class Result:
     """A job's result, or its current status when it has not finished (then `output_urls` is empty).
 
     `state` is one of `STATES`; a "completed" answer carrying an error is reported as "failed".
-    `output_urls` lists every output URL once, in the order video, videos, image, images.
+    `output_urls` lists every output URL once, in the order video, videos, image, images, audio, audios.
     `cost_usd` is the API's figure in USD when it is a plausible one; otherwise it is None and
     `cost_flag` says what the API reported. `created_at` and `finished_at` are ISO 8601 UTC
     (`...Z`) or None when missing or unreadable.
@@ -424,12 +424,12 @@ def _status_word(value: Any, secrets: tuple[str, ...]) -> str | None:
 
 
 def _output_urls(data: dict[str, Any], secrets: tuple[str, ...]) -> list[str]:
-    """Every output URL once, in the order video, videos, image, images; `MalformedAnswer` for one
-    that is unusable (it would name no file to collect) or for more than `MAX_OUTPUTS`."""
+    """Every output URL once, in the order video, videos, image, images, audio, audios; `MalformedAnswer`
+    for one that is unusable (it would name no file to collect) or for more than `MAX_OUTPUTS`."""
     output = data.get("output")
     found: list[Any] = []
     if isinstance(output, dict):
-        for key in ("video", "videos", "image", "images"):
+        for key in ("video", "videos", "image", "images", "audio", "audios"):
             found.extend(_url_values(output.get(key)))
     else:
         found.extend(_url_values(output))  # tolerate a bare URL or list where a dict is documented

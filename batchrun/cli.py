@@ -89,6 +89,9 @@ def _load_for_run(args, err: TextIO) -> Manifest:
         print(warning, file=err)
     overrides = {"concurrency": args.concurrency, "budget_usd": args.budget, "max_wait": args.max_wait}
     manifest.settings = manifest.settings.with_overrides(**overrides)
+    problem = manifest.budget_problem()
+    if problem:
+        raise UsageError(f"{manifest.path}: {problem}")
     return manifest
 
 

@@ -22,15 +22,16 @@ from typing import Any
 from batchrun import echo, generators, localfiles, schema
 from batchrun.errors import ManifestError, Problem
 from batchrun.localfiles import LocalImage, LocalImages
-from batchrun.models import DEFAULT_MODEL, Model, Price, UnknownModel, get_model
+from batchrun.models import DEFAULT_MODEL, Model, ModelFileError, Price, UnknownModel, get_model
 from batchrun.settings import BY_NAME, Settings
 from batchrun.yamlload import Marks, Pos, load_file, node_at, position_of
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-TOP_LEVEL_KEYS = ("version", "model", "output", "defaults", "jobs", "jobs_from", "price", "notify", *BY_NAME)
+TOP_LEVEL_KEYS = ("version", "model", "models_dir", "output", "defaults", "jobs", "jobs_from", "price", "notify",
+                  *BY_NAME)
 MAX_JOBS = generators.MAX_JOBS
 Location = tuple[str, int, int, str]  # file, line, column, where (such as "jobs[3] (id=x).duration")
-PRICE_KEYS = ("usd_per_second", "usd_per_second_with_audio")
+PRICE_KEYS = ("usd_per_second", "usd_per_second_with_audio", "usd_per_output")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,28 @@ class Manifest:
     notify: list[str] = field(default_factory=list)  # URLs told how each run ended (batchrun/notify.py)
 
     def estimate_cost(self, job: Job) -> float:
+        """USD the job is expected to cost; 0.0 where the model's price is unknown (see `unpriced_jobs`)."""
+        return self.model.estimate_cost(job.input, self.price) or 0.0
+
+    def estimate_or_none(self, job: Job) -> float | None:
+        """USD the job is expected to cost, or None when the model's price (or the job's length) is unknown."""
         return self.model.estimate_cost(job.input, self.price)
+
+    def unpriced_jobs(self) -> list[Job]:
+        """The jobs whose cost cannot be estimated: a budget cannot be kept for them."""
+        return [job for job in self.jobs if self.estimate_or_none(job) is None]
+
+    def budget_problem(self) -> str | None:
+        """Why a budget cannot be enforced (some job has no known price), or None."""
+        if self.settings.budget_usd is None:
+            return None
+        unpriced = self.unpriced_jobs()
+        if not unpriced:
+            return None
+        field = "usd_per_output" if self.price.unit == "output" else "usd_per_second"
+        return (f"budget_usd: the price of {self.model.model_id} is unknown for {len(unpriced)} job(s) "
+                f"(first: {unpriced[0].id}), so a budget cannot be kept; add 'price: {{{field}: ...}}' "
+                "to the manifest, or run without a budget")
 
 
 def input_sha256(model_id: str, job_input: dict[str, Any]) -> str:
@@ -171,7 +193,8 @@ def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
     if raw is None:
         return model.price
     if not isinstance(raw, dict):
-        out.add(("price",), "price", f"must be a mapping with {' and '.join(PRICE_KEYS)}")
+        keys = PRICE_KEYS[2:] if model.price.unit == "output" else PRICE_KEYS[:2]
+        out.add(("price",), "price", f"must be a mapping with {' and '.join(keys)}")
         return model.price
     values = {}
     for key, value in raw.items():
@@ -179,7 +202,8 @@ def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
             out.add(("price", key), f"price.{key}", f"unknown price field{_did_you_mean(key, PRICE_KEYS)}",
                     at_key=True)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            out.add(("price", key), f"price.{key}", f"must be a number of USD per second, got {echo.shown(value)}")
+            unit = "output" if key == "usd_per_output" else "second"
+            out.add(("price", key), f"price.{key}", f"must be a number of USD per {unit}, got {echo.shown(value)}")
         else:
             values[key] = float(value)
     return Price(**{**model.price.__dict__, **values})
@@ -617,10 +641,20 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
     if doc.get("version", 1) != 1:
         out.add(("version",), "version", f"this batchrun reads manifest version 1, not {echo.shown(doc['version'])}")
     model_id = doc.get("model", DEFAULT_MODEL)
+    models_dir = doc.get("models_dir")
+    if models_dir is not None:
+        if not isinstance(models_dir, str) or not models_dir or "\0" in models_dir:
+            out.add(("models_dir",), "models_dir", "must be a folder path (text)")
+            raise ManifestError(out.problems)
+        models_dir = path.parent / Path(models_dir).expanduser()
     try:
-        model = get_model(model_id) if isinstance(model_id, str) else get_model(str(model_id))
+        model = get_model(model_id if isinstance(model_id, str) else str(model_id), models_dir)
     except UnknownModel as exc:
         out.add(("model",), "model", str(exc))
+        raise ManifestError(out.problems) from None
+    except ModelFileError as exc:
+        out.add(("models_dir",) if "models_dir" in doc else ("model",),
+                "models_dir" if "models_dir" in doc else "model", str(exc))
         raise ManifestError(out.problems) from None
     if "output" in doc and not (isinstance(doc["output"], str) and doc["output"] and "\0" not in doc["output"]):
         out.add(("output",), "output", "must be a folder path (text)")

@@ -209,7 +209,9 @@ def summary(manifest: Manifest, plan: Plan, spend: Spend) -> dict:
     # A job to recheck may be submitted again: counted as if it will be.
     may_submit = plan.submit + [job for job, _ in plan.recheck]
     seconds = sum(manifest.model.video_seconds(job.input) for job in may_submit)
-    estimate = round(sum(manifest.estimate_cost(job) for job in may_submit), 4)
+    estimates = [manifest.estimate_or_none(job) for job in may_submit]
+    unpriced = sum(1 for e in estimates if e is None)
+    estimate = round(sum(e for e in estimates if e is not None), 4)
     budget = manifest.settings.budget_usd
     spent = spend.total_usd
     return {
@@ -232,7 +234,9 @@ def summary(manifest: Manifest, plan: Plan, spend: Spend) -> dict:
         "no_longer_in_manifest": [{"id": row.id, "state": row.state} for row in plan.gone],
         "provenance_to_rewrite": [f"{row.id}.json" for row in plan.provenance],
         "video_seconds": seconds,
-        "estimated_cost_usd": estimate,
+        "estimated_cost_usd": None if unpriced else estimate,  # None: some job's price is unknown
+        "unpriced_jobs": unpriced,
+        "price": manifest.price.describe(),
         "spent_usd": round(spent, 4),
         "simulated_usd": round(spend.simulated_usd, 4),
         "spent": spend.describe(),
@@ -295,7 +299,7 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
         ("held", str(len(info["held"]))),
         ("refused", str(len(info["refused"]))),
         ("video seconds to submit", f"{info['video_seconds']:g}"),
-        ("estimated cost to submit", f"${info['estimated_cost_usd']:.2f}"),
+        ("estimated cost to submit", _cost_text(info)),
         ("spent in this output dir", info["spent"]),
         ("budget", "none" if info["budget_usd"] is None else f"${info['budget_usd']:.2f}"),
     ]
@@ -321,3 +325,10 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
     if info["over_budget"]:
         print("  the budget does not cover every job: the run will stop submitting when it is reached", file=out)
     return 0
+
+
+def _cost_text(info: dict) -> str:
+    if info["estimated_cost_usd"] is not None:
+        return f"${info['estimated_cost_usd']:.2f}"
+    return (f"unknown: no price known for {info['unpriced_jobs']} job(s) ({info['price']}; give 'price:' in the "
+            "manifest)")

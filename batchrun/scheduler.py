@@ -69,7 +69,9 @@ from batchrun.retry import (
 
 log = logging.getLogger("batchrun.run")
 
-VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp",
+                  ".wav", ".mp3", ".ogg", ".opus", ".flac", ".m4a"}
+DEFAULT_SUFFIX = {"video": ".mp4", "image": ".png", "audio": ".mp3"}  # when the URL's own ending says nothing
 MAX_URL_REFRESHES = 3
 UNREACHABLE_AFTER = 5  # connection failures in a row (and more than jobs in flight) that end the run
 
@@ -790,7 +792,7 @@ class Scheduler:
 
     def _output_name(self, job: Job, index: int, url: str) -> str:
         suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
-        suffix = suffix if suffix in VIDEO_SUFFIXES else ".mp4"
+        suffix = suffix if suffix in VIDEO_SUFFIXES else DEFAULT_SUFFIX.get(self.manifest.model.output_kind, ".mp4")
         return f"{job.id}{suffix}" if index == 0 else f"{job.id}-{index + 1}{suffix}"
 
     async def _download_all(self, job: Job, request_id: str, urls: list[str]) -> list[Output] | None:

@@ -227,9 +227,35 @@ def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | Non
                 findings.extend(_check_data_uri(path, value))
             elif local_refs is not None:
                 local_refs.append((path, value))  # checked by the caller, which knows the manifest's folder
-    for spec in model.url_fields.get("video", []):
-        for path, value in _values_at(job_input, spec):
-            findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
+    for kind in ("video", "audio"):  # sent as https:// URLs only (no local files yet for these kinds)
+        for spec in model.url_fields.get(kind, []):
+            for path, value in _values_at(job_input, spec):
+                findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
+    findings.extend(_field_rules(rules, job_input))
+    return findings
+
+
+def _present(job_input: dict[str, Any], name: str) -> bool:
+    value = job_input.get(name)
+    return value not in (None, "", [], {})
+
+
+def _field_rules(rules: dict[str, Any], job_input: dict[str, Any]) -> list[Finding]:
+    """The rules between fields that a model's page states in prose (batchrun.models.dataformat.RULE_KINDS)."""
+    findings = []
+    for group in rules.get("mutually_exclusive", []):
+        given = [name for name in group if _present(job_input, name)]
+        if len(given) > 1:
+            findings.append(Finding((given[1],), f"cannot be combined with {given[0]!r}; give only one of "
+                                                  + ", ".join(repr(n) for n in group)))
+    for group in rules.get("at_least_one_of", []):
+        if not any(_present(job_input, name) for name in group):
+            findings.append(Finding((), "give at least one of " + ", ".join(repr(n) for n in group)))
+    for rule in rules.get("max_items_when", []):
+        items = job_input.get(rule["field"])
+        if isinstance(items, list) and len(items) > rule["max"] and _present(job_input, rule["when_present"]):
+            findings.append(Finding((rule["field"],), f"has {len(items)} items; at most {rule['max']} are allowed "
+                                                      f"when {rule['when_present']!r} is given"))
     return findings
 
 

@@ -19,6 +19,12 @@ def input_sha256(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# What the sandbox bills where a model file's price is unknown (null).
+SANDBOX_USD_PER_SECOND = 0.1
+SANDBOX_USD_PER_OUTPUT = 0.05
+SANDBOX_AUTO_SECONDS = 5.0
+
+
 class Model:
     """A model the sandbox knows, loaded from one of batchrun's vendored model files."""
 
@@ -28,6 +34,7 @@ class Model:
         self.validator = jsonschema.Draft202012Validator(self.schema)
         self.price: dict[str, Any] = data.get("price", {})
         self.sum_rules: list[dict[str, str]] = data.get("rules", {}).get("sum_equals", [])
+        self.output_kind: str = data.get("output_kind", "video")
 
     def _default(self, *path: str) -> Any:
         node: Any = self.schema
@@ -63,13 +70,33 @@ class Model:
         return found
 
     def cost(self, body: dict[str, Any]) -> float:
+        """What the job is billed: the file's price formula, with the sandbox's own rates where the model's
+        are unknown (null), so the balance still goes down."""
         price = self.price
-        duration_field = price.get("duration_field", "duration")
-        seconds = body.get(duration_field, self._default("properties", duration_field, "default"))
-        audio_field = price.get("audio_field", "generate_audio")
-        audio = body.get(audio_field, self._default("properties", audio_field, "default"))
-        rate = price.get("usd_per_second_with_audio") if audio else price.get("usd_per_second")
-        return round(float(seconds or 0) * float(rate or 0), 6)
+        props = self.schema.get("properties", {})
+
+        def read(name: str | None) -> Any:
+            return None if name is None else body.get(name, props.get(name, {}).get("default"))
+
+        if price.get("unit") == "output":
+            total = price.get("usd_per_output") or SANDBOX_USD_PER_OUTPUT
+        else:
+            audio_field = price.get("audio_field", "generate_audio")
+            audio = audio_field is not None and bool(read(audio_field)) != price.get("audio_inverted", False)
+            rate = price.get("usd_per_second_with_audio") if audio else None
+            rate = rate or price.get("usd_per_second") or SANDBOX_USD_PER_SECOND
+            value = read(price.get("duration_field", "duration"))
+            try:  # no duration field, or "auto": the sandbox renders its default length
+                seconds = SANDBOX_AUTO_SECONDS if value is None else float(value)
+            except (TypeError, ValueError):
+                seconds = SANDBOX_AUTO_SECONDS
+            if price.get("duration_unit") == "ms":
+                seconds /= 1000
+            total = seconds * rate
+        for name, table in price.get("multipliers", {}).items():
+            value = read(name)
+            total *= table.get(value if isinstance(value, str) else json.dumps(value), 1.0)
+        return round(total, 6)
 
 
 def _load_models() -> dict[str, Model]:

@@ -104,6 +104,12 @@ def _sample_video() -> bytes:
     return resources.files("batchrun.sandbox").joinpath("sample.mp4").read_bytes()
 
 
+# What a finished job of each output kind returns: (file name, result key, sample file, Content-Type).
+# Video has its own path (`videos_per_job`, `replace_video_after`, `video_bytes`).
+OTHER_OUTPUTS = {"image": ("image.png", "images", "sample.png", "image/png"),
+                 "audio": ("audio.wav", "audio", "sample.wav", "audio/wav")}
+
+
 def _error(status: int, code: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error_code": code, "error_message": message, **extra}, status=status)
 
@@ -158,7 +164,7 @@ class Sandbox:
         self._answers_lost = 0
         self._downloads_served = 0
         self._downloads_cut = 0
-        self._stored: dict[int, tuple[bytes, bytes, str, str]] = {}  # by version: (source, served, ETag, date)
+        self._stored: dict[int | str, tuple[bytes, bytes, str, str]] = {}  # by video version or kind
         self._window: tuple[float, int] = (float("-inf"), 0)  # (start, jobs created) of the submit window
         self._asked: Counter[tuple[str, str]] = Counter()  # (request id, phase) -> calls, for late answers
 
@@ -340,9 +346,30 @@ class Sandbox:
         stem, dot, ext = VIDEO_NAME.rpartition(".")
         return [VIDEO_NAME] + [f"{stem}-{n}{dot}{ext}" for n in range(2, self.faults.videos_per_job + 1)]
 
+    def _kind(self, job: Job) -> str:
+        model = self.models.get(job.model_id)
+        return model.output_kind if model is not None else "video"
+
+    def _output_names(self, job: Job) -> list[str]:
+        kind = self._kind(job)
+        return self._video_names() if kind == "video" else [OTHER_OUTPUTS[kind][0]]
+
     def _output(self, request: web.Request, job: Job, now: float) -> dict[str, Any]:
+        kind = self._kind(job)
+        if kind != "video":
+            name, key = OTHER_OUTPUTS[kind][:2]
+            url = self._video_url(request, job, now, name)
+            return {key: [url] if key.endswith("s") else url}
         urls = [self._video_url(request, job, now, name) for name in self._video_names()]
         return {"video": urls[0]} if len(urls) == 1 else {"videos": urls}
+
+    def _stored_other(self, kind: str) -> tuple[bytes, str, str]:
+        """The sample file of an image or audio output, its ETag and Last-Modified."""
+        cached = self._stored.get(kind)
+        if cached is None:
+            data = resources.files("batchrun.sandbox").joinpath(OTHER_OUTPUTS[kind][2]).read_bytes()
+            cached = self._stored[kind] = (data, *self._encode(data, 0))
+        return cached[1:]
 
     def _video_url(self, request: web.Request, job: Job, now: float, name: str = VIDEO_NAME) -> str:
         path = f"/files/{job.request_id}/{name}"
@@ -515,7 +542,7 @@ class Sandbox:
     async def _download(self, request: web.Request) -> web.StreamResponse:
         now = self._now()
         job = self.jobs.get(request.match_info["request_id"])
-        if job is None or job.status != COMPLETED or request.match_info["name"] not in self._video_names():
+        if job is None or job.status != COMPLETED or request.match_info["name"] not in self._output_names(job):
             return web.Response(status=404, text="NoSuchKey")
         fault = self._server_fault(with_http200=False)
         if fault:
@@ -534,9 +561,11 @@ class Sandbox:
             self.faults_served["redirect"] += 1
             raise web.HTTPFound(self.faults.redirect_downloads_to.rstrip("/") + request.path_qs)
 
-        data, etag, modified = self._stored_video()
+        kind = self._kind(job)
+        data, etag, modified = self._stored_video() if kind == "video" else self._stored_other(kind)
         total = len(data)
-        headers = {"Accept-Ranges": "bytes", "Content-Type": "video/mp4", "ETag": etag, "Last-Modified": modified}
+        content_type = "video/mp4" if kind == "video" else OTHER_OUTPUTS[kind][3]
+        headers = {"Accept-Ranges": "bytes", "Content-Type": content_type, "ETag": etag, "Last-Modified": modified}
         if self.faults.download_encoding:
             headers["Content-Encoding"] = self.faults.download_encoding
         status, start, end = 200, 0, total - 1
