@@ -28,22 +28,26 @@ class Finding:
     at_key: bool = False  # point at the key itself (unknown keys), not its value
 
 
-_validators: dict[str, Any] = {}
-# Per model: (validator of the schema with type-only properties set to `true`, {property: Python type}).
-_fast_paths: dict[str, tuple[Any, dict[str, type]]] = {}
+_validators: dict[str, tuple[dict, Any]] = {}  # per model id: (its schema, its validator)
+# Per model id: (its schema, (validator of the schema with type-only properties set to `true`,
+# {property: Python type})).
+_fast_paths: dict[str, tuple[dict, tuple[Any, dict[str, type]]]] = {}
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
 
 
 def validator_for(model: Model):
     """A compiled validator per model, built once: schema checking dominates a 100,000-job validate."""
-    validator = _validators.get(model.model_id)
+    cached = _validators.get(model.model_id)
+    # Keyed by id, checked by schema object: a user file may replace a model of the same id.
+    validator = cached[1] if cached is not None and cached[0] is model.input_schema else None
     if validator is None:
         cls = jsonschema.validators.validator_for(model.input_schema)
         cls.check_schema(model.input_schema)
         # JSON Schema counts 5.0 as an integer; the API wants 5, and the prose rules add up ints.
         strict_int = cls.TYPE_CHECKER.redefine("integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
         cls = jsonschema.validators.extend(cls, type_checker=strict_int)
-        validator = _validators[model.model_id] = cls(model.input_schema)
+        validator = cls(model.input_schema)
+        _validators[model.model_id] = (model.input_schema, validator)
     return validator
 
 
@@ -264,7 +268,8 @@ def _fast_path(model: Model) -> tuple[Any, dict[str, type]]:
     whose schema is only `type: string` or `type: boolean` (plus annotations), an isinstance check says the
     same. Inputs that pass those checks are validated against the schema with those properties set to
     `true`, which gives the same errors; any other input goes through the full schema."""
-    fast = _fast_paths.get(model.model_id)
+    cached = _fast_paths.get(model.model_id)
+    fast = cached[1] if cached is not None and cached[0] is model.input_schema else None
     if fast is None:
         full = validator_for(model)
         properties = model.input_schema.get("properties", {})
@@ -275,7 +280,8 @@ def _fast_path(model: Model) -> tuple[Any, dict[str, type]]:
             and set(spec) <= _ANNOTATIONS | {"type"}
         }
         residual = {**model.input_schema, "properties": {k: True if k in kinds else v for k, v in properties.items()}}
-        fast = _fast_paths[model.model_id] = (type(full)(residual), kinds)
+        fast = (type(full)(residual), kinds)
+        _fast_paths[model.model_id] = (model.input_schema, fast)
     return fast
 
 

@@ -195,7 +195,7 @@ def read_model_data(data: Any, where: str) -> dict[str, Any]:
     expected = data.get("expected_seconds", 90)
     if isinstance(expected, bool) or not isinstance(expected, (int, float)) or expected <= 0:
         raise _fail(where, "expected_seconds", "must be a positive number of seconds")
-    url_fields = data.get("url_fields", {})
+    url_fields = copy.deepcopy(data.get("url_fields", {}))
     if not isinstance(url_fields, dict) or any(k not in OUTPUT_KINDS or not isinstance(v, list)
                                                for k, v in url_fields.items()):
         raise _fail(where, "url_fields", "must map image, video or audio to a list of field paths")

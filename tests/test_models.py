@@ -1,0 +1,312 @@
+"""The model catalogue: data files checked on load, RunComfy's schema quirks normalised, the price formula,
+prose rules as data, the user folder, and every shipped model validated and run in the sandbox."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+import yaml
+from helpers import cli, results
+
+from batchrun import media
+from batchrun.errors import ManifestError
+from batchrun.manifest import load_manifest
+from batchrun.models import DEFAULT_MODEL, ModelFileError, Price, all_models, get_model
+from batchrun.models.dataformat import read_model_data
+from batchrun.models.pricing import estimate
+from batchrun.sandbox import Sandbox
+from batchrun.schema import check_input
+
+SHIPPED = sorted(json.loads(entry.read_text("utf-8"))["model_id"]
+                 for entry in resources.files("batchrun.models").iterdir() if entry.name.endswith(".json"))
+TOKEN = "models-test-token"
+
+
+def minimal(**extra) -> dict:
+    """The smallest valid data file, with `extra` keys merged in."""
+    data = {"model_id": "acme/test/text-to-video", "output_kind": "video",
+            "price": {"usd_per_second": 0.1, "usd_per_second_with_audio": None},
+            "input_schema": {"type": "object", "required": ["prompt"], "additionalProperties": False,
+                             "properties": {"prompt": {"type": "string"},
+                                            "duration": {"type": "integer", "minimum": 1, "default": 5},
+                                            "generate_audio": {"type": "boolean", "default": True}}}}
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+def schema_with(**props) -> dict:
+    return {"type": "object", "properties": {"prompt": {"type": "string"}, "duration": {"type": "integer"},
+                                             "generate_audio": {"type": "boolean"}, **props}}
+
+
+# --- quirks of RunComfy's published schemas, one test each ------------------------------------------
+
+
+def test_quirk_float_type_is_number():
+    fields = read_model_data(minimal(input_schema=schema_with(cfg_scale={"type": "float", "minimum": 0},
+                                                              both={"type": ["float", "null"]})), "t.json")
+    props = fields["input_schema"]["properties"]
+    assert props["cfg_scale"]["type"] == "number" and props["both"]["type"] == ["number", "null"]
+    model = get_model_from(fields)
+    assert not check_input(model, {"prompt": "x", "cfg_scale": 0.5})
+
+
+def test_quirk_single_media_format_becomes_a_media_field():
+    fields = read_model_data(minimal(input_schema=schema_with(image={"type": "string", "format": "image_uri"},
+                                                              clip={"type": "string", "format": "video_uri"})),
+                             "t.json")
+    assert fields["url_fields"] == {"image": ["image"], "video": ["clip"]}
+    assert "format" not in fields["input_schema"]["properties"]["image"]
+
+
+def test_quirk_array_media_format_becomes_a_list_media_field():
+    fields = read_model_data(minimal(input_schema=schema_with(
+        images={"type": "array", "format": "image_uris", "maxItems": 9},
+        audio_urls={"type": "array", "format": "audio_uris", "items": {"type": "string", "format": "audio_uri"}})),
+        "t.json")
+    assert fields["url_fields"] == {"image": ["images[]"], "audio": ["audio_urls[]"]}
+    assert fields["input_schema"]["properties"]["audio_urls"]["items"] == {"type": "string"}
+
+
+def test_quirk_validations_become_rules():
+    rule = {"validation_rule": "width_pixels>", "validation_value": 14, "validation_error": "too small"}
+    fields = read_model_data(minimal(input_schema=schema_with(
+        image={"type": "array", "format": "image_uris", "validations": [rule]})), "t.json")
+    assert fields["rules"]["validations"] == {"image": [rule]}
+    assert "validations" not in fields["input_schema"]["properties"]["image"]
+
+
+def test_quirk_unknown_schema_keys_are_kept():
+    fields = read_model_data(minimal(input_schema=schema_with(seed={"type": "integer", "x-ui": "slider"})), "t.json")
+    assert fields["input_schema"]["properties"]["seed"]["x-ui"] == "slider"
+
+
+def get_model_from(fields):
+    from batchrun.models import Model
+
+    return Model(**fields)
+
+
+# --- a broken data file names its file and field ------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"output_kind": "hologram"}, "output_kind"),
+    ({"price": {"usd_per_secnd": 1}}, "price.usd_per_secnd"),
+    ({"price": {"usd_per_second": -1}}, "price.usd_per_second"),
+    ({"price": {"unit": "minute"}}, "price.unit"),
+    ({"price": {"audio_field": "sound"}}, "price.audio_field"),
+    ({"max_outputs": 0}, "max_outputs"),
+    ({"rules": {"mutually_exclusive": [["prompt", "nope"]]}}, "rules.mutually_exclusive"),
+    ({"rules": {"sometimes": []}}, "rules.sometimes"),
+    ({"input_schema": {"type": "object", "properties": {"prompt": {"type": "strin"}}}},
+     "input_schema/properties/prompt/type"),
+    ({"colour": "red"}, "colour"),
+    ({"model_id": ""}, "model_id"),
+])
+def test_a_broken_data_file_names_file_and_field(extra, field):
+    with pytest.raises(ModelFileError) as info:
+        read_model_data(minimal(**extra), "user/acme.json")
+    assert str(info.value).startswith(f"model file user/acme.json: {field}: "), str(info.value)
+
+
+# --- the price formula ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("price, job_input, defaults, expected", [
+    # duration shapes: integer, integer enum, numeric text, "auto", milliseconds, none
+    (Price(0.1, 0.2), {"duration": 5, "generate_audio": False}, {}, 0.5),
+    (Price(0.1, 0.2), {}, {"duration": 10, "generate_audio": True}, 2.0),
+    (Price(0.1), {"duration": "8"}, {"generate_audio": True}, 0.8),
+    (Price(0.1), {"duration": "auto"}, {}, None),
+    (Price(0.01, duration_field="music_length_ms", duration_unit="ms", audio_field=None),
+     {"music_length_ms": 30000}, {}, 0.3),
+    (Price(0.1, duration_field=None), {}, {}, None),
+    # the audio switch whatever its name or sense
+    (Price(0.1, 0.3, audio_field="sound"), {"sound": True, "duration": 2}, {}, 0.6),
+    (Price(0.1, 0.3, audio_field="enable_audio"), {"duration": 2}, {"enable_audio": False}, 0.2),
+    (Price(0.1, 0.3, audio_field="force_instrumental", audio_inverted=True),
+     {"force_instrumental": True, "duration": 2}, {}, 0.2),
+    (Price(0.1, 0.3, audio_field="force_instrumental", audio_inverted=True),
+     {"force_instrumental": False, "duration": 2}, {}, 0.6),
+    # multipliers keyed by field values
+    (Price(0.1, audio_field="sound", multipliers={"sound": {"true": 1.25}}), {"sound": True, "duration": 4}, {}, 0.5),
+    (Price(unit="output", usd_per_output=0.04, multipliers={"resolution": {"2K": 2.0}}),
+     {"resolution": "2K"}, {}, 0.08),
+    (Price(unit="output", usd_per_output=0.04, multipliers={"resolution": {"2K": 2.0}}),
+     {}, {"resolution": "1K"}, 0.04),
+    # unknown rates
+    (Price(None), {"duration": 5}, {}, None),
+    (Price(unit="output"), {}, {}, None),
+])
+def test_price_formula(price, job_input, defaults, expected):
+    assert estimate(price, job_input, defaults) == expected
+
+
+def test_shipped_prices_follow_the_reference():
+    assert get_model("kling/kling-3.0/pro/text-to-video").estimate_cost({"prompt": "x"}) == 0.84  # 5 s, sound on
+    assert get_model("kling/kling-3.0/4k/image-to-video").estimate_cost({"generate_audio": False}) == 4.2
+    assert get_model("elevenlabs/elevenlabs/music-generation").estimate_cost({"music_length_ms": 60000}) == 0.498
+    assert get_model("google/nano-banana-2-lite/text-to-image").estimate_cost({"prompt": "x"}) is None
+    assert get_model("blackforestlabs/flux-3/text-to-video").price.known is False
+
+
+# --- prose rules as data ---------------------------------------------------------------------------------
+
+
+def test_reference_images_limit_depends_on_a_reference_video():
+    model = get_model("kling/kling-video-o3/standard/reference-to-video")
+    images = [f"https://example.com/{i}.png" for i in range(5)]
+    assert not [f for f in check_input(model, {"prompt": "x", "images": images}) if f.severity == "error"]
+    found = check_input(model, {"prompt": "x", "images": images, "video": "https://example.com/v.mp4"})
+    assert [(f.path, f.message) for f in found] == [
+        (("images",), "has 5 items; at most 4 are allowed when 'video' is given")]
+
+
+def test_mutually_exclusive_fields():
+    model = get_model("bytedance/seed-audio-1.0/text-to-audio")
+    found = check_input(model, {"prompt": "x", "image_url": "https://example.com/a.png",
+                                "audio_urls": ["https://example.com/a.wav"]})
+    assert [(f.path, f.message) for f in found] == [
+        (("audio_urls",), "cannot be combined with 'image_url'; give only one of 'image_url', 'audio_urls'")]
+
+
+def test_at_least_one_of(tmp_path):
+    data = minimal(input_schema=schema_with(a={"type": "string"}, b={"type": "string"}),
+                   rules={"at_least_one_of": [["a", "b"]]})
+    data["price"] = {"usd_per_second": 0.1, "duration_field": None, "audio_field": None}
+    model = get_model_from(read_model_data(data, "t.json"))
+    assert [f.message for f in check_input(model, {"prompt": "x"})] == ["give at least one of 'a', 'b'"]
+    assert check_input(model, {"prompt": "x", "b": "y"}) == []
+
+
+# --- the user folder -------------------------------------------------------------------------------------
+
+
+def write_user_model(folder, **extra):
+    folder.mkdir(exist_ok=True)
+    data = minimal(**extra)
+    (folder / "mine.json").write_text(json.dumps(data), encoding="utf-8")
+    return data
+
+
+def manifest_text(model_id: str, job: dict, **top) -> str:
+    return yaml.safe_dump({"version": 1, "model": model_id, **top, "output": "out", "concurrency": 2,
+                           "poll_min_interval": 0, "poll_max_interval": 1, "requests_per_second": 1000,
+                           "jobs": [{"id": "ex", **job}]}, sort_keys=False)
+
+
+def test_user_folder_by_manifest_key_adds_a_model(tmp_path):
+    write_user_model(tmp_path / "models")
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text("acme/test/text-to-video", {"prompt": "hi"}, models_dir="models"), "utf-8")
+    manifest = load_manifest(path)
+    assert manifest.model.model_id == "acme/test/text-to-video"
+    assert manifest.model.origin == str(tmp_path / "models" / "mine.json")
+
+
+def test_user_folder_by_env_overrides_a_shipped_model(tmp_path, monkeypatch):
+    data = get_model(DEFAULT_MODEL)
+    write_user_model(tmp_path / "models", model_id=DEFAULT_MODEL, price={"usd_per_second": 1.0})
+    monkeypatch.setenv("BATCHRUN_MODELS", str(tmp_path / "models"))
+    model = get_model(DEFAULT_MODEL)
+    assert model.price.usd_per_second == 1.0 and model is not data
+    assert model.estimate_cost({"prompt": "x", "duration": 3}) == 3.0
+
+
+def test_a_broken_user_file_is_a_located_manifest_error(tmp_path):
+    write_user_model(tmp_path / "models", output_kind="hologram")
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(DEFAULT_MODEL, {"prompt": "hi"}, models_dir="models"), "utf-8")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    text = str(info.value)
+    assert "models_dir" in text and "mine.json: output_kind: must be one of video, image, audio" in text
+
+
+# --- unknown prices in plan and budgets -------------------------------------------------------------------
+
+
+async def test_unknown_price_shows_as_unknown_and_a_budget_refuses_without_price(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    model_id = "google/nano-banana-2-lite/text-to-image"
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(model_id, {"prompt": "a lighthouse"}), "utf-8")
+    code, out, err = await cli(["plan", str(path), "--no-balance-check"])
+    assert code == 0, err
+    assert "unknown: no price known for 1 job(s) (unknown per output; give 'price:' in the manifest)" in out, out
+    code, out, err = await cli(["plan", str(path), "--json", "--no-balance-check"])
+    assert json.loads(out)["estimated_cost_usd"] is None
+    async with Sandbox(token=TOKEN) as sandbox:
+        code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
+                                    "--no-progress", "--budget", "5"])
+        assert code == 2 and "price of google/nano-banana-2-lite/text-to-image is unknown" in err
+        assert sandbox.posts_total == 0
+        path.write_text(manifest_text(model_id, {"prompt": "a lighthouse"}, price={"usd_per_output": 0.04}), "utf-8")
+        code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
+                                    "--no-progress", "--budget", "5"])
+        assert code == 0, err
+        assert sandbox.posts_total == 1
+
+
+# --- every shipped model ----------------------------------------------------------------------------------
+
+
+def test_shipped_models_are_the_catalogue_with_known_schemas():
+    assert len(SHIPPED) == 22
+    assert not [m for m in SHIPPED if m.startswith("google-deepmind/veo")]
+    assert set(SHIPPED) == set(all_models())
+
+
+def example_of(model_id: str) -> dict:
+    for entry in resources.files("batchrun.models").iterdir():
+        if entry.name.endswith(".json"):
+            data = json.loads(entry.read_text("utf-8"))
+            if data["model_id"] == model_id:
+                return data.get("example_input") or {"prompt": "waves", "start_image_url": "https://example.com/a.png"}
+    raise AssertionError(model_id)
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_example_input_validates(model_id):
+    model = get_model(model_id)
+    assert [f for f in check_input(model, example_of(model_id)) if f.severity == "error"] == []
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_bad_input_is_refused_with_its_location(tmp_path, model_id):
+    job = {**example_of(model_id), "promt": "typo"}
+    job.pop("prompt", None)
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(model_id, job), "utf-8")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    shown = [str(p).removeprefix(f"{path}:") for p in info.value.problems]
+    assert any(": jobs[0] (id=ex).promt: unknown field 'promt' (did you mean 'prompt'?)" in s for s in shown), shown
+    assert any("missing required field 'prompt'" in s for s in shown), shown
+    assert all(s.split(":")[0].isdigit() for s in shown), shown  # every one has its line
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+async def test_sandbox_run_gives_an_output_of_the_model_kind(tmp_path, monkeypatch, model_id):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(model_id, example_of(model_id)), "utf-8")
+    kind = get_model(model_id).output_kind
+    async with Sandbox(token=TOKEN) as sandbox:
+        code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
+                                    "--no-progress"])
+        assert code == 0, out + err
+        assert sandbox.posts_total == 1
+    row = results(tmp_path / "out")["ex"]
+    assert row["state"] == "done"
+    [output] = row["outputs"]
+    data = (tmp_path / "out" / output["path"]).read_bytes()
+    assert media.accepts(kind, data[: media.HEAD_BYTES])
+    assert output["path"].endswith({"video": ".mp4", "image": ".png", "audio": ".wav"}[kind])
