@@ -22,7 +22,7 @@ from typing import Any
 from batchrun import echo, generators, localfiles, schema
 from batchrun.errors import ManifestError, Problem
 from batchrun.localfiles import LocalImage, LocalImages
-from batchrun.models import DEFAULT_MODEL, Model, ModelFileError, Price, UnknownModel, get_model
+from batchrun.models import DEFAULT_MODEL, Model, ModelFileError, Price, UnknownModel, all_models, get_model
 from batchrun.settings import BY_NAME, Settings
 from batchrun.yamlload import Marks, Pos, load_file, node_at, position_of
 
@@ -48,6 +48,7 @@ class Job:
     local_files: dict[str, Path] = field(default_factory=dict)  # field path ("start_image_url") -> absolute path
     origin: Origin | None = field(default=None, repr=False, compare=False)
     local_images: tuple[tuple[tuple, LocalImage], ...] = field(default=(), repr=False, compare=False)
+    model: Model | None = field(default=None, repr=False, compare=False)  # its own `model:`; None: the manifest's
 
     @property
     def label(self) -> str:
@@ -85,13 +86,26 @@ class Manifest:
     output_explicit: bool = False
     notify: list[str] = field(default_factory=list)  # URLs told how each run ended (batchrun/notify.py)
 
+    prices: dict[str, Price] = field(default_factory=dict)  # `price:` given per model id
+
+    def model_of(self, job: Job) -> Model:
+        """The model a job runs on: its own `model:` (per job or a matrix axis), else the manifest's."""
+        return job.model or self.model
+
+    def price_of(self, model: Model) -> Price:
+        """The price used for `model`: the manifest's `price:` for it, else its data file's."""
+        if model.model_id in self.prices:
+            return self.prices[model.model_id]
+        return self.price if model.model_id == self.model.model_id else model.price
+
     def estimate_cost(self, job: Job) -> float:
         """USD the job is expected to cost; 0.0 where the model's price is unknown (see `unpriced_jobs`)."""
-        return self.model.estimate_cost(job.input, self.price) or 0.0
+        return self.estimate_or_none(job) or 0.0
 
     def estimate_or_none(self, job: Job) -> float | None:
         """USD the job is expected to cost, or None when the model's price (or the job's length) is unknown."""
-        return self.model.estimate_cost(job.input, self.price)
+        model = self.model_of(job)
+        return model.estimate_cost(job.input, self.price_of(model))
 
     def unpriced_jobs(self) -> list[Job]:
         """The jobs whose cost cannot be estimated: a budget cannot be kept for them."""
@@ -104,9 +118,11 @@ class Manifest:
         unpriced = self.unpriced_jobs()
         if not unpriced:
             return None
-        field = "usd_per_output" if self.price.unit == "output" else "usd_per_second"
-        return (f"budget_usd: the price of {self.model.model_id} is unknown for {len(unpriced)} job(s) "
-                f"(first: {unpriced[0].id}), so a budget cannot be kept; add 'price: {{{field}: ...}}' "
+        model = self.model_of(unpriced[0])
+        field = "usd_per_output" if model.price.unit == "output" else "usd_per_second"
+        scope = "" if model is self.model else f"{model.model_id}: "
+        return (f"budget_usd: the price of {model.model_id} is unknown for {len(unpriced)} job(s) "
+                f"(first: {unpriced[0].id}), so a budget cannot be kept; add 'price: {{{scope}{field}: ...}}' "
                 "to the manifest, or run without a budget")
 
 
@@ -188,22 +204,42 @@ def _check_notify(doc: dict, out: _Collector) -> list[str]:
     return [value.strip() for value in raw if url_problem(value) is None]
 
 
-def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
+def _check_prices(doc: dict, model: Model, registry: dict[str, Model],
+                  out: _Collector) -> tuple[Price, dict[str, Price]]:
+    """The manifest model's price, and prices given per model id (``price: {MODEL_ID: {usd_per_...}}``)."""
     raw = doc.get("price")
+    if not isinstance(raw, dict):
+        return _check_price(raw, ("price",), model, out), {}
+    own = {k: v for k, v in raw.items() if "/" not in str(k)}
+    price = _check_price(own, ("price",), model, out) if own else model.price
+    prices = {}
+    for model_id, value in raw.items():
+        if "/" not in str(model_id):
+            continue
+        if model_id not in registry:
+            out.add(("price", model_id), f"price.{model_id}", f"unknown model {echo.quoted(model_id)}"
+                    f"{_did_you_mean(model_id, registry)}", at_key=True)
+            continue
+        prices[model_id] = _check_price(value, ("price", model_id), registry[model_id], out)
+    return price, prices
+
+
+def _check_price(raw: Any, at: tuple, model: Model, out: _Collector) -> Price:
+    where = ".".join(str(p) for p in at)
     if raw is None:
         return model.price
     if not isinstance(raw, dict):
         keys = PRICE_KEYS[2:] if model.price.unit == "output" else PRICE_KEYS[:2]
-        out.add(("price",), "price", f"must be a mapping with {' and '.join(keys)}")
+        out.add(at, where, f"must be a mapping with {' and '.join(keys)}")
         return model.price
     values = {}
     for key, value in raw.items():
         if key not in PRICE_KEYS:
-            out.add(("price", key), f"price.{key}", f"unknown price field{_did_you_mean(key, PRICE_KEYS)}",
+            out.add(at + (key,), f"{where}.{key}", f"unknown price field{_did_you_mean(key, PRICE_KEYS)}",
                     at_key=True)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             unit = "output" if key == "usd_per_output" else "second"
-            out.add(("price", key), f"price.{key}", f"must be a number of USD per {unit}, got {echo.shown(value)}")
+            out.add(at + (key,), f"{where}.{key}", f"must be a number of USD per {unit}, got {echo.shown(value)}")
         else:
             values[key] = float(value)
     return Price(**{**model.price.__dict__, **values})
@@ -416,20 +452,41 @@ class _Row(Origin):
 class _JobBuilder:
     """Validates each job's input, checks its local files and makes the `Job`, reporting to `out`."""
 
-    def __init__(self, model: Model, ctx: _Context, images: LocalImages, out: _Collector):
+    def __init__(self, model: Model, ctx: _Context, images: LocalImages, out: _Collector,
+                 registry: dict[str, Model] | None = None):
         self.model, self.ctx, self.images, self.out = model, ctx, images, out
+        self.registry = registry or {model.model_id: model}
         self.jobs: list[Job] = []
+
+    def _own_model(self, job_input: dict[str, Any], origin: Origin, shown: Any) -> Model | None:
+        """The model a job's `model:` names (taken out of `job_input`), or None with the problem reported."""
+        chosen = job_input.pop("model")
+        model = self.registry.get(chosen) if isinstance(chosen, str) else None
+        if model is None:
+            close = difflib.get_close_matches(str(chosen), list(self.registry), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            label = f"{origin.prefix} (id={shown})"
+            self.out.add_at(*origin.locate(("model",), label),
+                            f"unknown model {echo.shown(chosen)}{hint}; `batchrun models list` shows the "
+                            f"{len(self.registry)} known models")
+        return model
 
     def add(self, job_input: dict[str, Any], job_id: str | None, shown_id: str | None, origin: Origin) -> None:
         """`job_id` None means derive it from the input, unless `shown_id` says the written id was refused."""
+        model = self.model
+        if "model" in job_input:
+            job_input = dict(job_input)
+            model = self._own_model(job_input, origin, job_id if job_id is not None else shown_id)
+            if model is None:
+                return
         local_refs: list[tuple[tuple, str]] = []
-        findings = schema.check_input(self.model, job_input, local_refs=local_refs)
+        findings = schema.check_input(model, job_input, local_refs=local_refs)
         if local_refs:
             refs = tuple((path, self.images.check(value)) for path, value in local_refs)
-            digest = input_sha256(self.model.model_id, localfiles.hashed_input(job_input, refs))
+            digest = input_sha256(model.model_id, localfiles.hashed_input(job_input, refs))
         else:
             refs = ()
-            digest = input_sha256(self.model.model_id, job_input)
+            digest = input_sha256(model.model_id, job_input)
         if job_id is None and shown_id is None:
             job_id = derived_id(digest)
         label = f"{origin.prefix} (id={job_id if job_id is not None else shown_id})"
@@ -449,7 +506,7 @@ class _JobBuilder:
         if job_id is not None:
             local = {_format_path(path)[1:]: image.path for path, image in refs} if refs else {}
             self.jobs.append(Job(len(self.jobs), job_id, job_input, digest, origin.line, origin.file, local, origin,
-                                 refs))
+                                 refs, None if model is self.model else model))
 
 
 def _defaults(doc: dict, out: _Collector) -> dict[str, Any]:
@@ -588,14 +645,15 @@ def _build_from_file(doc: dict, path: Path, defaults: dict, room: int, build: _J
         build.add({**defaults, **own}, job_id, shown_id, origin)
 
 
-def _check_jobs(doc: dict, path: Path, stamp: tuple | None, model: Model, out: _Collector) -> list[Job]:
+def _check_jobs(doc: dict, path: Path, stamp: tuple | None, model: Model, out: _Collector,
+                registry: dict[str, Model] | None = None) -> list[Job]:
     defaults = _defaults(doc, out)
     listed = _listed_jobs(doc, out) or []
     total = _count(listed, out)
     if total is None:
         return []
     ctx = _Context(path, stamp, out.marks, defaults)
-    build = _JobBuilder(model, ctx, LocalImages(path.parent), out)
+    build = _JobBuilder(model, ctx, LocalImages(path.parent), out, registry)
     _build_listed(listed, defaults, build, out)
     if "jobs_from" in doc:
         _build_from_file(doc, path, defaults, MAX_JOBS - total, build, out)
@@ -648,6 +706,7 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
             raise ManifestError(out.problems)
         models_dir = path.parent / Path(models_dir).expanduser()
     try:
+        registry = all_models(models_dir)
         model = get_model(model_id if isinstance(model_id, str) else str(model_id), models_dir)
     except UnknownModel as exc:
         out.add(("model",), "model", str(exc))
@@ -660,8 +719,8 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         out.add(("output",), "output", "must be a folder path (text)")
     settings = _check_settings(doc, out)
     notify = _check_notify(doc, out)
-    price = _check_price(doc, model, out)
-    jobs = _check_jobs(doc, path, stamp, model, out)
+    price, prices = _check_prices(doc, model, registry, out)
+    jobs = _check_jobs(doc, path, stamp, model, out, registry)
     # The manifest's problems first, then those of its jobs file.
     out.problems.sort(key=lambda p: (p.file != out.file, p.file, p.line, p.column))
     if out.errors:
@@ -676,4 +735,5 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         warnings=out.problems,
         output_explicit=output is not None or "output" in doc,
         notify=notify,
+        prices=prices,
     )

@@ -57,7 +57,7 @@ def image_urls(manifest: Manifest) -> list[str]:
     """The distinct remote https:// image URLs of the manifest's jobs, in manifest order."""
     urls: dict[str, None] = {}
     for job in manifest.jobs:
-        for _, value in schema.image_values(manifest.model, job.input):
+        for _, value in schema.image_values(manifest.model_of(job), job.input):
             if value[:8].lower() == "https://":
                 urls.setdefault(value)
     return list(urls)
@@ -97,7 +97,7 @@ def problems_for(manifest: Manifest, checks: Mapping[str, ImageCheck]) -> list[P
     problems: list[Problem] = []
     seen: set[tuple] = set()
     for job in manifest.jobs:
-        for path, value in schema.image_values(manifest.model, job.input):
+        for path, value in schema.image_values(manifest.model_of(job), job.input):
             check = checks.get(value)
             if check is None or check.ok:
                 continue
@@ -242,7 +242,7 @@ def doomed_jobs(manifest: Manifest, checks: Mapping[str, ImageCheck]) -> dict[st
     """Job id → why an image URL of it failed preflight (the first such reason)."""
     doomed: dict[str, str] = {}
     for job in manifest.jobs:
-        for path, value in schema.image_values(manifest.model, job.input):
+        for path, value in schema.image_values(manifest.model_of(job), job.input):
             check = checks.get(value)
             if check is not None and not check.ok and job.id not in doomed:
                 field = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)

@@ -30,6 +30,7 @@ def job_record(row: JobRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "state": row.state,
+        "model": row.model,
         "request_id": row.request_id,
         "request_ids": list(row.request_ids),
         "submissions": row.submissions,

@@ -199,7 +199,7 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
     """Check the image URLs of the jobs about to be submitted; hold (never pay for) those that would fail."""
     from batchrun.preflight import ImageCheck, check_urls, doomed_jobs, problems_for
 
-    values = (value for job in plan.submit for _, value in schema.image_values(manifest.model, job.input))
+    values = (value for job in plan.submit for _, value in schema.image_values(manifest.model_of(job), job.input))
     urls = list(dict.fromkeys(value for value in values if schema.image_ref_kind(value) == "url"))
     if not urls:
         return

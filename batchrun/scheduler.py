@@ -473,7 +473,7 @@ class Scheduler:
                     await self._intents.commit(job.id)
                     crashpoint("after_intent")
                     self.calls["submit"] += 1
-                    submitted = await self.client.submit(self.manifest.model.model_id, payload)
+                    submitted = await self.client.submit(self.manifest.model_of(job).model_id, payload)
             except SubmitOutcomeUnknown as exc:
                 self._reached()
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
@@ -792,7 +792,8 @@ class Scheduler:
 
     def _output_name(self, job: Job, index: int, url: str) -> str:
         suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
-        suffix = suffix if suffix in VIDEO_SUFFIXES else DEFAULT_SUFFIX.get(self.manifest.model.output_kind, ".mp4")
+        kind = self.manifest.model_of(job).output_kind
+        suffix = suffix if suffix in VIDEO_SUFFIXES else DEFAULT_SUFFIX.get(kind, ".mp4")
         return f"{job.id}{suffix}" if index == 0 else f"{job.id}-{index + 1}{suffix}"
 
     async def _download_all(self, job: Job, request_id: str, urls: list[str]) -> list[Output] | None:
@@ -800,6 +801,7 @@ class Scheduler:
         output_dir = self.manifest.output_dir
         max_bytes = int(self.settings.max_video_mb * 1024 * 1024)
         outputs: list[Output] = []
+        kind = self.manifest.model_of(job).output_kind
         refreshes, part_size = 0, 0
         index = 0
         while index < len(urls):
@@ -807,7 +809,7 @@ class Scheduler:
             url = urls[index]
             try:
                 got = await with_retries(
-                    lambda url=url, name=name: self._count_download(url, output_dir / name, max_bytes),
+                    lambda url=url, name=name: self._count_download(url, output_dir / name, max_bytes, kind),
                     policy=self.policy, sleep=self._retry_nap, rand=self.rand,
                     retryable=lambda e: isinstance(e, (DownloadInterrupted, TransientApiError)),
                 )
@@ -842,7 +844,7 @@ class Scheduler:
             index, refreshes, part_size = index + 1, 0, 0
         return outputs
 
-    async def _count_download(self, url: str, dest: Path, max_bytes: int):
+    async def _count_download(self, url: str, dest: Path, max_bytes: int, kind: str):
         self.calls["download"] += 1
-        return await dl.download(self.session, url, dest, kind=self.manifest.model.output_kind,
+        return await dl.download(self.session, url, dest, kind=kind,
                                  hosts=self.output_hosts, max_bytes=max_bytes)
