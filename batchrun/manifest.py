@@ -119,10 +119,11 @@ class Manifest:
         if not unpriced:
             return None
         model = self.model_of(unpriced[0])
+        count = sum(1 for job in unpriced if self.model_of(job) is model)
         field = "usd_per_output" if model.price.unit == "output" else "usd_per_second"
-        scope = "" if model is self.model else f"{model.model_id}: "
-        return (f"budget_usd: the price of {model.model_id} is unknown for {len(unpriced)} job(s) "
-                f"(first: {unpriced[0].id}), so a budget cannot be kept; add 'price: {{{scope}{field}: ...}}' "
+        hint = f"{field}: ..." if model is self.model else f"{model.model_id}: {{{field}: ...}}"
+        return (f"budget_usd: the price of {model.model_id} is unknown for {count} job(s) "
+                f"(first: {unpriced[0].id}), so a budget cannot be kept; add 'price: {{{hint}}}' "
                 "to the manifest, or run without a budget")
 
 

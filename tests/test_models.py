@@ -310,3 +310,89 @@ async def test_sandbox_run_gives_an_output_of_the_model_kind(tmp_path, monkeypat
     data = (tmp_path / "out" / output["path"]).read_bytes()
     assert media.accepts(kind, data[: media.HEAD_BYTES])
     assert output["path"].endswith({"video": ".mp4", "image": ".png", "audio": ".wav"}[kind])
+
+
+# --- model: per job and as a matrix axis (a bake-off) ------------------------------------------------------
+
+BAKE_OFF = ["kling/kling-3.0/standard/text-to-video", "bytedance/seedance-2.5/text-to-video/1080p",
+            "minimax/minimax-h3/text-to-video", "google/nano-banana-2-lite/text-to-image"]
+
+
+def bake_off_manifest(tmp_path, **top):
+    path = tmp_path / "bake.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "model": BAKE_OFF[0], **top, "output": "out", "concurrency": 4, "poll_min_interval": 0,
+        "poll_max_interval": 1, "requests_per_second": 1000,
+        "jobs": [{"id": "beach", "matrix": {"prompt": ["waves at dawn", "a gull", "storm clouds"],
+                                            "model": BAKE_OFF}}]}, sort_keys=False), "utf-8")
+    return path
+
+
+async def test_a_bake_off_of_three_prompts_by_four_models_plans_and_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    path = bake_off_manifest(tmp_path)
+    manifest = load_manifest(path)
+    assert [j.id for j in manifest.jobs][:5] == ["beach-p1-m1", "beach-p1-m2", "beach-p1-m3", "beach-p1-m4",
+                                                 "beach-p2-m1"]
+    assert all("model" not in j.input for j in manifest.jobs)
+    code, out, err = await cli(["plan", str(path), "--json", "--no-balance-check"])
+    info = json.loads(out)
+    assert code == 0 and info["submit"] == 12 and info["estimated_cost_usd"] is None
+    per_model = info["models"]
+    assert list(per_model) == BAKE_OFF
+    assert per_model[BAKE_OFF[0]] == {"jobs": 3, "submit": 3, "estimated_cost_usd": 1.89, "unpriced_jobs": 0,
+                                      "price": "0.084 USD/s (0.126 with audio via sound)", "output_kind": "video"}
+    assert per_model[BAKE_OFF[3]]["estimated_cost_usd"] is None and per_model[BAKE_OFF[3]]["unpriced_jobs"] == 3
+    code, out, err = await cli(["plan", str(path), "--no-balance-check"])
+    assert f"  {BAKE_OFF[3]}" in out and "3 jobs, 3 to submit, unknown" in out
+    async with Sandbox(token=TOKEN) as sandbox:
+        code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
+                                    "--no-progress"])
+        assert code == 0, out + err
+        assert sandbox.posts_total == 12
+        assert sorted(job.model_id for job in sandbox.jobs.values()) == sorted(BAKE_OFF * 3)
+    rows = results(tmp_path / "out")
+    assert (rows["beach-p2-m4"]["model"], rows["beach-p2-m4"]["outputs"][0]["path"]) == (BAKE_OFF[3], "beach-p2-m4.png")
+    assert (rows["beach-p2-m1"]["model"], rows["beach-p2-m1"]["outputs"][0]["path"]) == (BAKE_OFF[0], "beach-p2-m1.mp4")
+    async with Sandbox(token=TOKEN) as sandbox:  # a second run pays for nothing
+        code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
+                                    "--no-progress"])
+        assert code == 0 and sandbox.posts_total == 0
+
+
+def test_each_job_is_validated_against_its_own_model(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "jobs": [
+        {"id": "a", "model": "google/nano-banana-2-lite/text-to-image", "prompt": "x", "duration": 5},
+        {"id": "b", "model": "kling/kling-3.0/pro/text-to-vidoe", "prompt": "x"},
+        {"id": "c", "model": "minimax/minimax-h3/text-to-video", "prompt": "x", "duration": 5}]}, sort_keys=False),
+        "utf-8")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    shown = [str(p).removeprefix(f"{path}:") for p in info.value.problems]
+    assert shown == [
+        "6:3: jobs[0] (id=a).duration: unknown field 'duration'",
+        "8:10: jobs[1] (id=b).model: unknown model 'kling/kling-3.0/pro/text-to-vidoe' (did you mean "
+        f"'kling/kling-3.0/pro/text-to-video'?); `batchrun models list` shows the {len(all_models())} known models",
+    ], shown
+
+
+async def test_a_budget_with_a_model_of_unknown_price_needs_price_for_that_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    path = bake_off_manifest(tmp_path, budget_usd=100)
+    async with Sandbox(token=TOKEN) as sandbox:
+        code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
+                                    "--no-progress"])
+        assert code == 2 and sandbox.posts_total == 0
+        assert ("price of bytedance/seedance-2.5/text-to-video/1080p is unknown for 3 job(s) (first: beach-p1-m2), "
+                "so a budget cannot be kept; add 'price: {bytedance/seedance-2.5/text-to-video/1080p: "
+                "{usd_per_second: ...}}'") in err, err
+        prices = {model_id: {"usd_per_second": 0.1} for model_id in BAKE_OFF[1:3]}
+        prices[BAKE_OFF[3]] = {"usd_per_output": 0.04}
+        path = bake_off_manifest(tmp_path, budget_usd=100, price=prices)
+        code, out, err = await cli(["plan", str(path), "--json", "--no-balance-check"])
+        assert json.loads(out)["estimated_cost_usd"] == round(1.89 + 3 * 0.5 * 2 + 3 * 0.04, 4)
+        code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
+                                    "--no-progress"])
+        assert code == 0, err
+        assert sandbox.posts_total == 12
