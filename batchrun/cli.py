@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(report)
     report.set_defaults(handler=cmd_report)
 
+    from batchrun.models.commands import add_commands as add_models_commands
+
+    add_models_commands(commands)
+
     sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)

@@ -396,3 +396,49 @@ async def test_a_budget_with_a_model_of_unknown_price_needs_price_for_that_model
                                     "--no-progress"])
         assert code == 0, err
         assert sandbox.posts_total == 12
+
+
+# --- batchrun models list | show ---------------------------------------------------------------------------
+
+
+async def test_models_list_shows_every_model_with_kind_source_and_price(tmp_path, monkeypatch):
+    write_user_model(tmp_path / "models")
+    monkeypatch.setenv("BATCHRUN_MODELS", str(tmp_path / "models"))
+    code, out, err = await cli(["models", "list", "--json"])
+    assert code == 0, err
+    listed = {m["model_id"]: m for m in json.loads(out)}
+    assert set(listed) == set(SHIPPED) | {"acme/test/text-to-video"}
+    assert listed["acme/test/text-to-video"]["source"] == "user"
+    assert listed[DEFAULT_MODEL] | {"file": None} == {
+        "model_id": DEFAULT_MODEL, "output_kind": "video", "source": "shipped", "price_known": True, "file": None,
+        "price": "0.084 USD/s (0.126 with audio via generate_audio)"}
+    assert listed["google/nano-banana-2-lite/edit"]["price"] == "unknown per output"
+    code, out, err = await cli(["models", "list"])
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("elevenlabs/elevenlabs/music-generation "))
+    assert line.split() == ["elevenlabs/elevenlabs/music-generation", "audio", "shipped", "0.0083", "USD/s"]
+
+
+async def test_models_show_prints_fields_media_duration_audio_price_rules():
+    code, out, err = await cli(["models", "show", "kling/kling-video-o3/standard/reference-to-video"])
+    assert code == 0, err
+    assert "  duration field: duration (seconds)" in out
+    assert "  audio switch: sound" in out
+    assert "  image inputs: images[]" in out and "  video inputs: video" in out
+    assert '  rule max_items_when: [{"field": "images", "max": 4, "when_present": "video"}]' in out
+    assert "    prompt (required): " in out
+    code, out, err = await cli(["models", "show", "elevenlabs/elevenlabs/music-generation", "--json"])
+    info = json.loads(out)
+    assert (info["duration_field"], info["duration_unit"], info["audio_field"], info["audio_inverted"]) == (
+        "music_length_ms", "ms", "force_instrumental", True)
+    code, out, err = await cli(["models", "show", "kling/kling-9"])
+    assert code == 2 and "unknown model 'kling/kling-9'" in err and out == ""
+
+
+async def test_models_list_with_a_broken_user_file_names_it(tmp_path, monkeypatch):
+    write_user_model(tmp_path / "models", price={"usd_per_second": "cheap"})
+    monkeypatch.setenv("BATCHRUN_MODELS", str(tmp_path / "models"))
+    code, out, err = await cli(["models", "list"])
+    assert code == 2
+    assert "mine.json: price.usd_per_second: must be a number of USD or null (unknown), got \"cheap\"" in err
+    assert "Traceback" not in err
