@@ -442,3 +442,60 @@ async def test_models_list_with_a_broken_user_file_names_it(tmp_path, monkeypatc
     assert code == 2
     assert "mine.json: price.usd_per_second: must be a number of USD or null (unknown), got \"cheap\"" in err
     assert "Traceback" not in err
+
+
+# --- batchrun models pull | check against the sandbox's catalogue -------------------------------------------
+
+
+async def test_models_pull_writes_a_user_file_that_validates_a_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    folder = tmp_path / "models"
+    monkeypatch.setenv("BATCHRUN_MODELS", str(folder))
+    reference = "kling/kling-video-o3/standard/reference-to-video"
+    async with Sandbox(token=TOKEN) as sandbox:
+        code, out, err = await cli(["models", "pull", reference, "kling/kling-3.0/standard/image-to-video",
+                                    "--base-url", sandbox.base_url])
+        assert code == 0, err
+        code, out2, err = await cli(["models", "pull", "acme/nothing", "--base-url", sandbox.base_url])
+        assert code == 1 and "acme/nothing: not pulled: " in err and "400001" in err
+    written = json.loads((folder / "kling__kling-video-o3__standard__reference-to-video.json").read_text("utf-8"))
+    assert f"{reference}: wrote {folder}" in out
+    assert written["price"]["usd_per_second"] == 0.1 and written["price"]["audio_field"] == "sound"
+    assert written["rules"] == {"max_items_when": [{"field": "images", "max": 4, "when_present": "video"}]}
+    assert written["input_schema"]["properties"]["images"]["format"] == "image_uris"  # kept as published
+    kling = json.loads((folder / "kling__kling-3.0__standard__image-to-video.json").read_text("utf-8"))
+    assert kling["input_schema"]["properties"]["cfg_scale"]["type"] == "float"  # published so, read as number
+    assert kling["price"]["usd_per_second_with_audio"] == 0.126 and kling["rules"]["sum_equals"]
+    model = get_model(reference)
+    assert model.origin == str(folder / "kling__kling-video-o3__standard__reference-to-video.json")
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(reference, {"prompt": "x", "duration": 4, "images": ["https://example.com/a.png"]}),
+                    "utf-8")
+    manifest = load_manifest(path)
+    assert manifest.estimate_cost(manifest.jobs[0]) == 0.4
+    assert get_model(DEFAULT_MODEL).estimate_cost({"cfg_scale": 0.5, "duration": 5}) == 0.63
+
+
+async def test_models_check_reports_where_the_api_differs(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    folder = tmp_path / "models"
+    monkeypatch.setenv("BATCHRUN_MODELS", str(folder))
+    kling = "kling/kling-3.0/pro/text-to-video"
+    flux = "blackforestlabs/flux-3/text-to-video"
+    folder.mkdir()
+    async with Sandbox(token=TOKEN) as sandbox:
+        code, out, err = await cli(["models", "check", kling, "--base-url", sandbox.base_url])
+        assert (code, out) == (0, f"{kling}: same\n"), err
+        code, out, err = await cli(["models", "check", kling, flux, "--base-url", sandbox.base_url])
+        assert code == 1
+        assert out == f"{kling}: same\n{flux}: differs\n  price: local unknown, API 0.1 USD per second\n"
+        # A user file that drifted from the API: a field it lacks, one it has that the API does not.
+        data = json.loads(next(e for e in resources.files("batchrun.models").iterdir()
+                               if e.name == "kling__kling-3.0__pro__text-to-video.json").read_text("utf-8"))
+        del data["input_schema"]["properties"]["negative_prompt"]
+        data["input_schema"]["properties"]["seed"] = {"type": "integer"}
+        (folder / "pro.json").write_text(json.dumps(data), "utf-8")
+        code, out, err = await cli(["models", "check", kling, "--base-url", sandbox.base_url])
+        assert code == 1
+        assert out.splitlines() == [f"{kling}: differs", "  field 'negative_prompt': only in the API's schema",
+                                    "  field 'seed': only in the local file"]

@@ -95,14 +95,15 @@ def _user(folder: Path) -> dict[str, Model]:
     return models
 
 
-def all_models(folder: str | Path | None = None) -> dict[str, Model]:
+def all_models(folder: str | Path | None = None, *, missing_ok: bool = False) -> dict[str, Model]:
     """Every model by id: the shipped ones, then the user folder's (see `user_dir`), which win.
 
-    Raises ModelFileError for a data file that fails its checks.
+    Raises ModelFileError for a data file that fails its checks, or for a user folder that does not
+    exist (unless `missing_ok`: `models pull` creates it).
     """
     models = dict(_shipped())
     where = user_dir(folder)
-    if where is not None:
+    if where is not None and not (missing_ok and not where.exists()):
         models.update(_user(where))
     return models
 

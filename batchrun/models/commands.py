@@ -6,10 +6,17 @@ failed; check 0 when the same, 1 when something differs.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+from importlib import resources
+from pathlib import Path
 from typing import Any, TextIO
 
+from batchrun.errors import BatchrunError, UsageError
 from batchrun.models import ModelFileError, UnknownModel, all_models, get_model, user_dir
+from batchrun.models.catalogue import data_from_entry, differences, write_pulled
+from batchrun.models.dataformat import read_model_data
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -102,6 +109,95 @@ def cmd_show(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _raw_local(model) -> dict[str, Any] | None:
+    """The local data file's JSON as written (for its hand-written keys), or None."""
+    if model.origin == "shipped":
+        for entry in resources.files("batchrun.models").iterdir():
+            if entry.name.endswith(".json"):
+                data = json.loads(entry.read_text("utf-8"))
+                if data.get("model_id") == model.model_id:
+                    return data
+        return None
+    return json.loads(Path(model.origin).read_text("utf-8"))
+
+
+async def _fetch_all(base_url: str, token: str, model_ids: list[str]) -> dict[str, dict | BatchrunError]:
+    """Each model's catalogue entry, or the error that stopped it (one model's failure stops no other)."""
+    import aiohttp
+
+    from batchrun.api import Client
+
+    found: dict[str, dict | BatchrunError] = {}
+    async with aiohttp.ClientSession() as session:
+        client = Client(session, base_url, token, request_timeout=60.0)
+        for model_id in model_ids:
+            try:
+                found[model_id] = await client.model(model_id)
+            except BatchrunError as exc:
+                found[model_id] = exc
+    return found
+
+
+def _connection(args) -> tuple[str, str]:
+    from batchrun.settings import base_url as resolve_base_url
+
+    token = os.environ.get("RUNCOMFY_API_TOKEN", "").strip()
+    if not token:
+        raise UsageError("set RUNCOMFY_API_TOKEN to your RunComfy API token")
+    return resolve_base_url(args.base_url, os.environ), token
+
+
+def cmd_pull(args, out: TextIO, err: TextIO) -> int:
+    folder = user_dir(args.models_dir)
+    if folder is None:
+        raise UsageError("set BATCHRUN_MODELS (or --models-dir) to the folder pulled model files go to")
+    base_url, token = _connection(args)
+    known = all_models(folder, missing_ok=True)
+    entries = asyncio.run(_fetch_all(base_url, token, args.model_ids))
+    failed = 0
+    for model_id, entry in entries.items():
+        try:
+            if isinstance(entry, BaseException):
+                raise entry
+            overlay = _raw_local(known[model_id]) if model_id in known else None
+            path = write_pulled(folder, data_from_entry(entry, overlay, base_url))
+        except (BatchrunError, OSError) as exc:
+            failed += 1
+            print(f"{model_id}: not pulled: {exc}", file=err)
+            continue
+        print(f"{model_id}: wrote {path}", file=out)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_check(args, out: TextIO, err: TextIO) -> int:
+    models = all_models(args.models_dir)
+    model_ids = args.model_ids or sorted(models)
+    for model_id in model_ids:
+        if model_id not in models:
+            raise UsageError(f"unknown model {model_id!r}; `batchrun models list` shows the known models")
+    base_url, token = _connection(args)
+    entries = asyncio.run(_fetch_all(base_url, token, model_ids))
+    differ = 0
+    for model_id in model_ids:
+        entry = entries[model_id]
+        try:
+            if isinstance(entry, BaseException):
+                raise entry
+            local_raw = _raw_local(models[model_id])
+            local = read_model_data(local_raw, models[model_id].origin)
+            pulled = read_model_data(data_from_entry(entry, local_raw, base_url), f"the API's {model_id}")
+        except BatchrunError as exc:  # the API's error, an unusable entry, a broken local file
+            differ += 1
+            print(f"{model_id}: not checked: {exc}", file=out)
+            continue
+        found = differences(local, pulled)
+        differ += bool(found)
+        print(f"{model_id}: {'differs' if found else 'same'}", file=out)
+        for line in found:
+            print(f"  {line}", file=out)
+    return EXIT_FAILED if differ else EXIT_OK
+
+
 def _guarded(handler):
     """A broken user model file is a usage problem (exit 2) with its file and field, not a traceback."""
     def run(args, out: TextIO, err: TextIO) -> int:
@@ -115,7 +211,7 @@ def _guarded(handler):
 
 def add_commands(commands) -> None:
     """Add `models` and its subcommands to batchrun's argparse subparsers."""
-    models = commands.add_parser("models", help="the models batchrun knows: list, show")
+    models = commands.add_parser("models", help="the models batchrun knows: list, show, pull, check")
     sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", parser_class=type(models))
     listing = sub.add_parser("list", help="every known model: id, output kind, source, price (or unknown)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -124,5 +220,15 @@ def add_commands(commands) -> None:
     show.add_argument("model_id", metavar="MODEL_ID")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=_guarded(cmd_show))
+    for name, handler, text in (("pull", cmd_pull, "fetch GET /v1/models/{id} and write a data file to the user "
+                                                    "folder (exit 1 if some failed)"),
+                                ("check", cmd_check, "where the API's schema or price differs from the local file "
+                                                     "(exit 1 if any differs)")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("model_ids", nargs="+" if name == "pull" else "*", metavar="MODEL_ID")
+        command.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
+        command.add_argument("--models-dir", metavar="DIR", help="the user folder of model files "
+                             "(default: $BATCHRUN_MODELS)")
+        command.set_defaults(handler=_guarded(handler))
     models.set_defaults(handler=lambda args, out, err: (models.print_help(out), EXIT_USAGE)[1])
 

@@ -69,6 +69,23 @@ class Model:
                 found.append({"loc": ["body", items], "msg": msg, "type": "sum_equals"})
         return found
 
+    def catalogue_entry(self, with_schema: bool) -> dict[str, Any]:
+        """This model as `GET /v1/models/{id}` gives it: the base price the sandbox bills (its own rate where
+        the file's is unknown) and, published the way RunComfy's catalogue may, numbers typed ``"float"``."""
+        price = self.price
+        unit = price.get("unit", "second")
+        base = price.get("usd_per_output" if unit == "output" else "usd_per_second")
+        entry: dict[str, Any] = {
+            "model_id": self.model_id,
+            "output_kind": self.output_kind,
+            "base_price_usd": base if base is not None else
+            (SANDBOX_USD_PER_OUTPUT if unit == "output" else SANDBOX_USD_PER_SECOND),
+            "price_unit": unit,
+        }
+        if with_schema:
+            entry["input_schema"] = _published(self.schema)
+        return entry
+
     def cost(self, body: dict[str, Any]) -> float:
         """What the job is billed: the file's price formula, with the sandbox's own rates where the model's
         are unknown (null), so the balance still goes down."""
@@ -97,6 +114,15 @@ class Model:
             value = read(name)
             total *= table.get(value if isinstance(value, str) else json.dumps(value), 1.0)
         return round(total, 6)
+
+
+def _published(node: Any) -> Any:
+    """A schema as the catalogue may publish it: ``"type": "number"`` written ``"float"``."""
+    if isinstance(node, dict):
+        return {k: ("float" if k == "type" and v == "number" else _published(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_published(v) for v in node]
+    return node
 
 
 def _load_models() -> dict[str, Model]:

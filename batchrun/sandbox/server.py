@@ -178,6 +178,8 @@ class Sandbox:
         r.add_post("/v1/requests/{request_id}/cancel", self._cancel, name="cancel")
         r.add_get("/files/{request_id}/{name}", self._download, name="download")
         r.add_get("/prod/v2/balance", self._balance, name="balance")
+        r.add_get("/v1/models", self._catalogue, name="catalogue")
+        r.add_get("/v1/models/{model_id:.+}", self._model_entry, name="model")
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -474,6 +476,19 @@ class Sandbox:
     def _charge(self, job: Job) -> None:
         if job.error is None:
             self.balance_usd -= self.models[job.model_id].cost(job.input)
+
+    async def _catalogue(self, request: web.Request) -> web.Response:
+        """GET /v1/models[?include_schema=true]: every registered model's entry."""
+        with_schema = request.query.get("include_schema", "").lower() in ("true", "1")
+        entries = [m.catalogue_entry(with_schema) for m in sorted(self.models.values(), key=lambda m: m.model_id)]
+        return web.json_response({"models": entries})
+
+    async def _model_entry(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model_id}: its price and input schema, as the catalogue publishes them."""
+        model = self.models.get(request.match_info["model_id"])
+        if model is None:
+            return _error(400, 400001, f"unknown model: {request.match_info['model_id']}")
+        return web.json_response(model.catalogue_entry(True))
 
     async def _balance(self, request: web.Request) -> web.Response:
         self._now()  # renders that ended by now are charged
