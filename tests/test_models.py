@@ -499,3 +499,20 @@ async def test_models_check_reports_where_the_api_differs(tmp_path, monkeypatch)
         assert code == 1
         assert out.splitlines() == [f"{kling}: differs", "  field 'negative_prompt': only in the API's schema",
                                     "  field 'seed': only in the local file"]
+
+
+def test_a_jobs_file_may_name_each_rows_model(tmp_path):
+    (tmp_path / "jobs.csv").write_text("id,prompt,model\na,waves,kling/kling-3.0/pro/text-to-video\n"
+                                       "b,gulls,\nc,rain,kling/kling-3.0/pro/text-to-vidoe\n", "utf-8")
+    path = tmp_path / "m.yaml"
+    path.write_text("model: kling/kling-3.0/standard/text-to-video\njobs_from: jobs.csv\n", "utf-8")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    [problem] = info.value.problems
+    assert str(problem).startswith(f"{tmp_path / 'jobs.csv'}:4:") and "unknown model" in str(problem), str(problem)
+    (tmp_path / "jobs.csv").write_text("id,prompt,model\na,waves,kling/kling-3.0/pro/text-to-video\nb,gulls,\n",
+                                       "utf-8")
+    manifest = load_manifest(path)
+    assert [manifest.model_of(j).model_id for j in manifest.jobs] == ["kling/kling-3.0/pro/text-to-video",
+                                                                     "kling/kling-3.0/standard/text-to-video"]
+    assert [manifest.estimate_cost(j) for j in manifest.jobs] == [0.84, 0.63]
