@@ -21,11 +21,12 @@ A jobs file
 -----------
 ``jobs_from: jobs.csv`` (or ``.jsonl``) reads one job per row, besides the `jobs:` list. A CSV's header
 names the columns: ``id`` and ``model`` (both optional; ``model`` is the row's own model) and input fields;
-unknown columns are errors pointing at the header cell. Cells are converted by the field's type in the model's schema (``duration`` "5" → 5,
-``generate_audio`` "true"/"false", lists and mappings as JSON); an empty cell means "not set", so
-`defaults` apply. Quoted cells may hold newlines. Encodings, the delimiter and spreadsheets' localized
-values are `batchrun.tablefile`'s. A JSON Lines file holds one JSON object per line. Problems point at
-the file's physical line (a quoted newline shifts later rows) and the cell's 1-based column.
+unknown columns are errors pointing at the header cell. Cells are converted by the field's type in the
+manifest model's schema (``duration`` "5" → 5, ``generate_audio`` "true"/"false", lists and mappings as
+JSON); an empty cell means "not set", so `defaults` apply. Quoted cells may hold newlines. Encodings, the
+delimiter and spreadsheets' localized values are `batchrun.tablefile`'s. A JSON Lines file holds one JSON
+object per line. Problems point at the file's physical line (a quoted newline shifts later rows) and the
+cell's 1-based column.
 """
 
 from __future__ import annotations
