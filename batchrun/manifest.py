@@ -502,6 +502,9 @@ class _JobBuilder:
         for path, image in refs:
             for problem in image.problems:
                 self.out.add_at(*origin.locate(path, label), problem)
+            if not image.problems:
+                for problem in schema.image_limit_problems(model, path, image.width, image.height, image.size):
+                    self.out.add_at(*origin.locate(path, label), f"{echo.quoted(image.written)} {problem}")
             for warning in image.warnings:
                 self.out.add_at(*origin.locate(path, label), warning, "warning")
         if job_id is not None:

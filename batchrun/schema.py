@@ -145,7 +145,41 @@ def image_values(model: Model, job_input: dict[str, Any]):
                 yield path, value
 
 
-def _check_data_uri(path: tuple, value: str) -> list[Finding]:
+_VALIDATION_READINGS = {  # a `validations` rule's quantity, from (width, height, bytes)
+    "width_pixels": lambda w, h, n: w, "height_pixels": lambda w, h, n: h,
+    "width/height": lambda w, h, n: w / h if h else None, "file_size_mb": lambda w, h, n: n / 2**20,
+}
+
+
+def image_limit_problems(model: Model, path: tuple, width: int | None, height: int | None,
+                         size: int | None) -> list[str]:
+    """Why `model` refuses an image of these facts in its field at `path` (each a predicate: "is 10x10
+    px; ..."): its ``rules.image_limits`` (``min_side``, ``max_aspect``: Kling's pixel rules) and the
+    ``rules.validations`` published for that field (Seedream: ``width_pixels>``, ``file_size_mb<``...)."""
+    problems: list[str] = []
+    known = width is not None and height is not None
+    limits = model.rules.get("image_limits")
+    if limits and known:
+        problems.extend(imageinfo.size_problems(width, height, limits.get("min_side"), limits.get("max_aspect"),
+                                                limits.get("who", model.title)))
+    field = next((p for p in path if isinstance(p, str)), None)
+    for rule in model.rules.get("validations", {}).get(field, []):
+        text = str(rule.get("validation_rule", ""))
+        reading = _VALIDATION_READINGS.get(text[:-1])
+        if reading is None or text[-1:] not in "<>" or (not known and text[:-1] != "file_size_mb") \
+                or (size is None and text[:-1] == "file_size_mb"):
+            continue  # a rule batchrun cannot evaluate, or facts it does not have
+        got, limit = reading(width or 0, height or 0, size or 0), rule.get("validation_value")
+        if got is None or not isinstance(limit, (int, float)):
+            continue
+        if not (got < limit if text[-1] == "<" else got > limit):
+            said = str(rule.get("validation_error") or f"needs {text} {limit}").removeprefix("[paraphrased] ")
+            facts = f"{width}x{height} px" if known else f"{(size or 0) / 2**20:.1f} MiB"
+            problems.append(f"is {facts}; {said} ({text[:-1]} must be {text[-1]} {limit:g})")
+    return problems
+
+
+def _check_data_uri(path: tuple, value: str, model: Model | None = None) -> list[Finding]:
     """A data: URI written in the manifest: base64, an image type, at most 6 MiB, within Kling's limits."""
     match = _DATA_URI.match(value)
     if not match:
@@ -163,7 +197,12 @@ def _check_data_uri(path: tuple, value: str) -> list[Finding]:
     except (binascii.Error, ValueError):
         return [Finding(path, "the data: URI's base64 text is not valid")]
     facts = imageinfo.inspect(data)
-    findings = [Finding(path, f"the data: URI's content {problem}") for problem in imageinfo.image_problems(facts)]
+    problems = imageinfo.format_problems(facts)
+    if model is not None and not problems:
+        problems = image_limit_problems(model, path, facts.width, facts.height, len(data))
+    elif model is None:
+        problems = imageinfo.image_problems(facts)
+    findings = [Finding(path, f"the data: URI's content {problem}") for problem in problems]
     if facts.accepted and mime and not mime.startswith("image/"):
         findings.append(Finding(path, f"the data: URI declares {mime!r}; use {facts.mime}", "warning"))
     return findings
@@ -228,7 +267,7 @@ def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | Non
             if kind == "url":
                 findings.extend(_check_url(path, value, model.image_extensions))
             elif kind == "data":
-                findings.extend(_check_data_uri(path, value))
+                findings.extend(_check_data_uri(path, value, model))
             elif local_refs is not None:
                 local_refs.append((path, value))  # checked by the caller, which knows the manifest's folder
     for kind in ("video", "audio"):  # sent as https:// URLs only (no local files yet for these kinds)

@@ -516,3 +516,54 @@ def test_a_jobs_file_may_name_each_rows_model(tmp_path):
     assert [manifest.model_of(j).model_id for j in manifest.jobs] == ["kling/kling-3.0/pro/text-to-video",
                                                                      "kling/kling-3.0/standard/text-to-video"]
     assert [manifest.estimate_cost(j) for j in manifest.jobs] == [0.84, 0.63]
+
+
+# --- image limits are the model's: Kling's pixel rules, Seedream's published validations ---------------------
+
+
+def png(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    rows = b"".join(b"\x00" + b"\x80" * (3 * width) for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("model_id, field, many, size, expected", [
+    ("kling/kling-3.0/pro/image-to-video", "start_image_url", False, (16, 16),
+     "'in.png' is 16x16 px; Kling needs each side to be at least 300 px"),
+    ("google/nano-banana-2-lite/edit", "image_urls", True, (16, 16), None),
+    ("bytedance/seedream-5.0-pro/image-to-image", "image", True, (16, 16), None),
+    ("bytedance/seedream-5.0-pro/image-to-image", "image", True, (10, 20),
+     "'in.png' is 10x20 px; each side must exceed 14 px (width_pixels must be > 14)"),
+    ("bytedance/seedream-5.0-pro/image-to-image", "image", True, (340, 20),
+     "'in.png' is 340x20 px; aspect ratio must lie within 1:16..16:1 (width/height must be < 16)"),
+])
+def test_a_local_image_meets_its_own_models_limits(tmp_path, model_id, field, many, size, expected):
+    (tmp_path / "in.png").write_bytes(png(*size))
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text(model_id, {"prompt": "x", field: ["in.png"] if many else "in.png"}), "utf-8")
+    if expected is None:
+        manifest = load_manifest(path)
+        assert manifest.jobs[0].api_input()[field][0].startswith("data:image/png;base64,")
+        return
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    shown = [str(p).removeprefix(f"{path}:") for p in info.value.problems]
+    where = f"{field}[0]" if many else field
+    assert [s.split(": ", 1)[1] for s in shown] == [f"jobs[0] (id=ex).{where}: {expected}"], shown
+
+
+def test_a_data_uri_meets_its_own_models_limits():
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(png(10, 30)).decode()
+    seedream = get_model("bytedance/seedream-5.0-pro/image-to-image")
+    found = check_input(seedream, {"prompt": "x", "image": [uri]})
+    assert [(f.path, f.message) for f in found] == [
+        (("image", 0), "the data: URI's content is 10x30 px; each side must exceed 14 px (width_pixels must be > 14)")]
+    assert check_input(get_model("google/nano-banana-2-lite/edit"), {"prompt": "x", "image_urls": [uri]}) == []

@@ -28,6 +28,8 @@ RULES = {
         "max_items_when": [{"field": "images", "max": 4, "when_present": "video"}]},
     "bytedance/seed-audio-1.0/text-to-audio": {"mutually_exclusive": [["image_url", "audio_urls"]]},
 }
+# Kling 3.0's pixel rules (each side >= 300 px, aspect within 1:2.5..2.5:1), as relayed by its API pages.
+KLING_IMAGE_LIMITS = {"image_limits": {"min_side": 300, "max_aspect": 2.5, "who": "Kling"}}
 SAMPLE = {"image": "https://example.com/input.png", "video": "https://example.com/input.mp4",
           "audio": "https://example.com/input.wav"}
 
@@ -81,7 +83,8 @@ def convert(ref: dict) -> dict:
         "expected_seconds": EXPECTED_SECONDS[kind],
         "price": price,
         "image_extensions": KLING_EXTENSIONS if model_id.startswith("kling/") else [],
-        "rules": RULES.get(model_id, {}),
+        "rules": {**RULES.get(model_id, {}), **(KLING_IMAGE_LIMITS if model_id.startswith("kling/kling-3.0/")
+                                                 and "start_image_url" in props else {})},
         "prose_rules": ref.get("prose_rules", []),
         "example_input": _example(props, required),
         "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",

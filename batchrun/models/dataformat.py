@@ -34,7 +34,7 @@ MEDIA_FORMATS = {
     "audio_uri": ("audio", False), "audio_uris": ("audio", True),
 }
 RULE_KINDS = ("sum_equals", "warn_max_chars", "warn_max_items", "mutually_exclusive", "at_least_one_of",
-              "max_items_when", "validations")
+              "max_items_when", "validations", "image_limits")
 TOP_KEYS = ("model_id", "title", "source", "page_url", "example_input", "expected_seconds", "output_kind",
             "max_outputs", "price",
             "input_schema", "url_fields", "image_extensions", "rules", "prose_rules", "schema_provenance")
@@ -153,6 +153,11 @@ def _check_rules(where: str, rules: Any, properties: dict[str, Any]) -> dict[str
                 for name in group:
                     if name not in properties:
                         raise _fail(where, field, f"names {json.dumps(name)}, which is not an input field")
+        if kind == "image_limits":
+            if not isinstance(value, dict) or not set(value) <= {"min_side", "max_aspect", "who"} or any(
+                    not isinstance(value.get(k, 1), (int, float)) or isinstance(value.get(k), bool)
+                    for k in ("min_side", "max_aspect")):
+                raise _fail(where, field, "must be {min_side: pixels, max_aspect: ratio, who: name}")
         if kind == "max_items_when":
             if not isinstance(value, list):
                 raise _fail(where, field, "must be a list of {field, max, when_present}")
