@@ -17,7 +17,7 @@ from batchrun.spend import job_cost
 
 RESULTS_NAME = "results.jsonl"
 CSV_COLUMNS = ("id", "state", "request_id", "submissions", "input_sha256", "outputs", "cost_usd", "cost_source",
-               "error_kind", "error_message", "submitted_at", "finished_at", "refusal")
+               "error_kind", "error_message", "submitted_at", "finished_at", "refusal", "model")
 PROVENANCE_MAX_BYTES = 16 * 1024 * 1024  # far above any real <id>.json; a bigger file is not ours
 
 

@@ -40,6 +40,7 @@ class StatusReport:
     refused: dict[str, str] = field(default_factory=dict)  # id -> why the manifest's job is not run as written
     damaged: list[tuple[str, str, str]] = field(default_factory=list)  # (id, file, "missing" | "damaged")
     states: dict[str, str] = field(default_factory=dict)  # id -> state, for the jobs listed above
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)  # model id -> state -> jobs
 
 
 def _running_pid(output_dir: Path) -> int | None:
@@ -94,7 +95,16 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
         refused=refused,
         damaged=damaged,
         states={job_id: by_id[job_id].state for job_id in not_in_manifest},
+        by_model=_by_model(rows),
     )
+
+
+def _by_model(rows: list[JobRow]) -> dict[str, dict[str, int]]:
+    """Jobs per model and state, models in ledger order."""
+    found: dict[str, Counter] = {}
+    for row in rows:
+        found.setdefault(row.model, Counter())[row.state] += 1
+    return {model: {state: n[state] for state in STATES if n[state]} for model, n in found.items()}
 
 
 def _error(report: StatusReport, row: JobRow) -> dict[str, str] | None:
@@ -117,10 +127,12 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "output": str(report.output_dir),
         "running_pid": report.running_pid,
         "counts": report.counts,
+        "by_model": report.by_model,
         "total": sum(report.counts.values()),
         "spent_usd": round(report.spend.total_usd, 4),
         "simulated_usd": round(report.spend.simulated_usd, 4),
-        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "request_ids": list(r.request_ids),
+        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id,
+                       "request_ids": list(r.request_ids),
                        "error": _error(report, r),
                        **({"submitted_at": r.submitted_at, "prompt": prompt_start(r, 200)}
                           if r.state in UNSETTLED else {})}
@@ -142,6 +154,9 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
     width = max((len(s) for s in report.counts), default=5)
     for state, n in report.counts.items():
         print(f"  {state:<{width}}  {n:>6}", file=out)
+    if len(report.by_model) > 1:
+        for model, states in report.by_model.items():
+            print(f"  {model}: " + ", ".join(f"{n} {state}" for state, n in states.items()), file=out)
     print(f"spent: {report.spend.describe()} (actual where the API reported it, else estimated)", file=out)
     if report.attention:
         print(f"needing attention ({len(report.attention)}):", file=out)

@@ -354,6 +354,14 @@ async def test_a_bake_off_of_three_prompts_by_four_models_plans_and_runs(tmp_pat
     rows = results(tmp_path / "out")
     assert (rows["beach-p2-m4"]["model"], rows["beach-p2-m4"]["outputs"][0]["path"]) == (BAKE_OFF[3], "beach-p2-m4.png")
     assert (rows["beach-p2-m1"]["model"], rows["beach-p2-m1"]["outputs"][0]["path"]) == (BAKE_OFF[0], "beach-p2-m1.mp4")
+    code, out, err = await cli(["status", str(path), "--json"])
+    assert code == 0 and json.loads(out)["by_model"] == {m: {"done": 3} for m in BAKE_OFF}
+    code, out, err = await cli(["status", str(path)])
+    assert f"  {BAKE_OFF[3]}: 3 done" in out
+    code, out, err = await cli(["export", str(path), "--format", "csv"])
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split(",")[-1] == "model"
+    assert sorted(line.rsplit(",", 1)[1] for line in lines[1:]) == sorted(BAKE_OFF * 3)
     async with Sandbox(token=TOKEN) as sandbox:  # a second run pays for nothing
         code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
                                     "--no-progress"])
