@@ -254,9 +254,11 @@ def cmd_adopt(args, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.models import user_dir
     from batchrun.sandbox import serve_forever
 
-    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds, balance_usd=args.balance)
+    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds, balance_usd=args.balance,
+                  models_dir=user_dir())  # $BATCHRUN_MODELS: the sandbox serves the user's models too
     return EXIT_OK
 
 

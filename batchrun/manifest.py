@@ -22,7 +22,7 @@ from typing import Any
 from batchrun import echo, generators, localfiles, schema
 from batchrun.errors import ManifestError, Problem
 from batchrun.localfiles import LocalImage, LocalImages
-from batchrun.models import DEFAULT_MODEL, Model, ModelFileError, Price, UnknownModel, all_models, get_model
+from batchrun.models import DEFAULT_MODEL, Model, ModelFileError, Price, UnknownModel, all_models, get_model, user_dir
 from batchrun.settings import BY_NAME, Settings
 from batchrun.yamlload import Marks, Pos, load_file, node_at, position_of
 
@@ -87,6 +87,7 @@ class Manifest:
     notify: list[str] = field(default_factory=list)  # URLs told how each run ended (batchrun/notify.py)
 
     prices: dict[str, Price] = field(default_factory=dict)  # `price:` given per model id
+    models_dir: Path | None = None  # the user folder of model files in use (`models_dir:` or $BATCHRUN_MODELS)
 
     def model_of(self, job: Job) -> Model:
         """The model a job runs on: its own `model:` (per job or a matrix axis), else the manifest's."""
@@ -740,4 +741,5 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         output_explicit=output is not None or "output" in doc,
         notify=notify,
         prices=prices,
+        models_dir=user_dir(models_dir),
     )

@@ -560,7 +560,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         if sandbox:
             from batchrun.sandbox import Sandbox
 
-            emulator = await stack.enter_async_context(Sandbox(render_seconds=lambda rng: rng.uniform(1.0, 3.0)))
+            emulator = await stack.enter_async_context(Sandbox(render_seconds=lambda rng: rng.uniform(1.0, 3.0),
+                                                               models_dir=manifest.models_dir))
             base_url, token = emulator.base_url, SANDBOX_TOKEN
             log.info("using the built-in sandbox at %s", base_url)
         api_session = await stack.enter_async_context(

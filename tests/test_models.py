@@ -575,3 +575,19 @@ def test_a_data_uri_meets_its_own_models_limits():
     assert [(f.path, f.message) for f in found] == [
         (("image", 0), "the data: URI's content is 10x30 px; each side must exceed 14 px (width_pixels must be > 14)")]
     assert check_input(get_model("google/nano-banana-2-lite/edit"), {"prompt": "x", "image_urls": [uri]}) == []
+
+
+async def test_a_user_model_runs_in_the_built_in_sandbox(tmp_path, monkeypatch):
+    folder = tmp_path / "models"
+    data = minimal()
+    data["input_schema"]["properties"]["cfg_scale"] = {"type": "float", "minimum": 0, "maximum": 1}
+    folder.mkdir()
+    (folder / "acme.json").write_text(json.dumps(data), "utf-8")
+    path = tmp_path / "m.yaml"
+    path.write_text(manifest_text("acme/test/text-to-video", {"prompt": "hi", "cfg_scale": 0.5, "duration": 2},
+                                  models_dir="models"), "utf-8")
+    code, out, err = await cli(["run", "--sandbox", "--no-progress", str(path)])
+    assert code == 0, out + err
+    row = results(tmp_path / "out")["ex"]
+    assert row["state"] == "done" and row["model"] == "acme/test/text-to-video"
+    assert row["cost_usd"] == 0.2  # the user file's 0.1 USD/s, as the sandbox bills it

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -31,7 +32,8 @@ class Model:
     def __init__(self, data: dict[str, Any]) -> None:
         self.model_id: str = data["model_id"]
         self.schema: dict[str, Any] = data["input_schema"]
-        self.validator = jsonschema.Draft202012Validator(self.schema)
+        # The API validates its own published "float" as a JSON Schema number.
+        self.validator = jsonschema.Draft202012Validator(_numbers(self.schema))
         self.price: dict[str, Any] = data.get("price", {})
         self.sum_rules: list[dict[str, str]] = data.get("rules", {}).get("sum_equals", [])
         self.output_kind: str = data.get("output_kind", "video")
@@ -114,6 +116,30 @@ class Model:
             value = read(name)
             total *= table.get(value if isinstance(value, str) else json.dumps(value), 1.0)
         return round(total, 6)
+
+
+def _numbers(node: Any) -> Any:
+    """A schema with ``"type": "float"`` read as ``"number"``."""
+    if isinstance(node, dict):
+        return {k: ("number" if k == "type" and v == "float" else _numbers(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers(v) for v in node]
+    return node
+
+
+def load_folder(folder: Path) -> dict[str, Model]:
+    """The models of a user folder of model files (``BATCHRUN_MODELS``), keyed by id; files that are not
+    model files are skipped (batchrun itself reports them)."""
+    models = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("model_id"), str) \
+                    and isinstance(data.get("input_schema"), dict):
+                models[data["model_id"]] = Model(data)
+        except (OSError, ValueError, TypeError, jsonschema.SchemaError):
+            continue
+    return models
 
 
 def _published(node: Any) -> Any:

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .model import MODEL_ID, MODELS, input_sha256
+from .model import MODEL_ID, MODELS, input_sha256, load_folder
 from .queue import CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, IN_QUEUE, Job, SimQueue
 
 __all__ = ["MODEL_ID", "Faults", "Sandbox", "input_sha256", "serve_forever"]
@@ -137,13 +138,15 @@ class Sandbox:
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
         balance_usd: float = 100_000.0,
+        models_dir: Path | None = None,
     ) -> None:
         self.faults = faults or Faults()
         self.balance_usd = float(balance_usd)
         self.render_seconds = render_seconds
         self.clock = clock
         self.video_bytes = _sample_video() if video_bytes is None else video_bytes
-        self.models = MODELS
+        # Every shipped model, and a user folder's (a manifest's `models_dir` or $BATCHRUN_MODELS), which win.
+        self.models = {**MODELS, **(load_folder(Path(models_dir)) if models_dir is not None else {})}
         self.queue = SimQueue(capacity, on_finish=self._charge)
         self._token = token
         # Request ids are not drawn from these: see `_submit`.
