@@ -315,7 +315,8 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
             rows.append((f"  {model_id}", f"{each['jobs']} jobs, {each['submit']} to submit, "
                                           + _cost_text(each)))
     width = max(len(label) for label, _ in rows)
-    print(f"plan for {info['manifest']} ({info['model']}) into {info['output']}", file=out)
+    models = info["model"] if len(info["models"]) <= 1 else f"{len(info['models'])} models"
+    print(f"plan for {info['manifest']} ({models}) into {info['output']}", file=out)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}", file=out)
     if info["local_files"]:
