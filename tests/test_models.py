@@ -393,6 +393,8 @@ async def test_a_budget_with_a_model_of_unknown_price_needs_price_for_that_model
         code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
                                     "--no-progress"])
         assert code == 2 and sandbox.posts_total == 0
+        code, out, plan_err = await cli(["plan", str(path), "--no-balance-check"])
+        assert code == 0 and "warning: budget_usd: the price of bytedance" in plan_err
         assert ("price of bytedance/seedance-2.5/text-to-video/1080p is unknown for 3 job(s) (first: beach-p1-m2), "
                 "so a budget cannot be kept; add 'price: {bytedance/seedance-2.5/text-to-video/1080p: "
                 "{usd_per_second: ...}}'") in err, err
