@@ -52,6 +52,7 @@ from batchrun.settings import check_base_url
 log = logging.getLogger("batchrun.api")
 
 CALLS = ("submit", "status", "result", "cancel")
+CATALOGUE_CALLS = ("model",)  # answers read as raw JSON objects by batchrun.models.catalogue
 MAX_MESSAGE = 300  # characters kept of one message from the API
 MAX_URL_TEXT = 2000  # characters kept of an informational URL (status_url...)
 MAX_OUTPUTS = 100  # output URLs in one result: more is not an answer to one job
@@ -107,7 +108,7 @@ class Result:
     """A job's result, or its current status when it has not finished (then `output_urls` is empty).
 
     `state` is one of `STATES`; a "completed" answer carrying an error is reported as "failed".
-    `output_urls` lists every output URL once, in the order video, videos, image, images.
+    `output_urls` lists every output URL once, in the order video, videos, image, images, audio, audios.
     `cost_usd` is the API's figure in USD when it is a plausible one; otherwise it is None and
     `cost_flag` says what the API reported. `created_at` and `finished_at` are ISO 8601 UTC
     (`...Z`) or None when missing or unreadable.
@@ -178,7 +179,7 @@ def classify(
     now: datetime | None = None,
     secrets: tuple[str, ...] = (),
 ) -> BatchrunError | dict[str, Any]:
-    """Turn one HTTP answer to `call` ("submit", "status", "result" or "cancel") into a dict or an error.
+    """Turn one HTTP answer to `call` ("submit", "status", "result", "cancel" or "model") into a dict or an error.
 
     Returns the parsed JSON object when the answer is a usable success. Otherwise returns (does not
     raise) an `ApiError` subclass (`MalformedAnswer` for an answer that cannot be read), or for
@@ -188,7 +189,7 @@ def classify(
     The HTTP status decides first: any 5xx is a server error whatever its body says (for a submit:
     outcome unknown). In a 2xx or 4xx answer RunComfy's `error_code` decides the kind of error.
     """
-    if call not in CALLS:
+    if call not in CALLS and call not in CATALOGUE_CALLS:
         raise ValueError(f"unknown call {call!r}")
     now = now or datetime.now(timezone.utc)
     data, unreadable = _json_object(body, secrets)
@@ -238,6 +239,10 @@ def parse_answer(
         return parse_status(request_id, outcome, secrets)
     if call == "result":
         return parse_result(request_id, outcome, secrets)
+    if call == "model":  # a catalogue entry: read by batchrun.models.catalogue, which checks its fields
+        if not isinstance(outcome, dict):
+            raise MalformedAnswer(f"model: HTTP {status} without a JSON object", status=status)
+        return outcome
     return parse_cancel(request_id, outcome, secrets)
 
 
@@ -433,12 +438,12 @@ def _status_word(value: Any, secrets: tuple[str, ...]) -> str | None:
 
 
 def _output_urls(data: dict[str, Any], secrets: tuple[str, ...]) -> list[str]:
-    """Every output URL once, in the order video, videos, image, images; `MalformedAnswer` for one
-    that is unusable (it would name no file to collect) or for more than `MAX_OUTPUTS`."""
+    """Every output URL once, in the order video, videos, image, images, audio, audios; `MalformedAnswer`
+    for one that is unusable (it would name no file to collect) or for more than `MAX_OUTPUTS`."""
     output = data.get("output")
     found: list[Any] = []
     if isinstance(output, dict):
-        for key in ("video", "videos", "image", "images"):
+        for key in ("video", "videos", "image", "images", "audio", "audios"):
             found.extend(_url_values(output.get(key)))
     else:
         found.extend(_url_values(output))  # tolerate a bare URL or list where a dict is documented
@@ -570,6 +575,10 @@ class Client:
         """POST a job. Raises `SubmitOutcomeUnknown` when a job may exist despite the failure."""
         body = json.dumps(input).encode()  # before sending: a bad input must fail with nothing sent
         return await self._call("submit", "POST", ("v1", "models", *_model_path(model_id)), body)
+
+    async def model(self, model_id: str) -> dict:
+        """GET /v1/models/{model_id}: the model's catalogue entry (price and input schema) as a JSON object."""
+        return await self._call("model", "GET", ("v1", "models", *_model_path(model_id)))
 
     async def status(self, request_id: str) -> Status:
         """GET the job's status."""

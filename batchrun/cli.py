@@ -85,12 +85,19 @@ def _url_problems(manifest: Manifest) -> list[Problem]:
     return problems_for(manifest, asyncio.run(check_manifest(manifest)))
 
 
-def _load_for_run(args, err: TextIO) -> Manifest:
+def _load_for_run(args, err: TextIO, *, budget_kept: bool = True) -> Manifest:
+    """The manifest with the flags' overrides; with `budget_kept`, UsageError when a budget is set and a
+    job's price is unknown (a run could not keep it), else that is only said on `err`."""
     manifest = load_manifest(args.manifest, output=args.output)
     for warning in manifest.warnings[:MAX_PROBLEMS_SHOWN] if not getattr(args, "quiet", False) else ():
         print(warning, file=err)
     overrides = {"concurrency": args.concurrency, "budget_usd": args.budget, "max_wait": args.max_wait}
     manifest.settings = manifest.settings.with_overrides(**overrides)
+    problem = manifest.budget_problem()
+    if problem and budget_kept:
+        raise UsageError(f"{manifest.path}: {problem}")
+    if problem:
+        print(f"{manifest.path}: warning: {problem}; `run` refuses to start until then", file=err)
     return manifest
 
 
@@ -125,7 +132,7 @@ def cmd_plan(args, out: TextIO, err: TextIO) -> int:
     from batchrun.ledger_index import LedgerIndex, locate
     from batchrun.plan import show_plan
 
-    manifest = _load_for_run(args, err)
+    manifest = _load_for_run(args, err, budget_kept=False)
     if not args.new_output:
         # What a run would do is what the manifest's existing ledger says, wherever it is; say where.
         found = locate(manifest, LedgerIndex.for_user())
@@ -253,9 +260,11 @@ def cmd_adopt(args, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
+    from batchrun.models import user_dir
     from batchrun.sandbox import serve_forever
 
-    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds, balance_usd=args.balance)
+    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds, balance_usd=args.balance,
+                  models_dir=user_dir())  # $BATCHRUN_MODELS: the sandbox serves the user's models too
     return EXIT_OK
 
 
@@ -504,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("--picked", dest="decision", action="store_const", const="picked", required=True,
                       help="copy the picked jobs' files (required: the only selection so far)")
     copy.set_defaults(handler=cmd_copy)
+
+    from batchrun.models.commands import add_commands as add_models_commands
+
+    add_models_commands(commands)
 
     sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")

@@ -20,12 +20,13 @@ from its input, like any job without an id.
 A jobs file
 -----------
 ``jobs_from: jobs.csv`` (or ``.jsonl``) reads one job per row, besides the `jobs:` list. A CSV's header
-names the columns: ``id`` (optional) and input fields; unknown columns are errors pointing at the header
-cell. Cells are converted by the field's type in the model's schema (``duration`` "5" → 5,
-``generate_audio`` "true"/"false", lists and mappings as JSON); an empty cell means "not set", so
-`defaults` apply. Quoted cells may hold newlines. Encodings, the delimiter and spreadsheets' localized
-values are `batchrun.tablefile`'s. A JSON Lines file holds one JSON object per line. Problems point at
-the file's physical line (a quoted newline shifts later rows) and the cell's 1-based column.
+names the columns: ``id`` and ``model`` (both optional; ``model`` is the row's own model) and input fields;
+unknown columns are errors pointing at the header cell. Cells are converted by the field's type in the
+manifest model's schema (``duration`` "5" → 5, ``generate_audio`` "true"/"false", lists and mappings as
+JSON); an empty cell means "not set", so `defaults` apply. Quoted cells may hold newlines. Encodings, the
+delimiter and spreadsheets' localized values are `batchrun.tablefile`'s. A JSON Lines file holds one JSON
+object per line. Problems point at the file's physical line (a quoted newline shifts later rows) and the
+cell's 1-based column.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def _csv_rows(text: str, shown: str, model: Model, limit: int) -> tuple[list[Row
                         problems.append(Problem(shown, start, i + 1, "jobs_from",
                                                 f"column {echo.quoted(name)} appears twice (first as column "
                                                 f"{columns[name]})"))
-                    elif name != "id" and name not in properties:
+                    elif name not in ("id", "model") and name not in properties:
                         # Say how the header was split, once, when it was not at commas.
                         split = f" (columns read as separated by {tablefile.DELIMITER_NAMES[delimiter]}s)" \
                             if delimiter != "," and not any("unknown column" in p.message for p in problems) else ""
@@ -257,7 +258,8 @@ def _csv_rows(text: str, shown: str, model: Model, limit: int) -> tuple[list[Row
                     else:
                         columns[name] = i + 1
                         header.append((i, name))
-                        converters[name] = str.strip if name == "id" else _converter(properties[name], delimiter)
+                        converters[name] = (str.strip if name in ("id", "model")  # model: the row's own model
+                                            else _converter(properties[name], delimiter))
                 continue
             if len(rows) >= limit:
                 problems.append(_too_many(shown, start, limit))

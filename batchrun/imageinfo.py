@@ -99,20 +99,27 @@ def describe_other(kind: str | None) -> str:
     return f"is a {kind} image; Kling accepts {ACCEPTED_TEXT}"
 
 
-def size_problems(width: int, height: int) -> list[str]:
-    """Kling's limits on an image's size: each side at least 300 px, aspect ratio within 1:2.5 and 2.5:1.
+def size_problems(width: int, height: int, min_side: int | None = MIN_SIDE, max_aspect: float | None = MAX_ASPECT,
+                  who: str = "Kling") -> list[str]:
+    """A model's limits on an image's size (Kling's by default: each side at least 300 px, aspect ratio
+    within 1:2.5 and 2.5:1; None: no such limit); `who` names the model in the messages.
 
     Each message follows its subject, such as "'cliff.png' is 200x200 px; ...".
     """
     problems = []
-    if min(width, height) < MIN_SIDE:
-        problems.append(f"is {width}x{height} px; Kling needs each side to be at least {MIN_SIDE} px")
+    if min_side is not None and min(width, height) < min_side:
+        problems.append(f"is {width}x{height} px; {who} needs each side to be at least {min_side} px")
     long, short = max(width, height), min(width, height)
-    if short > 0 and long > short * MAX_ASPECT:
+    if max_aspect is not None and short > 0 and long > short * max_aspect:
         ratio = f"{width / height:.2f}:1" if width >= height else f"1:{height / width:.2f}"
-        problems.append(f"is {width}x{height} px, an aspect ratio of {ratio}; Kling accepts "
-                        f"from 1:{MAX_ASPECT:g} to {MAX_ASPECT:g}:1")
+        problems.append(f"is {width}x{height} px, an aspect ratio of {ratio}; {who} accepts "
+                        f"from 1:{max_aspect:g} to {max_aspect:g}:1")
     return problems
+
+
+def format_problems(facts: ImageFacts) -> list[str]:
+    """Why an image with these facts is not one batchrun can send at all (its format), whatever the model."""
+    return [] if facts.accepted else [describe_other(facts.format)]
 
 
 def image_problems(facts: ImageFacts) -> list[str]:

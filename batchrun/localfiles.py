@@ -115,7 +115,7 @@ def _read(path: Path) -> tuple[LocalImage, tuple[str, ...], tuple[str, ...]]:
         size = len(data)
         facts = imageinfo.inspect(data)
         digest = hashlib.sha256(data).hexdigest()
-    problems.extend(imageinfo.image_problems(facts))
+    problems.extend(imageinfo.format_problems(facts))  # size limits are the model's: batchrun.schema
     if facts.accepted and facts.width is None:
         warnings.append(f"looks like a {facts.format} file but its header cannot be read (damaged?); "
                         "its size could not be checked against Kling's limits")

@@ -22,15 +22,16 @@ from typing import Any
 from batchrun import echo, generators, localfiles, schema, takes
 from batchrun.errors import ManifestError, Problem
 from batchrun.localfiles import LocalImage, LocalImages
-from batchrun.models import DEFAULT_MODEL, Model, Price, UnknownModel, get_model
+from batchrun.models import DEFAULT_MODEL, Model, ModelFileError, Price, UnknownModel, all_models, get_model, user_dir
 from batchrun.settings import BY_NAME, Settings
 from batchrun.yamlload import Marks, Pos, load_file, node_at, position_of
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-TOP_LEVEL_KEYS = ("version", "model", "output", "defaults", "jobs", "jobs_from", "price", "notify", *BY_NAME)
+TOP_LEVEL_KEYS = ("version", "model", "models_dir", "output", "defaults", "jobs", "jobs_from", "price", "notify",
+                  *BY_NAME)
 MAX_JOBS = generators.MAX_JOBS
 Location = tuple[str, int, int, str]  # file, line, column, where (such as "jobs[3] (id=x).duration")
-PRICE_KEYS = ("usd_per_second", "usd_per_second_with_audio")
+PRICE_KEYS = ("usd_per_second", "usd_per_second_with_audio", "usd_per_output")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Job:
     local_images: tuple[tuple[tuple, LocalImage], ...] = field(default=(), repr=False, compare=False)
     take: int = 1  # which take of its input (see `batchrun.takes`); take 1 keeps the written or derived id
     take_of: str = ""  # the id of take 1 of the same input ("" for take 1 itself)
+    model: Model | None = field(default=None, repr=False, compare=False)  # its own `model:`; None: the manifest's
 
     @property
     def label(self) -> str:
@@ -86,8 +88,46 @@ class Manifest:
     output_explicit: bool = False
     notify: list[str] = field(default_factory=list)  # URLs told how each run ended (batchrun/notify.py)
 
+    prices: dict[str, Price] = field(default_factory=dict)  # `price:` given per model id
+    models_dir: Path | None = None  # the user folder of model files in use (`models_dir:` or $BATCHRUN_MODELS)
+
+    def model_of(self, job: Job) -> Model:
+        """The model a job runs on: its own `model:` (per job or a matrix axis), else the manifest's."""
+        return job.model or self.model
+
+    def price_of(self, model: Model) -> Price:
+        """The price used for `model`: the manifest's `price:` for it, else its data file's."""
+        if model.model_id in self.prices:
+            return self.prices[model.model_id]
+        return self.price if model.model_id == self.model.model_id else model.price
+
     def estimate_cost(self, job: Job) -> float:
-        return self.model.estimate_cost(job.input, self.price)
+        """USD the job is expected to cost; 0.0 where the model's price is unknown (see `unpriced_jobs`)."""
+        return self.estimate_or_none(job) or 0.0
+
+    def estimate_or_none(self, job: Job) -> float | None:
+        """USD the job is expected to cost, or None when the model's price (or the job's length) is unknown."""
+        model = self.model_of(job)
+        return model.estimate_cost(job.input, self.price_of(model))
+
+    def unpriced_jobs(self) -> list[Job]:
+        """The jobs whose cost cannot be estimated: a budget cannot be kept for them."""
+        return [job for job in self.jobs if self.estimate_or_none(job) is None]
+
+    def budget_problem(self) -> str | None:
+        """Why a budget cannot be enforced (some job has no known price), or None."""
+        if self.settings.budget_usd is None:
+            return None
+        unpriced = self.unpriced_jobs()
+        if not unpriced:
+            return None
+        model = self.model_of(unpriced[0])
+        count = sum(1 for job in unpriced if self.model_of(job) is model)
+        field = "usd_per_output" if model.price.unit == "output" else "usd_per_second"
+        hint = f"{field}: ..." if model is self.model else f"{model.model_id}: {{{field}: ...}}"
+        return (f"budget_usd: the price of {model.model_id} is unknown for {count} job(s) "
+                f"(first: {unpriced[0].id}), so a budget cannot be kept; add 'price: {{{hint}}}' "
+                "to the manifest, or run without a budget")
 
 
 def input_sha256(model_id: str, job_input: dict[str, Any]) -> str:
@@ -168,20 +208,42 @@ def _check_notify(doc: dict, out: _Collector) -> list[str]:
     return [value.strip() for value in raw if url_problem(value) is None]
 
 
-def _check_price(doc: dict, model: Model, out: _Collector) -> Price:
+def _check_prices(doc: dict, model: Model, registry: dict[str, Model],
+                  out: _Collector) -> tuple[Price, dict[str, Price]]:
+    """The manifest model's price, and prices given per model id (``price: {MODEL_ID: {usd_per_...}}``)."""
     raw = doc.get("price")
+    if not isinstance(raw, dict):
+        return _check_price(raw, ("price",), model, out), {}
+    own = {k: v for k, v in raw.items() if "/" not in str(k)}
+    price = _check_price(own, ("price",), model, out) if own else model.price
+    prices = {}
+    for model_id, value in raw.items():
+        if "/" not in str(model_id):
+            continue
+        if model_id not in registry:
+            out.add(("price", model_id), f"price.{model_id}", f"unknown model {echo.quoted(model_id)}"
+                    f"{_did_you_mean(model_id, registry)}", at_key=True)
+            continue
+        prices[model_id] = _check_price(value, ("price", model_id), registry[model_id], out)
+    return price, prices
+
+
+def _check_price(raw: Any, at: tuple, model: Model, out: _Collector) -> Price:
+    where = ".".join(str(p) for p in at)
     if raw is None:
         return model.price
     if not isinstance(raw, dict):
-        out.add(("price",), "price", f"must be a mapping with {' and '.join(PRICE_KEYS)}")
+        keys = PRICE_KEYS[2:] if model.price.unit == "output" else PRICE_KEYS[:2]
+        out.add(at, where, f"must be a mapping with {' and '.join(keys)}")
         return model.price
     values = {}
     for key, value in raw.items():
         if key not in PRICE_KEYS:
-            out.add(("price", key), f"price.{key}", f"unknown price field{_did_you_mean(key, PRICE_KEYS)}",
+            out.add(at + (key,), f"{where}.{key}", f"unknown price field{_did_you_mean(key, PRICE_KEYS)}",
                     at_key=True)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            out.add(("price", key), f"price.{key}", f"must be a number of USD per second, got {echo.shown(value)}")
+            unit = "output" if key == "usd_per_output" else "second"
+            out.add(at + (key,), f"{where}.{key}", f"must be a number of USD per {unit}, got {echo.shown(value)}")
         else:
             values[key] = float(value)
     return Price(**{**model.price.__dict__, **values})
@@ -394,10 +456,25 @@ class _Row(Origin):
 class _JobBuilder:
     """Validates each job's input, checks its local files and makes the `Job`, reporting to `out`."""
 
-    def __init__(self, model: Model, ctx: _Context, images: LocalImages, out: _Collector):
+    def __init__(self, model: Model, ctx: _Context, images: LocalImages, out: _Collector,
+                 registry: dict[str, Model] | None = None):
         self.model, self.ctx, self.images, self.out = model, ctx, images, out
+        self.registry = registry or {model.model_id: model}
         self.jobs: list[Job] = []
         self.over = False  # the takes made more than MAX_JOBS jobs (said once)
+
+    def _own_model(self, job_input: dict[str, Any], origin: Origin, shown: Any) -> Model | None:
+        """The model a job's `model:` names (taken out of `job_input`), or None with the problem reported."""
+        chosen = job_input.pop("model")
+        model = self.registry.get(chosen) if isinstance(chosen, str) else None
+        if model is None:
+            close = difflib.get_close_matches(str(chosen), list(self.registry), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            label = f"{origin.prefix} (id={shown})"
+            self.out.add_at(*origin.locate(("model",), label),
+                            f"unknown model {echo.shown(chosen)}{hint}; `batchrun models list` shows the "
+                            f"{len(self.registry)} known models")
+        return model
 
     def add(self, job_input: dict[str, Any], job_id: str | None, shown_id: str | None, origin: Origin) -> None:
         """`job_id` None means derive it from the input, unless `shown_id` says the written id was refused.
@@ -405,14 +482,19 @@ class _JobBuilder:
         `takes: N` (not model input) makes N jobs of this input, ids as `takes.take_id` gives them."""
         job_input = dict(job_input)
         takes_value = job_input.pop(takes.KEY, 1)
+        model = self.model
+        if "model" in job_input:
+            model = self._own_model(job_input, origin, job_id if job_id is not None else shown_id)
+            if model is None:
+                return
         local_refs: list[tuple[tuple, str]] = []
-        findings = schema.check_input(self.model, job_input, local_refs=local_refs)
+        findings = schema.check_input(model, job_input, local_refs=local_refs)
         if local_refs:
             refs = tuple((path, self.images.check(value)) for path, value in local_refs)
-            digest = input_sha256(self.model.model_id, localfiles.hashed_input(job_input, refs))
+            digest = input_sha256(model.model_id, localfiles.hashed_input(job_input, refs))
         else:
             refs = ()
-            digest = input_sha256(self.model.model_id, job_input)
+            digest = input_sha256(model.model_id, job_input)
         if job_id is None and shown_id is None:
             job_id = derived_id(digest)
         label = f"{origin.prefix} (id={job_id if job_id is not None else shown_id})"
@@ -427,6 +509,9 @@ class _JobBuilder:
         for path, image in refs:
             for problem in image.problems:
                 self.out.add_at(*origin.locate(path, label), problem)
+            if not image.problems:
+                for problem in schema.image_limit_problems(model, path, image.width, image.height, image.size):
+                    self.out.add_at(*origin.locate(path, label), f"{echo.quoted(image.written)} {problem}")
             for warning in image.warnings:
                 self.out.add_at(*origin.locate(path, label), warning, "warning")
         count = takes.check_count(takes_value)
@@ -447,9 +532,10 @@ class _JobBuilder:
             return
         if job_id is not None:
             local = {_format_path(path)[1:]: image.path for path, image in refs} if refs else {}
+            own_model = None if model is self.model else model
             for take in range(1, count + 1):
                 self.jobs.append(Job(len(self.jobs), takes.take_id(job_id, take), job_input, digest, origin.line,
-                                     origin.file, local, origin, refs, take, job_id if take > 1 else ""))
+                                     origin.file, local, origin, refs, take, job_id if take > 1 else "", own_model))
 
 
 def _defaults(doc: dict, out: _Collector) -> dict[str, Any]:
@@ -588,14 +674,15 @@ def _build_from_file(doc: dict, path: Path, defaults: dict, room: int, build: _J
         build.add({**defaults, **own}, job_id, shown_id, origin)
 
 
-def _check_jobs(doc: dict, path: Path, stamp: tuple | None, model: Model, out: _Collector) -> list[Job]:
+def _check_jobs(doc: dict, path: Path, stamp: tuple | None, model: Model, out: _Collector,
+                registry: dict[str, Model] | None = None) -> list[Job]:
     defaults = _defaults(doc, out)
     listed = _listed_jobs(doc, out) or []
     total = _count(listed, out)
     if total is None:
         return []
     ctx = _Context(path, stamp, out.marks, defaults)
-    build = _JobBuilder(model, ctx, LocalImages(path.parent), out)
+    build = _JobBuilder(model, ctx, LocalImages(path.parent), out, registry)
     _build_listed(listed, defaults, build, out)
     if "jobs_from" in doc:
         _build_from_file(doc, path, defaults, MAX_JOBS - total, build, out)
@@ -641,17 +728,28 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
     if doc.get("version", 1) != 1:
         out.add(("version",), "version", f"this batchrun reads manifest version 1, not {echo.shown(doc['version'])}")
     model_id = doc.get("model", DEFAULT_MODEL)
+    models_dir = doc.get("models_dir")
+    if models_dir is not None:
+        if not isinstance(models_dir, str) or not models_dir or "\0" in models_dir:
+            out.add(("models_dir",), "models_dir", "must be a folder path (text)")
+            raise ManifestError(out.problems)
+        models_dir = path.parent / Path(models_dir).expanduser()
     try:
-        model = get_model(model_id) if isinstance(model_id, str) else get_model(str(model_id))
+        registry = all_models(models_dir)
+        model = get_model(model_id if isinstance(model_id, str) else str(model_id), models_dir)
     except UnknownModel as exc:
         out.add(("model",), "model", str(exc))
+        raise ManifestError(out.problems) from None
+    except ModelFileError as exc:
+        out.add(("models_dir",) if "models_dir" in doc else ("model",),
+                "models_dir" if "models_dir" in doc else "model", str(exc))
         raise ManifestError(out.problems) from None
     if "output" in doc and not (isinstance(doc["output"], str) and doc["output"] and "\0" not in doc["output"]):
         out.add(("output",), "output", "must be a folder path (text)")
     settings = _check_settings(doc, out)
     notify = _check_notify(doc, out)
-    price = _check_price(doc, model, out)
-    jobs = _check_jobs(doc, path, stamp, model, out)
+    price, prices = _check_prices(doc, model, registry, out)
+    jobs = _check_jobs(doc, path, stamp, model, out, registry)
     # The manifest's problems first, then those of its jobs file.
     out.problems.sort(key=lambda p: (p.file != out.file, p.file, p.line, p.column))
     if out.errors:
@@ -666,4 +764,6 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         warnings=out.problems,
         output_explicit=output is not None or "output" in doc,
         notify=notify,
+        prices=prices,
+        models_dir=user_dir(models_dir),
     )

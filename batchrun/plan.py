@@ -103,7 +103,7 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
             ledger.set_state(row.id, "unknown", error=("unknown", "the run stopped while this job was being "
                                                        "submitted; the POST may have created a job"))
     ledger.add_pending(
-        (job.id, manifest.model.model_id, job.input, job.input_sha256, manifest.estimate_cost(job))
+        (job.id, manifest.model_of(job).model_id, job.input, job.input_sha256, manifest.estimate_or_none(job))
         for job in manifest.jobs
         if job.id not in rows or rows[job.id].state == "pending"
     )
@@ -117,7 +117,7 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
     for job in plan.submit:
         row = rows.get(job.id)
         if row is not None and row.input_sha256 != job.input_sha256:
-            ledger.update_input(job.id, job.input, job.input_sha256, manifest.estimate_cost(job))
+            ledger.update_input(job.id, job.input, job.input_sha256, manifest.estimate_or_none(job))
     return plan
 
 
@@ -153,7 +153,7 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         elif state == "downloading":
             plan.collect.append((job, row))
         elif state == "done":
-            if outputs_intact(manifest.output_dir, row, manifest.model.output_kind):
+            if outputs_intact(manifest.output_dir, row, manifest.model_of(job).output_kind):
                 plan.skip.append(job)
                 if not provenance_intact(manifest.output_dir, row):
                     plan.provenance.append(row)
@@ -214,8 +214,10 @@ def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Pla
 def summary(manifest: Manifest, plan: Plan, spend: Spend) -> dict:
     # A job to recheck may be submitted again: counted as if it will be.
     may_submit = plan.submit + [job for job, _ in plan.recheck]
-    seconds = sum(manifest.model.video_seconds(job.input) for job in may_submit)
-    estimate = round(sum(manifest.estimate_cost(job) for job in may_submit), 4)
+    seconds = sum(manifest.model_of(job).video_seconds(job.input) for job in may_submit)
+    estimates = [manifest.estimate_or_none(job) for job in may_submit]
+    unpriced = sum(1 for e in estimates if e is None)
+    estimate = round(sum(e for e in estimates if e is not None), 4)
     budget = manifest.settings.budget_usd
     spent = spend.total_usd
     return {
@@ -238,7 +240,10 @@ def summary(manifest: Manifest, plan: Plan, spend: Spend) -> dict:
         "no_longer_in_manifest": [{"id": row.id, "state": row.state} for row in plan.gone],
         "provenance_to_rewrite": [f"{row.id}.json" for row in plan.provenance],
         "video_seconds": seconds,
-        "estimated_cost_usd": estimate,
+        "estimated_cost_usd": None if unpriced else estimate,  # None: some job's price is unknown
+        "unpriced_jobs": unpriced,
+        "price": manifest.price.describe(),
+        "models": _per_model(manifest, may_submit),
         "spent_usd": round(spent, 4),
         "simulated_usd": round(spend.simulated_usd, 4),
         "spent": spend.describe(),
@@ -301,7 +306,7 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
         ("held", str(len(info["held"]))),
         ("refused", str(len(info["refused"]))),
         ("video seconds to submit", f"{info['video_seconds']:g}"),
-        ("estimated cost to submit", f"${info['estimated_cost_usd']:.2f}"),
+        ("estimated cost to submit", _cost_text(info)),
         ("spent in this output dir", info["spent"]),
         ("budget", "none" if info["budget_usd"] is None else f"${info['budget_usd']:.2f}"),
     ]
@@ -311,8 +316,13 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
         rows.append(("balance", f"not checked: {info['balance_error']}" if info["balance_usd"] is None else
                      f"${info['balance_usd']:.2f}, covers {info['balance_covers']} of {info['submit']} jobs to "
                      "submit at their estimates"))
+    if len(info["models"]) > 1:
+        for model_id, each in info["models"].items():
+            rows.append((f"  {model_id}", f"{each['jobs']} jobs, {each['submit']} to submit, "
+                                          + _cost_text(each)))
     width = max(len(label) for label, _ in rows)
-    print(f"plan for {info['manifest']} ({info['model']}) into {info['output']}", file=out)
+    models = info["model"] if len(info["models"]) <= 1 else f"{len(info['models'])} models"
+    print(f"plan for {info['manifest']} ({models}) into {info['output']}", file=out)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}", file=out)
     if info["local_files"]:
@@ -327,3 +337,32 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
     if info["over_budget"]:
         print("  the budget does not cover every job: the run will stop submitting when it is reached", file=out)
     return 0
+
+
+def _cost_text(info: dict) -> str:
+    if info["estimated_cost_usd"] is not None:
+        return f"${info['estimated_cost_usd']:.2f}"
+    return (f"unknown: no price known for {info['unpriced_jobs']} job(s) ({info['price']}; give 'price:' in the "
+            "manifest)")
+
+
+def _per_model(manifest: Manifest, may_submit: list) -> dict[str, dict]:
+    """Per model id, in the manifest's order: jobs, jobs to submit, their estimated cost (None: unknown)."""
+    models: dict[str, dict] = {}
+    for job in manifest.jobs:
+        model = manifest.model_of(job)
+        each = models.setdefault(model.model_id, {"jobs": 0, "submit": 0, "estimated_cost_usd": 0.0,
+                                                  "unpriced_jobs": 0, "price": manifest.price_of(model).describe(),
+                                                  "output_kind": model.output_kind})
+        each["jobs"] += 1
+    for job in may_submit:
+        each = models[manifest.model_of(job).model_id]
+        each["submit"] += 1
+        cost = manifest.estimate_or_none(job)
+        if cost is None:
+            each["unpriced_jobs"] += 1
+        else:
+            each["estimated_cost_usd"] += cost
+    for each in models.values():
+        each["estimated_cost_usd"] = None if each["unpriced_jobs"] else round(each["estimated_cost_usd"], 4)
+    return models

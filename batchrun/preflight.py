@@ -57,7 +57,7 @@ def image_urls(manifest: Manifest) -> list[str]:
     """The distinct remote https:// image URLs of the manifest's jobs, in manifest order."""
     urls: dict[str, None] = {}
     for job in manifest.jobs:
-        for _, value in schema.image_values(manifest.model, job.input):
+        for _, value in schema.image_values(manifest.model_of(job), job.input):
             if value[:8].lower() == "https://":
                 urls.setdefault(value)
     return list(urls)
@@ -91,21 +91,37 @@ async def check_urls(
     return {url: results[url] for url in order}
 
 
+def problem_for(model, path: tuple, check: ImageCheck) -> str | None:
+    """What is wrong with `check`'s image for `model`'s field at `path`, or None. `check_urls` judges an
+    image's size by Kling's limits; a failure of those alone is judged again by the model's own
+    (``rules.image_limits``, ``rules.validations``: see `schema.image_limit_problems`)."""
+    failed = None if check.ok else check.problem or "the image URL failed its check"
+    if check.width is None or check.height is None:
+        return failed
+    kling = "; ".join(f"the file at this URL {p}" for p in imageinfo.size_problems(check.width, check.height))
+    if failed is not None and check.problem != kling:
+        return failed  # not (only) its size: unreachable, not an image...
+    own = schema.image_limit_problems(model, path, check.width, check.height, check.bytes)
+    return "; ".join(f"the file at this URL {p}" for p in own) or None
+
+
 def problems_for(manifest: Manifest, checks: Mapping[str, ImageCheck]) -> list[Problem]:
     """A located problem for each job field whose image URL failed its check (once per place: an URL in
     `defaults` or in a matrix is reported where it is written, not once per job)."""
     problems: list[Problem] = []
     seen: set[tuple] = set()
     for job in manifest.jobs:
-        for path, value in schema.image_values(manifest.model, job.input):
+        model = manifest.model_of(job)
+        for path, value in schema.image_values(model, job.input):
             check = checks.get(value)
-            if check is None or check.ok:
+            problem = None if check is None else problem_for(model, path, check)
+            if problem is None:
                 continue
             file, line, column, where = job.locate(path)
-            key = (file, line, column, where, check.problem)
+            key = (file, line, column, where, problem)
             if key not in seen:
                 seen.add(key)
-                problems.append(Problem(file, line, column, where, check.problem or "the image URL failed its check"))
+                problems.append(Problem(file, line, column, where, problem))
     manifest_file = str(manifest.path)
     problems.sort(key=lambda p: (p.file != manifest_file, p.file, p.line, p.column))
     return problems
@@ -242,9 +258,11 @@ def doomed_jobs(manifest: Manifest, checks: Mapping[str, ImageCheck]) -> dict[st
     """Job id → why an image URL of it failed preflight (the first such reason)."""
     doomed: dict[str, str] = {}
     for job in manifest.jobs:
-        for path, value in schema.image_values(manifest.model, job.input):
+        model = manifest.model_of(job)
+        for path, value in schema.image_values(model, job.input):
             check = checks.get(value)
-            if check is not None and not check.ok and job.id not in doomed:
+            problem = None if check is None else problem_for(model, path, check)
+            if problem is not None and job.id not in doomed:
                 field = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
-                doomed[job.id] = f"{field.lstrip('.')}: {check.problem}"
+                doomed[job.id] = f"{field.lstrip('.')}: {problem}"
     return doomed

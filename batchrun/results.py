@@ -34,6 +34,7 @@ def job_record(row: JobRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "state": row.state,
+        "model": row.model,
         "request_id": row.request_id,
         "request_ids": list(row.request_ids),
         "submissions": row.submissions,
@@ -53,7 +54,6 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "started_at": row.started_at,
         "finished_at": row.finished_at,
         "downloaded_at": row.downloaded_at,
-        "model": row.model,
         "take": row.take or 1,
         "take_of": row.take_of,
         "decision": row.decision,

@@ -207,7 +207,7 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
     """Check the image URLs of the jobs about to be submitted; hold (never pay for) those that would fail."""
     from batchrun.preflight import ImageCheck, check_urls, doomed_jobs, problems_for
 
-    values = (value for job in plan.submit for _, value in schema.image_values(manifest.model, job.input))
+    values = (value for job in plan.submit for _, value in schema.image_values(manifest.model_of(job), job.input))
     urls = list(dict.fromkeys(value for value in values if schema.image_ref_kind(value) == "url"))
     if not urls:
         return
@@ -589,7 +589,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         if sandbox:
             from batchrun.sandbox import Sandbox
 
-            emulator = await stack.enter_async_context(Sandbox(render_seconds=lambda rng: rng.uniform(1.0, 3.0)))
+            emulator = await stack.enter_async_context(Sandbox(render_seconds=lambda rng: rng.uniform(1.0, 3.0),
+                                                               models_dir=manifest.models_dir))
             base_url, token = emulator.base_url, SANDBOX_TOKEN
             log.info("using the built-in sandbox at %s", base_url)
             # This sandbox was born with this process: a request it does not know was made by an earlier

@@ -69,7 +69,9 @@ from batchrun.retry import (
 
 log = logging.getLogger("batchrun.run")
 
-VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".png", ".jpg", ".jpeg", ".webp",
+                  ".wav", ".mp3", ".ogg", ".opus", ".flac", ".m4a"}
+DEFAULT_SUFFIX = {"video": ".mp4", "image": ".png", "audio": ".mp3"}  # when the URL's own ending says nothing
 MAX_URL_REFRESHES = 3
 UNREACHABLE_AFTER = 5  # connection failures in a row (and more than jobs in flight) that end the run
 # Submits in a row whose outcome is unknown (sent, no usable answer: a timeout, a 5xx...) with none accepted
@@ -476,7 +478,7 @@ class Scheduler:
                     await self._intents.commit(job.id)
                     crashpoint("after_intent")
                     self.calls["submit"] += 1
-                    submitted = await self.client.submit(self.manifest.model.model_id, payload)
+                    submitted = await self.client.submit(self.manifest.model_of(job).model_id, payload)
             except SubmitOutcomeUnknown as exc:
                 self._reached()
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))
@@ -804,7 +806,8 @@ class Scheduler:
 
     def _output_name(self, job: Job, index: int, url: str) -> str:
         suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
-        suffix = suffix if suffix in VIDEO_SUFFIXES else ".mp4"
+        kind = self.manifest.model_of(job).output_kind
+        suffix = suffix if suffix in VIDEO_SUFFIXES else DEFAULT_SUFFIX.get(kind, ".mp4")
         return f"{job.id}{suffix}" if index == 0 else f"{job.id}-{index + 1}{suffix}"
 
     async def _download_all(self, job: Job, request_id: str, urls: list[str]) -> list[Output] | None:
@@ -812,6 +815,7 @@ class Scheduler:
         output_dir = self.manifest.output_dir
         max_bytes = int(self.settings.max_video_mb * 1024 * 1024)
         outputs: list[Output] = []
+        kind = self.manifest.model_of(job).output_kind
         refreshes, part_size = 0, 0
         index = 0
         while index < len(urls):
@@ -819,7 +823,7 @@ class Scheduler:
             url = urls[index]
             try:
                 got = await with_retries(
-                    lambda url=url, name=name: self._count_download(url, output_dir / name, max_bytes),
+                    lambda url=url, name=name: self._count_download(url, output_dir / name, max_bytes, kind),
                     policy=self.policy, sleep=self._retry_nap, rand=self.rand,
                     retryable=lambda e: isinstance(e, (DownloadInterrupted, TransientApiError)),
                 )
@@ -854,7 +858,7 @@ class Scheduler:
             index, refreshes, part_size = index + 1, 0, 0
         return outputs
 
-    async def _count_download(self, url: str, dest: Path, max_bytes: int):
+    async def _count_download(self, url: str, dest: Path, max_bytes: int, kind: str):
         self.calls["download"] += 1
-        return await dl.download(self.session, url, dest, kind=self.manifest.model.output_kind,
+        return await dl.download(self.session, url, dest, kind=kind,
                                  hosts=self.output_hosts, max_bytes=max_bytes)

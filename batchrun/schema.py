@@ -28,22 +28,26 @@ class Finding:
     at_key: bool = False  # point at the key itself (unknown keys), not its value
 
 
-_validators: dict[str, Any] = {}
-# Per model: (validator of the schema with type-only properties set to `true`, {property: Python type}).
-_fast_paths: dict[str, tuple[Any, dict[str, type]]] = {}
+_validators: dict[str, tuple[dict, Any]] = {}  # per model id: (its schema, its validator)
+# Per model id: (its schema, (validator of the schema with type-only properties set to `true`,
+# {property: Python type})).
+_fast_paths: dict[str, tuple[dict, tuple[Any, dict[str, type]]]] = {}
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
 
 
 def validator_for(model: Model):
     """A compiled validator per model, built once: schema checking dominates a 100,000-job validate."""
-    validator = _validators.get(model.model_id)
+    cached = _validators.get(model.model_id)
+    # Keyed by id, checked by schema object: a user file may replace a model of the same id.
+    validator = cached[1] if cached is not None and cached[0] is model.input_schema else None
     if validator is None:
         cls = jsonschema.validators.validator_for(model.input_schema)
         cls.check_schema(model.input_schema)
         # JSON Schema counts 5.0 as an integer; the API wants 5, and the prose rules add up ints.
         strict_int = cls.TYPE_CHECKER.redefine("integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
         cls = jsonschema.validators.extend(cls, type_checker=strict_int)
-        validator = _validators[model.model_id] = cls(model.input_schema)
+        validator = cls(model.input_schema)
+        _validators[model.model_id] = (model.input_schema, validator)
     return validator
 
 
@@ -141,7 +145,41 @@ def image_values(model: Model, job_input: dict[str, Any]):
                 yield path, value
 
 
-def _check_data_uri(path: tuple, value: str) -> list[Finding]:
+_VALIDATION_READINGS = {  # a `validations` rule's quantity, from (width, height, bytes)
+    "width_pixels": lambda w, h, n: w, "height_pixels": lambda w, h, n: h,
+    "width/height": lambda w, h, n: w / h if h else None, "file_size_mb": lambda w, h, n: n / 2**20,
+}
+
+
+def image_limit_problems(model: Model, path: tuple, width: int | None, height: int | None,
+                         size: int | None) -> list[str]:
+    """Why `model` refuses an image of these facts in its field at `path` (each a predicate: "is 10x10
+    px; ..."): its ``rules.image_limits`` (``min_side``, ``max_aspect``: Kling's pixel rules) and the
+    ``rules.validations`` published for that field (Seedream: ``width_pixels>``, ``file_size_mb<``...)."""
+    problems: list[str] = []
+    known = width is not None and height is not None
+    limits = model.rules.get("image_limits")
+    if limits and known:
+        problems.extend(imageinfo.size_problems(width, height, limits.get("min_side"), limits.get("max_aspect"),
+                                                limits.get("who", model.title)))
+    field = next((p for p in path if isinstance(p, str)), None)
+    for rule in model.rules.get("validations", {}).get(field, []):
+        text = str(rule.get("validation_rule", ""))
+        reading = _VALIDATION_READINGS.get(text[:-1])
+        if reading is None or text[-1:] not in "<>" or (not known and text[:-1] != "file_size_mb") \
+                or (size is None and text[:-1] == "file_size_mb"):
+            continue  # a rule batchrun cannot evaluate, or facts it does not have
+        got, limit = reading(width or 0, height or 0, size or 0), rule.get("validation_value")
+        if got is None or not isinstance(limit, (int, float)):
+            continue
+        if not (got < limit if text[-1] == "<" else got > limit):
+            said = str(rule.get("validation_error") or f"needs {text} {limit}").removeprefix("[paraphrased] ")
+            facts = f"{width}x{height} px" if known else f"{(size or 0) / 2**20:.1f} MiB"
+            problems.append(f"is {facts}; {said} ({text[:-1]} must be {text[-1]} {limit:g})")
+    return problems
+
+
+def _check_data_uri(path: tuple, value: str, model: Model | None = None) -> list[Finding]:
     """A data: URI written in the manifest: base64, an image type, at most 6 MiB, within Kling's limits."""
     match = _DATA_URI.match(value)
     if not match:
@@ -159,7 +197,12 @@ def _check_data_uri(path: tuple, value: str) -> list[Finding]:
     except (binascii.Error, ValueError):
         return [Finding(path, "the data: URI's base64 text is not valid")]
     facts = imageinfo.inspect(data)
-    findings = [Finding(path, f"the data: URI's content {problem}") for problem in imageinfo.image_problems(facts)]
+    problems = imageinfo.format_problems(facts)
+    if model is not None and not problems:
+        problems = image_limit_problems(model, path, facts.width, facts.height, len(data))
+    elif model is None:
+        problems = imageinfo.image_problems(facts)
+    findings = [Finding(path, f"the data: URI's content {problem}") for problem in problems]
     if facts.accepted and mime and not mime.startswith("image/"):
         findings.append(Finding(path, f"the data: URI declares {mime!r}; use {facts.mime}", "warning"))
     return findings
@@ -224,12 +267,38 @@ def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | Non
             if kind == "url":
                 findings.extend(_check_url(path, value, model.image_extensions))
             elif kind == "data":
-                findings.extend(_check_data_uri(path, value))
+                findings.extend(_check_data_uri(path, value, model))
             elif local_refs is not None:
                 local_refs.append((path, value))  # checked by the caller, which knows the manifest's folder
-    for spec in model.url_fields.get("video", []):
-        for path, value in _values_at(job_input, spec):
-            findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
+    for kind in ("video", "audio"):  # sent as https:// URLs only (no local files yet for these kinds)
+        for spec in model.url_fields.get(kind, []):
+            for path, value in _values_at(job_input, spec):
+                findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
+    findings.extend(_field_rules(rules, job_input))
+    return findings
+
+
+def _present(job_input: dict[str, Any], name: str) -> bool:
+    value = job_input.get(name)
+    return value not in (None, "", [], {})
+
+
+def _field_rules(rules: dict[str, Any], job_input: dict[str, Any]) -> list[Finding]:
+    """The rules between fields that a model's page states in prose (batchrun.models.dataformat.RULE_KINDS)."""
+    findings = []
+    for group in rules.get("mutually_exclusive", []):
+        given = [name for name in group if _present(job_input, name)]
+        if len(given) > 1:
+            findings.append(Finding((given[1],), f"cannot be combined with {given[0]!r}; give only one of "
+                                                  + ", ".join(repr(n) for n in group)))
+    for group in rules.get("at_least_one_of", []):
+        if not any(_present(job_input, name) for name in group):
+            findings.append(Finding((), "give at least one of " + ", ".join(repr(n) for n in group)))
+    for rule in rules.get("max_items_when", []):
+        items = job_input.get(rule["field"])
+        if isinstance(items, list) and len(items) > rule["max"] and _present(job_input, rule["when_present"]):
+            findings.append(Finding((rule["field"],), f"has {len(items)} items; at most {rule['max']} are allowed "
+                                                      f"when {rule['when_present']!r} is given"))
     return findings
 
 
@@ -238,7 +307,8 @@ def _fast_path(model: Model) -> tuple[Any, dict[str, type]]:
     whose schema is only `type: string` or `type: boolean` (plus annotations), an isinstance check says the
     same. Inputs that pass those checks are validated against the schema with those properties set to
     `true`, which gives the same errors; any other input goes through the full schema."""
-    fast = _fast_paths.get(model.model_id)
+    cached = _fast_paths.get(model.model_id)
+    fast = cached[1] if cached is not None and cached[0] is model.input_schema else None
     if fast is None:
         full = validator_for(model)
         properties = model.input_schema.get("properties", {})
@@ -249,7 +319,8 @@ def _fast_path(model: Model) -> tuple[Any, dict[str, type]]:
             and set(spec) <= _ANNOTATIONS | {"type"}
         }
         residual = {**model.input_schema, "properties": {k: True if k in kinds else v for k, v in properties.items()}}
-        fast = _fast_paths[model.model_id] = (type(full)(residual), kinds)
+        fast = (type(full)(residual), kinds)
+        _fast_paths[model.model_id] = (model.input_schema, fast)
     return fast
 
 

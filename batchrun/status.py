@@ -43,6 +43,7 @@ class StatusReport:
     states: dict[str, str] = field(default_factory=dict)  # id -> state, for the jobs listed above
     decisions: dict[str, int] = field(default_factory=dict)  # "picked" / "rejected" / "unrated" (done, undecided)
     media_flags: dict[str, list[str]] = field(default_factory=dict)  # id -> how its file differs from what was paid
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)  # model id -> state -> jobs
 
 
 def _running_pid(output_dir: Path) -> int | None:
@@ -110,6 +111,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
         decisions=decision_counts(rows),
         media_flags={row.id: found for row in rows if row.state == "done"
                      and (found := mediafacts.flags(row.media, row.input))},
+        by_model=_by_model(rows),
     )
 
 
@@ -117,6 +119,14 @@ def decision_counts(rows: list[JobRow]) -> dict[str, int]:
     """The reviewer's decisions: picked and rejected jobs, and done jobs not decided yet ("unrated")."""
     counts = Counter(row.decision or "unrated" for row in rows if row.decision or row.state == "done")
     return {key: counts[key] for key in ("picked", "rejected", "unrated") if counts[key]}
+
+
+def _by_model(rows: list[JobRow]) -> dict[str, dict[str, int]]:
+    """Jobs per model and state, models in ledger order."""
+    found: dict[str, Counter] = {}
+    for row in rows:
+        found.setdefault(row.model, Counter())[row.state] += 1
+    return {model: {state: n[state] for state in STATES if n[state]} for model, n in found.items()}
 
 
 def _error(report: StatusReport, row: JobRow) -> dict[str, str] | None:
@@ -139,10 +149,12 @@ def as_dict(report: StatusReport) -> dict[str, Any]:
         "output": str(report.output_dir),
         "running_pid": report.running_pid,
         "counts": report.counts,
+        "by_model": report.by_model,
         "total": sum(report.counts.values()),
         "spent_usd": round(report.spend.total_usd, 4),
         "simulated_usd": round(report.spend.simulated_usd, 4),
-        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id, "request_ids": list(r.request_ids),
+        "attention": [{"id": r.id, "state": r.state, "request_id": r.request_id,
+                       "request_ids": list(r.request_ids),
                        "error": _error(report, r),
                        **({"submitted_at": r.submitted_at, "prompt": prompt_start(r, 200)}
                           if r.state in UNSETTLED else {})}
@@ -166,6 +178,9 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
     width = max((len(s) for s in report.counts), default=5)
     for state, n in report.counts.items():
         print(f"  {state:<{width}}  {n:>6}", file=out)
+    if len(report.by_model) > 1:
+        for model, states in report.by_model.items():
+            print(f"  {model}: " + ", ".join(f"{n} {state}" for state, n in states.items()), file=out)
     print(f"spent: {report.spend.describe()} (actual where the API reported it, else estimated)", file=out)
     if report.decisions:
         print("review: " + ", ".join(f"{n} {key}" for key, n in report.decisions.items()), file=out)

@@ -4,7 +4,11 @@ Generates the manifest in a temporary folder, then runs `load_manifest` on it in
 subprocess `--runs` times (interpreter start-up and imports included), printing for each run the wall
 time and the child's peak RSS (`ru_maxrss` from `os.wait4`), then the medians.
 
-    python bench/bench_validate.py [--jobs 100000] [--runs 3] [--keep]
+    python bench/bench_validate.py [--jobs 100000] [--runs 3] [--keep] [--mixed]
+
+With ``--mixed``, the jobs cycle through five image-to-video models (`MIXED`), each job naming its own
+`model:` and image field, so the registry of every shipped model is loaded and each job is validated
+against its own model's schema.
 
 Target on a 2-core machine: median ≤ 10 s and ≤ 1 GB.
 """
@@ -30,6 +34,29 @@ from batchrun.manifest import load_manifest
 manifest = load_manifest(sys.argv[1])
 print(len(manifest.jobs), len(manifest.warnings))
 """
+
+
+# model id -> its start image field: five models with different schemas, the first one the default.
+MIXED = {
+    "kling/kling-3.0/standard/image-to-video": "start_image_url",
+    "kling/kling-3.0/pro/image-to-video": "start_image_url",
+    "wan-ai/wan-3.0/image-to-video": "image_url",
+    "bytedance/seedance-2.5/image-to-video/1080p": "image",
+    "minimax/minimax-h3/image-to-video": "image",
+}
+
+
+def write_mixed_manifest(path: Path, jobs: int) -> None:
+    """Like `write_manifest`, the jobs cycling through the models of `MIXED` (about 21 MB per 100k)."""
+    models = list(MIXED.items())
+    with path.open("w", encoding="utf-8") as f:
+        f.write("version: 1\nconcurrency: 8\ndefaults:\n  duration: 5\njobs:\n")
+        for i in range(jobs):
+            model, image_field = models[i % len(models)]
+            extra = "    resolution: 768p\n" if model.startswith("minimax/") else ""
+            f.write(f"  - id: clip-{i:06d}\n    model: {model}\n"
+                    f"    prompt: \"Shot {i}: the camera pans slowly across the harbor at dawn.\"\n"
+                    f"    {image_field}: https://images.example.com/batch/{i:06d}.png\n{extra}")
 
 
 def write_manifest(path: Path, jobs: int) -> None:
@@ -69,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the generated manifest and print its path")
+    parser.add_argument("--mixed", action="store_true", help="jobs mix five models (each job's own model:)")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-validate-"))
     manifest = tmp / "big.yaml"
-    write_manifest(manifest, args.jobs)
+    (write_mixed_manifest if args.mixed else write_manifest)(manifest, args.jobs)
     size_mb = manifest.stat().st_size / 2**20
     print(f"manifest: {args.jobs:,} jobs, {size_mb:.1f} MiB ({manifest if args.keep else 'temporary'})")
     walls, peaks = [], []

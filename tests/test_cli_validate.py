@@ -77,7 +77,7 @@ NASTY: dict[str, tuple[str | bytes, str]] = {
     "defaults-scalar": (f"defaults: 5\njobs:\n  - prompt: a\n    start_image_url: {URL}\n",
                         "1:11: defaults: must be a mapping of model input fields"),
     "model-list": ("model: [x]\njobs: []\n",
-                   "1:8: model: unknown model \"['x']\"; known models: kling/kling-3.0/standard/image-to-video"),
+                   "1:8: model: unknown model \"['x']\"; `batchrun models list` shows the 22 known models"),
     "price-nested": ("price: {usd_per_second: {a: 1}}\njobs: []\n",
                      "1:25: price.usd_per_second: must be a number of USD per second, got {'a': 1}"),
     "output-nul": (f"output: \"a\\0b\"\njobs:\n  - prompt: a\n    start_image_url: {URL}\n",

@@ -9,7 +9,7 @@ from helpers import manifest_problems as problems
 from helpers import write_yaml as write
 
 from batchrun.manifest import load_manifest
-from batchrun.models import DEFAULT_MODEL
+from batchrun.models import DEFAULT_MODEL, all_models
 from batchrun.settings import Settings
 
 URL = "https://example.com/a.png"
@@ -359,11 +359,14 @@ def test_price_override(tmp_path):
 
 @pytest.mark.parametrize(
     "value, shown",
-    [("kling/kling-9", "'kling/kling-9'"), ("5", "'5'"), ("[a]", "\"['a']\"")],
+    [("kling/kling-3.0/standard/image-to-vidoe", "'kling/kling-3.0/standard/image-to-vidoe' (did you mean "
+                                                 "'kling/kling-3.0/standard/image-to-video'?)"),
+     ("5", "'5'"), ("[a]", "\"['a']\"")],
 )
-def test_unknown_model_lists_the_known_ones(tmp_path, value, shown):
+def test_unknown_model_points_to_the_known_ones(tmp_path, value, shown):
+    count = len(all_models())
     assert problems(tmp_path, f"model: {value}\n" + jobs_text("a")) == [
-        f"1:8: model: unknown model {shown}; known models: {DEFAULT_MODEL}"
+        f"1:8: model: unknown model {shown}; `batchrun models list` shows the {count} known models"
     ]
 
 

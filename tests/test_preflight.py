@@ -21,7 +21,7 @@ from PIL import Image
 
 from batchrun.errors import ManifestError
 from batchrun.manifest import load_manifest
-from batchrun.preflight import ImageCheck, check_urls, image_urls, problems_for
+from batchrun.preflight import ImageCheck, check_urls, doomed_jobs, image_urls, problems_for
 
 GIB2 = 2 * 1024**3
 
@@ -380,3 +380,32 @@ def test_problems_for_after_the_manifest_changed_point_at_each_job_line(tmp_path
     again = load_manifest(path)
     path.write_text("# and again\n" + path.read_text())  # `again` was loaded before this edit
     assert [str(p) for p in problems_for(again, checks)] == [f"{path}:3:1: jobs[0] (id=a).start_image_url: gone"]
+
+
+async def test_an_images_size_is_judged_by_each_jobs_own_model(host, tmp_path):
+    b = host.base
+    path = tmp_path / "m.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        jobs:
+          - id: kling
+            model: kling/kling-3.0/pro/image-to-video
+            prompt: a
+            start_image_url: {b}/small.png
+          - id: banana
+            model: google/nano-banana-2-lite/edit
+            prompt: b
+            image_urls: [{b}/small.png, {b}/wide.png]
+          - id: seedream
+            model: bytedance/seedream-5.0-pro/image-to-image
+            prompt: c
+            image: [{b}/wide.png, {b}/page]
+        """), encoding="utf-8")
+    manifest = load_manifest(path)
+    checks = await check_urls(image_urls(manifest), session=host.session, timeout=5)
+    assert [str(p).removeprefix(f"{tmp_path}/") for p in problems_for(manifest, checks)] == [
+        "m.yaml:5:22: jobs[0] (id=kling).start_image_url: the file at this URL is 200x200 px; Kling needs each "
+        "side to be at least 300 px",
+        f"m.yaml:13:{13 + len(b) + 11}: jobs[2] (id=seedream).image[1]: the image URL serves a web page "
+        "(text/html), not an image: link the image file itself",
+    ]
+    assert sorted(doomed_jobs(manifest, checks)) == ["kling", "seedream"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -19,15 +20,23 @@ def input_sha256(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# What the sandbox bills where a model file's price is unknown (null).
+SANDBOX_USD_PER_SECOND = 0.1
+SANDBOX_USD_PER_OUTPUT = 0.05
+SANDBOX_AUTO_SECONDS = 5.0
+
+
 class Model:
     """A model the sandbox knows, loaded from one of batchrun's vendored model files."""
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.model_id: str = data["model_id"]
         self.schema: dict[str, Any] = data["input_schema"]
-        self.validator = jsonschema.Draft202012Validator(self.schema)
+        # The API validates its own published "float" as a JSON Schema number.
+        self.validator = jsonschema.Draft202012Validator(_numbers(self.schema))
         self.price: dict[str, Any] = data.get("price", {})
         self.sum_rules: list[dict[str, str]] = data.get("rules", {}).get("sum_equals", [])
+        self.output_kind: str = data.get("output_kind", "video")
 
     def _default(self, *path: str) -> Any:
         node: Any = self.schema
@@ -62,14 +71,84 @@ class Model:
                 found.append({"loc": ["body", items], "msg": msg, "type": "sum_equals"})
         return found
 
-    def cost(self, body: dict[str, Any]) -> float:
+    def catalogue_entry(self, with_schema: bool) -> dict[str, Any]:
+        """This model as `GET /v1/models/{id}` gives it: the base price the sandbox bills (its own rate where
+        the file's is unknown) and, published the way RunComfy's catalogue may, numbers typed ``"float"``."""
         price = self.price
-        duration_field = price.get("duration_field", "duration")
-        seconds = body.get(duration_field, self._default("properties", duration_field, "default"))
-        audio_field = price.get("audio_field", "generate_audio")
-        audio = body.get(audio_field, self._default("properties", audio_field, "default"))
-        rate = price.get("usd_per_second_with_audio") if audio else price.get("usd_per_second")
-        return round(float(seconds or 0) * float(rate or 0), 6)
+        unit = price.get("unit", "second")
+        base = price.get("usd_per_output" if unit == "output" else "usd_per_second")
+        entry: dict[str, Any] = {
+            "model_id": self.model_id,
+            "output_kind": self.output_kind,
+            "base_price_usd": base if base is not None else
+            (SANDBOX_USD_PER_OUTPUT if unit == "output" else SANDBOX_USD_PER_SECOND),
+            "price_unit": unit,
+        }
+        if with_schema:
+            entry["input_schema"] = _published(self.schema)
+        return entry
+
+    def cost(self, body: dict[str, Any]) -> float:
+        """What the job is billed: the file's price formula, with the sandbox's own rates where the model's
+        are unknown (null), so the balance still goes down."""
+        price = self.price
+        props = self.schema.get("properties", {})
+
+        def read(name: str | None) -> Any:
+            return None if name is None else body.get(name, props.get(name, {}).get("default"))
+
+        if price.get("unit") == "output":
+            total = price.get("usd_per_output") or SANDBOX_USD_PER_OUTPUT
+        else:
+            audio_field = price.get("audio_field", "generate_audio")
+            audio = audio_field is not None and bool(read(audio_field)) != price.get("audio_inverted", False)
+            rate = price.get("usd_per_second_with_audio") if audio else None
+            rate = rate or price.get("usd_per_second") or SANDBOX_USD_PER_SECOND
+            value = read(price.get("duration_field", "duration"))
+            try:  # no duration field, or "auto": the sandbox renders its default length
+                seconds = SANDBOX_AUTO_SECONDS if value is None else float(value)
+            except (TypeError, ValueError):
+                seconds = SANDBOX_AUTO_SECONDS
+            if price.get("duration_unit") == "ms":
+                seconds /= 1000
+            total = seconds * rate
+        for name, table in price.get("multipliers", {}).items():
+            value = read(name)
+            total *= table.get(value if isinstance(value, str) else json.dumps(value), 1.0)
+        return round(total, 6)
+
+
+def _numbers(node: Any) -> Any:
+    """A schema with ``"type": "float"`` read as ``"number"``."""
+    if isinstance(node, dict):
+        return {k: ("number" if k == "type" and v == "float" else _numbers(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers(v) for v in node]
+    return node
+
+
+def load_folder(folder: Path) -> dict[str, Model]:
+    """The models of a user folder of model files (``BATCHRUN_MODELS``), keyed by id; files that are not
+    model files are skipped (batchrun itself reports them)."""
+    models = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("model_id"), str) \
+                    and isinstance(data.get("input_schema"), dict):
+                models[data["model_id"]] = Model(data)
+        except (OSError, ValueError, TypeError, jsonschema.SchemaError):
+            continue
+    return models
+
+
+def _published(node: Any) -> Any:
+    """A schema as the catalogue may publish it: ``"type": "number"`` written ``"float"``."""
+    if isinstance(node, dict):
+        return {k: ("float" if k == "type" and v == "number" else _published(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_published(v) for v in node]
+    return node
 
 
 def _load_models() -> dict[str, Model]:

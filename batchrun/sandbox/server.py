@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .model import MODEL_ID, MODELS, input_sha256
+from .model import MODEL_ID, MODELS, input_sha256, load_folder
 from .queue import CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, IN_QUEUE, Job, SimQueue
 
 __all__ = ["MODEL_ID", "Faults", "Sandbox", "input_sha256", "serve_forever"]
@@ -104,6 +105,12 @@ def _sample_video() -> bytes:
     return resources.files("batchrun.sandbox").joinpath("sample.mp4").read_bytes()
 
 
+# What a finished job of each output kind returns: (file name, result key, sample file, Content-Type).
+# Video has its own path (`videos_per_job`, `replace_video_after`, `video_bytes`).
+OTHER_OUTPUTS = {"image": ("image.png", "images", "sample.png", "image/png"),
+                 "audio": ("audio.wav", "audio", "sample.wav", "audio/wav")}
+
+
 def _error(status: int, code: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error_code": code, "error_message": message, **extra}, status=status)
 
@@ -131,13 +138,15 @@ class Sandbox:
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
         balance_usd: float = 100_000.0,
+        models_dir: Path | None = None,
     ) -> None:
         self.faults = faults or Faults()
         self.balance_usd = float(balance_usd)
         self.render_seconds = render_seconds
         self.clock = clock
         self.video_bytes = _sample_video() if video_bytes is None else video_bytes
-        self.models = MODELS
+        # Every shipped model, and a user folder's (a manifest's `models_dir` or $BATCHRUN_MODELS), which win.
+        self.models = {**MODELS, **(load_folder(Path(models_dir)) if models_dir is not None else {})}
         self.queue = SimQueue(capacity, on_finish=self._charge)
         self._token = token
         # Request ids are not drawn from these: see `_submit`.
@@ -158,7 +167,7 @@ class Sandbox:
         self._answers_lost = 0
         self._downloads_served = 0
         self._downloads_cut = 0
-        self._stored: dict[int, tuple[bytes, bytes, str, str]] = {}  # by version: (source, served, ETag, date)
+        self._stored: dict[int | str, tuple[bytes, bytes, str, str]] = {}  # by video version or kind
         self._window: tuple[float, int] = (float("-inf"), 0)  # (start, jobs created) of the submit window
         self._asked: Counter[tuple[str, str]] = Counter()  # (request id, phase) -> calls, for late answers
 
@@ -172,6 +181,8 @@ class Sandbox:
         r.add_post("/v1/requests/{request_id}/cancel", self._cancel, name="cancel")
         r.add_get("/files/{request_id}/{name}", self._download, name="download")
         r.add_get("/prod/v2/balance", self._balance, name="balance")
+        r.add_get("/v1/models", self._catalogue, name="catalogue")
+        r.add_get("/v1/models/{model_id:.+}", self._model_entry, name="model")
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -340,9 +351,30 @@ class Sandbox:
         stem, dot, ext = VIDEO_NAME.rpartition(".")
         return [VIDEO_NAME] + [f"{stem}-{n}{dot}{ext}" for n in range(2, self.faults.videos_per_job + 1)]
 
+    def _kind(self, job: Job) -> str:
+        model = self.models.get(job.model_id)
+        return model.output_kind if model is not None else "video"
+
+    def _output_names(self, job: Job) -> list[str]:
+        kind = self._kind(job)
+        return self._video_names() if kind == "video" else [OTHER_OUTPUTS[kind][0]]
+
     def _output(self, request: web.Request, job: Job, now: float) -> dict[str, Any]:
+        kind = self._kind(job)
+        if kind != "video":
+            name, key = OTHER_OUTPUTS[kind][:2]
+            url = self._video_url(request, job, now, name)
+            return {key: [url] if key.endswith("s") else url}
         urls = [self._video_url(request, job, now, name) for name in self._video_names()]
         return {"video": urls[0]} if len(urls) == 1 else {"videos": urls}
+
+    def _stored_other(self, kind: str) -> tuple[bytes, str, str]:
+        """The sample file of an image or audio output, its ETag and Last-Modified."""
+        cached = self._stored.get(kind)
+        if cached is None:
+            data = resources.files("batchrun.sandbox").joinpath(OTHER_OUTPUTS[kind][2]).read_bytes()
+            cached = self._stored[kind] = (data, *self._encode(data, 0))
+        return cached[1:]
 
     def _video_url(self, request: web.Request, job: Job, now: float, name: str = VIDEO_NAME) -> str:
         path = f"/files/{job.request_id}/{name}"
@@ -448,6 +480,19 @@ class Sandbox:
         if job.error is None:
             self.balance_usd -= self.models[job.model_id].cost(job.input)
 
+    async def _catalogue(self, request: web.Request) -> web.Response:
+        """GET /v1/models[?include_schema=true]: every registered model's entry."""
+        with_schema = request.query.get("include_schema", "").lower() in ("true", "1")
+        entries = [m.catalogue_entry(with_schema) for m in sorted(self.models.values(), key=lambda m: m.model_id)]
+        return web.json_response({"models": entries})
+
+    async def _model_entry(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model_id}: its price and input schema, as the catalogue publishes them."""
+        model = self.models.get(request.match_info["model_id"])
+        if model is None:
+            return _error(400, 400001, f"unknown model: {request.match_info['model_id']}")
+        return web.json_response(model.catalogue_entry(True))
+
     async def _balance(self, request: web.Request) -> web.Response:
         self._now()  # renders that ended by now are charged
         if self.faults.balance_error:
@@ -515,7 +560,7 @@ class Sandbox:
     async def _download(self, request: web.Request) -> web.StreamResponse:
         now = self._now()
         job = self.jobs.get(request.match_info["request_id"])
-        if job is None or job.status != COMPLETED or request.match_info["name"] not in self._video_names():
+        if job is None or job.status != COMPLETED or request.match_info["name"] not in self._output_names(job):
             return web.Response(status=404, text="NoSuchKey")
         fault = self._server_fault(with_http200=False)
         if fault:
@@ -534,9 +579,11 @@ class Sandbox:
             self.faults_served["redirect"] += 1
             raise web.HTTPFound(self.faults.redirect_downloads_to.rstrip("/") + request.path_qs)
 
-        data, etag, modified = self._stored_video()
+        kind = self._kind(job)
+        data, etag, modified = self._stored_video() if kind == "video" else self._stored_other(kind)
         total = len(data)
-        headers = {"Accept-Ranges": "bytes", "Content-Type": "video/mp4", "ETag": etag, "Last-Modified": modified}
+        content_type = "video/mp4" if kind == "video" else OTHER_OUTPUTS[kind][3]
+        headers = {"Accept-Ranges": "bytes", "Content-Type": content_type, "ETag": etag, "Last-Modified": modified}
         if self.faults.download_encoding:
             headers["Content-Encoding"] = self.faults.download_encoding
         status, start, end = 200, 0, total - 1
