@@ -3,6 +3,8 @@ prose rules as data, the user folder, and every shipped model validated and run 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from importlib import resources
 
@@ -360,9 +362,8 @@ async def test_a_bake_off_of_three_prompts_by_four_models_plans_and_runs(tmp_pat
     code, out, err = await cli(["status", str(path)])
     assert f"  {BAKE_OFF[3]}: 3 done" in out
     code, out, err = await cli(["export", str(path), "--format", "csv"])
-    lines = out.splitlines()
-    assert code == 0 and lines[0].split(",")[-1] == "model"
-    assert sorted(line.rsplit(",", 1)[1] for line in lines[1:]) == sorted(BAKE_OFF * 3)
+    exported = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and sorted(row["model"] for row in exported) == sorted(BAKE_OFF * 3)
     async with Sandbox(token=TOKEN) as sandbox:  # a second run pays for nothing
         code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
                                     "--no-progress"])
