@@ -184,13 +184,26 @@ def _toolbar(jobs: list[Job]) -> str:
             f'<select id="sort">{select}</select></div>')
 
 
+def side_by_side(rows: list[JobRow]) -> list[JobRow]:
+    """A bake-off's jobs with the same input next to each other (inputs in the order they first appear,
+    each input's jobs in ledger order), so the grid shows each input across models side by side."""
+    first_seen: dict[str, int] = {}
+    keyed = []
+    for i, row in enumerate(rows):
+        key = json.dumps(row.input, sort_keys=True, default=str)
+        keyed.append((first_seen.setdefault(key, i), i, row))
+    return [row for *_, row in sorted(keyed, key=lambda k: k[:2])]
+
+
 def render(output_dir: Path, rows: list[JobRow], runs: list[dict[str, Any]], now: datetime,
            listed: set[str] | None = None) -> str:
     """The whole page as text: the videos first, then the summary and the timeline."""
+    models = sorted({row.model for row in rows})
+    if len(models) > 1:
+        rows = side_by_side(rows)
     jobs = [Job.of(row, i) for i, row in enumerate(rows)]
     budget = ImageBudget()
     title = f"batchrun report: {output_dir.resolve().name}"
-    models = sorted({j.row.model for j in jobs})
     cards = "\n".join(card_html(j, output_dir, budget, gone=listed is not None and j.row.id not in listed)
                       for j in jobs)
     return f"""<!doctype html>

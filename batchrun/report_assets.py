@@ -71,6 +71,8 @@ th, td { text-align: left; padding: 3px 12px 3px 0; border-bottom: 1px solid var
 .media { position: relative; background: #111; aspect-ratio: 16 / 9; display: flex; align-items: center;
   justify-content: center; color: #aab; font-size: 13px; }
 .media video { width: 100%; height: 100%; display: block; background: #000; }
+.media img { width: 100%; height: 100%; object-fit: contain; display: block; }
+.media audio { width: 92%; }
 .media .none { padding: 12px; text-align: center; }
 .extra { font-size: 12px; padding: 4px 12px 0; }
 .body { padding: 10px 12px 12px; display: flex; flex-direction: column; gap: 8px; }

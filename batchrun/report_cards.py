@@ -6,6 +6,7 @@ standard library's `html.escape`), attribute values included; URLs are checked f
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +22,34 @@ from batchrun.spend import job_cost
 DEFAULT_DURATION = 10  # the model's default when a job's input has no `duration`
 PROMPT_PREVIEW = 160  # characters of a prompt shown before "more"
 INLINE_IMAGE_BUDGET = 16_000_000  # characters of data: URIs embedded in one report, all cards together
+
+
+@functools.cache
+def known_models() -> dict[str, Any]:
+    """The registry (shipped and user models), read once per process; empty if a user file is broken, so a
+    report is still written (durations then come from the input)."""
+    from batchrun.models import all_models
+
+    try:
+        return all_models(missing_ok=True)
+    except Exception:  # noqa: BLE001 - a broken model file must not stop a report of paid results
+        return {}
+
+
+# The element a browser shows an output file with, by the extension batchrun saved it under.
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".avif", ".heic", ".heif"}
+_AUDIO_SUFFIXES = {".wav", ".mp3", ".m4a", ".aac", ".ogg", ".oga", ".flac"}
+
+
+def media_element(path: str, poster_attr: str = "") -> str:
+    """`<img>`, `<audio>` or `<video>` for an output file (a relative path, quoted and escaped here)."""
+    src = esc(quote(path))
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix in _IMAGE_SUFFIXES:
+        return f'<img loading="lazy" alt="{esc(path)}" src="{src}">'
+    if suffix in _AUDIO_SUFFIXES:
+        return f'<audio controls preload="none" src="{src}"></audio>'
+    return f'<video controls preload="none" playsinline{poster_attr} src="{src}"></video>'
 
 
 # -- reading the ledger ---------------------------------------------------------------------------
@@ -74,10 +103,20 @@ class Job:
 
     @property
     def video_seconds(self) -> float:
+        """Seconds of output asked for, by the job's own model's duration field (0 when it has none, or
+        "auto"); the input's `duration` for a model batchrun does not know."""
+        model = known_models().get(self.row.model)
+        if model is not None:
+            return model.video_seconds(self.row.input)
         try:
             return float(self.row.input.get("duration", DEFAULT_DURATION))
         except (TypeError, ValueError):
             return float(DEFAULT_DURATION)
+
+    @property
+    def output_kind(self) -> str:
+        model = known_models().get(self.row.model)
+        return model.output_kind if model is not None else "video"
 
     @property
     def cost(self) -> tuple[float | None, str | None]:
@@ -179,8 +218,7 @@ def _media(job: Job, output_dir: Path) -> str:
     first, *others = present
     poster = mediafacts.poster_path(row.id)
     poster_attr = f' poster="{esc(quote(poster))}"' if (output_dir / poster).is_file() else ""
-    html = [f'<div class="media"><video controls preload="none" playsinline{poster_attr} '
-            f'src="{esc(quote(first.path))}"></video></div>']
+    html = [f'<div class="media">{media_element(first.path, poster_attr)}</div>']
     if others or missing:
         links = " ".join(f'<a href="{esc(quote(o.path))}">{esc(o.path)}</a>' for o in others)
         gone = f" missing: {esc(', '.join(missing))}" if missing else ""
@@ -211,8 +249,12 @@ def _facts(job: Job) -> str:
     usd, source = job.cost
     cost = fmt_usd(usd) + (" (estimate)" if source == "estimate" else "") + (" simulated" if row.simulated else "")
     audio = row.input.get("generate_audio")
-    facts = [("duration", f"{job.video_seconds:g} s" + (", with audio" if audio else "")),
-             ("cost", cost), ("queue wait", fmt_seconds(job.queue_wait)), ("render", fmt_seconds(job.render_time))]
+    facts = [("model", row.model)]
+    if job.output_kind != "image":
+        seconds = job.video_seconds
+        facts.append(("duration", (f"{seconds:g} s" if seconds else "set by the model")
+                      + (", with audio" if audio else "")))
+    facts += [("cost", cost), ("queue wait", fmt_seconds(job.queue_wait)), ("render", fmt_seconds(job.render_time))]
     if row.media:
         facts.append(("file", mediafacts.describe(row.media)))
     if row.submissions > 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from importlib import resources
 
 import pytest
@@ -595,3 +596,24 @@ async def test_a_user_model_runs_in_the_built_in_sandbox(tmp_path, monkeypatch):
     row = results(tmp_path / "out")["ex"]
     assert row["state"] == "done" and row["model"] == "acme/test/text-to-video"
     assert row["cost_usd"] == 0.2  # the user file's 0.1 USD/s, as the sandbox bills it
+
+
+async def test_a_bake_off_gallery_shows_each_input_across_models_side_by_side_as_what_they_are(tmp_path):
+    """Video, image and audio models on the same prompts: the report shows images as images, plays
+    audio, names each card's model and puts the same input's cards next to each other."""
+    models = ["kling/kling-3.0/standard/text-to-video", "google/nano-banana-2-lite/text-to-image",
+              "elevenlabs/elevenlabs/music-generation"]
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "output": "out", "jobs": [
+        {"id": "idea", "matrix": {"prompt": ["a fox at dawn", "a boat at dusk"], "model": models}}]}, sort_keys=False))
+    code, out, err = await cli(["run", str(path), "--sandbox", "--no-progress"])
+    assert code == 0, out + err
+    page = (tmp_path / "out" / "report.html").read_text()
+    cards = re.findall(r'<article class="card[^"]*" id="card-([^"]+)".*?</article>', page, re.S)
+    assert cards == ["idea-p1-m1", "idea-p1-m2", "idea-p1-m3", "idea-p2-m1", "idea-p2-m2", "idea-p2-m3"]
+    for card_id, body in re.findall(r'<article class="card[^"]*" id="card-([^"]+)"(.*?)</article>', page, re.S):
+        media = re.search(r'<div class="media">(<\w+)', body).group(1)
+        assert media == {"1": "<video", "2": "<img", "3": "<audio"}[card_id[-1]], (card_id, media)
+        assert f"<dd>{models[int(card_id[-1]) - 1]}</dd>" in body  # the card names its model
+    image_card = re.search(r'id="card-idea-p1-m2"(.*?)</article>', page, re.S).group(1)
+    assert "<dt>duration</dt>" not in image_card  # an image has no duration

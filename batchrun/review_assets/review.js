@@ -80,14 +80,25 @@
     } catch (err) { say("re-roll not recorded: " + err.message, true); }
   }
 
+  const IMAGE_EXT = new Set(["png", "jpg", "jpeg", "webp", "gif", "avif", "heic", "heif"]);
+  const AUDIO_EXT = new Set(["wav", "mp3", "m4a", "aac", "ogg", "oga", "flac"]);
+
   function takeCard(t) {
     const card = el("article", { class: "take " + (t.decision || ""), tabindex: "0", "data-id": t.id,
                                  "data-state": t.state, "data-decision": t.decision || "",
                                  "data-rating": t.rating == null ? "" : String(t.rating) });
     if (t.videos.length) {
-      const attrs = { src: t.videos[0], controls: "", preload: "metadata", playsinline: "" };
-      if (t.poster) attrs.poster = t.poster;
-      card.append(el("video", attrs));
+      // Image and audio models' outputs are shown as what they are, by the extension they were saved with.
+      const ext = (t.videos[0].split("?")[0].split(".").pop() || "").toLowerCase();
+      if (IMAGE_EXT.has(ext)) {
+        card.append(el("img", { src: t.videos[0], alt: t.id, loading: "lazy" }));
+      } else if (AUDIO_EXT.has(ext)) {
+        card.append(el("audio", { src: t.videos[0], controls: "", preload: "metadata" }));
+      } else {
+        const attrs = { src: t.videos[0], controls: "", preload: "metadata", playsinline: "" };
+        if (t.poster) attrs.poster = t.poster;
+        card.append(el("video", attrs));
+      }
     } else {
       const why = t.state === "asked" ? "asked for: the next run submits it" :
         t.state === "done" ? "no video file" : t.state;
