@@ -121,13 +121,24 @@ class Manifest:
         unpriced = self.unpriced_jobs()
         if not unpriced:
             return None
-        model = self.model_of(unpriced[0])
-        count = sum(1 for job in unpriced if self.model_of(job) is model)
-        field = "usd_per_output" if model.price.unit == "output" else "usd_per_second"
-        hint = f"{field}: ..." if model is self.model else f"{model.model_id}: {{{field}: ...}}"
-        return (f"budget_usd: the price of {model.model_id} is unknown for {count} job(s) "
-                f"(first: {unpriced[0].id}), so a budget cannot be kept; add 'price: {{{hint}}}' "
-                "to the manifest, or run without a budget")
+        by_model: dict[str, list[Job]] = {}
+        for job in unpriced:
+            by_model.setdefault(self.model_of(job).model_id, []).append(job)
+        parts = []
+        for jobs in by_model.values():
+            model = self.model_of(jobs[0])
+            price = self.price_of(model)
+            if price.known:  # the rate is known: the job's length is not (e.g. `duration: "auto"`)
+                parts.append(f"{model.model_id}: the length of {len(jobs)} job(s) is not known before the render "
+                             f"(first: {jobs[0].id}; set '{price.duration_field}' to a number of seconds)")
+                continue
+            field = "usd_per_output" if model.price.unit == "output" or price.duration_field is None \
+                else "usd_per_second"
+            hint = f"{field}: ..." if model is self.model else f"{model.model_id}: {{{field}: ...}}"
+            parts.append(f"{model.model_id}: no price known for {len(jobs)} job(s) (first: {jobs[0].id}; "
+                         f"add 'price: {{{hint}}}')")
+        return ("budget_usd: a budget cannot be kept for jobs whose cost cannot be estimated: "
+                + "; ".join(parts) + ". Fix these in the manifest, or run without a budget")
 
 
 def input_sha256(model_id: str, job_input: dict[str, Any]) -> str:
@@ -246,6 +257,15 @@ def _check_price(raw: Any, at: tuple, model: Model, out: _Collector) -> Price:
             out.add(at + (key,), f"{where}.{key}", f"must be a number of USD per {unit}, got {echo.shown(value)}")
         else:
             values[key] = float(value)
+    # The rate given says the unit: a per-second model may be priced per output by the user, and back.
+    if "usd_per_output" in values and "usd_per_second" not in values:
+        values["unit"] = "output"
+    elif "usd_per_second" in values and "usd_per_output" not in values:
+        values["unit"] = "second"
+        if model.price.duration_field is None:
+            out.add(at + ("usd_per_second",), f"{where}.usd_per_second",
+                    f"{model.model_id} has no field for the length of its output, so a price per second cannot "
+                    "be applied; give usd_per_output (USD for each output) instead")
     return Price(**{**model.price.__dict__, **values})
 
 

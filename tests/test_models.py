@@ -249,7 +249,7 @@ async def test_unknown_price_shows_as_unknown_and_a_budget_refuses_without_price
     async with Sandbox(token=TOKEN) as sandbox:
         code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
                                     "--no-progress", "--budget", "5"])
-        assert code == 2 and "price of google/nano-banana-2-lite/text-to-image is unknown" in err
+        assert code == 2 and "google/nano-banana-2-lite/text-to-image: no price known" in err
         assert sandbox.posts_total == 0
         path.write_text(manifest_text(model_id, {"prompt": "a lighthouse"}, price={"usd_per_output": 0.04}), "utf-8")
         code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
@@ -396,10 +396,12 @@ async def test_a_budget_with_a_model_of_unknown_price_needs_price_for_that_model
                                     "--no-progress"])
         assert code == 2 and sandbox.posts_total == 0
         code, out, plan_err = await cli(["plan", str(path), "--no-balance-check"])
-        assert code == 0 and "warning: budget_usd: the price of bytedance" in plan_err
-        assert ("price of bytedance/seedance-2.5/text-to-video/1080p is unknown for 3 job(s) (first: beach-p1-m2), "
-                "so a budget cannot be kept; add 'price: {bytedance/seedance-2.5/text-to-video/1080p: "
-                "{usd_per_second: ...}}'") in err, err
+        assert code == 0 and "warning: budget_usd: a budget cannot be kept" in plan_err
+        # Every model without a price is named at once, each with what to add.
+        for model_id, field in [(BAKE_OFF[1], "usd_per_second"), (BAKE_OFF[2], "usd_per_second"),
+                                (BAKE_OFF[3], "usd_per_output")]:
+            assert f"{model_id}: no price known for 3 job(s)" in err, err
+            assert f"add 'price: {{{model_id}: {{{field}: ...}}}}'" in err, err
         prices = {model_id: {"usd_per_second": 0.1} for model_id in BAKE_OFF[1:3]}
         prices[BAKE_OFF[3]] = {"usd_per_output": 0.04}
         path = bake_off_manifest(tmp_path, budget_usd=100, price=prices)
@@ -617,3 +619,37 @@ async def test_a_bake_off_gallery_shows_each_input_across_models_side_by_side_as
         assert f"<dd>{models[int(card_id[-1]) - 1]}</dd>" in body  # the card names its model
     image_card = re.search(r'id="card-idea-p1-m2"(.*?)</article>', page, re.S).group(1)
     assert "<dt>duration</dt>" not in image_card  # an image has no duration
+
+
+@pytest.mark.parametrize(("model_id", "price", "extra", "expected"), [
+    # No duration field: only a price per output can be applied, and a per-second one is refused by name.
+    ("bytedance/seed-audio-1.0/text-to-audio", {"usd_per_output": 0.2}, {}, 0.2),
+    ("blackforestlabs/flux-3/text-to-video", {"usd_per_second": 0.2}, {"duration": "10"}, 2.0),
+])
+async def test_a_price_the_manifest_gives_is_applied_whatever_the_models_unit(tmp_path, model_id, price, extra,
+                                                                              expected):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": model_id, "budget_usd": 10, "price": price,
+                                    "jobs": [{"id": "a", "prompt": "a fox", **extra}]}, sort_keys=False))
+    code, out, err = await cli(["plan", str(path), "--json", "--no-balance-check"])
+    assert code == 0, err
+    assert json.loads(out)["estimated_cost_usd"] == pytest.approx(expected)
+
+
+async def test_a_per_second_price_for_a_model_without_a_length_field_is_a_located_error(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": "bytedance/seed-audio-1.0/text-to-audio", "budget_usd": 5,
+                                    "price": {"usd_per_second": 0.1}, "jobs": [{"id": "a", "prompt": "rain"}]},
+                                   sort_keys=False))
+    code, out, err = await cli(["validate", str(path)])
+    assert code == 2 and "price.usd_per_second: bytedance/seed-audio-1.0/text-to-audio has no field for the length" \
+        in out + err
+
+
+async def test_an_auto_duration_under_a_budget_says_to_set_the_length(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": "blackforestlabs/flux-3/text-to-video", "budget_usd": 5,
+                                    "price": {"usd_per_second": 0.2}, "jobs": [{"id": "a", "prompt": "rain"}]},
+                                   sort_keys=False))
+    code, out, err = await cli(["run", str(path), "--sandbox", "--no-progress"])
+    assert code == 2 and "the length of 1 job(s) is not known before the render" in err and "'duration'" in err
