@@ -263,8 +263,12 @@ def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
     from batchrun.models import user_dir
     from batchrun.sandbox import serve_forever
 
-    serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds, balance_usd=args.balance,
-                  models_dir=user_dir())  # $BATCHRUN_MODELS: the sandbox serves the user's models too
+    try:
+        serve_forever(host=args.host, port=args.port, render_seconds=args.render_seconds, balance_usd=args.balance,
+                      models_dir=user_dir())  # $BATCHRUN_MODELS: the sandbox serves the user's models too
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise UsageError(f"sandbox: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+                         "(choose another --port)") from None
     return EXIT_OK
 
 

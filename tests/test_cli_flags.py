@@ -60,3 +60,18 @@ def test_a_bad_base_url_is_a_usage_error_wherever_it_is_read(command, where, url
     assert message in text and "Traceback" not in text, text
     assert "sk-SECRET-1" not in text and "\x1b" not in text and "\x07" not in text
     assert list(tmp_path.iterdir()) == []  # nothing created, nothing sent
+
+
+def test_a_sandbox_on_a_taken_port_says_so_in_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "batchrun", "sandbox", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
