@@ -342,6 +342,9 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
 def _cost_text(info: dict) -> str:
     if info["estimated_cost_usd"] is not None:
         return f"${info['estimated_cost_usd']:.2f}"
+    models = info.get("models") or {}
+    if len(models) > 1:  # a bake-off: the per-model lines below say which
+        return f"unknown: {info['unpriced_jobs']} job(s) cannot be estimated (see the models below)"
     return (f"unknown: no price known for {info['unpriced_jobs']} job(s) ({info['price']}; give 'price:' in the "
             "manifest)")
 

@@ -349,6 +349,7 @@ async def test_a_bake_off_of_three_prompts_by_four_models_plans_and_runs(tmp_pat
     code, out, err = await cli(["plan", str(path), "--no-balance-check"])
     assert f"  {BAKE_OFF[3]}" in out and "3 jobs, 3 to submit, unknown" in out
     assert out.startswith(f"plan for {path} (4 models) into ")
+    assert "unknown: 9 job(s) cannot be estimated (see the models below)" in out  # not the default model's price
     async with Sandbox(token=TOKEN) as sandbox:
         code, out, err = await cli(["run", "--no-preflight", str(path), "--base-url", sandbox.base_url,
                                     "--no-progress"])
