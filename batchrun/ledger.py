@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -502,11 +502,19 @@ class Ledger:
             return []
         return [tuple(r) for r in self.conn.execute("SELECT id, take_of, take FROM rerolls ORDER BY rowid")]
 
-    def add_rerolls(self, rerolls: list[tuple[str, str, int]]) -> None:
+    def add_rerolls(self, choose: Callable[[set[str]], list[tuple[str, str, int]]]) -> list[tuple[str, str, int]]:
+        """Record re-rolled takes, (id, take_of, take) as `choose(taken ids)` picks them, in one write
+        transaction: the ids already taken (jobs and earlier re-rolls) are read inside it, so re-rolls asked
+        at the same time by several processes never pick the same take and are never lost."""
         now = utc_now()
         with self._transaction(durable=True) as conn:
-            conn.executemany("INSERT OR IGNORE INTO rerolls (id, take_of, take, requested_at) VALUES (?, ?, ?, ?)",
-                             [(*r, now) for r in rerolls])
+            taken = {r[0] for r in conn.execute("SELECT id FROM jobs")}
+            if self._has_table("rerolls"):
+                taken |= {r[0] for r in conn.execute("SELECT id FROM rerolls")}
+            made = choose(taken)
+            conn.executemany("INSERT INTO rerolls (id, take_of, take, requested_at) VALUES (?, ?, ?, ?)",
+                             [(*r, now) for r in made])
+        return made
 
     def set_decision(self, job_id: str, **changes: object) -> JobRow:
         """Set any of `decision` (DECISIONS or None), `rating` (1-5 or None), `note` (text or None) of a

@@ -81,18 +81,20 @@ def request_more(manifest: Manifest, ledger: Ledger, job_ids: list[str], count: 
         if base is None:
             raise KeyError(job_id)
         bases.append(base)
-    known = {job.id for job in manifest.jobs} | {row.id for row in ledger.all()} | {
-        r[0] for r in ledger.rerolls()}
-    made: list[tuple[str, str, int]] = []
-    for base in dict.fromkeys(bases):
-        take = 1
-        for _ in range(count):
-            while take_id(base, take) in known:
-                take += 1
-            if len(take_id(base, take)) > 64:
-                raise ValueError(f"take {take} of {base!r} would have the id {take_id(base, take)!r}, over 64 "
-                                 "characters: give the job a shorter id")
-            made.append((take_id(base, take), base, take))
-            known.add(take_id(base, take))
-    ledger.add_rerolls(made)
-    return [m[0] for m in made]
+
+    def choose(taken: set[str]) -> list[tuple[str, str, int]]:
+        known = {job.id for job in manifest.jobs} | taken
+        made: list[tuple[str, str, int]] = []
+        for base in dict.fromkeys(bases):
+            take = 1
+            for _ in range(count):
+                while take_id(base, take) in known:
+                    take += 1
+                if len(take_id(base, take)) > 64:
+                    raise ValueError(f"take {take} of {base!r} would have the id {take_id(base, take)!r}, over 64 "
+                                     "characters: give the job a shorter id")
+                made.append((take_id(base, take), base, take))
+                known.add(take_id(base, take))
+        return made
+
+    return [m[0] for m in ledger.add_rerolls(choose)]

@@ -195,3 +195,25 @@ async def test_reroll_refuses_ids_over_64_characters(tmp_path):
         await run(manifest, sandbox)
         assert sandbox.jobs_created == 9
         assert max(results(tmp_path / "out")) == long_id + "-t9"
+
+
+async def test_rerolls_asked_at_the_same_time_by_several_processes_are_all_recorded(tmp_path):
+    """Ten `batchrun reroll` processes at once: ten new takes, each with its own number, none lost."""
+    import subprocess
+    import sys
+
+    manifest = write_manifest(tmp_path, [job("f")])
+    async with Sandbox() as sandbox:
+        assert (await run(manifest, sandbox))[0].exit_code == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "batchrun", "reroll", str(manifest), "f"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(10)]
+    said = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 10, said
+    from batchrun.ledger import Ledger
+
+    ledger = Ledger.open(tmp_path / "out", create=False, readonly=True)
+    try:
+        takes = sorted(take for _, _, take in ledger.rerolls())
+    finally:
+        ledger.close()
+    assert takes == list(range(2, 12))
