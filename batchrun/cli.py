@@ -401,7 +401,11 @@ def cmd_review(args, out: TextIO, err: TextIO) -> int:
     from batchrun.review_app import serve
 
     output_dir, manifest = _resolve_target(args.target, args.output, err)
-    return serve(output_dir, manifest, port=args.port, out=out, open_browser=args.open)
+    try:
+        return serve(output_dir, manifest, port=args.port, out=out, open_browser=args.open)
+    except OSError as exc:  # the port is taken
+        raise UsageError(f"review: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc} "
+                         "(choose another --port, or leave it out for a free one)") from None
 
 
 def _add_target(command: argparse.ArgumentParser) -> None:
@@ -500,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     review = commands.add_parser("review", help="serve the review app on 127.0.0.1: pick, reject, rate, re-roll takes")
     _add_target(review)
-    review.add_argument("--port", type=int, default=0, metavar="N", help="port on 127.0.0.1 (default: a free one)")
+    review.add_argument("--port", type=_port, default=0, metavar="N", help="port on 127.0.0.1 (default: a free one)")
     review.add_argument("--open", action="store_true", help="also open the URL in the default browser")
     review.set_defaults(handler=cmd_review)
 
@@ -524,12 +528,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8765)
+    sandbox.add_argument("--port", type=_port, default=8765, metavar="N", help="TCP port (default 8765)")
     sandbox.add_argument("--render-seconds", type=float, default=2.0, metavar="S", help="simulated render time")
     sandbox.add_argument("--balance", type=float, default=100_000.0, metavar="USD",
                          help="the account's starting balance (small: watch a batch run dry)")
     sandbox.set_defaults(handler=cmd_sandbox)
     return parser
+
+
+def _port(text: str) -> int:
+    """A TCP port number, 0-65535 (0: any free one), for argparse."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
 
 
 def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:

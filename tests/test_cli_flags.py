@@ -75,3 +75,11 @@ def test_a_sandbox_on_a_taken_port_says_so_in_one_line(tmp_path):
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("argv", [["sandbox", "--port", "99999"], ["sandbox", "--port", "abc"],
+                                  ["review", ".", "--port", "70000"]])
+def test_a_port_that_is_not_one_is_a_usage_error(argv):
+    out, err = io.StringIO(), io.StringIO()
+    assert main(argv, stdout=out, stderr=err) == 2
+    assert "is not a port number" in err.getvalue() and "Traceback" not in err.getvalue()
