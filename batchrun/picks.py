@@ -19,6 +19,7 @@ from batchrun import download
 from batchrun.errors import UsageError
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import Ledger
+from batchrun.results import sheet_cell
 
 PICKS_NAME = "picks.csv"
 PICKS_COLUMNS = ("id", "prompt", "model", "take", "rating", "note", "files")
@@ -75,7 +76,8 @@ def copy_picked(output_dir: Path, dest: Path) -> Copied:
             names.append(name)
         result.files.extend(names)
         prompt = row.input.get("prompt")
-        writer.writerow([row.id, prompt if isinstance(prompt, str) else "", row.model, row.take or 1,
-                         row.rating or "", row.note or "", " ".join(names)])
+        writer.writerow([sheet_cell(cell) for cell in (row.id, prompt if isinstance(prompt, str) else "", row.model,
+                                                        row.take or 1, row.rating or "", row.note or "",
+                                                        " ".join(names))])
     atomic_write(dest / PICKS_NAME, table.getvalue().encode("utf-8"))
     return result

@@ -77,6 +77,18 @@ def to_jsonl(rows: list[JobRow]) -> bytes:
     return "".join(json.dumps(job_record(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def sheet_cell(value: object) -> object:
+    """A CSV cell a spreadsheet will show as text: text starting like a formula (=, +, -, @, tab, CR) gets a
+    leading apostrophe, so a prompt or a note such as =HYPERLINK(...) is never run when the file is
+    opened (OWASP's advice on CSV injection). Other values are unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(rows: list[JobRow]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -88,7 +100,7 @@ def to_csv(rows: list[JobRow]) -> bytes:
         record["outputs"] = " ".join(o["path"] for o in record["outputs"])
         record["prompt"], record["image"], record["duration"] = (
             row.input.get("prompt"), row.input.get("start_image_url"), row.input.get("duration"))
-        writer.writerow(["" if record[c] is None else record[c] for c in CSV_COLUMNS])
+        writer.writerow(["" if record[c] is None else sheet_cell(record[c]) for c in CSV_COLUMNS])
     return buffer.getvalue().encode("utf-8")
 
 

@@ -121,7 +121,7 @@ async def test_decisions_show_in_status_export_and_copy(tmp_path):
     ledger = Ledger.open(out)
     try:
         ledger.set_decision("beach-t2", decision="picked", rating=5, note="the one")
-        ledger.set_decision("cliff", decision="picked")
+        ledger.set_decision("cliff", decision="picked", note='=HYPERLINK("http://evil.example","x")')
         ledger.set_decision("beach", decision="rejected", rating=2)
     finally:
         ledger.close()
@@ -129,8 +129,9 @@ async def test_decisions_show_in_status_export_and_copy(tmp_path):
     assert code == 0 and "review: 2 picked, 1 rejected" in said
     code, said, _ = await cli(["export", str(out), "--picked", "--format", "csv"])
     table = list(csv.DictReader(io.StringIO(said)))
+    # A note a spreadsheet would run as a formula is written as text (a leading apostrophe).
     assert [(r["id"], r["take"], r["decision"], r["rating"], r["note"]) for r in table] == [
-        ("beach-t2", "2", "picked", "5", "the one"), ("cliff", "1", "picked", "", "")]
+        ("beach-t2", "2", "picked", "5", "the one"), ("cliff", "1", "picked", "", "'=HYPERLINK(\"http://evil.example\",\"x\")")]
     assert table[1]["prompt"] == 'Rocks, "quoted", and commas' and table[1]["duration"] == "5"
     assert table[0]["image"] == "https://example.com/cliff.png" and table[0]["model"].startswith("kling/")
     code, said, _ = await cli(["export", str(out), "--rejected"])
@@ -145,7 +146,7 @@ async def test_decisions_show_in_status_export_and_copy(tmp_path):
     assert (dest / "cliff.mp4").read_bytes() == (out / "cliff.mp4").read_bytes()
     picks = list(csv.DictReader(io.StringIO((dest / "picks.csv").read_text(encoding="utf-8"))))
     assert [(r["id"], r["take"], r["rating"], r["note"]) for r in picks] == [
-        ("beach-t2", "2", "5", "the one"), ("cliff", "1", "", "")]
+        ("beach-t2", "2", "5", "the one"), ("cliff", "1", "", "'=HYPERLINK(\"http://evil.example\",\"x\")")]
     assert picks[1]["prompt"] == 'Rocks, "quoted", and commas'
     # Copying again is a no-op; a different file of the same name in DEST is left alone and said.
     (dest / "cliff.mp4").write_bytes(b"mine")
