@@ -108,11 +108,13 @@ def flags(media: dict[str, Any] | None, job_input: dict[str, Any]) -> list[str]:
     return found
 
 
-def describe(media: dict[str, Any] | None) -> str:
-    """One line for people: "1280×720, 24 fps, 5.04 s, with audio"."""
+def describe(media: dict[str, Any] | None, kind: str = "video") -> str:
+    """One line for people: "1280×720, 24 fps, 5.04 s, with audio" (an image: only its size)."""
     if not media:
         return "—"
     size = f"{media['width']}×{media['height']}" if media.get("width") and media.get("height") else "size unknown"
+    if kind == "image":
+        return size
     fps = f"{media['fps']:g} fps" if media.get("fps") else "fps unknown"
     seconds = f"{media['duration_s']:g} s" if media.get("duration_s") is not None else "duration unknown"
     return f"{size}, {fps}, {seconds}, {'with audio' if media.get('has_audio') else 'no audio'}"

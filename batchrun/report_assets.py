@@ -71,7 +71,7 @@ th, td { text-align: left; padding: 3px 12px 3px 0; border-bottom: 1px solid var
 .media { position: relative; background: #111; aspect-ratio: 16 / 9; display: flex; align-items: center;
   justify-content: center; color: #aab; font-size: 13px; }
 .media video { width: 100%; height: 100%; display: block; background: #000; }
-.media img { width: 100%; height: 100%; object-fit: contain; display: block; }
+.media img { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: contain; display: block; }
 .media audio { width: 92%; }
 .media .none { padding: 12px; text-align: center; }
 .extra { font-size: 12px; padding: 4px 12px 0; }

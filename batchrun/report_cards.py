@@ -256,7 +256,7 @@ def _facts(job: Job) -> str:
                       + (", with audio" if audio else "")))
     facts += [("cost", cost), ("queue wait", fmt_seconds(job.queue_wait)), ("render", fmt_seconds(job.render_time))]
     if row.media:
-        facts.append(("file", mediafacts.describe(row.media)))
+        facts.append(("file", mediafacts.describe(row.media, job.output_kind)))
     if row.submissions > 1:
         facts.append(("submissions", str(row.submissions)))
     facts.append(("request id", row.request_id or "—"))
@@ -285,7 +285,8 @@ def card_html(job: Job, output_dir: Path, budget: ImageBudget, gone: bool = Fals
     render = job.render_time
     error = (f'<p class="error"><b>{esc(row.error_kind)}</b>: {esc(row.error_message or "")}</p>'
              if row.error_kind else "")
-    error += "".join(f'<p class="error flag">{esc(flag)}</p>' for flag in mediafacts.flags(row.media, row.input))
+    if job.output_kind == "video":  # asked duration and audio track: what a video was paid for
+        error += "".join(f'<p class="error flag">{esc(flag)}</p>' for flag in mediafacts.flags(row.media, row.input))
     return (f'<article class="card {esc(row.state)}" id="card-{esc(row.id)}" data-state="{esc(row.state)}" '
             f'data-order="{job.order}" data-id="{esc(row.id)}" data-decision="{esc(row.decision or "")}" '
             f'data-gone="{str(gone).lower()}" data-cost="{"" if usd is None else f"{usd:.6f}"}" '

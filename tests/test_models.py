@@ -619,7 +619,7 @@ async def test_a_bake_off_gallery_shows_each_input_across_models_side_by_side_as
         assert media == {"1": "<video", "2": "<img", "3": "<audio"}[card_id[-1]], (card_id, media)
         assert f"<dd>{models[int(card_id[-1]) - 1]}</dd>" in body  # the card names its model
     image_card = re.search(r'id="card-idea-p1-m2"(.*?)</article>', page, re.S).group(1)
-    assert "<dt>duration</dt>" not in image_card  # an image has no duration
+    assert "<dt>duration</dt>" not in image_card and "fps" not in image_card  # an image has no duration
 
 
 @pytest.mark.parametrize(("model_id", "price", "extra", "expected"), [
