@@ -408,29 +408,49 @@ def cmd_review(args, out: TextIO, err: TextIO) -> int:
                          "(choose another --port, or leave it out for a free one)") from None
 
 
+MANIFEST_HELP = "a batch manifest, a YAML file (see the README's 'The manifest')"
+TARGET_HELP = "a manifest (its ledger is found from any folder) or an output directory holding ledger.sqlite"
+EXITS_READ = "exit: 0 done; 2 usage error or no ledger."
+EXITS_RUN = ("exit: 0 every job done; 1 jobs not done (failed, cancelled, unknown, budget or max-wait reached, "
+             "refused); 2 usage error or invalid manifest, nothing sent; 3 auth or balance error; "
+             "75 another run holds the output dir; 130 interrupted (run again to collect).")
+OFF = " (default: off)"
+
+
+def _command(commands, name: str, summary: str, exits: str) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` starts with its one-line `summary` and ends with its exit codes."""
+    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                               epilog=exits)
+
+
 def _add_target(command: argparse.ArgumentParser) -> None:
-    command.add_argument("target", metavar="MANIFEST_OR_OUTPUT_DIR")
-    command.add_argument("--output", metavar="DIR", help="with a manifest: its output directory, if not the usual")
+    command.add_argument("target", metavar="MANIFEST_OR_OUTPUT_DIR", help=TARGET_HELP)
+    command.add_argument("--output", metavar="DIR", help="with a manifest: its output directory, if not the usual "
+                         "(default: where its ledger is)")
 
 
 def _add_run_flags(command: argparse.ArgumentParser) -> None:
-    command.add_argument("manifest", metavar="MANIFEST")
+    command.add_argument("manifest", metavar="MANIFEST", help=MANIFEST_HELP)
     command.add_argument("--output", metavar="DIR", help="output directory (default: the manifest's output:, "
-                         "else output/<manifest name>)")
-    command.add_argument("--concurrency", type=int, metavar="N", help="jobs in flight remotely at once")
-    command.add_argument("--budget", type=float, metavar="USD", help="hard cap on spend for this output dir")
+                         "else output/<manifest name> in the current directory)")
+    command.add_argument("--concurrency", type=int, metavar="N", help="jobs in flight remotely at once "
+                         "(default: the manifest's concurrency:, else 4)")
+    command.add_argument("--budget", type=float, metavar="USD", help="hard cap on spend for this output dir, in US "
+                         "dollars (default: the manifest's budget_usd:, else none)")
     command.add_argument("--max-wait", type=float, metavar="SECONDS",
-                         help="stop submitting after this long and leave jobs in flight for the next run")
+                         help="stop submitting after this many seconds and leave jobs in flight for the next run "
+                         "(default: the manifest's max_wait:, else none)")
     command.add_argument("--new-output", action="store_true",
                          help="start a new ledger in the default output dir even though this manifest has one "
-                         "elsewhere (it will pay for its jobs again)")
+                         "elsewhere (it will pay for its jobs again)" + OFF)
     command.add_argument("--no-balance-check", action="store_true",
-                         help="do not ask the account's balance before paying ($RUNCOMFY_BALANCE_URL)")
+                         help="do not ask the account's balance before paying ($RUNCOMFY_BALANCE_URL)" + OFF)
 
 
 def _add_decision_filter(command: argparse.ArgumentParser, required: bool = False) -> None:
     which = command.add_mutually_exclusive_group(required=required)
-    which.add_argument("--picked", dest="decision", action="store_const", const="picked", help="picked jobs only")
+    which.add_argument("--picked", dest="decision", action="store_const", const="picked",
+                       help="picked jobs only (default: every job)")
     which.add_argument("--rejected", dest="decision", action="store_const", const="rejected",
                        help="rejected jobs only")
     which.add_argument("--unrated", dest="decision", action="store_const", const="unrated",
@@ -438,86 +458,107 @@ def _add_decision_filter(command: argparse.ArgumentParser, required: bool = Fals
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="batchrun", description="Run batches of image-to-video jobs on RunComfy's Model API.")
+    parser = _Parser(prog="batchrun", description="Run batches of image-to-video jobs on RunComfy's Model API.",
+                     epilog="'batchrun COMMAND --help' describes a command, its flags and its exit codes.")
     parser.add_argument("--version", action="version", version=f"batchrun {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    validate = commands.add_parser("validate", help="check manifests offline; exit 0 valid, 2 invalid")
-    validate.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    validate = _command(commands, "validate", "check manifests offline, printing every problem with its place",
+                        "exit: 0 valid (warnings allowed); 2 invalid or usage error.")
+    validate.add_argument("manifests", nargs="+", metavar="MANIFEST", help=MANIFEST_HELP + "; one or more")
     validate.add_argument("--check-urls", action="store_true",
-                          help="also fetch each image URL's header: reachable, an image, Kling's size limits")
+                          help="also fetch each image URL's header: reachable, an image, Kling's size limits" + OFF)
     validate.set_defaults(handler=cmd_validate)
 
-    run = commands.add_parser("run", help="submit, poll, download and record every job of a manifest")
+    run = _command(commands, "run", "submit, poll, download and record every job of a manifest", EXITS_RUN)
     _add_run_flags(run)
-    run.add_argument("--sandbox", action="store_true", help="run against the built-in emulator (free, no token)")
+    run.add_argument("--sandbox", action="store_true",
+                     help="run against the built-in emulator: free, no token, simulated money" + OFF)
     run.add_argument("--base-url", metavar="URL", help=f"API base URL (default: $RUNCOMFY_BASE_URL or "
-                     f"{DEFAULT_BASE_URL})")
-    run.add_argument("--retry-failed", action="store_true", help="submit failed and cancelled jobs again")
+                     f"{DEFAULT_BASE_URL}); not with --sandbox")
+    run.add_argument("--retry-failed", action="store_true", help="submit failed and cancelled jobs again" + OFF)
     run.add_argument("--resubmit-unknown", action="store_true",
-                     help="submit again jobs whose first POST may have reached the server (may pay twice)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar; periodic log lines instead")
-    run.add_argument("--no-preflight", action="store_true", help="do not check image URLs before submitting")
-    run.add_argument("--dry-run", action="store_true", help="show what would be done (same as 'plan')")
+                     help="submit again jobs whose first POST may have reached the server (may pay twice)" + OFF)
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar; a log line every 5 seconds instead (default: a bar on a terminal)")
+    run.add_argument("--no-preflight", action="store_true",
+                     help="do not check image URLs before submitting" + OFF)
+    run.add_argument("--dry-run", action="store_true", help="show what would be done (same as 'plan')" + OFF)
     run.add_argument("--notify", action="append", metavar="URL",
-                     help="POST a JSON summary here when the run ends (repeatable; adds to the manifest's notify:)")
+                     help="POST a JSON summary here when the run ends (repeatable; adds to the manifest's notify:; "
+                     "default: none)")
     said = run.add_mutually_exclusive_group()
-    said.add_argument("--quiet", action="store_true", help="print only the closing summary")
-    said.add_argument("--verbose", action="store_true", help="also print per-job events (submitted, done, failed)")
+    said.add_argument("--quiet", action="store_true", help="print only the closing summary" + OFF)
+    said.add_argument("--verbose", action="store_true",
+                      help="also print per-job events (submitted, done, failed)" + OFF)
     run.set_defaults(handler=cmd_run)
 
-    plan = commands.add_parser("plan", help="what a run would do and cost, without sending anything")
+    plan = _command(commands, "plan", "what a run would do and cost, sending nothing but the free balance call",
+                    "exit: 0 planned; 2 invalid manifest or usage error.")
     _add_run_flags(plan)
-    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--json", action="store_true", help="machine-readable output" + OFF)
     plan.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL); decides "
                       "where the balance is asked unless $RUNCOMFY_BALANCE_URL is set")
     plan.set_defaults(handler=cmd_plan)
 
-    adopt = commands.add_parser("adopt", help="attach a request id found by hand to an unknown job (no new payment)")
+    adopt = _command(commands, "adopt", "attach a request id found by hand to an unknown job (no new payment)",
+                     "exit: 0 attached; 2 refused (the request is not this job's, or not known) or usage error.")
     _add_target(adopt)
-    adopt.add_argument("job", nargs="?", metavar="JOB")
-    adopt.add_argument("request_id", nargs="?", metavar="REQUEST_ID")
-    adopt.add_argument("--csv", metavar="FILE", help="a CSV file of job,request_id rows instead of one pair")
+    adopt.add_argument("job", nargs="?", metavar="JOB", help="the unknown job's id")
+    adopt.add_argument("request_id", nargs="?", metavar="REQUEST_ID",
+                       help="its request id, from RunComfy's Generations page")
+    adopt.add_argument("--csv", metavar="FILE",
+                       help="a CSV file of job,request_id rows instead of one pair (default: none)")
     adopt.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
     adopt.set_defaults(handler=cmd_adopt, sandbox=False)
 
-    status = commands.add_parser("status", help="counts by state, jobs needing attention, spend (read-only)")
+    status = _command(commands, "status", "counts by state, jobs needing attention, spend (read-only)", EXITS_READ)
     _add_target(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true", help="machine-readable output" + OFF)
     status.set_defaults(handler=cmd_status)
 
-    cancel = commands.add_parser("cancel", help="cancel the output dir's jobs that are queued remotely")
+    cancel = _command(commands, "cancel", "ask a run going in the output dir to stop submitting, then cancel "
+                      "the jobs queued remotely",
+                      "exit: 0 every queued job cancelled; 1 some could not be, or the run has not stopped "
+                      "submitting yet; 2 usage error.")
     _add_target(cancel)
     cancel.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
     cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
-                        help="how long to wait for a run going in the output dir to stop submitting (default 30)")
+                        help="how long to wait for a run going in the output dir to stop submitting, in seconds "
+                        "(default 30)")
     cancel.set_defaults(handler=cmd_cancel, sandbox=False)
 
-    export = commands.add_parser("export", help="the ledger as one line per job")
+    export = _command(commands, "export", "the ledger as one line per job, to stdout", EXITS_READ)
     _add_target(export)
-    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="jsonl: one JSON object a line; csv: a header row, then one row a job (default jsonl)")
     _add_decision_filter(export)
     export.set_defaults(handler=cmd_export)
 
-    report = commands.add_parser("report", help="write report.html: a gallery to review the videos")
+    report = _command(commands, "report", "write report.html: a gallery to review the videos", EXITS_READ)
     _add_target(report)
     report.set_defaults(handler=cmd_report)
 
-    review = commands.add_parser("review", help="serve the review app on 127.0.0.1: pick, reject, rate, re-roll takes")
+    review = _command(commands, "review", "serve the review app on 127.0.0.1: pick, reject, rate, re-roll takes",
+                      "exit: runs until Ctrl-C, then 0; 2 no ledger, a taken port or usage error.")
     _add_target(review)
-    review.add_argument("--port", type=_port, default=0, metavar="N", help="port on 127.0.0.1 (default: a free one)")
-    review.add_argument("--open", action="store_true", help="also open the URL in the default browser")
+    review.add_argument("--port", type=_port, default=0, metavar="N",
+                        help="TCP port on 127.0.0.1, 0-65535 (default 0: a free one)")
+    review.add_argument("--open", action="store_true", help="also open the URL in the default browser" + OFF)
     review.set_defaults(handler=cmd_review)
 
-    reroll = commands.add_parser("reroll", help="ask for more takes of jobs; the next run submits them")
-    reroll.add_argument("manifest", metavar="MANIFEST")
-    reroll.add_argument("jobs", nargs="+", metavar="JOB")
+    reroll = _command(commands, "reroll", "ask for more takes of jobs; the next run submits them",
+                      "exit: 0 recorded; 2 unknown job, nothing has run yet, or usage error.")
+    reroll.add_argument("manifest", metavar="MANIFEST", help=MANIFEST_HELP)
+    reroll.add_argument("jobs", nargs="+", metavar="JOB", help="a job id (any take's id names its input)")
     reroll.add_argument("--takes", type=int, default=1, metavar="K", help="more takes of each job (default 1)")
-    reroll.add_argument("--output", metavar="DIR", help="its output directory, if not the usual")
+    reroll.add_argument("--output", metavar="DIR", help="its output directory, if not the usual "
+                        "(default: where its ledger is)")
     reroll.set_defaults(handler=cmd_reroll)
 
-    copy = commands.add_parser("copy", help="copy the picked videos and a picks.csv sidecar to DEST")
+    copy = _command(commands, "copy", "copy the picked videos and a picks.csv sidecar to DEST",
+                    "exit: 0 copied; 1 some file was not copied; 2 usage error.")
     _add_target(copy)
-    copy.add_argument("dest", metavar="DEST")
+    copy.add_argument("dest", metavar="DEST", help="the folder to copy into (made if missing)")
     copy.add_argument("--picked", dest="decision", action="store_const", const="picked", required=True,
                       help="copy the picked jobs' files (required: the only selection so far)")
     copy.set_defaults(handler=cmd_copy)
@@ -526,12 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_commands(commands)
 
-    sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
-    sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=_port, default=8765, metavar="N", help="TCP port (default 8765)")
-    sandbox.add_argument("--render-seconds", type=float, default=2.0, metavar="S", help="simulated render time")
+    sandbox = _command(commands, "sandbox", "serve the built-in API emulator on loopback, free, until Ctrl-C",
+                       "exit: runs until Ctrl-C, then 0; 2 a taken port or usage error.")
+    sandbox.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                         help="IP address to listen on (default 127.0.0.1, this machine only)")
+    sandbox.add_argument("--port", type=_port, default=8765, metavar="N", help="TCP port, 0-65535 (default 8765)")
+    sandbox.add_argument("--render-seconds", type=float, default=2.0, metavar="S",
+                         help="simulated render time of each job, in seconds (default 2)")
     sandbox.add_argument("--balance", type=float, default=100_000.0, metavar="USD",
-                         help="the account's starting balance (small: watch a batch run dry)")
+                         help="the account's starting balance in US dollars (default 100000; small: watch a batch "
+                         "run dry)")
     sandbox.set_defaults(handler=cmd_sandbox)
     return parser
 
