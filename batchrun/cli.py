@@ -171,6 +171,10 @@ def _notify(urls: list[str], body: dict, err: TextIO, *, quiet: bool) -> None:
 
 
 def cmd_run(args, out: TextIO, err: TextIO) -> int:
+    if args.sandbox and args.base_url:  # one would silently win over the other
+        raise UsageError("--sandbox and --base-url cannot be used together: --sandbox runs against the built-in "
+                         "emulator; to run against another server (such as 'batchrun sandbox'), give only "
+                         "--base-url. Nothing was sent")
     if args.dry_run:
         return cmd_plan(args, out, err)
     from batchrun import console, notify
@@ -337,7 +341,7 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
     for job_id, detail in report.errors:
         print(f"error: {job_id}: {detail}", file=out)
     print(f"{plural(len(report.cancelled), 'job')} cancelled, {len(report.not_cancellable)} could not be, "
-          f"{len(report.errors)} errors", file=out)
+          f"{plural(len(report.errors), 'error')}", file=out)
     all_stopped = run.stopped and not report.not_cancellable and not report.errors
     return EXIT_OK if all_stopped else EXIT_NOT_DONE
 
@@ -381,7 +385,7 @@ def cmd_reroll(args, out: TextIO, err: TextIO) -> int:
     finally:
         ledger.close()
     print(f"asked for {plural(len(made), 'more take')}: {', '.join(made)}; recorded in {output_dir / 'ledger.sqlite'}"
-          f"; the next 'batchrun run {args.manifest}' submits them", file=out)
+          f"; the next 'batchrun run {args.manifest}' submits {'it' if len(made) == 1 else 'them'}", file=out)
     return EXIT_OK
 
 

@@ -314,11 +314,12 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
         rows.append(("budget left", f"${info['budget_left_usd']:.2f}"))
     if "balance_usd" in info:
         rows.append(("balance", f"not checked: {info['balance_error']}" if info["balance_usd"] is None else
-                     f"${info['balance_usd']:.2f}, covers {info['balance_covers']} of {info['submit']} jobs to "
+                     f"${info['balance_usd']:.2f}, covers {info['balance_covers']} of {info['submit']} "
+                     f"job{'s' * (info['submit'] != 1)} to "
                      "submit at their estimates"))
     if len(info["models"]) > 1:
         for model_id, each in info["models"].items():
-            rows.append((f"  {model_id}", f"{each['jobs']} jobs, {each['submit']} to submit, "
+            rows.append((f"  {model_id}", f"{each['jobs']} job{'s' * (each['jobs'] != 1)}, {each['submit']} to submit, "
                                           + _cost_text(each)))
     width = max(len(label) for label, _ in rows)
     models = info["model"] if len(info["models"]) <= 1 else f"{len(info['models'])} models"

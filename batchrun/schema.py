@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,12 @@ def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
         expected = " or ".join(expected) if isinstance(expected, list) else expected
         expected = {"string": "text", "object": "a mapping", "array": "a list", "integer": "a whole number",
                     "number": "a number", "boolean": "true or false"}.get(expected, expected)
-        return [Finding(path, f"must be {expected}, not {_type_name(error.instance)} {_show(error.instance)}")]
+        instance = error.instance
+        if expected == "a whole number" and isinstance(instance, float) and math.isfinite(instance):
+            # YAML reads `5.0` as a float; say which whole number was likely meant, without a decimal point.
+            like = int(instance) if instance.is_integer() else math.floor(instance)
+            return [Finding(path, f"must be a whole number like {like}, not {instance!r}")]
+        return [Finding(path, f"must be {expected}, not {_type_name(instance)} {_show(instance)}")]
     if kind in ("minimum", "maximum"):
         word = "at least" if kind == "minimum" else "at most"
         return [Finding(path, f"must be {word} {error.validator_value}, got {_show(error.instance)}")]

@@ -319,7 +319,23 @@ def _yaml_error_problem(exc: yaml.YAMLError, text: str, name: str) -> Problem:
     at_tab = mark is not None and text[mark.index : mark.index + 1] == "\t"
     if at_tab or "tab character" in message:
         message += "; use spaces, not tabs, to indent"
+    elif mark is not None and (key := _unquoted_colon_key(text, mark.line)):
+        message += f"; put the text in quotes, like {key}: \"...\" (an unquoted ': ' inside it starts a new key)"
     return Problem(name, line, column, "", message)
+
+
+# `key: plain text: more`: a value that is not quoted, holding a colon followed by a space (or ending the line).
+_UNQUOTED_COLON = re.compile(r"""^\s*(?:-\s+)?([A-Za-z_][\w-]*):[ \t]+([^'"\s|>&*!{\[#][^#]*?):(?:[ \t]|$)""")
+
+
+def _unquoted_colon_key(text: str, line_index: int) -> str | None:
+    """The key of line `line_index` (0-based) when its value is plain text with a `: ` inside, the usual
+    cause of YAML's complaint about a mapping value there (`prompt: A cat: the sequel`); None otherwise."""
+    lines = text.splitlines()
+    if not 0 <= line_index < len(lines):
+        return None
+    found = _UNQUOTED_COLON.match(lines[line_index])
+    return found.group(1) if found else None
 
 
 def _build(text: str, loader) -> tuple[Any, Marks | Pos] | None:

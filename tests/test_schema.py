@@ -136,7 +136,7 @@ def test_unknown_key_in_an_element(tmp_path):
     "line, expected",
     [
         ("duration: '5'", f"5:15: {J}.duration: must be a whole number, not text '5'"),
-        ("duration: 5.0", f"5:15: {J}.duration: must be a whole number, not number 5.0"),
+        ("duration: 5.0", f"5:15: {J}.duration: must be a whole number like 5, not 5.0"),
         ("duration: 2", f"5:15: {J}.duration: must be at least 3, got 2"),
         ("duration: 16", f"5:15: {J}.duration: must be at most 15, got 16"),
         ("generate_audio: 'yes'", f"5:21: {J}.generate_audio: must be true or false, not text 'yes'"),
