@@ -140,7 +140,8 @@ def cmd_plan(args, out: TextIO, err: TextIO) -> int:
             print(f"batchrun: {found.note}; 'run' from here refuses to start a new ledger: add --output "
                   f"{found.output_dir} to resume it, or --new-output", file=err)
             manifest.output_dir = found.output_dir
-    return show_plan(manifest, out, as_json=getattr(args, "json", False), balance=_plan_balance(args))
+    return show_plan(manifest, out, as_json=getattr(args, "json", False), balance=_plan_balance(args),
+                     jobs=getattr(args, "jobs", False))
 
 
 def _exit_code_of(exc: BaseException) -> int:
@@ -500,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "exit: 0 planned; 2 invalid manifest or usage error.")
     _add_run_flags(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output" + OFF)
+    plan.add_argument("--jobs", action="store_true", help="also list every job: id, model, seconds, audio, "
+                      "estimate, what the run will do, and how many fit the budget" + OFF)
     plan.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL); decides "
                       "where the balance is asked unless $RUNCOMFY_BALANCE_URL is set")
     plan.set_defaults(handler=cmd_plan)

@@ -283,8 +283,9 @@ def balance_summary(manifest: Manifest, plan: Plan, balance: Balance) -> dict:
 
 
 def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
-              balance: Callable[[], Balance] | None = None) -> int:
-    """Print the plan; `balance`, when given, is asked once for the account's balance (see balance.py)."""
+              balance: Callable[[], Balance] | None = None, jobs: bool = False) -> int:
+    """Print the plan; `balance`, when given, is asked once for the account's balance (see balance.py);
+    `jobs` adds one line per job (`planjobs`; key "job_list" and "jobs_fitting_budget" in JSON)."""
     try:
         plan, spent = compute(manifest)
     except LedgerError as exc:
@@ -293,6 +294,10 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
     info = summary(manifest, plan, spent)
     if balance is not None:
         info.update(balance_summary(manifest, plan, balance()))
+    if jobs:
+        from batchrun.planjobs import job_list
+
+        info["job_list"], info["jobs_fitting_budget"] = job_list(manifest, plan, info["budget_left_usd"])
     if as_json:
         print(json.dumps(info, indent=2), file=out)
         return 0
@@ -337,6 +342,10 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
     _print_changes(info, out)
     if info["over_budget"]:
         print("  the budget does not cover every job: the run will stop submitting when it is reached", file=out)
+    if jobs:
+        from batchrun.planjobs import print_jobs
+
+        print_jobs(info["job_list"], info["jobs_fitting_budget"], info["submit"], info["budget_left_usd"], out)
     return 0
 
 
