@@ -79,7 +79,7 @@ def print_jobs(rows: list[dict[str, Any]], fitting: int | None, to_submit: int, 
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     print(f"jobs ({len(rows)}):", file=out)
     for line in table:
-        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip(), file=out)
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip(), file=out)
     if budget_left_usd is not None and to_submit:
         if fitting is None:
             print(f"budget: cannot tell how many of the {to_submit} to submit fit the ${budget_left_usd:.2f} left "
