@@ -277,9 +277,14 @@ def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def _resolve_target(target: str, output: str | None = None, err: TextIO | None = None) -> tuple[Path, Manifest | None]:
+def _resolve_target(target: str, output: str | None = None, err: TextIO | None = None, *,
+                    read_only: bool = False) -> tuple[Path, Manifest | None]:
     """MANIFEST_OR_OUTPUT_DIR: a directory is an output dir; a file is a manifest naming one, or, when it
-    names none and its default dir here holds no ledger, the one where it ran (said on `err`)."""
+    names none and its default dir here holds no ledger, the one where it ran (said on `err`).
+
+    `read_only` commands (status, export, report) of a manifest that is invalid now still read its ledger
+    (`--output`, else the default dir here, else where it last ran), with the problems as a warning, and
+    return no manifest; without any ledger the ManifestError stands (exit 2)."""
     from batchrun.ledger_index import LedgerIndex, locate
 
     path = Path(target)
@@ -287,7 +292,19 @@ def _resolve_target(target: str, output: str | None = None, err: TextIO | None =
         return path.absolute(), None
     if not path.exists():
         raise UsageError(f"{target}: no such manifest or output directory")
-    manifest = load_manifest(path, output=output)
+    try:
+        manifest = load_manifest(path, output=output)
+    except ManifestError as exc:
+        if not read_only:
+            raise
+        found = _ledger_of_invalid(path, output)
+        if found is None:
+            raise
+        if err is not None:
+            _print_problems(exc.problems, err)
+            print(f"batchrun: warning: {target} is invalid now ({_summary(exc.problems)}); reading its ledger in "
+                  f"{found} without it (jobs no longer in the manifest are not marked)", file=err)
+        return found, None
     found = locate(manifest, LedgerIndex.for_user())
     if found.note and err is not None:
         print(f"batchrun: {found.note}", file=err)
@@ -295,10 +312,22 @@ def _resolve_target(target: str, output: str | None = None, err: TextIO | None =
     return manifest.output_dir, manifest
 
 
+def _ledger_of_invalid(manifest_path: Path, output: str | None) -> Path | None:
+    """The output dir holding the ledger of a manifest that cannot be read now: `--output`, else
+    `output/<stem>` here (the default dir), else the most recent one the ledger index knows."""
+    from batchrun.ledger import LEDGER_NAME
+    from batchrun.ledger_index import LedgerIndex
+
+    candidates = [Path(output)] if output else [Path("output") / manifest_path.stem]
+    if not output:
+        candidates += LedgerIndex.for_user().ledgers_of(manifest_path.absolute())
+    return next((c.absolute() for c in candidates if (c / LEDGER_NAME).is_file()), None)
+
+
 def cmd_status(args, out: TextIO, err: TextIO) -> int:
     from batchrun.status import collect, print_report
 
-    output_dir, manifest = _resolve_target(args.target, args.output, err)
+    output_dir, manifest = _resolve_target(args.target, args.output, err, read_only=True)
     print_report(collect(output_dir, manifest), out, as_json=args.json)
     return EXIT_OK
 
@@ -307,7 +336,7 @@ def cmd_export(args, out: TextIO, err: TextIO) -> int:
     from batchrun.ledger import Ledger
     from batchrun.results import decision_filter, to_csv, to_jsonl
 
-    output_dir, _ = _resolve_target(args.target, args.output, err)
+    output_dir, _ = _resolve_target(args.target, args.output, err, read_only=True)
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
         rows = decision_filter(ledger.all(), args.decision)
@@ -353,7 +382,7 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
     from batchrun.startimages import copy_local
     from batchrun.takes import with_rerolls
 
-    output_dir, manifest = _resolve_target(args.target, args.output, err)
+    output_dir, manifest = _resolve_target(args.target, args.output, err, read_only=True)
     listed = None
     if manifest is not None and (output_dir / "ledger.sqlite").is_file():
         ledger = Ledger.open(output_dir, create=False, readonly=True)
@@ -420,6 +449,8 @@ EXITS_RUN = ("exit: 0 every job done; 1 jobs not done (failed, cancelled, unknow
              "refused); 2 usage error or invalid manifest, nothing sent; 3 auth or balance error; "
              "75 another run holds the output dir; 130 interrupted (run again to collect).")
 OFF = " (default: off)"
+# Commands that never send anything: "nothing was sent" would only puzzle their users.
+READ_ONLY_COMMANDS = ("status", "export", "report", "review", "copy")
 
 
 def _command(commands, name: str, summary: str, exits: str) -> argparse.ArgumentParser:
@@ -601,15 +632,18 @@ def _port(text: str) -> int:
 
 def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = getattr(args, "command", None)
         if not getattr(args, "handler", None):
             build_parser().print_help(out)
             return EXIT_USAGE
         return args.handler(args, out, err)
     except ManifestError as exc:
         _print_problems(exc.problems, err)
-        print(f"{exc.problems[0].file}: invalid manifest: {_summary(exc.problems)}; nothing was sent", file=err)
+        sent = "" if command in READ_ONLY_COMMANDS else "; nothing was sent"
+        print(f"{exc.problems[0].file}: invalid manifest: {_summary(exc.problems)}{sent}", file=err)
         return EXIT_USAGE
     except OutputDirLocked as exc:
         print(f"batchrun: {exc}", file=err)

@@ -76,3 +76,41 @@ def test_one_job_is_one_job_in_the_closing_lines_and_status(tmp_path, monkeypatc
     out = io.StringIO()
     assert main(["reroll", str(manifest), "only"], stdout=out, stderr=io.StringIO()) == 0
     assert "asked for 1 more take: only-t2" in out.getvalue() and "submits it" in out.getvalue()
+
+
+def test_read_only_commands_of_a_manifest_invalid_now_read_its_ledger(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = write_manifest(tmp_path, [job("one"), job("two")], output=None)  # the default dir: output/batch
+    assert main(["run", str(manifest), "--sandbox", "--no-progress"], stdout=io.StringIO(),
+                stderr=io.StringIO()) == 0
+    text = manifest.read_text(encoding="utf-8")
+    assert "- id: two\n  prompt:" in text
+    manifest.write_text(text.replace("- id: two\n  prompt:", "- id: two\n  promt:"), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for folder in (tmp_path, elsewhere):  # its default dir here, then through the ledger index
+        monkeypatch.chdir(folder)
+        out, err = io.StringIO(), io.StringIO()
+        assert main(["status", str(manifest)], stdout=out, stderr=err) == 0, err.getvalue()
+        assert "2 jobs in the ledger" in out.getvalue()
+        warned = err.getvalue()
+        assert "promt" in warned and "is invalid now" in warned and str(tmp_path / "output" / "batch") in warned
+        assert "nothing was sent" not in warned
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["export", str(manifest)], stdout=out, stderr=err) == 0
+    assert [line.count('"id"') for line in out.getvalue().splitlines()] == [1, 1]
+    assert main(["report", str(manifest)], stdout=io.StringIO(), stderr=io.StringIO()) == 0
+    assert (tmp_path / "output" / "batch" / "report.html").is_file()
+    # `run` still refuses it.
+    err = io.StringIO()
+    assert main(["run", str(manifest), "--sandbox", "--no-progress"], stdout=io.StringIO(), stderr=err) == 2
+    assert "nothing was sent" in err.getvalue()
+
+
+def test_a_read_only_command_of_an_invalid_manifest_without_a_ledger_is_refused_plainly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "m.yaml"
+    path.write_text("jobs:\n  - {promt: a}\n", encoding="utf-8")
+    err = io.StringIO()
+    assert main(["status", str(path)], stdout=io.StringIO(), stderr=err) == 2
+    assert "invalid manifest" in err.getvalue() and "nothing was sent" not in err.getvalue()
