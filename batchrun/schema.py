@@ -27,6 +27,9 @@ class Finding:
     message: str
     severity: str = "error"
     at_key: bool = False  # point at the key itself (unknown keys), not its value
+    # A field of the input the finding's verdict rests on though it is not at `path` (the total of a
+    # `sum_equals` rule): the manifest says where its value came from (the job, `defaults`).
+    depends_on: str | None = None
 
 
 _validators: dict[str, tuple[dict, Any]] = {}  # per model id: (its schema, its validator)
@@ -252,9 +255,11 @@ def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | Non
         total = job_input.get(rule["total"], model.default(rule["total"]))
         if isinstance(total, int) and sum(parts) != total:
             shown = " + ".join(str(p) for p in parts)
+            whence = "" if rule["total"] in job_input else " (the model's default)"
             findings.append(Finding((rule["items"],),
                                     f"segment {item_field}s add up to {shown} = {sum(parts)}, "
-                                    f"but {rule['total']} is {total}; they must be equal"))
+                                    f"but {rule['total']} is {total}{whence}; they must be equal",
+                                    depends_on=rule["total"]))
     for spec, limit in rules.get("warn_max_chars", {}).items():
         for path, value in _values_at(job_input, spec):
             if isinstance(value, str) and len(value) > limit:

@@ -114,3 +114,22 @@ def test_a_read_only_command_of_an_invalid_manifest_without_a_ledger_is_refused_
     err = io.StringIO()
     assert main(["status", str(path)], stdout=io.StringIO(), stderr=err) == 2
     assert "invalid manifest" in err.getvalue() and "nothing was sent" not in err.getvalue()
+
+
+@pytest.mark.parametrize("head, whence", [
+    ("defaults: {duration: 10}\n", "duration comes from defaults"),
+    ("", "duration is 10 (the model's default)"),
+])
+def test_a_multi_prompt_sum_error_says_where_the_duration_came_from(tmp_path, head, whence):
+    problems = manifest_problems(tmp_path, head + "jobs:\n  - prompt: a\n"
+                                 "    start_image_url: https://example.com/a.png\n    multi_prompt:\n"
+                                 "      - {prompt: b, duration: 4}\n      - {prompt: c, duration: 4}\n")
+    assert any("add up to 4 + 4 = 8" in p and whence in p for p in problems), problems
+
+
+def test_a_multi_prompt_sum_error_of_the_jobs_own_duration_names_no_other_source(tmp_path):
+    problems = manifest_problems(tmp_path, "defaults: {duration: 10}\njobs:\n  - prompt: a\n"
+                                 "    start_image_url: https://example.com/a.png\n    duration: 9\n"
+                                 "    multi_prompt:\n      - {prompt: b, duration: 4}\n"
+                                 "      - {prompt: c, duration: 4}\n")
+    assert any("but duration is 9; they must be equal" in p and "defaults" not in p for p in problems), problems

@@ -194,11 +194,12 @@ def test_multi_prompt_uses_the_default_duration_of_10_and_segment_default_of_5(t
     two = load_manifest(write(tmp_path, job("multi_prompt:", "  - prompt: a", "  - prompt: b")))
     assert two.jobs[0].input["multi_prompt"] == [{"prompt": "a"}, {"prompt": "b"}]
     assert problems(tmp_path, job("multi_prompt:", "  - prompt: a", "  - prompt: b", "  - prompt: c")) == [
-        f"6:7: {J}.multi_prompt: segment durations add up to 5 + 5 + 5 = 15, but duration is 10; "
-        "they must be equal"
+        f"6:7: {J}.multi_prompt: segment durations add up to 5 + 5 + 5 = 15, but duration is 10 (the model's "
+        "default); they must be equal"
     ]
     assert problems(tmp_path, job("multi_prompt:", "  - prompt: a", "    duration: 7", "  - prompt: b")) == [
-        f"6:7: {J}.multi_prompt: segment durations add up to 7 + 5 = 12, but duration is 10; they must be equal"
+        f"6:7: {J}.multi_prompt: segment durations add up to 7 + 5 = 12, but duration is 10 (the model's default); "
+        "they must be equal"
     ]
 
 
