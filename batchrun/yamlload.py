@@ -316,6 +316,17 @@ def _yaml_error_problem(exc: yaml.YAMLError, text: str, name: str) -> Problem:
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
     message = " ".join(f"YAML syntax error: {problem}".split()) + (f" ({context})" if context else "")
+    opened = getattr(exc, "context_mark", None)
+    if opened is not None and mark is not None and opened.index != mark.index \
+            and text[opened.index : opened.index + 1] in ("'", '"'):
+        # An unclosed quote: YAML notices it far below (often at the end of the file); the place to fix is
+        # where the quote opened.
+        quote = text[opened.index]
+        message = (f"YAML syntax error: the {quote} opened here is not closed (YAML noticed at line {line}, "
+                   f"column {column}: {' '.join(str(problem).split())}); close it (for a quote inside the "
+                   "text, put the text in the other kind of quotes)")
+        line, column = _pos(opened)
+        return Problem(name, line, column, "", message)
     at_tab = mark is not None and text[mark.index : mark.index + 1] == "\t"
     if at_tab or "tab character" in message:
         message += "; use spaces, not tabs, to indent"

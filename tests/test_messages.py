@@ -133,3 +133,15 @@ def test_a_multi_prompt_sum_error_of_the_jobs_own_duration_names_no_other_source
                                  "    multi_prompt:\n      - {prompt: b, duration: 4}\n"
                                  "      - {prompt: c, duration: 4}\n")
     assert any("but duration is 9; they must be equal" in p and "defaults" not in p for p in problems), problems
+
+
+@pytest.mark.parametrize("text, line, column, quote", [
+    ('jobs:\n  - prompt: "a cat\n    start_image_url: https://example.com/a.png\n  - prompt: b\n', 2, 13, '"'),
+    ("jobs:\n  - id: a\n    negative_prompt: 'blur\n    prompt: b\n", 3, 22, "'"),
+])
+def test_an_unclosed_quote_is_reported_where_it_opened(tmp_path, text, line, column, quote):
+    path = tmp_path / "m.yaml"
+    path.write_text(text, encoding="utf-8")
+    code, said = _validate(path)
+    assert code == 2, said
+    assert f"{path}:{line}:{column}: YAML syntax error: the {quote} opened here is not closed" in said, said
