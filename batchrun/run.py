@@ -616,7 +616,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,
-                           bar=show_bar, simulated=sandbox) if progress is not False else None
+                           bar=show_bar, simulated=sandbox,
+                           budget_usd=manifest.settings.budget_usd) if progress is not False else None
         refresher = asyncio.create_task(display.run_periodically()) if display else None
         remove_signals = _install_signals(scheduler, stream) if handle_signals else (lambda: None)
         watcher = asyncio.create_task(stoprequest.watch(

@@ -145,3 +145,30 @@ def test_an_unclosed_quote_is_reported_where_it_opened(tmp_path, text, line, col
     code, said = _validate(path)
     assert code == 2, said
     assert f"{path}:{line}:{column}: YAML syntax error: the {quote} opened here is not closed" in said, said
+
+
+def test_progress_lines_say_the_money_is_committed_and_show_the_budget(tmp_path):
+    import asyncio
+
+    from batchrun.manifest import load_manifest
+    from batchrun.plan import RunOptions
+    from batchrun.run import run_manifest
+
+    manifest = write_manifest(tmp_path, [job("one"), job("two")], budget_usd=5, poll_min_interval=0.5)
+    stream = io.StringIO()
+    outcome = asyncio.run(run_manifest(load_manifest(manifest), base_url=None, token=None, sandbox=True,
+                                       options=RunOptions(preflight=False), stream=stream, handle_signals=False))
+    assert outcome.exit_code == 0, outcome.lines
+    lines = [line for line in stream.getvalue().splitlines() if " done; " in line]
+    assert lines and all("committed=$" in line and "of the $5.00 budget" in line for line in lines), lines
+    assert "spent=" not in stream.getvalue()
+
+
+def test_the_bar_of_a_rerun_starts_at_the_jobs_already_done():
+    from batchrun.progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(4, lambda: {"done": 3, "queued": 1}, lambda: 1.26, stream=stream, bar=True)
+    bar.close()
+    shown = stream.getvalue()
+    assert "3/4" in shown and "committed=$1.26" in shown
