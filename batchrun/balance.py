@@ -177,7 +177,9 @@ def judge(balance: Balance, estimates: list[float], in_flight_usd: float, budget
     room = balance.usd - in_flight_usd
     covered = jobs_covered(room, estimates)
     held = f", after ${in_flight_usd:.2f} for jobs in flight" if in_flight_usd else ""
-    line = f"balance: ${balance.usd:.2f}{held}; covers {covered} of {len(estimates)} jobs to submit at their estimates"
+    jobs = f"job{'s' * (len(estimates) != 1)}"
+    line = (f"balance: ${balance.usd:.2f}{held}; covers {covered} of {len(estimates)} {jobs} to submit "
+            "at their estimates")
     if estimates and covered == 0:
         return Verdict(room, True, line + f"; the first costs ${estimates[0]:.2f}: nothing submitted", covered=0)
     return Verdict(room, False, line, covered=covered)

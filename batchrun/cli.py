@@ -140,7 +140,8 @@ def cmd_plan(args, out: TextIO, err: TextIO) -> int:
             print(f"batchrun: {found.note}; 'run' from here refuses to start a new ledger: add --output "
                   f"{found.output_dir} to resume it, or --new-output", file=err)
             manifest.output_dir = found.output_dir
-    return show_plan(manifest, out, as_json=getattr(args, "json", False), balance=_plan_balance(args))
+    return show_plan(manifest, out, as_json=getattr(args, "json", False), balance=_plan_balance(args),
+                     jobs=getattr(args, "jobs", False))
 
 
 def _exit_code_of(exc: BaseException) -> int:
@@ -171,6 +172,10 @@ def _notify(urls: list[str], body: dict, err: TextIO, *, quiet: bool) -> None:
 
 
 def cmd_run(args, out: TextIO, err: TextIO) -> int:
+    if args.sandbox and args.base_url:  # one would silently win over the other
+        raise UsageError("--sandbox and --base-url cannot be used together: --sandbox runs against the built-in "
+                         "emulator; to run against another server (such as 'batchrun sandbox'), give only "
+                         "--base-url. Nothing was sent")
     if args.dry_run:
         return cmd_plan(args, out, err)
     from batchrun import console, notify
@@ -272,9 +277,14 @@ def cmd_sandbox(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def _resolve_target(target: str, output: str | None = None, err: TextIO | None = None) -> tuple[Path, Manifest | None]:
+def _resolve_target(target: str, output: str | None = None, err: TextIO | None = None, *,
+                    read_only: bool = False) -> tuple[Path, Manifest | None]:
     """MANIFEST_OR_OUTPUT_DIR: a directory is an output dir; a file is a manifest naming one, or, when it
-    names none and its default dir here holds no ledger, the one where it ran (said on `err`)."""
+    names none and its default dir here holds no ledger, the one where it ran (said on `err`).
+
+    `read_only` commands (status, export, report) of a manifest that is invalid now still read its ledger
+    (`--output`, else the default dir here, else where it last ran), with the problems as a warning, and
+    return no manifest; without any ledger the ManifestError stands (exit 2)."""
     from batchrun.ledger_index import LedgerIndex, locate
 
     path = Path(target)
@@ -282,7 +292,19 @@ def _resolve_target(target: str, output: str | None = None, err: TextIO | None =
         return path.absolute(), None
     if not path.exists():
         raise UsageError(f"{target}: no such manifest or output directory")
-    manifest = load_manifest(path, output=output)
+    try:
+        manifest = load_manifest(path, output=output)
+    except ManifestError as exc:
+        if not read_only:
+            raise
+        found = _ledger_of_invalid(path, output)
+        if found is None:
+            raise
+        if err is not None:
+            _print_problems(exc.problems, err)
+            print(f"batchrun: warning: {target} is invalid now ({_summary(exc.problems)}); reading its ledger in "
+                  f"{found} without it (jobs no longer in the manifest are not marked)", file=err)
+        return found, None
     found = locate(manifest, LedgerIndex.for_user())
     if found.note and err is not None:
         print(f"batchrun: {found.note}", file=err)
@@ -290,10 +312,22 @@ def _resolve_target(target: str, output: str | None = None, err: TextIO | None =
     return manifest.output_dir, manifest
 
 
+def _ledger_of_invalid(manifest_path: Path, output: str | None) -> Path | None:
+    """The output dir holding the ledger of a manifest that cannot be read now: `--output`, else
+    `output/<stem>` here (the default dir), else the most recent one the ledger index knows."""
+    from batchrun.ledger import LEDGER_NAME
+    from batchrun.ledger_index import LedgerIndex
+
+    candidates = [Path(output)] if output else [Path("output") / manifest_path.stem]
+    if not output:
+        candidates += LedgerIndex.for_user().ledgers_of(manifest_path.absolute())
+    return next((c.absolute() for c in candidates if (c / LEDGER_NAME).is_file()), None)
+
+
 def cmd_status(args, out: TextIO, err: TextIO) -> int:
     from batchrun.status import collect, print_report
 
-    output_dir, manifest = _resolve_target(args.target, args.output, err)
+    output_dir, manifest = _resolve_target(args.target, args.output, err, read_only=True)
     print_report(collect(output_dir, manifest), out, as_json=args.json)
     return EXIT_OK
 
@@ -302,7 +336,7 @@ def cmd_export(args, out: TextIO, err: TextIO) -> int:
     from batchrun.ledger import Ledger
     from batchrun.results import decision_filter, to_csv, to_jsonl
 
-    output_dir, _ = _resolve_target(args.target, args.output, err)
+    output_dir, _ = _resolve_target(args.target, args.output, err, read_only=True)
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
         rows = decision_filter(ledger.all(), args.decision)
@@ -337,7 +371,7 @@ def cmd_cancel(args, out: TextIO, err: TextIO) -> int:
     for job_id, detail in report.errors:
         print(f"error: {job_id}: {detail}", file=out)
     print(f"{plural(len(report.cancelled), 'job')} cancelled, {len(report.not_cancellable)} could not be, "
-          f"{len(report.errors)} errors", file=out)
+          f"{plural(len(report.errors), 'error')}", file=out)
     all_stopped = run.stopped and not report.not_cancellable and not report.errors
     return EXIT_OK if all_stopped else EXIT_NOT_DONE
 
@@ -348,7 +382,7 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
     from batchrun.startimages import copy_local
     from batchrun.takes import with_rerolls
 
-    output_dir, manifest = _resolve_target(args.target, args.output, err)
+    output_dir, manifest = _resolve_target(args.target, args.output, err, read_only=True)
     listed = None
     if manifest is not None and (output_dir / "ledger.sqlite").is_file():
         ledger = Ledger.open(output_dir, create=False, readonly=True)
@@ -381,7 +415,7 @@ def cmd_reroll(args, out: TextIO, err: TextIO) -> int:
     finally:
         ledger.close()
     print(f"asked for {plural(len(made), 'more take')}: {', '.join(made)}; recorded in {output_dir / 'ledger.sqlite'}"
-          f"; the next 'batchrun run {args.manifest}' submits them", file=out)
+          f"; the next 'batchrun run {args.manifest}' submits {'it' if len(made) == 1 else 'them'}", file=out)
     return EXIT_OK
 
 
@@ -408,29 +442,51 @@ def cmd_review(args, out: TextIO, err: TextIO) -> int:
                          "(choose another --port, or leave it out for a free one)") from None
 
 
+MANIFEST_HELP = "a batch manifest, a YAML file (see the README's 'The manifest')"
+TARGET_HELP = "a manifest (its ledger is found from any folder) or an output directory holding ledger.sqlite"
+EXITS_READ = "exit: 0 done; 2 usage error or no ledger."
+EXITS_RUN = ("exit: 0 every job done; 1 jobs not done (failed, cancelled, unknown, budget or max-wait reached, "
+             "refused); 2 usage error or invalid manifest, nothing sent; 3 auth or balance error; "
+             "75 another run holds the output dir; 130 interrupted (run again to collect).")
+OFF = " (default: off)"
+# Commands that never send anything: "nothing was sent" would only puzzle their users.
+READ_ONLY_COMMANDS = ("status", "export", "report", "review", "copy")
+
+
+def _command(commands, name: str, summary: str, exits: str) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` starts with its one-line `summary` and ends with its exit codes."""
+    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                               epilog=exits)
+
+
 def _add_target(command: argparse.ArgumentParser) -> None:
-    command.add_argument("target", metavar="MANIFEST_OR_OUTPUT_DIR")
-    command.add_argument("--output", metavar="DIR", help="with a manifest: its output directory, if not the usual")
+    command.add_argument("target", metavar="MANIFEST_OR_OUTPUT_DIR", help=TARGET_HELP)
+    command.add_argument("--output", metavar="DIR", help="with a manifest: its output directory, if not the usual "
+                         "(default: where its ledger is)")
 
 
 def _add_run_flags(command: argparse.ArgumentParser) -> None:
-    command.add_argument("manifest", metavar="MANIFEST")
+    command.add_argument("manifest", metavar="MANIFEST", help=MANIFEST_HELP)
     command.add_argument("--output", metavar="DIR", help="output directory (default: the manifest's output:, "
-                         "else output/<manifest name>)")
-    command.add_argument("--concurrency", type=int, metavar="N", help="jobs in flight remotely at once")
-    command.add_argument("--budget", type=float, metavar="USD", help="hard cap on spend for this output dir")
+                         "else output/<manifest name> in the current directory)")
+    command.add_argument("--concurrency", type=int, metavar="N", help="jobs in flight remotely at once "
+                         "(default: the manifest's concurrency:, else 4)")
+    command.add_argument("--budget", type=float, metavar="USD", help="hard cap on spend for this output dir, in US "
+                         "dollars (default: the manifest's budget_usd:, else none)")
     command.add_argument("--max-wait", type=float, metavar="SECONDS",
-                         help="stop submitting after this long and leave jobs in flight for the next run")
+                         help="stop submitting after this many seconds and leave jobs in flight for the next run "
+                         "(default: the manifest's max_wait:, else none)")
     command.add_argument("--new-output", action="store_true",
                          help="start a new ledger in the default output dir even though this manifest has one "
-                         "elsewhere (it will pay for its jobs again)")
+                         "elsewhere (it will pay for its jobs again)" + OFF)
     command.add_argument("--no-balance-check", action="store_true",
-                         help="do not ask the account's balance before paying ($RUNCOMFY_BALANCE_URL)")
+                         help="do not ask the account's balance before paying ($RUNCOMFY_BALANCE_URL)" + OFF)
 
 
 def _add_decision_filter(command: argparse.ArgumentParser, required: bool = False) -> None:
     which = command.add_mutually_exclusive_group(required=required)
-    which.add_argument("--picked", dest="decision", action="store_const", const="picked", help="picked jobs only")
+    which.add_argument("--picked", dest="decision", action="store_const", const="picked",
+                       help="picked jobs only (default: every job)")
     which.add_argument("--rejected", dest="decision", action="store_const", const="rejected",
                        help="rejected jobs only")
     which.add_argument("--unrated", dest="decision", action="store_const", const="unrated",
@@ -438,86 +494,109 @@ def _add_decision_filter(command: argparse.ArgumentParser, required: bool = Fals
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="batchrun", description="Run batches of image-to-video jobs on RunComfy's Model API.")
+    parser = _Parser(prog="batchrun", description="Run batches of image-to-video jobs on RunComfy's Model API.",
+                     epilog="'batchrun COMMAND --help' describes a command, its flags and its exit codes.")
     parser.add_argument("--version", action="version", version=f"batchrun {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    validate = commands.add_parser("validate", help="check manifests offline; exit 0 valid, 2 invalid")
-    validate.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    validate = _command(commands, "validate", "check manifests offline, printing every problem with its place",
+                        "exit: 0 valid (warnings allowed); 2 invalid or usage error.")
+    validate.add_argument("manifests", nargs="+", metavar="MANIFEST", help=MANIFEST_HELP + "; one or more")
     validate.add_argument("--check-urls", action="store_true",
-                          help="also fetch each image URL's header: reachable, an image, Kling's size limits")
+                          help="also fetch each image URL's header: reachable, an image, Kling's size limits" + OFF)
     validate.set_defaults(handler=cmd_validate)
 
-    run = commands.add_parser("run", help="submit, poll, download and record every job of a manifest")
+    run = _command(commands, "run", "submit, poll, download and record every job of a manifest", EXITS_RUN)
     _add_run_flags(run)
-    run.add_argument("--sandbox", action="store_true", help="run against the built-in emulator (free, no token)")
+    run.add_argument("--sandbox", action="store_true",
+                     help="run against the built-in emulator: free, no token, simulated money" + OFF)
     run.add_argument("--base-url", metavar="URL", help=f"API base URL (default: $RUNCOMFY_BASE_URL or "
-                     f"{DEFAULT_BASE_URL})")
-    run.add_argument("--retry-failed", action="store_true", help="submit failed and cancelled jobs again")
+                     f"{DEFAULT_BASE_URL}); not with --sandbox")
+    run.add_argument("--retry-failed", action="store_true", help="submit failed and cancelled jobs again" + OFF)
     run.add_argument("--resubmit-unknown", action="store_true",
-                     help="submit again jobs whose first POST may have reached the server (may pay twice)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar; periodic log lines instead")
-    run.add_argument("--no-preflight", action="store_true", help="do not check image URLs before submitting")
-    run.add_argument("--dry-run", action="store_true", help="show what would be done (same as 'plan')")
+                     help="submit again jobs whose first POST may have reached the server (may pay twice)" + OFF)
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar; a log line every 5 seconds instead (default: a bar on a terminal)")
+    run.add_argument("--no-preflight", action="store_true",
+                     help="do not check image URLs before submitting" + OFF)
+    run.add_argument("--dry-run", action="store_true", help="show what would be done (same as 'plan')" + OFF)
     run.add_argument("--notify", action="append", metavar="URL",
-                     help="POST a JSON summary here when the run ends (repeatable; adds to the manifest's notify:)")
+                     help="POST a JSON summary here when the run ends (repeatable; adds to the manifest's notify:; "
+                     "default: none)")
     said = run.add_mutually_exclusive_group()
-    said.add_argument("--quiet", action="store_true", help="print only the closing summary")
-    said.add_argument("--verbose", action="store_true", help="also print per-job events (submitted, done, failed)")
+    said.add_argument("--quiet", action="store_true", help="print only the closing summary" + OFF)
+    said.add_argument("--verbose", action="store_true",
+                      help="also print per-job events (submitted, done, failed)" + OFF)
     run.set_defaults(handler=cmd_run)
 
-    plan = commands.add_parser("plan", help="what a run would do and cost, without sending anything")
+    plan = _command(commands, "plan", "what a run would do and cost, sending nothing but the free balance call",
+                    "exit: 0 planned; 2 invalid manifest or usage error.")
     _add_run_flags(plan)
-    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--json", action="store_true", help="machine-readable output" + OFF)
+    plan.add_argument("--jobs", action="store_true", help="also list every job: id, model, seconds, audio, "
+                      "estimate, what the run will do, and how many fit the budget" + OFF)
     plan.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL); decides "
                       "where the balance is asked unless $RUNCOMFY_BALANCE_URL is set")
     plan.set_defaults(handler=cmd_plan)
 
-    adopt = commands.add_parser("adopt", help="attach a request id found by hand to an unknown job (no new payment)")
+    adopt = _command(commands, "adopt", "attach a request id found by hand to an unknown job (no new payment)",
+                     "exit: 0 attached; 2 refused (the request is not this job's, or not known) or usage error.")
     _add_target(adopt)
-    adopt.add_argument("job", nargs="?", metavar="JOB")
-    adopt.add_argument("request_id", nargs="?", metavar="REQUEST_ID")
-    adopt.add_argument("--csv", metavar="FILE", help="a CSV file of job,request_id rows instead of one pair")
+    adopt.add_argument("job", nargs="?", metavar="JOB", help="the unknown job's id")
+    adopt.add_argument("request_id", nargs="?", metavar="REQUEST_ID",
+                       help="its request id, from RunComfy's Generations page")
+    adopt.add_argument("--csv", metavar="FILE",
+                       help="a CSV file of job,request_id rows instead of one pair (default: none)")
     adopt.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
     adopt.set_defaults(handler=cmd_adopt, sandbox=False)
 
-    status = commands.add_parser("status", help="counts by state, jobs needing attention, spend (read-only)")
+    status = _command(commands, "status", "counts by state, jobs needing attention, spend (read-only)", EXITS_READ)
     _add_target(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true", help="machine-readable output" + OFF)
     status.set_defaults(handler=cmd_status)
 
-    cancel = commands.add_parser("cancel", help="cancel the output dir's jobs that are queued remotely")
+    cancel = _command(commands, "cancel", "ask a run going in the output dir to stop submitting, then cancel "
+                      "the jobs queued remotely",
+                      "exit: 0 every queued job cancelled; 1 some could not be, or the run has not stopped "
+                      "submitting yet; 2 usage error.")
     _add_target(cancel)
     cancel.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
     cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
-                        help="how long to wait for a run going in the output dir to stop submitting (default 30)")
+                        help="how long to wait for a run going in the output dir to stop submitting, in seconds "
+                        "(default 30)")
     cancel.set_defaults(handler=cmd_cancel, sandbox=False)
 
-    export = commands.add_parser("export", help="the ledger as one line per job")
+    export = _command(commands, "export", "the ledger as one line per job, to stdout", EXITS_READ)
     _add_target(export)
-    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="jsonl: one JSON object a line; csv: a header row, then one row a job (default jsonl)")
     _add_decision_filter(export)
     export.set_defaults(handler=cmd_export)
 
-    report = commands.add_parser("report", help="write report.html: a gallery to review the videos")
+    report = _command(commands, "report", "write report.html: a gallery to review the videos", EXITS_READ)
     _add_target(report)
     report.set_defaults(handler=cmd_report)
 
-    review = commands.add_parser("review", help="serve the review app on 127.0.0.1: pick, reject, rate, re-roll takes")
+    review = _command(commands, "review", "serve the review app on 127.0.0.1: pick, reject, rate, re-roll takes",
+                      "exit: runs until Ctrl-C, then 0; 2 no ledger, a taken port or usage error.")
     _add_target(review)
-    review.add_argument("--port", type=_port, default=0, metavar="N", help="port on 127.0.0.1 (default: a free one)")
-    review.add_argument("--open", action="store_true", help="also open the URL in the default browser")
+    review.add_argument("--port", type=_port, default=0, metavar="N",
+                        help="TCP port on 127.0.0.1, 0-65535 (default 0: a free one)")
+    review.add_argument("--open", action="store_true", help="also open the URL in the default browser" + OFF)
     review.set_defaults(handler=cmd_review)
 
-    reroll = commands.add_parser("reroll", help="ask for more takes of jobs; the next run submits them")
-    reroll.add_argument("manifest", metavar="MANIFEST")
-    reroll.add_argument("jobs", nargs="+", metavar="JOB")
+    reroll = _command(commands, "reroll", "ask for more takes of jobs; the next run submits them",
+                      "exit: 0 recorded; 2 unknown job, nothing has run yet, or usage error.")
+    reroll.add_argument("manifest", metavar="MANIFEST", help=MANIFEST_HELP)
+    reroll.add_argument("jobs", nargs="+", metavar="JOB", help="a job id (any take's id names its input)")
     reroll.add_argument("--takes", type=int, default=1, metavar="K", help="more takes of each job (default 1)")
-    reroll.add_argument("--output", metavar="DIR", help="its output directory, if not the usual")
+    reroll.add_argument("--output", metavar="DIR", help="its output directory, if not the usual "
+                        "(default: where its ledger is)")
     reroll.set_defaults(handler=cmd_reroll)
 
-    copy = commands.add_parser("copy", help="copy the picked videos and a picks.csv sidecar to DEST")
+    copy = _command(commands, "copy", "copy the picked videos and a picks.csv sidecar to DEST",
+                    "exit: 0 copied; 1 some file was not copied; 2 usage error.")
     _add_target(copy)
-    copy.add_argument("dest", metavar="DEST")
+    copy.add_argument("dest", metavar="DEST", help="the folder to copy into (made if missing)")
     copy.add_argument("--picked", dest="decision", action="store_const", const="picked", required=True,
                       help="copy the picked jobs' files (required: the only selection so far)")
     copy.set_defaults(handler=cmd_copy)
@@ -526,12 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_commands(commands)
 
-    sandbox = commands.add_parser("sandbox", help="serve the built-in API emulator on loopback")
-    sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=_port, default=8765, metavar="N", help="TCP port (default 8765)")
-    sandbox.add_argument("--render-seconds", type=float, default=2.0, metavar="S", help="simulated render time")
+    sandbox = _command(commands, "sandbox", "serve the built-in API emulator on loopback, free, until Ctrl-C",
+                       "exit: runs until Ctrl-C, then 0; 2 a taken port or usage error.")
+    sandbox.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                         help="IP address to listen on (default 127.0.0.1, this machine only)")
+    sandbox.add_argument("--port", type=_port, default=8765, metavar="N", help="TCP port, 0-65535 (default 8765)")
+    sandbox.add_argument("--render-seconds", type=float, default=2.0, metavar="S",
+                         help="simulated render time of each job, in seconds (default 2)")
     sandbox.add_argument("--balance", type=float, default=100_000.0, metavar="USD",
-                         help="the account's starting balance (small: watch a batch run dry)")
+                         help="the account's starting balance in US dollars (default 100000; small: watch a batch "
+                         "run dry)")
     sandbox.set_defaults(handler=cmd_sandbox)
     return parser
 
@@ -549,15 +632,18 @@ def _port(text: str) -> int:
 
 def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = getattr(args, "command", None)
         if not getattr(args, "handler", None):
             build_parser().print_help(out)
             return EXIT_USAGE
         return args.handler(args, out, err)
     except ManifestError as exc:
         _print_problems(exc.problems, err)
-        print(f"{exc.problems[0].file}: invalid manifest: {_summary(exc.problems)}; nothing was sent", file=err)
+        sent = "" if command in READ_ONLY_COMMANDS else "; nothing was sent"
+        print(f"{exc.problems[0].file}: invalid manifest: {_summary(exc.problems)}{sent}", file=err)
         return EXIT_USAGE
     except OutputDirLocked as exc:
         print(f"batchrun: {exc}", file=err)

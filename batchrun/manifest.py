@@ -377,6 +377,10 @@ class Origin:
     def _own(self, key: str) -> bool:
         raise NotImplementedError
 
+    def from_defaults(self, key: str) -> bool:
+        """Whether the job's value of `key` is the manifest's `defaults`, not its own."""
+        return key in self.ctx.defaults and not self._own(key)
+
 
 class _Listed(Origin):
     """Item `index` of the manifest's `jobs:` list, written on `line`."""
@@ -519,7 +523,10 @@ class _JobBuilder:
             job_id = derived_id(digest)
         label = f"{origin.prefix} (id={job_id if job_id is not None else shown_id})"
         for finding in findings:
-            self.out.add_at(*origin.locate(finding.path, label, finding.at_key), finding.message, finding.severity)
+            message = finding.message
+            if finding.depends_on and origin.from_defaults(finding.depends_on):
+                message += f" ({finding.depends_on} comes from defaults: give the job its own to differ)"
+            self.out.add_at(*origin.locate(finding.path, label, finding.at_key), message, finding.severity)
         if refs and localfiles.inline_size(refs) > localfiles.MAX_REQUEST_BYTES:
             file, line, column = origin.position()
             self.out.add_at(file, line, column, label,

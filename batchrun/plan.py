@@ -283,8 +283,9 @@ def balance_summary(manifest: Manifest, plan: Plan, balance: Balance) -> dict:
 
 
 def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
-              balance: Callable[[], Balance] | None = None) -> int:
-    """Print the plan; `balance`, when given, is asked once for the account's balance (see balance.py)."""
+              balance: Callable[[], Balance] | None = None, jobs: bool = False) -> int:
+    """Print the plan; `balance`, when given, is asked once for the account's balance (see balance.py);
+    `jobs` adds one line per job (`planjobs`; key "job_list" and "jobs_fitting_budget" in JSON)."""
     try:
         plan, spent = compute(manifest)
     except LedgerError as exc:
@@ -293,6 +294,10 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
     info = summary(manifest, plan, spent)
     if balance is not None:
         info.update(balance_summary(manifest, plan, balance()))
+    if jobs:
+        from batchrun.planjobs import job_list
+
+        info["job_list"], info["jobs_fitting_budget"] = job_list(manifest, plan, info["budget_left_usd"])
     if as_json:
         print(json.dumps(info, indent=2), file=out)
         return 0
@@ -314,11 +319,12 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
         rows.append(("budget left", f"${info['budget_left_usd']:.2f}"))
     if "balance_usd" in info:
         rows.append(("balance", f"not checked: {info['balance_error']}" if info["balance_usd"] is None else
-                     f"${info['balance_usd']:.2f}, covers {info['balance_covers']} of {info['submit']} jobs to "
+                     f"${info['balance_usd']:.2f}, covers {info['balance_covers']} of {info['submit']} "
+                     f"job{'s' * (info['submit'] != 1)} to "
                      "submit at their estimates"))
     if len(info["models"]) > 1:
         for model_id, each in info["models"].items():
-            rows.append((f"  {model_id}", f"{each['jobs']} jobs, {each['submit']} to submit, "
+            rows.append((f"  {model_id}", f"{each['jobs']} job{'s' * (each['jobs'] != 1)}, {each['submit']} to submit, "
                                           + _cost_text(each)))
     width = max(len(label) for label, _ in rows)
     models = info["model"] if len(info["models"]) <= 1 else f"{len(info['models'])} models"
@@ -336,6 +342,10 @@ def show_plan(manifest: Manifest, out: TextIO, *, as_json: bool = False,
     _print_changes(info, out)
     if info["over_budget"]:
         print("  the budget does not cover every job: the run will stop submitting when it is reached", file=out)
+    if jobs:
+        from batchrun.planjobs import print_jobs
+
+        print_jobs(info["job_list"], info["jobs_fitting_budget"], info["submit"], info["budget_left_usd"], out)
     return 0
 
 

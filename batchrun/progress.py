@@ -31,21 +31,29 @@ class Progress:
         bar: bool,
         interval: float | None = None,
         simulated: bool = False,
+        budget_usd: float | None = None,
     ):
+        """`spent` gives the money committed in the output dir (done plus in flight, USD), shown as
+        `committed=`, beside `budget_usd` when there is one. The bar starts at the jobs already done, so its
+        rate and ETA count only this run's progress."""
         self.total = total
         self._counts = counts
         self._spent = spent
         self._money = " simulated (sandbox)" if simulated else ""  # a sandbox run's money is never real
+        if budget_usd is not None:
+            self._money += f" of the ${budget_usd:.2f} budget"
         self._stream = stream
-        self._bar = tqdm(total=total, unit="job", file=stream, dynamic_ncols=True, leave=True) if bar else None
+        self._bar = (tqdm(total=total, initial=counts().get("done", 0), unit="job", file=stream, dynamic_ncols=True,
+                          leave=True) if bar else None)
         self.interval = interval if interval is not None else (0.5 if bar else 5.0)
         self._last_line = ""
 
     def refresh(self) -> None:
         counts = self._counts()
-        text = f"{describe(counts)} spent=${self._spent():.2f}{self._money}"
+        text = f"{describe(counts)} committed=${self._spent():.2f}{self._money}"
         if self._bar is not None:
-            self._bar.n = counts.get("done", 0)
+            # update(), not assigning n: tqdm's rate and ETA follow only what update() reports.
+            self._bar.update(max(0, counts.get("done", 0) - self._bar.n))
             self._bar.set_postfix_str(text, refresh=True)
         elif text != self._last_line:
             # A labelled stream (cron) stamps every line itself.

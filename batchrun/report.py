@@ -89,8 +89,8 @@ def summary_html(jobs: list[Job], runs: list[dict[str, Any]]) -> str:
         _tile("Wall time", fmt_seconds(wall), "first submit → last download"),
         _tile("Time in runs", fmt_seconds(run_total if runs else None),
               f"{len(runs)} run{'s' if len(runs) != 1 else ''} of batchrun"),
-        _tile("Median queue wait", fmt_seconds(queue), f"submitted → started, {n_queue} jobs"),
-        _tile("Median render time", fmt_seconds(render), f"started → finished, {n_render} jobs"),
+        _tile("Median queue wait", fmt_seconds(queue), f"submitted → started, {n_queue} job{'s' * (n_queue != 1)}"),
+        _tile("Median render time", fmt_seconds(render), f"started → finished, {n_render} job{'s' * (n_render != 1)}"),
     ]
     chips = "".join(f'<span class="badge {esc(s)}">{esc(s)}: {n}</span>' for s, n in counts.items() if n)
     return f'<div class="tiles">{"".join(tiles)}</div><div class="states">{chips}</div>{_runs_table(runs)}'
@@ -99,9 +99,11 @@ def summary_html(jobs: list[Job], runs: list[dict[str, Any]]) -> str:
 def _spend_note(actual: list[float], estimated: list[float]) -> str:
     """Say which part of the spend is the API's word and which is our list-price estimate."""
     if not estimated:
-        return f"reported by the API for {len(actual)} jobs" if actual else "nothing charged yet"
+        if not actual:
+            return "nothing charged yet"
+        return f"reported by the API for {len(actual)} job{'s' * (len(actual) != 1)}"
     if not actual:
-        return f"estimated at list price for {len(estimated)} jobs"
+        return f"estimated at list price for {len(estimated)} job{'s' * (len(estimated) != 1)}"
     return f"{fmt_usd(sum(actual))} reported by the API + {fmt_usd(sum(estimated))} estimated"
 
 

@@ -219,8 +219,8 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
     fetched = sum(1 for url in urls if url not in cached)
     doomed = {job_id: why for job_id, why in doomed_jobs(manifest, checks).items()
               if job_id in {job.id for job in plan.submit}}
-    print(f"preflight: {len(urls)} image URLs, {fetched} fetched, {len(urls) - fetched} known good from earlier runs; "
-          f"{len(doomed)} jobs held", file=stream)
+    print(f"preflight: {_plural(len(urls), 'image URL')}, {fetched} fetched, {len(urls) - fetched} known good from "
+          f"earlier runs; {_plural(len(doomed), 'job')} held", file=stream)
     if not doomed:
         return
     for problem in problems_for(manifest, checks)[:50]:
@@ -319,7 +319,7 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
     refused = {job.id: why for job, why in plan.refused}
     refused_note = f" ({_plural(len(refused), 'job')} refused, see below)" if refused else ""
-    lines = [f"{len(manifest.jobs)} jobs: {describe(counts)}{refused_note}; spent in this output dir: "
+    lines = [f"{_plural(len(manifest.jobs), 'job')}: {describe(counts)}{refused_note}; spent in this output dir: "
              f"{spend.describe()} (actual where the API reported it, else estimated)"]
     lines += [f"  refused: {why}" for why in list(refused.values())[:20]]
     if len(refused) > 20:
@@ -616,7 +616,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         counts = ledger.counts
         show_bar = stream.isatty() if progress is None else progress and stream.isatty()
         display = Progress(len(manifest.jobs), counts, lambda: scheduler.committed_usd, stream=stream,
-                           bar=show_bar, simulated=sandbox) if progress is not False else None
+                           bar=show_bar, simulated=sandbox,
+                           budget_usd=manifest.settings.budget_usd) if progress is not False else None
         refresher = asyncio.create_task(display.run_periodically()) if display else None
         remove_signals = _install_signals(scheduler, stream) if handle_signals else (lambda: None)
         watcher = asyncio.create_task(stoprequest.watch(

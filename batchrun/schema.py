@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ class Finding:
     message: str
     severity: str = "error"
     at_key: bool = False  # point at the key itself (unknown keys), not its value
+    # A field of the input the finding's verdict rests on though it is not at `path` (the total of a
+    # `sum_equals` rule): the manifest says where its value came from (the job, `defaults`).
+    depends_on: str | None = None
 
 
 _validators: dict[str, tuple[dict, Any]] = {}  # per model id: (its schema, its validator)
@@ -86,7 +90,12 @@ def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
         expected = " or ".join(expected) if isinstance(expected, list) else expected
         expected = {"string": "text", "object": "a mapping", "array": "a list", "integer": "a whole number",
                     "number": "a number", "boolean": "true or false"}.get(expected, expected)
-        return [Finding(path, f"must be {expected}, not {_type_name(error.instance)} {_show(error.instance)}")]
+        instance = error.instance
+        if expected == "a whole number" and isinstance(instance, float) and math.isfinite(instance):
+            # YAML reads `5.0` as a float; say which whole number was likely meant, without a decimal point.
+            like = int(instance) if instance.is_integer() else math.floor(instance)
+            return [Finding(path, f"must be a whole number like {like}, not {instance!r}")]
+        return [Finding(path, f"must be {expected}, not {_type_name(instance)} {_show(instance)}")]
     if kind in ("minimum", "maximum"):
         word = "at least" if kind == "minimum" else "at most"
         return [Finding(path, f"must be {word} {error.validator_value}, got {_show(error.instance)}")]
@@ -246,9 +255,11 @@ def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | Non
         total = job_input.get(rule["total"], model.default(rule["total"]))
         if isinstance(total, int) and sum(parts) != total:
             shown = " + ".join(str(p) for p in parts)
+            whence = "" if rule["total"] in job_input else " (the model's default)"
             findings.append(Finding((rule["items"],),
                                     f"segment {item_field}s add up to {shown} = {sum(parts)}, "
-                                    f"but {rule['total']} is {total}; they must be equal"))
+                                    f"but {rule['total']} is {total}{whence}; they must be equal",
+                                    depends_on=rule["total"]))
     for spec, limit in rules.get("warn_max_chars", {}).items():
         for path, value in _values_at(job_input, spec):
             if isinstance(value, str) and len(value) > limit:

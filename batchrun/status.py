@@ -174,7 +174,7 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
         return
     total = sum(report.counts.values())
     running = f"; a run is in progress (pid {report.running_pid})" if report.running_pid else ""
-    print(f"{report.output_dir}: {total} jobs in the ledger{running}", file=out)
+    print(f"{report.output_dir}: {total} job{'s' * (total != 1)} in the ledger{running}", file=out)
     width = max((len(s) for s in report.counts), default=5)
     for state, n in report.counts.items():
         print(f"  {state:<{width}}  {n:>6}", file=out)

@@ -316,10 +316,37 @@ def _yaml_error_problem(exc: yaml.YAMLError, text: str, name: str) -> Problem:
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
     message = " ".join(f"YAML syntax error: {problem}".split()) + (f" ({context})" if context else "")
+    opened = getattr(exc, "context_mark", None)
+    if opened is not None and mark is not None and opened.index != mark.index \
+            and text[opened.index : opened.index + 1] in ("'", '"'):
+        # An unclosed quote: YAML notices it far below (often at the end of the file); the place to fix is
+        # where the quote opened.
+        quote = text[opened.index]
+        message = (f"YAML syntax error: the {quote} opened here is not closed (YAML noticed at line {line}, "
+                   f"column {column}: {' '.join(str(problem).split())}); close it (for a quote inside the "
+                   "text, put the text in the other kind of quotes)")
+        line, column = _pos(opened)
+        return Problem(name, line, column, "", message)
     at_tab = mark is not None and text[mark.index : mark.index + 1] == "\t"
     if at_tab or "tab character" in message:
         message += "; use spaces, not tabs, to indent"
+    elif mark is not None and (key := _unquoted_colon_key(text, mark.line)):
+        message += f"; put the text in quotes, like {key}: \"...\" (an unquoted ': ' inside it starts a new key)"
     return Problem(name, line, column, "", message)
+
+
+# `key: plain text: more`: a value that is not quoted, holding a colon followed by a space (or ending the line).
+_UNQUOTED_COLON = re.compile(r"""^\s*(?:-\s+)?([A-Za-z_][\w-]*):[ \t]+([^'"\s|>&*!{\[#][^#]*?):(?:[ \t]|$)""")
+
+
+def _unquoted_colon_key(text: str, line_index: int) -> str | None:
+    """The key of line `line_index` (0-based) when its value is plain text with a `: ` inside, the usual
+    cause of YAML's complaint about a mapping value there (`prompt: A cat: the sequel`); None otherwise."""
+    lines = text.splitlines()
+    if not 0 <= line_index < len(lines):
+        return None
+    found = _UNQUOTED_COLON.match(lines[line_index])
+    return found.group(1) if found else None
 
 
 def _build(text: str, loader) -> tuple[Any, Marks | Pos] | None:

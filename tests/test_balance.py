@@ -148,7 +148,7 @@ async def test_the_library_run_checks_the_balance_too_and_still_collects_jobs_in
         sandbox.balance_usd = 0.10  # spent elsewhere meanwhile
         again, said = await run(manifest, sandbox, token=TOKEN_LIB, clock=clock)
         assert again.exit_code == 3
-        assert "after $0.84 for jobs in flight; covers 0 of 1 jobs to submit" in said
+        assert "after $0.84 for jobs in flight; covers 0 of 1 job to submit" in said
         assert sandbox.posts_total == 2
         rows = ledger_rows(tmp_path / "out")
         assert sorted(row["state"] for row in rows.values()) == ["done", "done", "pending"]

@@ -120,3 +120,12 @@ async def test_plan_shows_local_files_by_absolute_path_and_sends_nothing(tmp_pat
     assert code == 0, err.getvalue()
     assert str(images / "cliff.png") in out.getvalue()
     assert not (folder / "out").exists()
+
+
+async def test_preflight_counts_one_url_and_one_held_job_in_the_singular(tmp_path, host):  # noqa: F811
+    manifest = _manifest(tmp_path, [{"id": "gone", "prompt": "c", "start_image_url": host.base + "/missing.png"}])
+    async with Sandbox() as sandbox:
+        outcome, said = await run(manifest, sandbox, options=RunOptions(preflight_ssl=tls_contexts()[1]),
+                                  preflight=True)
+        assert outcome.exit_code == 1 and sandbox.posts_total == 0
+        assert "preflight: 1 image URL, 1 fetched, 0 known good from earlier runs; 1 job held" in said, said

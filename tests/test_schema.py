@@ -136,7 +136,7 @@ def test_unknown_key_in_an_element(tmp_path):
     "line, expected",
     [
         ("duration: '5'", f"5:15: {J}.duration: must be a whole number, not text '5'"),
-        ("duration: 5.0", f"5:15: {J}.duration: must be a whole number, not number 5.0"),
+        ("duration: 5.0", f"5:15: {J}.duration: must be a whole number like 5, not 5.0"),
         ("duration: 2", f"5:15: {J}.duration: must be at least 3, got 2"),
         ("duration: 16", f"5:15: {J}.duration: must be at most 15, got 16"),
         ("generate_audio: 'yes'", f"5:21: {J}.generate_audio: must be true or false, not text 'yes'"),
@@ -194,11 +194,12 @@ def test_multi_prompt_uses_the_default_duration_of_10_and_segment_default_of_5(t
     two = load_manifest(write(tmp_path, job("multi_prompt:", "  - prompt: a", "  - prompt: b")))
     assert two.jobs[0].input["multi_prompt"] == [{"prompt": "a"}, {"prompt": "b"}]
     assert problems(tmp_path, job("multi_prompt:", "  - prompt: a", "  - prompt: b", "  - prompt: c")) == [
-        f"6:7: {J}.multi_prompt: segment durations add up to 5 + 5 + 5 = 15, but duration is 10; "
-        "they must be equal"
+        f"6:7: {J}.multi_prompt: segment durations add up to 5 + 5 + 5 = 15, but duration is 10 (the model's "
+        "default); they must be equal"
     ]
     assert problems(tmp_path, job("multi_prompt:", "  - prompt: a", "    duration: 7", "  - prompt: b")) == [
-        f"6:7: {J}.multi_prompt: segment durations add up to 7 + 5 = 12, but duration is 10; they must be equal"
+        f"6:7: {J}.multi_prompt: segment durations add up to 7 + 5 = 12, but duration is 10 (the model's default); "
+        "they must be equal"
     ]
 
 

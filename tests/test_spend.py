@@ -97,7 +97,7 @@ async def test_the_sandboxs_money_is_labelled_simulated_wherever_it_is_shown(tmp
     outcome = await run_manifest(load_manifest(manifest), base_url=None, token=None, sandbox=True,
                                  options=RunOptions(preflight=False), stream=stream, handle_signals=False)
     assert outcome.exit_code == 0, outcome.lines
-    assert re.search(r"done; .*spent=\$0\.\d\d simulated \(sandbox\)", stream.getvalue())  # progress lines
+    assert re.search(r"done; .*committed=\$0\.\d\d simulated \(sandbox\)", stream.getvalue())  # progress lines
     assert "spent in this output dir: $0.42 simulated (sandbox)" in outcome.lines[0]
     assert "spent: $0.42 simulated (sandbox)" in _cli("status", str(out))
     status = json.loads(_cli("status", str(out), "--json"))

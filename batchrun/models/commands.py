@@ -211,24 +211,33 @@ def _guarded(handler):
 
 def add_commands(commands) -> None:
     """Add `models` and its subcommands to batchrun's argparse subparsers."""
-    models = commands.add_parser("models", help="the models batchrun knows: list, show, pull, check")
+    def command(parent, name: str, summary: str, exits: str):
+        return parent.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                                 epilog=exits)
+
+    models = command(commands, "models", "the models batchrun knows: list, show, pull, check",
+                     "exit: 2 without a subcommand; see each subcommand's --help.")
     sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", parser_class=type(models))
-    listing = sub.add_parser("list", help="every known model: id, output kind, source, price (or unknown)")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing = command(sub, "list", "every known model: id, output kind, source, price (or unknown)",
+                      "exit: 0 listed; 2 a user model file is broken.")
+    listing.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     listing.set_defaults(handler=_guarded(cmd_list))
-    show = sub.add_parser("show", help="one model's fields, media, duration and audio fields, price, rules")
-    show.add_argument("model_id", metavar="MODEL_ID")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show = command(sub, "show", "one model's fields, media, duration and audio fields, price, rules",
+                   "exit: 0 shown; 2 unknown model.")
+    show.add_argument("model_id", metavar="MODEL_ID", help="a model id, as 'batchrun models list' prints it")
+    show.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     show.set_defaults(handler=_guarded(cmd_show))
-    for name, handler, text in (("pull", cmd_pull, "fetch GET /v1/models/{id} and write a data file to the user "
-                                                    "folder (exit 1 if some failed)"),
-                                ("check", cmd_check, "where the API's schema or price differs from the local file "
-                                                     "(exit 1 if any differs)")):
-        command = sub.add_parser(name, help=text)
-        command.add_argument("model_ids", nargs="+" if name == "pull" else "*", metavar="MODEL_ID")
-        command.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
-        command.add_argument("--models-dir", metavar="DIR", help="the user folder of model files "
-                             "(default: $BATCHRUN_MODELS)")
-        command.set_defaults(handler=_guarded(handler))
+    for name, handler, text, exits in (
+            ("pull", cmd_pull, "fetch GET /v1/models/{id} and write a data file to the user folder",
+             "exit: 0 every model written; 1 some failed; 2 usage error."),
+            ("check", cmd_check, "where the API's schema or price differs from the local file",
+             "exit: 0 the same; 1 some differ or could not be fetched; 2 usage error.")):
+        command_ = command(sub, name, text, exits)
+        command_.add_argument("model_ids", nargs="+" if name == "pull" else "*", metavar="MODEL_ID",
+                              help="model ids" + (" (default: every known model)" if name == "check" else ""))
+        command_.add_argument("--base-url", metavar="URL", help="API base URL (default: $RUNCOMFY_BASE_URL)")
+        command_.add_argument("--models-dir", metavar="DIR", help="the user folder of model files "
+                              "(default: $BATCHRUN_MODELS)")
+        command_.set_defaults(handler=_guarded(handler))
     models.set_defaults(handler=lambda args, out, err: (models.print_help(out), EXIT_USAGE)[1])
 

@@ -653,9 +653,13 @@ def serve_forever(host: str = "127.0.0.1", port: int = 8765, **kwargs: Any) -> N
         sandbox = Sandbox(**kwargs)
         base = await sandbox.start(host, port, access_log=True)
         print(f"batchrun sandbox: RunComfy Model API emulator at {base}", flush=True)
-        hint = "the token you set" if kwargs.get("token") else "any token, e.g. sandbox"
-        print(f"  try: RUNCOMFY_BASE_URL={base} RUNCOMFY_API_TOKEN=<{hint}> batchrun run MANIFEST",
-              flush=True)
+        # A line to paste into a shell as it is: no <placeholder>, which a shell reads as a redirect.
+        if kwargs.get("token"):
+            print(f"  try: RUNCOMFY_BASE_URL={base} batchrun run MANIFEST  (with RUNCOMFY_API_TOKEN set to "
+                  "the token this sandbox was given)", flush=True)
+        else:
+            print(f"  try: RUNCOMFY_BASE_URL={base} RUNCOMFY_API_TOKEN=sandbox batchrun run MANIFEST "
+                  "(any token is accepted)", flush=True)
         print("  Ctrl-C to stop", flush=True)
         try:
             await asyncio.Event().wait()
