@@ -344,7 +344,11 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if len(attention_ids) > 20:
         lines.append(f"  ... and {len(attention_ids) - 20} more needing attention (see 'batchrun status')")
     if waiting["pending"]:
-        lines.append(f"  {waiting['pending']} pending: not submitted yet; the next run submits them")
+        if scheduler.stop_reason == "budget":
+            lines.append(f"  {waiting['pending']} pending: not submitted; raise budget_usd (or pass --budget) to "
+                         "submit them, or the next run stops at the budget again")
+        else:
+            lines.append(f"  {waiting['pending']} pending: not submitted yet; the next run submits them")
     in_flight = waiting["queued"] + waiting["running"] + waiting["downloading"]
     if in_flight:
         lines.append(f"  {in_flight} in flight or downloading: the next run collects them")
@@ -365,7 +369,7 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
                       "and run again",
         "auth": f"stopped by the API: {scheduler.auth_error}",
         "deadline": "max_wait reached: no new jobs submitted; jobs in flight are collected by the next run",
-        "interrupted": "interrupted: jobs in flight are recorded; the next run picks them up",
+        "interrupted": _INTERRUPTED_SANDBOX if scheduler.simulated else _INTERRUPTED,
         "disk_full": f"stopped: {scheduler.fatal_error}",
         "cancel": "stopped submitting: 'batchrun cancel' asked; jobs not submitted stay pending for the next run",
         "unreachable": f"stopped: {scheduler.fatal_error}",
@@ -374,7 +378,7 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if reason:
         lines.append(reason)
     if scheduler.interrupted and scheduler.stop_reason != "interrupted":
-        lines.append("interrupted: jobs in flight are recorded; the next run picks them up")
+        lines.append(_INTERRUPTED_SANDBOX if scheduler.simulated else _INTERRUPTED)
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
     report = manifest.output_dir / "report.html"
     # The report is written after these lines (once the run's end is recorded), for up to
@@ -382,6 +386,12 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if report.exists() or sum(ledger.counts().values()) <= AUTO_REPORT_MAX_JOBS:
         lines.append(f"report: {report}")
     return lines
+
+
+_INTERRUPTED = "interrupted: jobs in flight are recorded; the next run picks them up"
+_INTERRUPTED_SANDBOX = ("interrupted: jobs in flight are recorded, but this --sandbox ends with the process: a "
+                        "new one cannot know them, so the next --sandbox run fails them (use 'batchrun sandbox' "
+                        "in another terminal to try resuming)")
 
 
 def _unrepaired(ledger: Ledger, plan: Plan) -> list[str]:
@@ -408,7 +418,7 @@ def _previous_lines(ledger: Ledger, plan: Plan) -> list[str]:
                      f"{_ids(repaired)}")
     if unrepaired:
         lines.append(f"could not repair the missing or damaged files of {_plural(len(unrepaired), 'job')}: "
-                     f"{_ids(unrepaired)} (see 'batchrun status'; the next run tries again)")
+                     f"{_ids(unrepaired)} (their lines above, and 'batchrun status', say why and what to do)")
     for why in (GONE, PREVIOUS_INPUT):
         done = [job_id for job_id, (_, reason) in plan.previous.items()
                 if reason == why and ledger.state_of(job_id) == "done"]

@@ -200,6 +200,7 @@ class Scheduler:
         self.aborted = False
         self.interrupted = False
         self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self.simulated = simulated  # sending to the built-in sandbox, which ends with this process
         self._intents = _IntentBatch(ledger, simulated)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
         self._tasks: set[asyncio.Task] = set()

@@ -91,7 +91,8 @@ async def test_after_a_budget_stop_waiting_jobs_are_counted_not_listed(tmp_path)
                                        stderr=io.StringIO())
     assert code == 1
     text = out.getvalue()
-    assert "  29 pending: not submitted yet; the next run submits them" in text
+    # What to do, not a promise the next run cannot keep: it would stop at the budget again.
+    assert "  29 pending: not submitted; raise budget_usd (or pass --budget) to submit them" in text
     assert ": pending" not in text
     assert "budget reached" in text
 

@@ -48,3 +48,21 @@ def test_a_resumed_sandbox_run_never_takes_another_jobs_result(tmp_path):
         assert not (out / f"{job_id}.mp4").exists()
     for job_id in rows.keys() - old.keys():
         assert rows[job_id]["state"] == "done" and rows[job_id]["submissions"] == 1
+
+
+def test_an_interrupted_sandbox_run_says_its_jobs_in_flight_cannot_be_resumed_by_another_sandbox(tmp_path):
+    """The closing lines of an interrupted --sandbox run never promise that the next run picks its jobs up."""
+    manifest = write_manifest(tmp_path, jobs(4), concurrency=2, poll_min_interval=0.1, poll_max_interval=0.3,
+                              requests_per_second=100)
+    out = tmp_path / "out"
+    first = start("run", str(manifest), "--sandbox", "--no-progress", cwd=tmp_path)
+    try:
+        wait_for(lambda: len(_request_ids(out)) >= 2, 15, "two jobs in flight")
+        first.send_signal(signal.SIGINT)
+        stdout, stderr = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    said = stdout + stderr
+    assert first.returncode == 130, said
+    assert "this --sandbox ends with the process" in said and "'batchrun sandbox' in another terminal" in said
