@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_done, job, jobs, ledger_rows, model_input, results, write_manifest
 from helpers import cli as _main
+from proc_helpers import wait_for as _wait_for
 
 from batchrun.lock import OutputDirLock
 from batchrun.sandbox import Faults, Sandbox
@@ -151,15 +152,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -16,20 +16,26 @@ def _request_ids(out) -> dict[str, str]:
         return {}
 
 
-def test_a_resumed_sandbox_run_never_takes_another_jobs_result(tmp_path):
+def _interrupted_sandbox_run(tmp_path, sig: int) -> tuple[object, str]:
+    """A `--sandbox` run of 4 jobs, given `sig` once two are in flight: (process, what it printed)."""
     manifest = write_manifest(tmp_path, jobs(4), concurrency=2, poll_min_interval=0.1, poll_max_interval=0.3,
                               requests_per_second=100)
-    out = tmp_path / "out"
     first = start("run", str(manifest), "--sandbox", "--no-progress", cwd=tmp_path)
     try:
-        wait_for(lambda: len(_request_ids(out)) >= 2, 15, "two jobs in flight")
-        first.send_signal(signal.SIGTERM)  # leave now: both stay in flight, recorded
-        _, stderr = first.communicate(timeout=10)
+        wait_for(lambda: len(_request_ids(tmp_path / "out")) >= 2, 15, "two jobs in flight")
+        first.send_signal(sig)
+        stdout, stderr = first.communicate(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
-            first.communicate()
-    assert first.returncode == 130, stderr
+    return first, stdout + stderr
+
+
+def test_a_resumed_sandbox_run_never_takes_another_jobs_result(tmp_path):
+    out = tmp_path / "out"
+    first, said = _interrupted_sandbox_run(tmp_path, signal.SIGTERM)  # leave now: both stay in flight, recorded
+    assert first.returncode == 130, said
+    manifest = tmp_path / "batch.yaml"
     old = _request_ids(out)
     assert len(old) == 2
 
@@ -52,17 +58,6 @@ def test_a_resumed_sandbox_run_never_takes_another_jobs_result(tmp_path):
 
 def test_an_interrupted_sandbox_run_says_its_jobs_in_flight_cannot_be_resumed_by_another_sandbox(tmp_path):
     """The closing lines of an interrupted --sandbox run never promise that the next run picks its jobs up."""
-    manifest = write_manifest(tmp_path, jobs(4), concurrency=2, poll_min_interval=0.1, poll_max_interval=0.3,
-                              requests_per_second=100)
-    out = tmp_path / "out"
-    first = start("run", str(manifest), "--sandbox", "--no-progress", cwd=tmp_path)
-    try:
-        wait_for(lambda: len(_request_ids(out)) >= 2, 15, "two jobs in flight")
-        first.send_signal(signal.SIGINT)
-        stdout, stderr = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    said = stdout + stderr
+    first, said = _interrupted_sandbox_run(tmp_path, signal.SIGINT)
     assert first.returncode == 130, said
     assert "this --sandbox ends with the process" in said and "'batchrun sandbox' in another terminal" in said
