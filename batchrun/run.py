@@ -315,7 +315,8 @@ def _previous_not_done(ledger: Ledger, plan: Plan) -> list[str]:
     return [job_id for job_id in plan.previous if ledger.state_of(job_id) != "done"]
 
 
-def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan, spend: Spend) -> list[str]:
+def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan, spend: Spend,
+                   unrepaired: list[str]) -> list[str]:
     counts = Counter(ledger.state_of(job.id) for job in manifest.jobs)
     refused = {job.id: why for job, why in plan.refused}
     refused_note = f" ({_plural(len(refused), 'job')} refused, see below)" if refused else ""
@@ -352,7 +353,7 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     in_flight = waiting["queued"] + waiting["running"] + waiting["downloading"]
     if in_flight:
         lines.append(f"  {in_flight} in flight or downloading: the next run collects them")
-    lines += _previous_lines(ledger, plan)
+    lines += _previous_lines(ledger, plan, unrepaired)
     if plan.provenance:
         names = [f"{row.id}.json" for row in plan.provenance]
         lines.append(f"rewrote {_plural(len(names), 'provenance file')} that {'was' if len(names) == 1 else 'were'} "
@@ -406,11 +407,10 @@ def _unrepaired(ledger: Ledger, plan: Plan) -> list[str]:
     return found
 
 
-def _previous_lines(ledger: Ledger, plan: Plan) -> list[str]:
+def _previous_lines(ledger: Ledger, plan: Plan, unrepaired: list[str]) -> list[str]:
     """What became of paid requests that are not the manifest's job as written (see `Plan.previous`), and
     of done jobs whose files were missing or damaged (checked again: only a repair that happened is said)."""
     lines = []
-    unrepaired = _unrepaired(ledger, plan)
     repaired = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous
                 and job.id not in unrepaired]
     if repaired:
@@ -453,14 +453,14 @@ def _explain_not_submitted(manifest: Manifest, ledger: Ledger, scheduler: Schedu
         log.warning("could not record why %d jobs were not submitted: %s", len(waiting), exc)
 
 
-def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan) -> int:
+def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: Plan, unrepaired: list[str]) -> int:
     if scheduler.interrupted:
         return EXIT_INTERRUPTED
     if scheduler.stop_reason in ("auth", "no_balance"):
         return EXIT_AUTH
     all_done = all(ledger.state_of(job.id) == "done" for job in manifest.jobs)
     # A refused job is not done as the manifest asks; a paid render still to collect is not done either.
-    if not all_done or plan.refused or _previous_not_done(ledger, plan) or _unrepaired(ledger, plan):
+    if not all_done or plan.refused or _previous_not_done(ledger, plan) or unrepaired:
         return EXIT_NOT_DONE
     return EXIT_OK
 
@@ -647,11 +647,12 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         write_results(ledger, manifest.output_dir)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
         log.warning("could not rewrite results.jsonl: %s", exc)
-    exit_code = _exit_code(manifest, ledger, scheduler, plan)
+    unrepaired = _unrepaired(ledger, plan)  # reads the files once, for the exit code and the closing lines
+    exit_code = _exit_code(manifest, ledger, scheduler, plan, unrepaired)
     # The ledger's spend, as status, results.jsonl and report.html count it: the scheduler's running
     # figure also holds estimates of submits that a signal cut short before anything was sent.
     spend = ledger.spend()
-    lines = _closing_lines(manifest, ledger, scheduler, plan, spend)
+    lines = _closing_lines(manifest, ledger, scheduler, plan, spend, unrepaired)
     for line in lines:
         log.info("%s", line)
     counts_now = dict(Counter(ledger.state_of(job.id) for job in manifest.jobs))
