@@ -128,3 +128,15 @@ class SimQueue:
                 self._waiting_live -= 1
                 return job
         return None
+
+
+def ideal_makespan(render_times: list[float], slots: int) -> float:
+    """The makespan of these renders, in seconds, if every job were submitted at time 0 and each slot took
+    the next job the moment it freed: list scheduling in submit order on `slots` slots (what `SimQueue`
+    does with every job queued at once). A bench's floor for first submit to last finish."""
+    if slots < 1:
+        raise ValueError("slots must be at least 1")
+    ends = [0.0] * min(slots, max(1, len(render_times)))
+    for seconds in render_times:
+        heapq.heapreplace(ends, ends[0] + seconds)
+    return max(ends)

@@ -94,6 +94,8 @@ class Faults:
     clock_offset: float = 0.0  # the server's clock minus the true time, seconds (its Date header shows it)
     retry_after_in: float | None = None  # if set, 429s carry Retry-After as an HTTP-date this many
     # seconds after the server's own clock (instead of `retry_after`)
+    stamps: str = "full"  # `created_at`/`finished_at` of a result: "full" (microseconds), "seconds" (cut to
+    # whole seconds, as APIs that print `...T10:00:03Z` do) or "none" (left out)
     # An account-wide limit on submits: at most `submit_limit` jobs created per `submit_window` seconds
     # (a fixed window on the sandbox clock); more answer 429 with Retry-After = whole seconds until the
     # next window. 0 disables.
@@ -118,7 +120,9 @@ def _error(status: int, code: int, message: str, **extra: Any) -> web.Response:
 class Sandbox:
     """An in-process emulator of RunComfy's Model API, served on a real loopback socket.
 
-    ``render_seconds`` is a float or a callable ``(rng) -> float`` giving each job's render time;
+    ``render_seconds`` is a float (fixed), a pair ``(low, high)`` (uniform, drawn from the seeded RNG)
+    or a callable ``(rng) -> float`` giving each job's render time; ``render_times()`` gives back the
+    times drawn, in submit order, for a bench's exact ideal (`queue.ideal_makespan`).
     ``clock`` drives the simulation (tests pass a fake clock and advance it). Counters for tests:
     ``posts_total``, ``posts_by_input`` / ``posts_for()``, ``jobs_created``, ``jobs``,
     ``jobs_by_input`` / ``jobs_for()``, ``peak_in_flight``, ``calls``, ``faults_served``.
@@ -131,7 +135,7 @@ class Sandbox:
     def __init__(
         self,
         capacity: int = 4,
-        render_seconds: float | Callable[[random.Random], float] = 0.0,
+        render_seconds: float | tuple[float, float] | Callable[[random.Random], float] = 0.0,
         faults: Faults | None = None,
         token: str | None = None,
         video_bytes: bytes | None = None,
@@ -236,9 +240,16 @@ class Sandbox:
         return now
 
     def _iso(self, t: float | None) -> str | None:
-        if t is None:
+        if t is None or self.faults.stamps == "none":
             return None
-        return datetime.fromtimestamp(self._wall0 + (t - self._clock0), timezone.utc).isoformat()
+        wall = self._wall0 + (t - self._clock0)
+        if self.faults.stamps == "seconds":
+            wall = math.floor(wall)
+        return datetime.fromtimestamp(wall, timezone.utc).isoformat()
+
+    def render_times(self) -> list[float]:
+        """Each created job's render time in seconds, in the order the jobs were created."""
+        return [job.render_seconds for job in self.jobs.values()]
 
     def _base(self, request: web.Request) -> str:
         return self.base_url or str(request.url.origin())
@@ -464,7 +475,10 @@ class Sandbox:
 
     def _render_time(self) -> float:
         spec = self.render_seconds
-        seconds = spec(self._rngs["render"]) if callable(spec) else spec
+        if isinstance(spec, tuple):
+            seconds = self._rngs["render"].uniform(*spec)
+        else:
+            seconds = spec(self._rngs["render"]) if callable(spec) else spec
         return max(0.0, float(seconds))
 
     def _planned_error(self, body: dict[str, Any]) -> str | None:
