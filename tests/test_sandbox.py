@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import datetime
 from email.utils import formatdate
 from importlib import resources
 
 import aiohttp
 import pytest
 
-from batchrun.sandbox import MODEL_ID, Faults, Sandbox, SimQueue, input_sha256
+from batchrun.sandbox import MODEL_ID, Faults, Sandbox, SimQueue, ideal_makespan, input_sha256
 from batchrun.sandbox.queue import Job
 
 AUTH = {"Authorization": "Bearer sandbox-token"}
@@ -497,3 +498,73 @@ async def test_request_ids_are_random_uuid4_and_never_repeat_across_sandboxes(ma
     for rid in ids[:3]:
         async with http.get(f"{second.base_url}/v1/requests/{rid}/status") as resp:
             assert resp.status == 404
+
+
+# -- render times and the server's stamps, for the makespan benches ----------------------------
+
+
+async def result_of(http, sb, request_id):
+    return (await get_json(http, f"{sb.base_url}/v1/requests/{request_id}/result"))[1]
+
+
+@pytest.mark.parametrize(("stamps", "fraction"), [("full", True), ("seconds", False), ("none", None)])
+async def test_result_stamps_come_at_the_resolution_asked(make, http, clock, stamps, fraction):
+    clock.advance(0.25)  # the sandbox's wall time starts at a real time: a fraction of a second anyway
+    sb = await make(render_seconds=1.5, faults=Faults(stamps=stamps))
+    rids = []
+    for i in range(3):
+        rids.append((await submit(http, sb, job_input(f"job {i}")))[1]["request_id"])
+        clock.advance(0.3)
+    clock.advance(2)
+    bodies = [await result_of(http, sb, rid) for rid in rids]
+    assert {b["status"] for b in bodies} == {"completed"}
+    if fraction is None:
+        assert all(b["created_at"] is None and b["finished_at"] is None for b in bodies)
+        return
+    stamps_read = [datetime.fromisoformat(b[k]) for b in bodies for k in ("created_at", "finished_at")]
+    assert any(t.microsecond for t in stamps_read) is fraction
+    if not fraction:  # cut down, never rounded up: a stamp is never later than the event
+        for rid, body in zip(rids, bodies, strict=True):
+            created = datetime.fromisoformat(body["created_at"]).timestamp()
+            assert 0 <= sb._wall0 + (sb.jobs[rid].created_at - sb._clock0) - created < 1
+
+
+async def test_uniform_render_times_are_seeded_and_given_back_in_submit_order(make, http):
+    times = []
+    for _ in range(2):
+        sb = await make(render_seconds=(0.6, 1.2), seed=7)
+        for i in range(20):
+            await submit(http, sb, job_input(f"job {i}"))
+        times.append(sb.render_times())
+    assert times[0] == times[1]  # the same seed, the same renders
+    assert len(times[0]) == 20 and all(0.6 <= t <= 1.2 for t in times[0])
+    assert len(set(times[0])) == 20
+
+
+def test_ideal_makespan_is_list_scheduling_in_submit_order():
+    assert ideal_makespan([1.0] * 100, 10) == pytest.approx(10.0)
+    # Slots take jobs in order as they free: 3|2 -> the third job (2) goes to the slot freed at 2, ends 4;
+    # the fourth (1) to the slot freed at 3, ends 4; the last (2) to the one freed at 4: 6.
+    assert ideal_makespan([3.0, 2.0, 2.0, 1.0, 2.0], 2) == pytest.approx(6.0)
+    assert ideal_makespan([5.0, 1.0], 10) == 5.0
+    assert ideal_makespan([], 3) == 0.0
+
+
+async def test_ideal_makespan_matches_the_sandbox_queue_given_everything_at_once(make, http, clock):
+    sb = await make(capacity=3, render_seconds=(1.0, 4.0), seed=3)
+    rids = [(await submit(http, sb, job_input(f"job {i}")))[1]["request_id"] for i in range(12)]
+    clock.advance(100)
+    await status_of(http, sb, rids[0])
+    span = max(sb.jobs[r].finished_at for r in rids) - min(sb.jobs[r].created_at for r in rids)
+    assert span == pytest.approx(ideal_makespan(sb.render_times(), 3))
+
+
+async def test_polls_are_counted_by_the_jobs_state_at_the_time(make, http, clock):
+    sb = await make(capacity=1, render_seconds=10)
+    first = (await submit(http, sb, job_input("a")))[1]["request_id"]
+    second = (await submit(http, sb, job_input("b")))[1]["request_id"]
+    await status_of(http, sb, second)
+    await result_of(http, sb, first)
+    clock.advance(25)
+    await result_of(http, sb, second)
+    assert sb.polls_by_state == {"in_queue": 1, "in_progress": 1, "completed": 1}

@@ -125,7 +125,7 @@ class Sandbox:
     times drawn, in submit order, for a bench's exact ideal (`queue.ideal_makespan`).
     ``clock`` drives the simulation (tests pass a fake clock and advance it). Counters for tests:
     ``posts_total``, ``posts_by_input`` / ``posts_for()``, ``jobs_created``, ``jobs``,
-    ``jobs_by_input`` / ``jobs_for()``, ``peak_in_flight``, ``calls``, ``faults_served``.
+    ``jobs_by_input`` / ``jobs_for()``, ``peak_in_flight``, ``calls``, ``polls_by_state``, ``faults_served``.
 
     The account's balance (``GET /prod/v2/balance``) starts at ``balance_usd`` and goes down by a
     job's price when its render completes (failed and cancelled jobs are free); a submit whose price
@@ -166,6 +166,7 @@ class Sandbox:
         self.jobs: dict[str, Job] = {}
         self.jobs_by_input: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+        self.polls_by_state: Counter[str] = Counter()  # status and result calls, by the job's state then
         self.faults_served: Counter[str] = Counter()  # answers replaced by a fault, by kind
         self._api_calls = 0
         self._answers_lost = 0
@@ -524,6 +525,7 @@ class Sandbox:
     async def _status(self, request: web.Request) -> web.Response:
         now = self._now()
         job = self._job(request)
+        self.polls_by_state[job.status] += 1
         late = self._not_found_yet(job)
         if late:
             return late
@@ -533,6 +535,7 @@ class Sandbox:
     async def _result(self, request: web.Request) -> web.Response:
         now = self._now()
         job = self._job(request)
+        self.polls_by_state[job.status] += 1
         fault = self._not_found_yet(job) or self._server_fault(with_http200=True)
         if fault:
             return fault
