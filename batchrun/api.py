@@ -124,6 +124,7 @@ class Result:
     finished_at: str | None
     input: dict[str, Any] | None = None  # the job's input, where the answer shows it (undocumented)
     cost_flag: str | None = None
+    queue_position: int | None = None  # while queued, when the answer gives one (as the status call does)
 
 
 @dataclass(frozen=True)
@@ -403,6 +404,7 @@ def parse_result(request_id: str, data: dict[str, Any], secrets: tuple[str, ...]
         finished_at=fields.timestamp(data.get("finished_at")),
         input=data["input"] if isinstance(data.get("input"), dict) else None,
         cost_flag=cost_flag,
+        queue_position=fields.count(data.get("queue_position")) if state == "queued" else None,
     )
 
 

@@ -1,8 +1,8 @@
 """The asyncio heart of a run: submit, poll and collect the jobs a `plan.Plan` names, under caps.
 
 Invariants:
-- at most `concurrency` jobs are in flight remotely (a slot is taken before a submit or a resumed
-  poll and given back once the job has finished remotely); downloads run outside the slots;
+- at most `concurrency` + `queue_ahead` jobs are in flight remotely (a slot is taken before a submit or a
+  resumed poll and given back once the job has finished remotely); downloads run outside the slots;
 - tasks exist only for jobs being worked on (bounded), never one per manifest job;
 - a job is submitted only after its intent is durable in the ledger, and a POST is repeated only
   when it certainly created nothing (`retry.submit_is_retryable`);
@@ -56,7 +56,7 @@ from batchrun.manifest import Job, Manifest
 from batchrun.outputhosts import HostPolicy
 from batchrun.pacing import SubmitPacer
 from batchrun.plan import Plan, RunOptions
-from batchrun.polling import PollPlanner
+from batchrun.polling import PollPlanner, RenderStarts
 from batchrun.results import write_provenance
 from batchrun.retry import (
     RetryPolicy,
@@ -102,16 +102,6 @@ def _utc_iso(text: str | None) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _server_duration(result: Result) -> float | None:
-    try:
-        start = datetime.fromisoformat((result.created_at or "").replace("Z", "+00:00"))
-        end = datetime.fromisoformat((result.finished_at or "").replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    seconds = (end - start).total_seconds()
-    return seconds if seconds >= 0 else None
 
 
 class _IntentBatch:
@@ -186,6 +176,8 @@ class Scheduler:
         self.policy = retry_policy or RetryPolicy(max_attempts=self.settings.max_attempts)
         self.on_change = on_change or (lambda: None)
         self.planner = PollPlanner(self.settings.poll_min_interval, self.settings.poll_max_interval)
+        self._starts = RenderStarts(self.settings.concurrency)  # which of ours render, which wait queued
+        self._wakes: dict[str, asyncio.Event] = {}  # per job being polled: set to make it plan again
         self._result_polls = True  # cleared if the API refuses result calls for unfinished jobs
         self.calls: Counter[str] = Counter()  # API and download calls made, for the run's record
         # Why submitting stopped, if it did: "interrupted", "auth", "budget", "balance", "no_balance",
@@ -199,7 +191,10 @@ class Scheduler:
         self.fatal_error: str | None = None
         self.aborted = False
         self.interrupted = False
-        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        # `queue_ahead` more slots: jobs that wait in the provider's queue, each reserved against the budget
+        # and made durable before its POST like any other.
+        self._in_flight_cap = self.settings.concurrency + self.settings.queue_ahead
+        self._slots = asyncio.Semaphore(self._in_flight_cap)
         self.simulated = simulated  # sending to the built-in sandbox, which ends with this process
         self._intents = _IntentBatch(ledger, simulated)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
@@ -220,7 +215,7 @@ class Scheduler:
         self._stopping = asyncio.Event()  # set once submitting stops, for whatever reason
         self._leaving = asyncio.Event()  # set when the run must end at once (the API cannot be reached)
         # More failures than jobs in flight: at least one job failed twice, so it is not one blip.
-        self._unreachable_after = max(unreachable_after, self.settings.concurrency + 1)
+        self._unreachable_after = max(unreachable_after, self._in_flight_cap + 1)
         self._connect_failures = 0
         self._unanswered = 0  # submits in a row whose outcome is unknown, none accepted in between
         self._pacer = SubmitPacer(clock, rand, lambda seconds: self._nap(seconds, submit=True))
@@ -277,10 +272,12 @@ class Scheduler:
         self._notify()
 
     # -- waiting -----------------------------------------------------------------------------------
-    async def _nap(self, seconds: float, *, submit: bool = False, clip: bool = False) -> None:
+    async def _nap(self, seconds: float, *, submit: bool = False, clip: bool = False,
+                   wake: asyncio.Event | None = None) -> bool:
         """Wait `seconds` by the injected clock, or raise `_OutOfTime`: when the run leaves, when the
         wait would end past `max_wait` (with `clip`, it waits until then first), or for a submit's wait
-        (`submit`) when submitting stops (Ctrl-C, auth error, ...)."""
+        (`submit`) when submitting stops (Ctrl-C, auth error, ...). Returns True if `wake` was set
+        (the wait then ends early)."""
         event = self._stopping if submit else self._leaving
         if event.is_set():
             raise _OutOfTime
@@ -294,16 +291,18 @@ class Scheduler:
             await self.sleep(0)
             if event.is_set():
                 raise _OutOfTime
-            return
+            return wake is not None and wake.is_set()
         sleeper = asyncio.ensure_future(self.sleep(seconds))
         woken = asyncio.ensure_future(event.wait())
+        waiters = (sleeper, woken) if wake is None else (sleeper, woken, asyncio.ensure_future(wake.wait()))
         try:
-            await asyncio.wait((sleeper, woken), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sleeper.cancel()
-            woken.cancel()
+            for waiter in waiters:
+                waiter.cancel()
         if event.is_set():
             raise _OutOfTime
+        return wake is not None and wake.is_set()
 
     async def _retry_nap(self, seconds: float) -> None:
         await self._nap(seconds)
@@ -340,7 +339,7 @@ class Scheduler:
             + [("submit", job, None) for job in plan.submit]
         )
         # Bounds the number of tasks: remote slots + downloads + a little slack to keep slots busy.
-        room = asyncio.Semaphore(self.settings.concurrency + self.options.download_concurrency + 4)
+        room = asyncio.Semaphore(self._in_flight_cap + self.options.download_concurrency + 4)
         try:
             for action, job, row in work:
                 if self.aborted or self._leaving.is_set() or (action == "submit" and self._submitting_stopped()):
@@ -585,50 +584,110 @@ class Scheduler:
         return self.clock() - _seconds_since(iso)
 
     async def _wait_remote(self, job: Job, request_id: str, age0: float) -> Result | None:
-        """Poll until the job has finished remotely; returns its result, or None to leave it for later."""
+        """Poll until the job has finished remotely; returns its result, or None to leave it for later.
+
+        A job taken to be waiting in the provider's queue (`RenderStarts`) is not polled on the render
+        schedule: it is woken when one of ours finishes and it takes that slot, and otherwise only
+        checked once per slowest recent render. Before any render time is known, only the job that started
+        first probes; the others wait for what it learns, checking with a backoff (from `poll_max_interval`
+        up to 4x it) meanwhile."""
         submitted = self.clock() - age0
         anchor = submitted  # when the job was submitted, later when it was first seen completed
-        polls, last_running_age, state = 0, 0.0, "queued"
-        while True:
-            age = self.clock() - submitted
-            if age >= self.settings.job_timeout and polls > 0:
-                return await self._timed_out(job, request_id, state)
-            left = self._time_left()
-            if left is not None and left <= 0:  # max_wait: leave the job recorded for the next run
-                self.stop_submitting("deadline")
-                return None
-            delay = self.planner.next_delay(age, polls)
-            await self._nap(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls else delay),
-                            clip=True)
-            answer = await self._poll(job, request_id, self.clock() - submitted, anchor)
-            if answer is None:
-                return None
-            polls += 1
-            age = self.clock() - submitted
-            if answer.state in ("queued", "running"):
-                if answer.state != state or polls == 1:
-                    self.ledger.record_remote(job.id, answer.raw_status, answer.state,
-                                              started=answer.state == "running")
-                    self.on_change()
-                state, last_running_age = answer.state, age
-                continue
-            if anchor == submitted and answer.state == "completed":
-                anchor = self.clock()
-            if isinstance(answer, Result):
-                result = answer
-            else:
-                result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
-                                            anchor=anchor)
+        polls, state = 0, "queued"
+        unfinished_at = submitted  # when the job was last known unfinished, on this run's clock
+        wake = self._wakes[job.id] = asyncio.Event()
+        self._starts.submitted(job.id, submitted)
+        try:
+            while True:
+                now = self.clock()
+                age = now - submitted
+                if age >= self.settings.job_timeout and polls > 0:
+                    return await self._timed_out(job, request_id, state)
+                left = self._time_left()
+                if left is not None and left <= 0:  # max_wait: leave the job recorded for the next run
+                    self.stop_submitting("deadline")
+                    return None
+                start = self._starts.start_of(job.id)
+                if start is None:
+                    # Queued: woken when it takes a slot; checked now and then only in case the guess is wrong
+                    # (another client's jobs ahead): once per slowest recent render, or backing off until one.
+                    slowest = self.planner.quantile(1.0)
+                    delay = max(self.planner.max_interval,
+                                slowest if slowest is not None else min(age, 4 * self.planner.max_interval))
+                elif not self.planner.known and self._starts.leader() != job.id:
+                    # The leader probes for all and wakes the rest with what it learns; they back off meanwhile.
+                    delay = max(self.planner.max_interval, min(age, 4 * self.planner.max_interval))
+                else:
+                    delay = self.planner.next_delay(now - start, polls)
+                wake.clear()
+                if await self._nap(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls
+                                       else delay), clip=True, wake=wake):
+                    continue  # it took a freed slot, or render times became known: plan again
+                asked = self.clock()
+                start = self._starts.start_of(job.id)
+                answer = await self._poll(job, request_id, -1.0 if start is None else asked - start, anchor)
+                if answer is None:
+                    return None
+                polls += 1
+                answered = self.clock()
+                if answer.state in ("queued", "running"):
+                    if answer.state != state or polls == 1:
+                        self.ledger.record_remote(job.id, answer.raw_status, answer.state,
+                                                  started=answer.state == "running")
+                        self.on_change()
+                    if answer.state == "queued":
+                        self._starts.queued(job.id, answer.queue_position)
+                    else:  # it started between the last answer and this one
+                        self._starts.running(job.id, unfinished_at, asked)
+                    state, unfinished_at = answer.state, asked
+                    continue
+                if anchor == submitted and answer.state == "completed":
+                    anchor = self.clock()
+                if isinstance(answer, Result):
+                    result = answer
+                else:
+                    result = await self._remote(job, request_id, "result", lambda: self.client.result(request_id),
+                                                anchor=anchor)
+                    if result is None:
+                        return None
+                result = await self._settled(job, request_id, result, anchor)
                 if result is None:
                     return None
-            result = await self._settled(job, request_id, result, anchor)
-            if result is None:
-                return None
-            if result.state in ("queued", "running"):  # status and result disagree: keep polling
-                continue
-            duration = _server_duration(result)
-            self.planner.observe(duration if duration is not None else (last_running_age + age) / 2)
-            return result
+                if result.state in ("queued", "running"):  # status and result disagree: keep polling
+                    continue
+                self._render_ended(job.id, result, submitted, unfinished_at, answered)
+                return result
+        finally:
+            self._starts.forget(job.id)
+            self._wakes.pop(job.id, None)
+
+    def _render_ended(self, key: str, result: Result, submitted: float, low: float, high: float) -> None:
+        """Learn from a job seen finished: it ended after `low` and by `high` (this run's clock), and
+        `submitted` plus the server's own duration, as exact as its stamps. The job that takes its
+        slot in the provider's queue is woken."""
+        planner = self.planner
+        planner.stamps.note(result.created_at, result.finished_at)
+        span = planner.stamps.span(result.created_at, result.finished_at)
+        if span is not None and submitted + span[0] <= high and submitted + span[1] >= low:
+            low, high = max(low, submitted + span[0]), min(high, submitted + span[1])
+        start = self._starts.start_of(key)
+        start = submitted if start is None else start
+        finish = high
+        # A job cancelled in the queue never rendered; one whose start is a guess says little.
+        if result.state != "cancelled" and not self._starts.start_is_guessed(key):
+            learned_before = planner.known
+            if span is not None and planner.stamps.exact:
+                finish = min(high, max(low, submitted + (span[0] + span[1]) / 2))
+                planner.observe(finish - start)
+            else:
+                finish = start + planner.observe_interval(low - start, high - start)
+                finish = min(high, max(low, finish))
+            if not learned_before:
+                for wake in self._wakes.values():  # the jobs waiting for a first render time
+                    wake.set()
+        freed = self._starts.finished(key, finish)
+        if freed is not None and freed in self._wakes:
+            self._wakes[freed].set()
 
     async def _settled(self, job: Job, request_id: str, result: Result, anchor: float) -> Result | None:
         """`result`, or, while it says "completed" without outputs or an error (outputs can be attached a

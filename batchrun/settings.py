@@ -56,15 +56,21 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("concurrency", int, 4, "jobs in flight remotely at once (submitted, not yet finished)", 1, 1000),
+    Setting("concurrency", int, 4, "jobs in flight remotely at once (submitted, not yet finished), besides "
+            "those `queue_ahead` adds", 1, 1000),
+    Setting("queue_ahead", int, 0, "jobs submitted beyond `concurrency` to wait in the provider's queue, so "
+            "a render slot does not idle while the run notices a finish (0 = off). They are paid for once "
+            "submitted: a budget counts them as committed, and a cancel of the batch may find them already "
+            "started", 0, 1000),
     Setting("budget_usd", float, None, "hard cap on spend for this output dir; no job is submitted that "
             "would take done + in-flight + its estimate over it", 0, optional=True),
     Setting("requests_per_second", float, 5.0, "rate limit over all API calls of one run (0 = no limit)", 0,
             100000),
     Setting("poll_min_interval", float, 1.0, "shortest wait between two polls of one job, seconds",
             0.0, 3600),
-    Setting("poll_max_interval", float, 30.0, "longest wait between two polls of one job, seconds",
-            0.0, 3600),
+    Setting("poll_max_interval", float, 30.0, "longest wait between two polls of a job that may have "
+            "finished, seconds (the first wait, until the early edge of recent render times, and the checks of a "
+            "job queued behind others can be longer)", 0.0, 3600),
     Setting("job_timeout", float, 1800.0, "seconds after submission before a job is given up on: cancelled "
             "if still queued, otherwise left for a later run to collect", 1, 7 * 86400),
     Setting("not_found_grace", float, 300.0, "seconds after a job's submission (or its completion) during "
@@ -86,6 +92,7 @@ FLAGS = {"budget_usd": "--budget"}  # command-line flags whose name differs from
 @dataclass(frozen=True)
 class Settings:
     concurrency: int = 4
+    queue_ahead: int = 0
     budget_usd: float | None = None
     requests_per_second: float = 5.0
     poll_min_interval: float = 1.0

@@ -192,9 +192,9 @@ async def test_once_durations_are_learned_a_finished_job_costs_one_poll(tmp_path
         assert outcome.exit_code == 0, said
         for row in results(tmp_path / "out").values():
             assert_done(tmp_path / "out", row, VIDEO)
-        # The first job, with nothing learned yet, is probed at 1, 1.5, 2.25, 3.4 and 5.1 s (13.2 s in
-        # all) and then fetched; every later job is asked once, with the result call, at 10 s.
-        assert sandbox.calls["status"] == 5
+        # The first job, with nothing learned yet, is probed after 1, 1.25, 1.56, 1.95, 2.44 and 3.05 s
+        # (11.3 s in all) and then fetched; every later job is asked once, with the result call, at 10 s.
+        assert sandbox.calls["status"] == 6
         assert sandbox.calls["result"] == 6
 
 
@@ -318,7 +318,9 @@ async def test_failed_jobs_are_reported_and_not_retried_without_the_flag(tmp_pat
 
 
 async def test_odd_statuses_count_as_running(tmp_path):
-    manifest = write_manifest(tmp_path, jobs(3), poll_min_interval=0.5)
+    # Polls at most 1 s apart, so that every job is asked while it renders: before anything is learned,
+    # only the first job probes, and the fake clock adds the others' waits up one after the other.
+    manifest = write_manifest(tmp_path, jobs(3), poll_min_interval=0.5, poll_max_interval=1)
     clock = FakeClock()
     faults = Faults(odd_statuses=True)
     async with Sandbox(video_bytes=VIDEO, faults=faults, clock=clock, render_seconds=10) as sandbox:
