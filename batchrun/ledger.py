@@ -127,6 +127,12 @@ MIGRATIONS: list[str] = [
         requested_at TEXT NOT NULL
     );
     """,
+    # 7: each output file's mtime (ns) and inode as stat saw them once it was in place, so a re-run checks
+    # a done file by size, mtime and inode instead of hashing it (batchrun.filecheck); NULL until recorded
+    """
+    ALTER TABLE outputs ADD COLUMN mtime_ns INTEGER;
+    ALTER TABLE outputs ADD COLUMN inode INTEGER;
+    """,
 ]
 DECISIONS = ("picked", "rejected")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -142,6 +148,10 @@ class Output:
     path: str  # relative to the output dir
     bytes: int
     sha256: str
+    # As `os.stat` saw the file under its final name (see batchrun.filecheck); None: not recorded (a
+    # ledger older than schema 7, until a run has hashed the file once).
+    mtime_ns: int | None = None
+    inode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,7 @@ class Ledger:
         self._counts: Counter[str] = Counter()
         # False only for an older ledger opened read-only (not migrated): no request history there.
         self._history = True
+        self._file_stats = True  # likewise: outputs' mtime_ns and inode (schema 7)
 
     def _moved(self, job_id: str, state: str) -> None:
         old = self._states.get(job_id)
@@ -257,6 +268,7 @@ class Ledger:
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
         if readonly:
             self._history = version >= 4  # migration 4 added the requests table and `simulated`
+            self._file_stats = version >= 7
             self._load_states()
             return
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -318,22 +330,32 @@ class Ledger:
                                                     (job_id,))) if self._history else ()
         return _row(record, self._outputs(job_id), ids or ((record["request_id"],) if record["request_id"] else ()))
 
+    def _output_columns(self) -> str:
+        return "idx, path, bytes, sha256" + (", mtime_ns, inode" if self._file_stats else "")
+
     def _outputs(self, job_id: str) -> tuple[Output, ...]:
-        rows = self.conn.execute("SELECT idx, path, bytes, sha256 FROM outputs WHERE job_id=? ORDER BY idx",
+        rows = self.conn.execute(f"SELECT {self._output_columns()} FROM outputs WHERE job_id=? ORDER BY idx",
                                  (job_id,))
         return tuple(Output(*r) for r in rows)
 
     def all(self) -> list[JobRow]:
+        """Every job, oldest first (see `rows`)."""
+        return list(self.rows())
+
+    def rows(self) -> Iterator[JobRow]:
+        """Every job, oldest first, built one at a time: three queries in all whatever the ledger's size
+        (outputs and request ids are read in bulk first), so a caller that streams them (results.jsonl)
+        holds one JobRow at a time. Keep the iterator short-lived: it holds a read transaction."""
         outputs: dict[str, list[Output]] = {}
-        for r in self.conn.execute("SELECT job_id, idx, path, bytes, sha256 FROM outputs ORDER BY job_id, idx"):
+        for r in self.conn.execute(f"SELECT job_id, {self._output_columns()} FROM outputs ORDER BY job_id, idx"):
             outputs.setdefault(r[0], []).append(Output(*r[1:]))
         requests: dict[str, list[str]] = {}
         if self._history:
             for job_id, request_id in self.conn.execute("SELECT job_id, request_id FROM requests ORDER BY rowid"):
                 requests.setdefault(job_id, []).append(request_id)
-        rows = self.conn.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid")
-        return [_row(r, tuple(outputs.get(r["id"], ())),
-                     tuple(requests.get(r["id"]) or ([r["request_id"]] if r["request_id"] else []))) for r in rows]
+        for r in self.conn.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid"):
+            yield _row(r, tuple(outputs.pop(r["id"], ())),
+                       tuple(requests.pop(r["id"], None) or ([r["request_id"]] if r["request_id"] else [])))
 
     def state_of(self, job_id: str) -> str | None:
         return self._states.get(job_id)
@@ -478,11 +500,22 @@ class Ledger:
         now = utc_now()
         with self._transaction() as conn:
             conn.execute("DELETE FROM outputs WHERE job_id=?", (job_id,))
-            conn.executemany("INSERT INTO outputs (job_id, idx, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
-                             [(job_id, o.idx, o.path, o.bytes, o.sha256) for o in outputs])
+            conn.executemany("INSERT INTO outputs (job_id, idx, path, bytes, sha256, mtime_ns, inode)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             [(job_id, o.idx, o.path, o.bytes, o.sha256, o.mtime_ns, o.inode) for o in outputs])
             conn.execute("UPDATE jobs SET state='done', downloaded_at=?, error_kind=NULL, error_message=NULL,"
                          " updated_at=? WHERE id=?", (now, now, job_id))
         self._moved(job_id, "done")
+
+    def record_file_stats(self, stats: Iterable[tuple[str, int, int, int]]) -> None:
+        """Record (job id, output idx, mtime_ns, inode) of done files found intact by a full hash, so the
+        next check of each is a stat (batchrun.filecheck). The file's size and sha256 stay as recorded."""
+        stats = list(stats)
+        if not stats:
+            return
+        with self._transaction() as conn:
+            conn.executemany("UPDATE outputs SET mtime_ns=?, inode=? WHERE job_id=? AND idx=?",
+                             [(mtime_ns, inode, job_id, idx) for job_id, idx, mtime_ns, inode in stats])
 
     def cost_of(self, job_id: str) -> float | None:
         """The cost the API reported for this job, if it did."""

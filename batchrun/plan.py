@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from batchrun import download, takes
+from batchrun import filecheck, takes
 from batchrun.balance import Balance, judge
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
@@ -34,6 +34,9 @@ class RunOptions:
     # Tests serving on loopback pass a policy that treats their server as the public internet.
     output_hosts: object = None
     new_output: bool = False  # start a new ledger in the default output dir though the manifest has one elsewhere
+    # Hash every done file in full (`run --verify`); by default a file whose size, mtime and inode are as
+    # recorded at download is taken as intact without reading it (see batchrun.filecheck).
+    verify: bool = False
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Plan:
     gone: list[JobRow] = field(default_factory=list)  # ledger jobs the manifest no longer lists
     new: list[Job] = field(default_factory=list)  # manifest jobs never sent (not in the ledger, or pending)
     provenance: list[JobRow] = field(default_factory=list)  # done jobs whose <id>.json is missing or damaged
+    # (job id, output idx, mtime_ns, inode) of done files hashed and found intact whose recorded stat was
+    # absent or stale: a run records them, so the next check of each is a stat
+    restat: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 PREVIOUS_INPUT = "made with its previous input"
@@ -66,12 +72,18 @@ GONE = "no longer in the manifest"
 COLLECTABLE = ("queued", "running", "downloading", "done")  # states whose request a run still collects
 
 
-def outputs_intact(output_dir: Path, row: JobRow, kind: str | None = None) -> bool:
+def outputs_intact(output_dir: Path, row: JobRow, kind: str | None = None, *, full: bool = False,
+                   restat: list[tuple[str, int, int, int]] | None = None) -> bool:
     """Every recorded output of a done job is on disk with its recorded size and sha256, and is media of
-    `kind` (None: any media), so an error page accepted by an older batchrun is fetched again."""
-    return bool(row.outputs) and all(
-        download.verify(output_dir / o.path, o.bytes, o.sha256, kind) for o in row.outputs
-    )
+    `kind` (None: any media), so an error page accepted by an older batchrun is fetched again.
+
+    A file whose size, mtime and inode are as recorded at download is taken as intact without reading it
+    unless `full` (see batchrun.filecheck); files hashed and found intact with another stat are appended
+    to `restat` as (job id, idx, mtime_ns, inode), when given."""
+    intact, found = filecheck.check_outputs(output_dir, row.outputs, kind, full=full)
+    if restat is not None:
+        restat.extend((row.id, *r) for r in found)
+    return intact
 
 
 def ledger_job(row: JobRow) -> Job:
@@ -98,21 +110,25 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
     """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`, refusals), then decide."""
     takes.with_rerolls(manifest, ledger.rerolls())
     rows = {row.id: row for row in ledger.all()}
+    changed = False
     for row in rows.values():
         if row.state == "submitting":  # a run died between the intent and the POST's answer
             ledger.set_state(row.id, "unknown", error=("unknown", "the run stopped while this job was being "
                                                        "submitted; the POST may have created a job"))
-    ledger.add_pending(
-        (job.id, manifest.model_of(job).model_id, job.input, job.input_sha256, manifest.estimate_or_none(job))
-        for job in manifest.jobs
-        if job.id not in rows or rows[job.id].state == "pending"
-    )
-    rows = {row.id: row for row in ledger.all()}
+            changed = True
+    new = [job for job in manifest.jobs if job.id not in rows or rows[job.id].state == "pending"]
+    if new:
+        ledger.add_pending(
+            (job.id, manifest.model_of(job).model_id, job.input, job.input_sha256, manifest.estimate_or_none(job))
+            for job in new)
+    if new or changed:  # read back only when something was written (a no-op re-run reads the ledger once)
+        rows = {row.id: row for row in ledger.all()}
     untold = {job.id: (job.take, job.take_of) for job in manifest.jobs if job.take > 1 and rows[job.id].take is None}
     if untold:
         ledger.record_takes(untold)
         rows = {row.id: row for row in ledger.all()}
     plan = decide(manifest, rows, options)
+    ledger.record_file_stats(plan.restat)
     ledger.set_refusals({job.id: why for job, why in plan.refused})
     for job in plan.submit:
         row = rows.get(job.id)
@@ -143,7 +159,7 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         why = refusal(job, row)
         if why is not None:
             plan.refused.append((job, why))
-            _keep(manifest.output_dir, plan, row, PREVIOUS_INPUT)
+            _keep(manifest.output_dir, plan, row, PREVIOUS_INPUT, options)
             continue
         state = "unknown" if row.state == "submitting" else row.state
         if state == "pending":
@@ -153,7 +169,8 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         elif state == "downloading":
             plan.collect.append((job, row))
         elif state == "done":
-            if outputs_intact(manifest.output_dir, row, manifest.model_of(job).output_kind):
+            if outputs_intact(manifest.output_dir, row, manifest.model_of(job).output_kind, full=options.verify,
+                              restat=plan.restat):
                 plan.skip.append(job)
                 if not provenance_intact(manifest.output_dir, row):
                     plan.provenance.append(row)
@@ -178,11 +195,11 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
     for row in rows.values():
         if row.id not in listed:
             plan.gone.append(row)
-            _keep(manifest.output_dir, plan, row, GONE)
+            _keep(manifest.output_dir, plan, row, GONE, options)
     return plan
 
 
-def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str) -> None:
+def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str, options: RunOptions) -> None:
     """A request that is not the manifest's job as written is still collected if it was paid for:
     polled while in flight, downloaded, and downloaded again if its files are damaged."""
     if not row.request_id or row.state not in COLLECTABLE:
@@ -190,7 +207,8 @@ def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str) -> None:
     job = ledger_job(row)
     if row.state in ("queued", "running"):
         plan.poll.append((job, row))
-    elif row.state == "downloading" or not outputs_intact(output_dir, row):
+    elif row.state == "downloading" or not outputs_intact(output_dir, row, full=options.verify,
+                                                          restat=plan.restat):
         plan.collect.append((job, row))
     else:
         if not provenance_intact(output_dir, row):

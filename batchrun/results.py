@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from batchrun import mediafacts
 from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
+from batchrun.rewrite import write_if_changed
 from batchrun.spend import job_cost
 
 RESULTS_NAME = "results.jsonl"
@@ -64,17 +66,23 @@ def job_record(row: JobRow) -> dict[str, Any]:
     }
 
 
-def decision_filter(rows: list[JobRow], which: str | None) -> list[JobRow]:
-    """The rows `export --picked|--rejected|--unrated` keeps; "unrated" is a done job not decided yet."""
+def decision_filter(rows: Iterable[JobRow], which: str | None) -> Iterator[JobRow]:
+    """The rows `export --picked|--rejected|--unrated` keeps, lazily; "unrated" is a done job not decided yet."""
     if which is None:
-        return rows
+        return iter(rows)
     if which == "unrated":
-        return [row for row in rows if row.decision is None and row.state == "done"]
-    return [row for row in rows if row.decision == which]
+        return (row for row in rows if row.decision is None and row.state == "done")
+    return (row for row in rows if row.decision == which)
 
 
-def to_jsonl(rows: list[JobRow]) -> bytes:
-    return "".join(json.dumps(job_record(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+def jsonl_lines(rows: Iterable[JobRow]) -> Iterator[bytes]:
+    """results.jsonl (and `export`), one encoded line per row as the rows come."""
+    for row in rows:
+        yield (json.dumps(job_record(row), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def to_jsonl(rows: Iterable[JobRow]) -> bytes:
+    return b"".join(jsonl_lines(rows))
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -89,7 +97,8 @@ def sheet_cell(value: object) -> object:
     return value
 
 
-def to_csv(rows: list[JobRow]) -> bytes:
+def csv_lines(rows: Iterable[JobRow]) -> Iterator[str]:
+    """`export --format csv`: the header, then one line per row as the rows come."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -101,13 +110,22 @@ def to_csv(rows: list[JobRow]) -> bytes:
         record["prompt"], record["image"], record["duration"] = (
             row.input.get("prompt"), row.input.get("start_image_url"), row.input.get("duration"))
         writer.writerow(["" if record[c] is None else sheet_cell(record[c]) for c in CSV_COLUMNS])
-    return buffer.getvalue().encode("utf-8")
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def to_csv(rows: Iterable[JobRow]) -> bytes:
+    return "".join(csv_lines(rows)).encode("utf-8")
 
 
 def write_results(ledger: Ledger, output_dir: Path) -> Path:
-    """Rewrite results.jsonl atomically from the ledger."""
+    """Make results.jsonl hold the ledger, one line per job, streamed row by row (never built whole in
+    memory); a file that already holds exactly that is not rewritten (same inode, mtime and bytes), else
+    it is replaced atomically (see batchrun.rewrite)."""
     path = output_dir / RESULTS_NAME
-    atomic_write(path, to_jsonl(ledger.all()), before_rename=lambda: crashpoint("results_rewrite"))
+    write_if_changed(path, jsonl_lines(ledger.rows()), before_rename=lambda: crashpoint("results_rewrite"))
     return path
 
 

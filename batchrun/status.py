@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchrun import download, mediafacts, takes
+from batchrun import filecheck, mediafacts, takes
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
@@ -54,12 +54,15 @@ def _running_pid(output_dir: Path) -> int | None:
         return None
 
 
-def damaged_files(output_dir: Path, row: JobRow) -> list[tuple[str, str]]:
-    """(file name, "missing" | "damaged") for each output or provenance file of a done job that is not intact."""
+def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False) -> list[tuple[str, str]]:
+    """(file name, "missing" | "damaged") for each output or provenance file of a done job that is not intact.
+
+    An output whose size, mtime and inode are as recorded is not read unless `full` (`status --verify`):
+    see batchrun.filecheck."""
     found = []
     for output in row.outputs:
         path = output_dir / output.path
-        if not download.verify(path, output.bytes, output.sha256):
+        if not filecheck.check_file(output_dir, output, full=full)[0]:
             found.append((output.path, "damaged" if path.exists() or path.is_symlink() else "missing"))
     if not provenance_intact(output_dir, row):
         path = provenance_path(output_dir, row)
@@ -67,7 +70,9 @@ def damaged_files(output_dir: Path, row: JobRow) -> list[tuple[str, str]]:
     return found
 
 
-def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
+def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool = False) -> StatusReport:
+    """What `status` shows. Done files are checked by size, mtime and inode, or hashed in full with
+    `verify` (see batchrun.filecheck); nothing is written (a stat found stale is recorded by the next run)."""
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
         rows = ledger.all()
@@ -96,7 +101,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
     manifest_ids = {job.id for job in manifest.jobs} if manifest else None
     not_in_manifest = [row.id for row in rows if manifest_ids is not None and row.id not in manifest_ids]
     damaged = [(row.id, name, problem) for row in rows if row.state == "done"
-               for name, problem in damaged_files(output_dir, row)]
+               for name, problem in damaged_files(output_dir, row, full=verify)]
     return StatusReport(
         output_dir=output_dir,
         counts={state: counts[state] for state in STATES if counts[state]},
