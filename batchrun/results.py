@@ -41,7 +41,7 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "request_ids": list(row.request_ids),
         "submissions": row.submissions,
         "input_sha256": row.input_sha256,
-        "outputs": [{"path": o.path, "bytes": o.bytes, "sha256": o.sha256} for o in row.outputs],
+        "outputs": _outputs_record(row),
         "cost_usd": cost,
         "cost_source": source,
         "simulated": row.simulated,
@@ -120,12 +120,14 @@ def to_csv(rows: Iterable[JobRow]) -> bytes:
     return "".join(csv_lines(rows)).encode("utf-8")
 
 
-def write_results(ledger: Ledger, output_dir: Path) -> Path:
+def write_results(ledger: Ledger, output_dir: Path, rows: Iterable[JobRow] | None = None) -> Path:
     """Make results.jsonl hold the ledger, one line per job, streamed row by row (never built whole in
     memory); a file that already holds exactly that is not rewritten (same inode, mtime and bytes), else
-    it is replaced atomically (see batchrun.rewrite)."""
+    it is replaced atomically (see batchrun.rewrite). `rows`: every row of the ledger, already read and
+    still current (a run passes the plan's when nothing changed since), else they are read here."""
     path = output_dir / RESULTS_NAME
-    write_if_changed(path, jsonl_lines(ledger.rows()), before_rename=lambda: crashpoint("results_rewrite"))
+    write_if_changed(path, jsonl_lines(ledger.rows() if rows is None else rows),
+                     before_rename=lambda: crashpoint("results_rewrite"))
     return path
 
 
@@ -138,26 +140,31 @@ def provenance_intact(output_dir: Path, row: JobRow) -> bool:
     digest) and outputs.
 
     Fields a newer batchrun adds or an older one lacked do not count: only what identifies the render."""
-    path = provenance_path(output_dir, row)
+    path = os.path.join(output_dir, f"{row.id}.json")  # as provenance_path, without pathlib's cost per job
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > PROVENANCE_MAX_BYTES:
             return False
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(PROVENANCE_MAX_BYTES + 1)
+        # One read of the size fstat gave (plus one byte, to see a file that grew meanwhile): this runs
+        # for every done job of a re-run and of `status`.
+        data = os.read(fd, st.st_size + 1)
         record = json.loads(data) if len(data) <= PROVENANCE_MAX_BYTES else None
     except (OSError, ValueError):
         return False
     finally:
         os.close(fd)
-    expected = job_record(row)
-    expected.update({"model": row.model, "input": row.input})
-    return isinstance(record, dict) and all(record.get(key) == expected[key]
-                                            for key in ("id", "request_id", "input_sha256", "outputs", "model",
-                                                        "input"))
+    return (isinstance(record, dict) and record.get("id") == row.id and record.get("request_id") == row.request_id
+            and record.get("input_sha256") == row.input_sha256 and record.get("model") == row.model
+            and record.get("outputs") == _outputs_record(row) and record.get("input") == row.input)
+
+
+def _outputs_record(row: JobRow) -> list[dict[str, Any]]:
+    """The `outputs` field of results.jsonl and `<id>.json`."""
+    return [{"path": o.path, "bytes": o.bytes, "sha256": o.sha256} for o in row.outputs]
 
 
 def write_provenance(output_dir: Path, row: JobRow) -> Path:

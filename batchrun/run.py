@@ -643,8 +643,9 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
     _read_media_facts(manifest.output_dir, ledger)
+    current = plan.rows if plan.rows_mark is not None and ledger.change_mark() == plan.rows_mark else None
     try:
-        write_results(ledger, manifest.output_dir)
+        write_results(ledger, manifest.output_dir, current)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
         log.warning("could not rewrite results.jsonl: %s", exc)
     unrepaired = _unrepaired(ledger, plan)  # reads the files once, for the exit code and the closing lines
