@@ -44,7 +44,15 @@ from batchrun.spend import Spend
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"
 RUN_LOG_MAX_BYTES = 10 * 1024 * 1024
-AUTO_REPORT_MAX_JOBS = 10_000
+# A run refreshes report.html itself only for an output dir of fewer jobs than this (`batchrun report`
+# writes it at any size): a gallery of that many cards takes longer to write than a nightly run should
+# spend on it (about 4 s at 10,000 jobs).
+AUTO_REPORT_JOBS = 10_000
+
+
+def report_is_automatic(jobs_in_ledger: int) -> bool:
+    """Whether a run refreshes report.html for an output dir holding this many jobs: fewer than 10,000."""
+    return jobs_in_ledger < AUTO_REPORT_JOBS
 SANDBOX_TOKEN = "sandbox-token"
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -181,10 +189,8 @@ def _refresh_report(output_dir: Path, jobs_in_ledger: int, manifest: Manifest) -
     """report.html follows every run; a failure here must not change what the run achieved."""
     from batchrun.report import write_report
 
-    if jobs_in_ledger > AUTO_REPORT_MAX_JOBS:
-        # A gallery of that many cards takes longer to write than a nightly run should spend on it.
-        log.info("report.html not refreshed for %d jobs (over %d): run 'batchrun report' to write it",
-                 jobs_in_ledger, AUTO_REPORT_MAX_JOBS)
+    if not report_is_automatic(jobs_in_ledger):
+        log.info("%s", _report_not_refreshed(output_dir, jobs_in_ledger))
         return
     try:
         write_report(output_dir, listed={job.id for job in manifest.jobs})
@@ -381,12 +387,19 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if scheduler.interrupted and scheduler.stop_reason != "interrupted":
         lines.append(_INTERRUPTED_SANDBOX if scheduler.simulated else _INTERRUPTED)
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
-    report = manifest.output_dir / "report.html"
-    # The report is written after these lines (once the run's end is recorded), for up to
-    # AUTO_REPORT_MAX_JOBS jobs; a failure to write it is logged as a warning.
-    if report.exists() or sum(ledger.counts().values()) <= AUTO_REPORT_MAX_JOBS:
-        lines.append(f"report: {report}")
+    # The report is written after these lines (once the run's end is recorded), for fewer than
+    # AUTO_REPORT_JOBS jobs; a failure to write it is logged as a warning.
+    jobs_in_ledger = sum(ledger.counts().values())
+    if report_is_automatic(jobs_in_ledger):
+        lines.append(f"report: {manifest.output_dir / 'report.html'}")
+    else:
+        lines.append(_report_not_refreshed(manifest.output_dir, jobs_in_ledger))
     return lines
+
+
+def _report_not_refreshed(output_dir: Path, jobs_in_ledger: int) -> str:
+    return (f"report: not refreshed by runs of {AUTO_REPORT_JOBS:,} jobs or more (this output dir holds "
+            f"{jobs_in_ledger:,}); write it with: batchrun report {output_dir}")
 
 
 _INTERRUPTED = "interrupted: jobs in flight are recorded; the next run picks them up"

@@ -38,7 +38,8 @@ def write_manifest(path: Path, jobs: int, *, output: str = "out", prefix: str = 
 
 
 def fill(manifest_path: Path, *, video: bytes | None = None) -> Path:
-    """Make the manifest's output dir hold every job `done` (simulated money); returns the output dir."""
+    """Make the manifest's output dir hold every job `done` (simulated money); returns the output dir. Jobs
+    the ledger already holds are left as they are, so a second call adds the manifest's new jobs."""
     manifest = load_manifest(manifest_path)
     output_dir = manifest.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -47,10 +48,11 @@ def fill(manifest_path: Path, *, video: bytes | None = None) -> Path:
     ledger = Ledger.open(output_dir)
     try:
         run_id = ledger.start_run()
+        todo = [job for job in manifest.jobs if ledger.state_of(job.id) is None]  # jobs already there stay
         ledger.add_pending((job.id, manifest.model_of(job).model_id, job.input, job.input_sha256,
-                            manifest.estimate_or_none(job)) for job in manifest.jobs)
-        ledger.mark_submitting([job.id for job in manifest.jobs], simulated=True)
-        for n, job in enumerate(manifest.jobs, 1):
+                            manifest.estimate_or_none(job)) for job in todo)
+        ledger.mark_submitting([job.id for job in todo], simulated=True)
+        for n, job in enumerate(todo, len(manifest.jobs) - len(todo) + 1):
             ledger.mark_submitted(job.id, f"sandbox-{n}")
             ledger.set_state(job.id, "downloading", clear_error=True, remote_status="succeeded",
                              output_urls=[f"http://127.0.0.1/sandbox-{n}/video.mp4"],
@@ -66,9 +68,9 @@ def fill(manifest_path: Path, *, video: bytes | None = None) -> Path:
             ledger.mark_done(job.id, [Output(0, name, len(video), digest,
                                              st.st_mtime_ns, st.st_ino)])
             write_provenance(output_dir, ledger.get(job.id))
-        _media_facts(ledger, output_dir, manifest.jobs)
+        _media_facts(ledger, output_dir, todo)
         write_results(ledger, output_dir)
-        ledger.finish_run(run_id, 0, {"counts": {"done": len(manifest.jobs)}, "simulated": True})
+        ledger.finish_run(run_id, 0, {"counts": {"done": len(todo)}, "simulated": True})
     finally:
         ledger.close()
     return output_dir
