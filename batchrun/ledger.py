@@ -366,6 +366,16 @@ class Ledger:
                                                     (job_id,))) if self._history else ()
         return _row(record, self._outputs(job_id), ids or ((record["request_id"],) if record["request_id"] else ()))
 
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRow]:
+        """The rows of these jobs (those the ledger holds), by id: a few queries each for a handful, one
+        read of the whole ledger (`rows`) for more, so that checking thousands of jobs stays linear."""
+        wanted = set(job_ids)
+        if len(wanted) <= self.FEW:
+            return {job_id: row for job_id in wanted if (row := self.get(job_id)) is not None}
+        return {row.id: row for row in self.rows() if row.id in wanted}
+
+    FEW = 200  # up to this many jobs, `get_many` asks one by one
+
     def _output_columns(self) -> str:
         return "idx, path, bytes, sha256" + (", mtime_ns, inode" if self._file_stats else "")
 

@@ -411,12 +411,13 @@ _INTERRUPTED_SANDBOX = ("interrupted: jobs in flight are recorded, but this --sa
 def _unrepaired(ledger: Ledger, plan: Plan) -> list[str]:
     """Done jobs this run set out to download again (a file missing or damaged) whose files are still not
     intact: checked on disk, so the closing lines never claim a repair that did not happen."""
+    repairs = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous]
+    current = ledger.get_many(repairs)
     found = []
-    for job, row in plan.collect:
-        if row.state == "done" and job.id not in plan.previous:
-            now = ledger.get(job.id)
-            if now is None or now.state != "done" or not outputs_intact(ledger.path.parent, now):
-                found.append(job.id)
+    for job_id in repairs:
+        now = current.get(job_id)
+        if now is None or now.state != "done" or not outputs_intact(ledger.path.parent, now):
+            found.append(job_id)
     return found
 
 
@@ -424,8 +425,9 @@ def _previous_lines(ledger: Ledger, plan: Plan, unrepaired: list[str]) -> list[s
     """What became of paid requests that are not the manifest's job as written (see `Plan.previous`), and
     of done jobs whose files were missing or damaged (checked again: only a repair that happened is said)."""
     lines = []
+    not_repaired = set(unrepaired)  # a set: a whole dir of deleted videos is 100,000 jobs to collect again
     repaired = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous
-                and job.id not in unrepaired]
+                and job.id not in not_repaired]
     if repaired:
         lines.append(f"downloaded again the missing or damaged files of {_plural(len(repaired), 'job')}: "
                      f"{_ids(repaired)}")

@@ -238,3 +238,24 @@ async def test_results_jsonl_is_rewritten_whole_when_it_differs_from_the_ledger(
     lines = path.read_bytes().splitlines(keepends=True)
     assert b"".join(lines[:3]) == good and json.loads(lines[3])["id"] == "clip-03"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_every_video_deleted_is_fetched_again_once_and_the_closing_lines_count_them(tmp_path):
+    # More jobs than Ledger.FEW: the run end checks the repaired jobs with one read of the ledger.
+    manifest = write_manifest(tmp_path, jobs(230), concurrency=32)
+    out = tmp_path / "out"
+    async with Sandbox() as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+        assert outcome.exit_code == 0
+        for path in out.glob("clip-*.mp4"):
+            path.unlink()
+        (out / "clip-07.json").unlink()
+        served = sandbox.downloads_served
+        outcome, _ = await run(manifest, sandbox)
+        assert outcome.exit_code == 0
+        assert sandbox.downloads_served == served + 230 and sandbox.posts_total == 230
+    assert any(line.startswith("downloaded again the missing or damaged files of 230 jobs: clip-00, clip-01")
+               for line in outcome.lines), outcome.lines
+    assert not any("could not repair" in line for line in outcome.lines)
+    assert all((out / f"clip-{i:02d}.mp4").read_bytes() == VIDEO for i in range(230))
+    assert (out / "clip-07.json").is_file()
