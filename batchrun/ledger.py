@@ -129,10 +129,18 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 7: each output file's mtime (ns) and inode as stat saw them once it was in place, so a re-run checks
-    # a done file by size, mtime and inode instead of hashing it (batchrun.filecheck); NULL until recorded
+    # a done file by size, mtime and inode instead of hashing it (batchrun.filecheck); NULL until recorded.
+    # Likewise each `<id>.json` found intact, with the ledger fields it names (`results.provenance_identity`)
     """
     ALTER TABLE outputs ADD COLUMN mtime_ns INTEGER;
     ALTER TABLE outputs ADD COLUMN inode INTEGER;
+    CREATE TABLE provenance_files (
+        job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+        identity TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL
+    );
     """,
 ]
 DECISIONS = ("picked", "rejected")
@@ -413,9 +421,17 @@ class Ledger:
 
     def change_mark(self) -> tuple[int, int]:
         """A value that differs after any row of this ledger is changed, by this connection (SQLite's
-        `total_changes`) or by another process (`PRAGMA data_version`): rows read while it stays the
-        same are still current."""
+        `total_changes`) or by another process (`PRAGMA data_version`): what was read while it stays the
+        same is still current."""
         return self.conn.total_changes, self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def states(self) -> dict[str, str]:
+        """Every job's state, by id, from memory (this process's view): a copy."""
+        return dict(self._states)
+
+    def ids_with_take(self) -> set[str]:
+        """Ids of the jobs whose take is recorded (see `record_takes`)."""
+        return {r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE take IS NOT NULL")}
 
     def state_of(self, job_id: str) -> str | None:
         return self._states.get(job_id)
@@ -576,6 +592,23 @@ class Ledger:
         with self._transaction() as conn:
             conn.executemany("UPDATE outputs SET mtime_ns=?, inode=? WHERE job_id=? AND idx=?",
                              [(mtime_ns, inode, job_id, idx) for job_id, idx, mtime_ns, inode in stats])
+
+    def provenance_stats(self) -> dict[str, tuple[str, int, int, int]]:
+        """job id -> (identity, bytes, mtime_ns, inode) of its `<id>.json` when it was last found intact
+        (see `results.provenance_check`); empty for a ledger older than schema 7. One query."""
+        if not self._file_stats:
+            return {}
+        return {r[0]: tuple(r[1:]) for r in self.conn.execute(
+            "SELECT job_id, identity, bytes, mtime_ns, inode FROM provenance_files")}
+
+    def record_provenance_stats(self, stats: Iterable[tuple[str, str, int, int, int]]) -> None:
+        """Record (job id, identity, bytes, mtime_ns, inode) of `<id>.json` files found intact."""
+        stats = list(stats)
+        if not stats:
+            return
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO provenance_files (job_id, identity, bytes, mtime_ns, inode)"
+                             " VALUES (?, ?, ?, ?, ?)", stats)
 
     def cost_of(self, job_id: str) -> float | None:
         """The cost the API reported for this job, if it did."""

@@ -15,7 +15,7 @@ from batchrun import mediafacts
 from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
-from batchrun.rewrite import write_if_changed
+from batchrun.rewrite import open_old, write_if_changed
 from batchrun.spend import job_cost
 
 RESULTS_NAME = "results.jsonl"
@@ -120,15 +120,38 @@ def to_csv(rows: Iterable[JobRow]) -> bytes:
     return "".join(csv_lines(rows)).encode("utf-8")
 
 
-def write_results(ledger: Ledger, output_dir: Path, rows: Iterable[JobRow] | None = None) -> Path:
+def write_results(ledger: Ledger, output_dir: Path) -> Path:
     """Make results.jsonl hold the ledger, one line per job, streamed row by row (never built whole in
     memory); a file that already holds exactly that is not rewritten (same inode, mtime and bytes), else
-    it is replaced atomically (see batchrun.rewrite). `rows`: every row of the ledger, already read and
-    still current (a run passes the plan's when nothing changed since), else they are read here."""
+    it is replaced atomically (see batchrun.rewrite)."""
     path = output_dir / RESULTS_NAME
-    write_if_changed(path, jsonl_lines(ledger.rows() if rows is None else rows),
-                     before_rename=lambda: crashpoint("results_rewrite"))
+    write_if_changed(path, jsonl_lines(ledger.rows()), before_rename=lambda: crashpoint("results_rewrite"))
     return path
+
+
+class ResultsMatch:
+    """Whether results.jsonl already holds exactly the lines of the ledger rows streamed through `watch`,
+    compared as they pass (nothing is kept): a run's plan reads every row anyway, so a no-op re-run
+    learns there that results.jsonl is current and need not read the ledger a second time to find out
+    (see `run._write_results`). `same` is meaningful once `watch` is exhausted."""
+
+    def __init__(self, output_dir: Path):
+        self.same = False
+        self._path = output_dir / RESULTS_NAME
+
+    def watch(self, rows: Iterable[JobRow]) -> Iterator[JobRow]:
+        old = open_old(self._path)
+        same = old is not None
+        try:
+            for row in rows:
+                if same:
+                    line = (json.dumps(job_record(row), ensure_ascii=False) + "\n").encode("utf-8")
+                    same = old.read(len(line)) == line
+                yield row
+            self.same = same and old.read(1) == b""
+        finally:
+            if old is not None:
+                old.close()
 
 
 def provenance_path(output_dir: Path, row: JobRow) -> Path:
@@ -160,6 +183,37 @@ def provenance_intact(output_dir: Path, row: JobRow) -> bool:
     return (isinstance(record, dict) and record.get("id") == row.id and record.get("request_id") == row.request_id
             and record.get("input_sha256") == row.input_sha256 and record.get("model") == row.model
             and record.get("outputs") == _outputs_record(row) and record.get("input") == row.input)
+
+
+def provenance_identity(row: JobRow) -> str:
+    """The ledger fields `provenance_intact` compares, as one string: recorded with a `<id>.json` found
+    intact, so that a stat alone vouches for the file only while the ledger still says the same."""
+    outputs = ";".join(f"{o.path}:{o.bytes}:{o.sha256}" for o in row.outputs)
+    return f"{row.request_id}|{row.model}|{row.input_sha256}|{outputs}"
+
+
+ProvenanceStat = tuple[str, int, int, int]  # (identity, bytes, mtime_ns, inode), as Ledger.provenance_stats
+
+
+def provenance_check(output_dir: Path | str, row: JobRow, recorded: ProvenanceStat | None, *,
+                     full: bool = False) -> tuple[bool, ProvenanceStat | None]:
+    """(intact, what to record) for a done job's `<id>.json`. When the file's size, mtime and inode and the
+    ledger's identifying fields are those `recorded` when it was last found intact, it is intact without
+    being read (unless `full`); else it is read and checked by `provenance_intact`, and when intact its
+    stat is returned to be recorded. The same limit as batchrun.filecheck: an edit that restores size,
+    inode and mtime is seen only with `full`."""
+    path = os.path.join(output_dir, f"{row.id}.json")
+    identity = provenance_identity(row)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False, None
+    found = (identity, st.st_size, st.st_mtime_ns, st.st_ino)
+    if not full and recorded is not None and tuple(recorded) == found and stat.S_ISREG(st.st_mode):
+        return True, None
+    if not provenance_intact(output_dir, row):
+        return False, None
+    return True, (None if recorded is not None and tuple(recorded) == found else found)
 
 
 def _outputs_record(row: JobRow) -> list[dict[str, Any]]:

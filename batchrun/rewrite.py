@@ -25,7 +25,7 @@ log = logging.getLogger("batchrun")
 _BLOCK = 1024 * 1024
 
 
-def _open_old(path: Path) -> BinaryIO | None:
+def open_old(path: Path) -> BinaryIO | None:
     """The current file for reading; None when there is none to compare with (missing, a symlink, not a
     regular file: then it is replaced whatever it holds)."""
     try:
@@ -49,7 +49,7 @@ def write_if_changed(path: Path, chunks: Iterable[bytes], mode: int = 0o666, *, 
 
     `mode`, `durable` and `before_rename` as in `fsutil.atomic_write`. Raises OSError when the file
     cannot be written; the old file is then untouched and no temporary file is left."""
-    old = _open_old(path)
+    old = open_old(path)
     tmp: Path | None = None
     out: BinaryIO | None = None
     agreed = 0  # bytes of the old file that match the new content so far (while `out` is None)

@@ -36,7 +36,7 @@ from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
 from batchrun.progress import Progress, describe
-from batchrun.results import write_provenance, write_results
+from batchrun.results import provenance_identity, write_provenance, write_results
 from batchrun.scheduler import Scheduler
 from batchrun.servertext import server_text
 from batchrun.spend import Spend
@@ -243,14 +243,24 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
 
 
 def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
-    """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger."""
+    """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger; each one
+    written is recorded with its stat, so the next run does not read it (results.provenance_check)."""
+    written = []
+    current = ledger.get_many(row.id for row in plan.provenance)
     for row in plan.provenance:
+        row = current.get(row.id, row)
         try:
-            write_provenance(output_dir, ledger.get(row.id) or row)
+            path = write_provenance(output_dir, row)
+            st = os.lstat(path)
         except OSError as exc:
             log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, exc)
         else:
+            written.append((row.id, provenance_identity(row), st.st_size, st.st_mtime_ns, st.st_ino))
             log.info("%s: rewrote %s.json, which was missing or damaged", row.id, row.id)
+    try:
+        ledger.record_provenance_stats(written)
+    except LedgerError as exc:  # the files are written; the next run reads them once more
+        log.warning("could not record the stat of the rewritten provenance files: %s", exc)
 
 
 async def _check_balance(manifest: Manifest, plan: Plan, scheduler: Scheduler, session: aiohttp.ClientSession,
@@ -658,11 +668,12 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
     _read_media_facts(manifest.output_dir, ledger)
-    current = plan.rows if plan.rows_mark is not None and ledger.change_mark() == plan.rows_mark else None
-    try:
-        write_results(ledger, manifest.output_dir, current)
-    except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
-        log.warning("could not rewrite results.jsonl: %s", exc)
+    # Unchanged since the plan found results.jsonl current: nothing to read or write (a no-op re-run).
+    if plan.results_mark is None or ledger.change_mark() != plan.results_mark:
+        try:
+            write_results(ledger, manifest.output_dir)
+        except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
+            log.warning("could not rewrite results.jsonl: %s", exc)
     unrepaired = _unrepaired(ledger, plan)  # reads the files once, for the exit code and the closing lines
     exit_code = _exit_code(manifest, ledger, scheduler, plan, unrepaired)
     # The ledger's spend, as status, results.jsonl and report.html count it: the scheduler's running

@@ -21,7 +21,7 @@ from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
 from batchrun.owners import FileOwners
 from batchrun.plan import refusal
-from batchrun.results import provenance_intact, provenance_path
+from batchrun.results import ProvenanceStat, provenance_check, provenance_path
 from batchrun.spend import Spend
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
@@ -54,17 +54,18 @@ def _running_pid(output_dir: Path) -> int | None:
         return None
 
 
-def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False) -> list[tuple[str, str]]:
+def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False,
+                  provenance: ProvenanceStat | None = None) -> list[tuple[str, str]]:
     """(file name, "missing" | "damaged") for each output or provenance file of a done job that is not intact.
 
-    An output whose size, mtime and inode are as recorded is not read unless `full` (`status --verify`):
-    see batchrun.filecheck."""
+    A file whose size, mtime and inode are as recorded (`provenance`: the ledger's record of `<id>.json`)
+    is not read unless `full` (`status --verify`): see batchrun.filecheck and `results.provenance_check`."""
     found = []
     for output in row.outputs:
         path = output_dir / output.path
         if not filecheck.check_file(output_dir, output, full=full)[0]:
             found.append((output.path, "damaged" if path.exists() or path.is_symlink() else "missing"))
-    if not provenance_intact(output_dir, row):
+    if not provenance_check(output_dir, row, provenance, full=full)[0]:
         path = provenance_path(output_dir, row)
         found.append((path.name, "damaged" if path.exists() or path.is_symlink() else "missing"))
     return found
@@ -77,6 +78,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool 
     try:
         rows = ledger.all()
         spent = ledger.spend()
+        provenance = ledger.provenance_stats()
         if manifest is not None:
             takes.with_rerolls(manifest, ledger.rerolls())
     finally:
@@ -101,7 +103,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool 
     manifest_ids = {job.id for job in manifest.jobs} if manifest else None
     not_in_manifest = [row.id for row in rows if manifest_ids is not None and row.id not in manifest_ids]
     damaged = [(row.id, name, problem) for row in rows if row.state == "done"
-               for name, problem in damaged_files(output_dir, row, full=verify)]
+               for name, problem in damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
     return StatusReport(
         output_dir=output_dir,
         counts={state: counts[state] for state in STATES if counts[state]},

@@ -152,7 +152,8 @@ async def test_run_verify_flag_from_the_command_line(tmp_path, monkeypatch):
 
 
 def _as_schema_6(ledger_path) -> None:
-    """Turn a ledger into what batchrun wrote before schema 7: outputs without mtime_ns and inode."""
+    """Turn a ledger into what batchrun wrote before schema 7: outputs without mtime_ns and inode, no
+    record of the provenance files."""
     conn = sqlite3.connect(ledger_path)
     try:
         conn.executescript("""
@@ -162,6 +163,7 @@ def _as_schema_6(ledger_path) -> None:
                                   bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (job_id, idx));
             INSERT INTO outputs SELECT job_id, idx, path, bytes, sha256 FROM outputs_7;
             DROP TABLE outputs_7;
+            DROP TABLE provenance_files;
             PRAGMA user_version=6;
             COMMIT;
         """)
