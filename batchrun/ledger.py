@@ -4,7 +4,8 @@ Invariants a run relies on:
 - a job's intent (`submitting`, `submissions` + 1) is durable on disk before its POST is sent,
   and its `request_id` is committed right after the answer arrives (see `mark_submitted`);
 - a job is `done` only once every output file is in place under its final name and recorded with
-  its size and sha256;
+  its size and sha256 (and the mtime and inode stat saw then, which later checks compare first:
+  batchrun.filecheck);
 - nothing else ever deletes a `request_id`: a paid job can always be collected again.
 
 WAL mode keeps `status` readable while a run writes. The commit that guards money (the intent)

@@ -261,3 +261,34 @@ async def test_every_video_deleted_is_fetched_again_once_and_the_closing_lines_c
     assert not any("could not repair" in line for line in outcome.lines)
     assert all((out / f"clip-{i:02d}.mp4").read_bytes() == VIDEO for i in range(230))
     assert (out / "clip-07.json").is_file()
+
+
+async def test_a_provenance_file_is_checked_by_its_recorded_stat_once_read_intact(tmp_path):
+    manifest = write_manifest(tmp_path, jobs(2))
+    out = tmp_path / "out"
+    path = out / "clip-00.json"
+    async with Sandbox() as sandbox:
+        await run(manifest, sandbox)
+        await run(manifest, sandbox)  # reads each <id>.json once and records its stat
+        good = path.read_bytes()
+        record = json.loads(good)
+        # An edit that changes the mtime is seen, and the next run rewrites the file.
+        path.write_text(json.dumps({**record, "request_id": "someone-elses"}, indent=2))
+        assert [d["path"] for d in (await _status(manifest))["damaged"]] == ["clip-00.json"]
+        outcome, _ = await run(manifest, sandbox)
+        assert outcome.exit_code == 0 and json.loads(path.read_bytes())["request_id"] == record["request_id"]
+        assert any("rewrote 1 provenance file that was missing or damaged: clip-00.json" in line
+                   for line in outcome.lines)
+        # Rewritten files are recorded: an edit keeping size, inode and mtime is then seen only with --verify.
+        before = path.stat()
+        data = path.read_bytes()
+        forged = data.replace(record["request_id"].encode(), b"x" * len(record["request_id"]))
+        assert len(forged) == len(data) and forged != data
+        with open(path, "r+b") as handle:
+            handle.write(forged)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (await _status(manifest))["damaged"] == []
+        assert [d["path"] for d in (await _status(manifest, "--verify"))["damaged"]] == ["clip-00.json"]
+        outcome, _ = await run(manifest, sandbox, options=RunOptions(verify=True))
+        assert outcome.exit_code == 0
+    assert json.loads(path.read_bytes())["request_id"] == record["request_id"]
