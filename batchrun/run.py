@@ -48,14 +48,14 @@ RUN_LOG_MAX_BYTES = 10 * 1024 * 1024
 # writes it at any size): a gallery of that many cards takes longer to write than a nightly run should
 # spend on it (about 4 s at 10,000 jobs).
 AUTO_REPORT_JOBS = 10_000
+SANDBOX_TOKEN = "sandbox-token"
+
+EXIT_OK, EXIT_NOT_DONE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
 def report_is_automatic(jobs_in_ledger: int) -> bool:
     """Whether a run refreshes report.html for an output dir holding this many jobs: fewer than 10,000."""
     return jobs_in_ledger < AUTO_REPORT_JOBS
-SANDBOX_TOKEN = "sandbox-token"
-
-EXIT_OK, EXIT_NOT_DONE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
 @dataclass
