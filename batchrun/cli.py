@@ -204,9 +204,11 @@ def cmd_run(args, out: TextIO, err: TextIO) -> int:
                                      error=str(exc) or type(exc).__name__, token=token), err, quiet=args.quiet)
         err.flush()
         raise
-    _notify(urls, notify.summary(manifest=args.manifest, output_dir=manifest.output_dir, exit_code=outcome.exit_code,
-                                 job_ids=[job.id for job in manifest.jobs], run_spent_usd=outcome.run_spent_usd,
-                                 lines=outcome.lines, token=token), err, quiet=args.quiet)
+    if urls:  # the summary reads the whole ledger: only when someone is to be told
+        _notify(urls, notify.summary(manifest=args.manifest, output_dir=manifest.output_dir,
+                                     exit_code=outcome.exit_code, job_ids=[job.id for job in manifest.jobs],
+                                     run_spent_usd=outcome.run_spent_usd, lines=outcome.lines, token=token),
+                err, quiet=args.quiet)
     out.flush()
     err.flush()
     return outcome.exit_code
@@ -222,7 +224,7 @@ def _run(args, manifest: Manifest, out: TextIO, err: TextIO):
     check_balance = not args.no_balance_check
     url = balance_url(base_url, os.environ, DEFAULT_BASE_URL) if check_balance and not args.sandbox else None
     options = RunOptions(retry_failed=args.retry_failed, resubmit_unknown=args.resubmit_unknown,
-                         preflight=not args.no_preflight, new_output=args.new_output)
+                         preflight=not args.no_preflight, new_output=args.new_output, verify=args.verify)
     outcome = asyncio.run(run_manifest(manifest, base_url=base_url, token=token, options=options,
                                        sandbox=args.sandbox, stream=console.Discard() if args.quiet else err,
                                        progress=False if args.no_progress or args.quiet else None,
@@ -328,22 +330,27 @@ def cmd_status(args, out: TextIO, err: TextIO) -> int:
     from batchrun.status import collect, print_report
 
     output_dir, manifest = _resolve_target(args.target, args.output, err, read_only=True)
-    print_report(collect(output_dir, manifest), out, as_json=args.json)
+    print_report(collect(output_dir, manifest, verify=args.verify), out, as_json=args.json)
     return EXIT_OK
 
 
 def cmd_export(args, out: TextIO, err: TextIO) -> int:
     from batchrun.ledger import Ledger
-    from batchrun.results import decision_filter, to_csv, to_jsonl
+    from batchrun.results import csv_lines, decision_filter, jsonl_lines
 
     output_dir, _ = _resolve_target(args.target, args.output, err, read_only=True)
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
-        rows = decision_filter(ledger.all(), args.decision)
+        # Streamed row by row: a 100,000-job ledger is never held whole in memory.
+        rows = decision_filter(ledger.rows(), args.decision)
+        if args.format == "csv":
+            for text in csv_lines(rows):
+                out.write(text)
+        else:
+            for line in jsonl_lines(rows):
+                out.write(line.decode("utf-8"))
     finally:
         ledger.close()
-    data = to_csv(rows) if args.format == "csv" else to_jsonl(rows)
-    out.write(data.decode("utf-8"))
     out.flush()
     return EXIT_OK
 
@@ -514,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="submit failed and cancelled jobs again" + OFF)
     run.add_argument("--resubmit-unknown", action="store_true",
                      help="submit again jobs whose first POST may have reached the server (may pay twice)" + OFF)
+    run.add_argument("--verify", action="store_true",
+                     help="hash every done file in full; without it a file whose size, mtime and inode are as "
+                     "recorded at download is taken as intact unread" + OFF)
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar; a log line every 5 seconds instead (default: a bar on a terminal)")
     run.add_argument("--no-preflight", action="store_true",
@@ -552,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = _command(commands, "status", "counts by state, jobs needing attention, spend (read-only)", EXITS_READ)
     _add_target(status)
     status.add_argument("--json", action="store_true", help="machine-readable output" + OFF)
+    status.add_argument("--verify", action="store_true",
+                        help="hash every done file in full; without it a file whose size, mtime and inode are as "
+                        "recorded at download is taken as intact unread" + OFF)
     status.set_defaults(handler=cmd_status)
 
     cancel = _command(commands, "cancel", "ask a run going in the output dir to stop submitting, then cancel "

@@ -67,11 +67,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Downloaded:
-    """A complete file under its final name: where it is, its size in bytes, its sha256 (lowercase hex)."""
+    """A complete file under its final name: where it is, its size in bytes, its sha256 (lowercase hex), and
+    its mtime (ns) and inode as `os.fstat` saw it once renamed into place (what batchrun.filecheck compares
+    a done file with before it would hash it again)."""
 
     path: Path
     bytes: int
     sha256: str
+    mtime_ns: int | None = None
+    inode: int | None = None
 
 
 def part_path(dest: Path) -> Path:
@@ -475,10 +479,12 @@ class _Part:
         try:
             # One trip to a worker thread for the fsyncs and the rename: each trip costs GIL hand-offs.
             await _with_fd_in_thread(self.fd, self._sync_and_rename, dest)
+            # The same inode now under its final name; nothing writes to it after this.
+            placed = os.fstat(self.fd)
         except OSError as exc:
             raise self._storage_error(exc, "finish") from exc
         self.close()
-        return Downloaded(dest, self.size, self.sha.hexdigest())
+        return Downloaded(dest, self.size, self.sha.hexdigest(), placed.st_mtime_ns, placed.st_ino)
 
     def _sync_and_rename(self, fd: int, dest: Path) -> None:
         os.fsync(fd)

@@ -4,7 +4,8 @@ Invariants a run relies on:
 - a job's intent (`submitting`, `submissions` + 1) is durable on disk before its POST is sent,
   and its `request_id` is committed right after the answer arrives (see `mark_submitted`);
 - a job is `done` only once every output file is in place under its final name and recorded with
-  its size and sha256;
+  its size and sha256 (and the mtime and inode stat saw then, which later checks compare first:
+  batchrun.filecheck);
 - nothing else ever deletes a `request_id`: a paid job can always be collected again.
 
 WAL mode keeps `status` readable while a run writes. The commit that guards money (the intent)
@@ -15,13 +16,14 @@ and is made durable by the next FULL commit. Schema changes are ordered migratio
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,20 @@ MIGRATIONS: list[str] = [
         requested_at TEXT NOT NULL
     );
     """,
+    # 7: each output file's mtime (ns) and inode as stat saw them once it was in place, so a re-run checks
+    # a done file by size, mtime and inode instead of hashing it (batchrun.filecheck); NULL until recorded.
+    # Likewise each `<id>.json` found intact, with the ledger fields it names (`results.provenance_identity`)
+    """
+    ALTER TABLE outputs ADD COLUMN mtime_ns INTEGER;
+    ALTER TABLE outputs ADD COLUMN inode INTEGER;
+    CREATE TABLE provenance_files (
+        job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+        identity TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL
+    );
+    """,
 ]
 DECISIONS = ("picked", "rejected")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -142,6 +158,10 @@ class Output:
     path: str  # relative to the output dir
     bytes: int
     sha256: str
+    # As `os.stat` saw the file under its final name (see batchrun.filecheck); None: not recorded (a
+    # ledger older than schema 7, until a run has hashed the file once).
+    mtime_ns: int | None = None
+    inode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +217,41 @@ def _row(record: sqlite3.Row, outputs: tuple[Output, ...], request_ids: tuple[st
     return JobRow(**data, outputs=outputs, request_ids=request_ids)
 
 
+_JOB_FIELDS = {f.name: f for f in fields(JobRow)}
+_JOB_DEFAULTS = {name: f.default for name, f in _JOB_FIELDS.items() if f.default is not MISSING}
+_JSON_COLUMNS = {"input_json": "input", "media_json": "media"}
+
+
+def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]],
+               requests: dict[str, list[str]]) -> Iterator[JobRow]:
+    """JobRows of `SELECT * FROM jobs` as `_row` builds them, several times faster: the column names are
+    checked once per query instead of by the dataclass's __init__ once per row (a frozen dataclass sets
+    each of its 30 fields through object.__setattr__, most of the cost of reading 100,000 jobs)."""
+    names = [_JSON_COLUMNS.get(d[0], d[0]) for d in cursor.description]
+    unknown = set(names) - set(_JOB_FIELDS) - {"updated_at"}
+    if unknown:  # a column JobRow does not know: let its __init__ say so
+        for record in cursor:
+            yield _row(dict(zip([d[0] for d in cursor.description], record, strict=True)), (), ())
+        return
+    missing = {name: value for name, value in _JOB_DEFAULTS.items() if name not in names}  # an older ledger's
+    loads, new = json.loads, object.__new__
+    for record in cursor:
+        data = dict(zip(names, record, strict=True))
+        del data["updated_at"]
+        if missing:
+            data.update(missing)
+        job_id, request_id = data["id"], data["request_id"]
+        data["input"] = loads(data["input"])
+        data["output_urls"] = loads(data["output_urls"] or "[]")
+        data["simulated"] = bool(data.get("simulated"))
+        data["media"] = loads(data.get("media") or "null") or None
+        data["outputs"] = tuple(outputs.pop(job_id, ()))
+        data["request_ids"] = tuple(requests.pop(job_id, None) or ([request_id] if request_id else []))
+        row = new(JobRow)
+        row.__dict__.update(data)
+        yield row
+
+
 class LedgerWriteError(LedgerError):
     """A ledger write failed (disk full, I/O error): the run cannot record what happens, so it stops."""
 
@@ -212,6 +267,7 @@ class Ledger:
         self._counts: Counter[str] = Counter()
         # False only for an older ledger opened read-only (not migrated): no request history there.
         self._history = True
+        self._file_stats = True  # likewise: outputs' mtime_ns and inode (schema 7)
 
     def _moved(self, job_id: str, state: str) -> None:
         old = self._states.get(job_id)
@@ -257,6 +313,7 @@ class Ledger:
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
         if readonly:
             self._history = version >= 4  # migration 4 added the requests table and `simulated`
+            self._file_stats = version >= 7
             self._load_states()
             return
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -318,22 +375,64 @@ class Ledger:
                                                     (job_id,))) if self._history else ()
         return _row(record, self._outputs(job_id), ids or ((record["request_id"],) if record["request_id"] else ()))
 
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRow]:
+        """The rows of these jobs (those the ledger holds), by id: a few queries each for a handful, one
+        read of the whole ledger (`rows`) for more, so that checking thousands of jobs stays linear."""
+        wanted = set(job_ids)
+        if len(wanted) <= self.FEW:
+            return {job_id: row for job_id in wanted if (row := self.get(job_id)) is not None}
+        return {row.id: row for row in self.rows() if row.id in wanted}
+
+    FEW = 200  # up to this many jobs, `get_many` asks one by one
+
+    def _output_columns(self) -> str:
+        return "idx, path, bytes, sha256" + (", mtime_ns, inode" if self._file_stats else "")
+
     def _outputs(self, job_id: str) -> tuple[Output, ...]:
-        rows = self.conn.execute("SELECT idx, path, bytes, sha256 FROM outputs WHERE job_id=? ORDER BY idx",
+        rows = self.conn.execute(f"SELECT {self._output_columns()} FROM outputs WHERE job_id=? ORDER BY idx",
                                  (job_id,))
         return tuple(Output(*r) for r in rows)
 
     def all(self) -> list[JobRow]:
+        """Every job, oldest first (see `rows`)."""
+        # Hundreds of thousands of new objects and no reference cycles: left on, the cyclic collector
+        # rescans the growing heap again and again (a third of reading 100,000 jobs), as in load_manifest.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return list(self.rows())
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def rows(self) -> Iterator[JobRow]:
+        """Every job, oldest first, built one at a time: three queries in all whatever the ledger's size
+        (outputs and request ids are read in bulk first), so a caller that streams them (results.jsonl)
+        holds one JobRow at a time. Keep the iterator short-lived: it holds a read transaction."""
         outputs: dict[str, list[Output]] = {}
-        for r in self.conn.execute("SELECT job_id, idx, path, bytes, sha256 FROM outputs ORDER BY job_id, idx"):
+        for r in self.conn.execute(f"SELECT job_id, {self._output_columns()} FROM outputs ORDER BY job_id, idx"):
             outputs.setdefault(r[0], []).append(Output(*r[1:]))
         requests: dict[str, list[str]] = {}
         if self._history:
             for job_id, request_id in self.conn.execute("SELECT job_id, request_id FROM requests ORDER BY rowid"):
                 requests.setdefault(job_id, []).append(request_id)
-        rows = self.conn.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid")
-        return [_row(r, tuple(outputs.get(r["id"], ())),
-                     tuple(requests.get(r["id"]) or ([r["request_id"]] if r["request_id"] else []))) for r in rows]
+        cursor = self.conn.cursor()
+        cursor.row_factory = None  # plain tuples: `_bulk_rows` names the columns once
+        yield from _bulk_rows(cursor.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid"), outputs, requests)
+
+    def change_mark(self) -> tuple[int, int]:
+        """A value that differs after any row of this ledger is changed, by this connection (SQLite's
+        `total_changes`) or by another process (`PRAGMA data_version`): what was read while it stays the
+        same is still current."""
+        return self.conn.total_changes, self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def states(self) -> dict[str, str]:
+        """Every job's state, by id, from memory (this process's view): a copy."""
+        return dict(self._states)
+
+    def ids_with_take(self) -> set[str]:
+        """Ids of the jobs whose take is recorded (see `record_takes`)."""
+        return {r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE take IS NOT NULL")}
 
     def state_of(self, job_id: str) -> str | None:
         return self._states.get(job_id)
@@ -478,11 +577,39 @@ class Ledger:
         now = utc_now()
         with self._transaction() as conn:
             conn.execute("DELETE FROM outputs WHERE job_id=?", (job_id,))
-            conn.executemany("INSERT INTO outputs (job_id, idx, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
-                             [(job_id, o.idx, o.path, o.bytes, o.sha256) for o in outputs])
+            conn.executemany("INSERT INTO outputs (job_id, idx, path, bytes, sha256, mtime_ns, inode)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             [(job_id, o.idx, o.path, o.bytes, o.sha256, o.mtime_ns, o.inode) for o in outputs])
             conn.execute("UPDATE jobs SET state='done', downloaded_at=?, error_kind=NULL, error_message=NULL,"
                          " updated_at=? WHERE id=?", (now, now, job_id))
         self._moved(job_id, "done")
+
+    def record_file_stats(self, stats: Iterable[tuple[str, int, int, int]]) -> None:
+        """Record (job id, output idx, mtime_ns, inode) of done files found intact by a full hash, so the
+        next check of each is a stat (batchrun.filecheck). The file's size and sha256 stay as recorded."""
+        stats = list(stats)
+        if not stats:
+            return
+        with self._transaction() as conn:
+            conn.executemany("UPDATE outputs SET mtime_ns=?, inode=? WHERE job_id=? AND idx=?",
+                             [(mtime_ns, inode, job_id, idx) for job_id, idx, mtime_ns, inode in stats])
+
+    def provenance_stats(self) -> dict[str, tuple[str, int, int, int]]:
+        """job id -> (identity, bytes, mtime_ns, inode) of its `<id>.json` when it was last found intact
+        (see `results.provenance_check`); empty for a ledger older than schema 7. One query."""
+        if not self._file_stats:
+            return {}
+        return {r[0]: tuple(r[1:]) for r in self.conn.execute(
+            "SELECT job_id, identity, bytes, mtime_ns, inode FROM provenance_files")}
+
+    def record_provenance_stats(self, stats: Iterable[tuple[str, str, int, int, int]]) -> None:
+        """Record (job id, identity, bytes, mtime_ns, inode) of `<id>.json` files found intact."""
+        stats = list(stats)
+        if not stats:
+            return
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO provenance_files (job_id, identity, bytes, mtime_ns, inode)"
+                             " VALUES (?, ?, ?, ?, ?)", stats)
 
     def cost_of(self, job_id: str) -> float | None:
         """The cost the API reported for this job, if it did."""

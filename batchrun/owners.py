@@ -33,12 +33,16 @@ class FileOwners:
         self._by_folded: dict[str, str] = {}
         self._numbered: dict[str, tuple[str, int]] = {}  # folded base x -> (owner "x-N", N)
         for row in rows:
-            if not owns_files(row):
-                continue
-            self._by_folded[row.id.lower()] = row.id
-            numbered = output_number(row.id)
-            if numbered is not None:
-                self._numbered.setdefault(numbered[0].lower(), (row.id, numbered[1]))
+            self.add(row)
+
+    def add(self, row: JobRow) -> None:
+        """Count one more ledger job (rows may stream past: only the ids of owners are kept)."""
+        if not owns_files(row):
+            return
+        self._by_folded[row.id.lower()] = row.id
+        numbered = output_number(row.id)
+        if numbered is not None:
+            self._numbered.setdefault(numbered[0].lower(), (row.id, numbered[1]))
 
     def clash(self, job_id: str) -> str | None:
         """Why a job `job_id` that owns nothing yet may not run in this output dir, or None."""

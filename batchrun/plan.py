@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from batchrun import download, takes
+from batchrun import filecheck, takes
 from batchrun.balance import Balance, judge
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
 from batchrun.owners import FileOwners
-from batchrun.results import provenance_intact
+from batchrun.results import ProvenanceStat, ResultsMatch, provenance_check
 from batchrun.spend import Spend
 
 log = logging.getLogger("batchrun.run")
@@ -34,6 +34,9 @@ class RunOptions:
     # Tests serving on loopback pass a policy that treats their server as the public internet.
     output_hosts: object = None
     new_output: bool = False  # start a new ledger in the default output dir though the manifest has one elsewhere
+    # Hash every done file in full (`run --verify`); by default a file whose size, mtime and inode are as
+    # recorded at download is taken as intact without reading it (see batchrun.filecheck).
+    verify: bool = False
 
 
 @dataclass
@@ -59,6 +62,20 @@ class Plan:
     gone: list[JobRow] = field(default_factory=list)  # ledger jobs the manifest no longer lists
     new: list[Job] = field(default_factory=list)  # manifest jobs never sent (not in the ledger, or pending)
     provenance: list[JobRow] = field(default_factory=list)  # done jobs whose <id>.json is missing or damaged
+    # (job id, output idx, mtime_ns, inode) of done files hashed and found intact whose recorded stat was
+    # absent or stale: a run records them, so the next check of each is a stat
+    restat: list[tuple[str, int, int, int]] = field(default_factory=list)
+    # The ledger rows `decide` kept, by id: every row but those of done jobs settled as the manifest asks
+    # them (files intact), which a re-run of a large finished batch does not hold in memory.
+    unsettled: dict[str, JobRow] = field(default_factory=dict, repr=False)
+    # The ledger's `change_mark` when `make_plan` finished, if results.jsonl then held exactly the ledger's
+    # rows; None otherwise. A run whose ledger still has this mark at its end leaves results.jsonl alone.
+    results_mark: tuple[int, int] | None = None
+    # (job id, identity, bytes, mtime_ns, inode) of `<id>.json` files read and found intact whose stat was not
+    # recorded: a run records them, so the next check of each is a stat (results.provenance_check)
+    provenance_restat: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    # The ledger's `provenance_stats` this plan was decided with (what `_check_provenance` compares with).
+    provenance_known: dict[str, ProvenanceStat] = field(default_factory=dict, repr=False)
 
 
 PREVIOUS_INPUT = "made with its previous input"
@@ -66,12 +83,18 @@ GONE = "no longer in the manifest"
 COLLECTABLE = ("queued", "running", "downloading", "done")  # states whose request a run still collects
 
 
-def outputs_intact(output_dir: Path, row: JobRow, kind: str | None = None) -> bool:
+def outputs_intact(output_dir: Path, row: JobRow, kind: str | None = None, *, full: bool = False,
+                   restat: list[tuple[str, int, int, int]] | None = None) -> bool:
     """Every recorded output of a done job is on disk with its recorded size and sha256, and is media of
-    `kind` (None: any media), so an error page accepted by an older batchrun is fetched again."""
-    return bool(row.outputs) and all(
-        download.verify(output_dir / o.path, o.bytes, o.sha256, kind) for o in row.outputs
-    )
+    `kind` (None: any media), so an error page accepted by an older batchrun is fetched again.
+
+    A file whose size, mtime and inode are as recorded at download is taken as intact without reading it
+    unless `full` (see batchrun.filecheck); files hashed and found intact with another stat are appended
+    to `restat` as (job id, idx, mtime_ns, inode), when given."""
+    intact, found = filecheck.check_outputs(output_dir, row.outputs, kind, full=full)
+    if restat is not None:
+        restat.extend((row.id, *r) for r in found)
+    return intact
 
 
 def ledger_job(row: JobRow) -> Job:
@@ -95,42 +118,86 @@ def refusal(job: Job, row: JobRow) -> str | None:
 
 
 def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
-    """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`, refusals), then decide."""
+    """Record what a run starts from (new jobs `pending`, interrupted submits `unknown`, refusals), then decide.
+
+    The bookkeeping reads the states the ledger keeps in memory and two small queries; `decide` then
+    reads the ledger's rows once, streamed, and keeps only those still to act on (see `decide`)."""
     takes.with_rerolls(manifest, ledger.rerolls())
-    rows = {row.id: row for row in ledger.all()}
-    for row in rows.values():
-        if row.state == "submitting":  # a run died between the intent and the POST's answer
-            ledger.set_state(row.id, "unknown", error=("unknown", "the run stopped while this job was being "
+    states = ledger.states()
+    for job_id, state in states.items():
+        if state == "submitting":  # a run died between the intent and the POST's answer
+            ledger.set_state(job_id, "unknown", error=("unknown", "the run stopped while this job was being "
                                                        "submitted; the POST may have created a job"))
-    ledger.add_pending(
-        (job.id, manifest.model_of(job).model_id, job.input, job.input_sha256, manifest.estimate_or_none(job))
-        for job in manifest.jobs
-        if job.id not in rows or rows[job.id].state == "pending"
-    )
-    rows = {row.id: row for row in ledger.all()}
-    untold = {job.id: (job.take, job.take_of) for job in manifest.jobs if job.take > 1 and rows[job.id].take is None}
-    if untold:
-        ledger.record_takes(untold)
-        rows = {row.id: row for row in ledger.all()}
-    plan = decide(manifest, rows, options)
+    new = [job for job in manifest.jobs if states.get(job.id, "pending") == "pending"]
+    if new:
+        ledger.add_pending(
+            (job.id, manifest.model_of(job).model_id, job.input, job.input_sha256, manifest.estimate_or_none(job))
+            for job in new)
+    taking = [job for job in manifest.jobs if job.take > 1]
+    if taking:
+        told = ledger.ids_with_take()
+        untold = {job.id: (job.take, job.take_of) for job in taking if job.id not in told}
+        if untold:
+            ledger.record_takes(untold)
+    results = ResultsMatch(manifest.output_dir)
+    others_before = ledger.change_mark()[1]  # another process's write during the read voids the match
+    plan = decide(manifest, results.watch(ledger.rows()), options, ledger.provenance_stats())
+    # Stats of files only: nothing results.jsonl shows.
+    ledger.record_file_stats(plan.restat)
+    ledger.record_provenance_stats(plan.provenance_restat)
+    mark = ledger.change_mark()
     ledger.set_refusals({job.id: why for job, why in plan.refused})
     for job in plan.submit:
-        row = rows.get(job.id)
+        row = plan.unsettled.get(job.id)
         if row is not None and row.input_sha256 != job.input_sha256:
             ledger.update_input(job.id, job.input, job.input_sha256, manifest.estimate_or_none(job))
+    if results.same and mark[1] == others_before and ledger.change_mark() == mark:
+        plan.results_mark = mark
     return plan
 
 
-def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> Plan:
-    """What each manifest job needs, given the ledger's rows, and which paid requests of other inputs or
-    removed jobs are still to collect. Reads files (to verify), writes nothing."""
+def decide(manifest: Manifest, rows: Iterable[JobRow], options: RunOptions,
+           provenance: dict[str, ProvenanceStat] | None = None) -> Plan:
+    """What each manifest job needs, given the ledger's rows (any iterable, read once, in ledger order),
+    and which paid requests of other inputs or removed jobs are still to collect. Reads files (to
+    verify), writes nothing. `provenance`: the ledger's `provenance_stats`, so that an `<id>.json`
+    unchanged since it was found intact is not read.
+
+    Linear in ledger and manifest size, and light: a done job the manifest asks for as it was made, whose
+    files are intact, is settled as the rows stream past and its row is not kept (`Plan.unsettled` holds
+    the others), so a re-run of 100,000 done jobs holds the manifest and not the ledger too."""
     plan = Plan()
+    plan.provenance_known = provenance or {}
+    output_dir = manifest.output_dir
+    by_id = {job.id: job for job in manifest.jobs}
+    owners = FileOwners(())
+    settled: set[str] = set()
+    intact: dict[str, bool] = {}  # done rows kept: whether their outputs are intact (read once, here)
+    for row in rows:
+        owners.add(row)
+        job = by_id.get(row.id)
+        if row.state == "done":
+            as_asked = job is not None and (job.input_sha256 == row.input_sha256 or refusal(job, row) is None)
+            kind = manifest.model_of(job).output_kind if as_asked else None
+            intact[row.id] = outputs_intact(output_dir, row, kind, full=options.verify, restat=plan.restat)
+            if as_asked and intact[row.id] and job.input_sha256 == row.input_sha256:
+                ok, found = provenance_check(output_dir, row, plan.provenance_known.get(row.id), full=options.verify)
+                if ok:
+                    if found is not None:
+                        plan.provenance_restat.append((row.id, *found))
+                    settled.add(row.id)
+                    del intact[row.id]
+                    continue
+        plan.unsettled[row.id] = row
+    kept = plan.unsettled
     resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
     listed: set[str] = set()
-    owners = FileOwners(rows.values())
     for job in manifest.jobs:
         listed.add(job.id)
-        row = rows.get(job.id)
+        if job.id in settled:
+            plan.skip.append(job)
+            continue
+        row = kept.get(job.id)
         if row is None or (row.state == "pending" and row.submissions == 0):
             # A job not yet sent owns no file names: it may not take any that a sent one owns.
             clash = owners.clash(job.id)
@@ -143,7 +210,7 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         why = refusal(job, row)
         if why is not None:
             plan.refused.append((job, why))
-            _keep(manifest.output_dir, plan, row, PREVIOUS_INPUT)
+            _keep(output_dir, plan, row, PREVIOUS_INPUT, options, intact)
             continue
         state = "unknown" if row.state == "submitting" else row.state
         if state == "pending":
@@ -153,10 +220,9 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
         elif state == "downloading":
             plan.collect.append((job, row))
         elif state == "done":
-            if outputs_intact(manifest.output_dir, row, manifest.model_of(job).output_kind):
+            if intact[row.id]:
                 plan.skip.append(job)
-                if not provenance_intact(manifest.output_dir, row):
-                    plan.provenance.append(row)
+                _check_provenance(output_dir, plan, row, options)
             else:
                 log.info("%s: a file is missing or damaged; downloading it again", job.id)
                 plan.collect.append((job, row))
@@ -175,14 +241,14 @@ def decide(manifest: Manifest, rows: dict[str, JobRow], options: RunOptions) -> 
                 plan.submit.append(job)
             else:
                 plan.held.append((job, f"{state}: use --retry-failed to submit it again"))
-    for row in rows.values():
+    for row in kept.values():
         if row.id not in listed:
             plan.gone.append(row)
-            _keep(manifest.output_dir, plan, row, GONE)
+            _keep(output_dir, plan, row, GONE, options, intact)
     return plan
 
 
-def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str) -> None:
+def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str, options: RunOptions, intact: dict[str, bool]) -> None:
     """A request that is not the manifest's job as written is still collected if it was paid for:
     polled while in flight, downloaded, and downloaded again if its files are damaged."""
     if not row.request_id or row.state not in COLLECTABLE:
@@ -190,23 +256,31 @@ def _keep(output_dir: Path, plan: Plan, row: JobRow, why: str) -> None:
     job = ledger_job(row)
     if row.state in ("queued", "running"):
         plan.poll.append((job, row))
-    elif row.state == "downloading" or not outputs_intact(output_dir, row):
+    elif row.state == "downloading" or not intact[row.id]:
         plan.collect.append((job, row))
     else:
-        if not provenance_intact(output_dir, row):
-            plan.provenance.append(row)
+        _check_provenance(output_dir, plan, row, options)
         return
     plan.previous[row.id] = (row, why)
+
+
+def _check_provenance(output_dir: Path, plan: Plan, row: JobRow, options: RunOptions) -> None:
+    """A done job's `<id>.json`: to rewrite when missing or damaged, its stat to record when read intact."""
+    intact, found = provenance_check(output_dir, row, plan.provenance_known.get(row.id), full=options.verify)
+    if not intact:
+        plan.provenance.append(row)
+    elif found is not None:
+        plan.provenance_restat.append((row.id, *found))
 
 
 def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Plan, Spend]:
     """The plan and the money already committed in this output dir (none when nothing has run)."""
     if not (manifest.output_dir / LEDGER_NAME).exists():
-        return decide(manifest, {}, options), Spend()
+        return decide(manifest, (), options), Spend()
     ledger = Ledger.open(manifest.output_dir, create=False, readonly=True)
     try:
         takes.with_rerolls(manifest, ledger.rerolls())
-        return decide(manifest, {row.id: row for row in ledger.all()}, options), ledger.spend()
+        return decide(manifest, ledger.rows(), options, ledger.provenance_stats()), ledger.spend()
     finally:
         ledger.close()
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from batchrun import mediafacts
 from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
+from batchrun.rewrite import open_old, write_if_changed
 from batchrun.spend import job_cost
 
 RESULTS_NAME = "results.jsonl"
@@ -39,7 +41,7 @@ def job_record(row: JobRow) -> dict[str, Any]:
         "request_ids": list(row.request_ids),
         "submissions": row.submissions,
         "input_sha256": row.input_sha256,
-        "outputs": [{"path": o.path, "bytes": o.bytes, "sha256": o.sha256} for o in row.outputs],
+        "outputs": _outputs_record(row),
         "cost_usd": cost,
         "cost_source": source,
         "simulated": row.simulated,
@@ -64,17 +66,23 @@ def job_record(row: JobRow) -> dict[str, Any]:
     }
 
 
-def decision_filter(rows: list[JobRow], which: str | None) -> list[JobRow]:
-    """The rows `export --picked|--rejected|--unrated` keeps; "unrated" is a done job not decided yet."""
+def decision_filter(rows: Iterable[JobRow], which: str | None) -> Iterator[JobRow]:
+    """The rows `export --picked|--rejected|--unrated` keeps, lazily; "unrated" is a done job not decided yet."""
     if which is None:
-        return rows
+        return iter(rows)
     if which == "unrated":
-        return [row for row in rows if row.decision is None and row.state == "done"]
-    return [row for row in rows if row.decision == which]
+        return (row for row in rows if row.decision is None and row.state == "done")
+    return (row for row in rows if row.decision == which)
 
 
-def to_jsonl(rows: list[JobRow]) -> bytes:
-    return "".join(json.dumps(job_record(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+def jsonl_lines(rows: Iterable[JobRow]) -> Iterator[bytes]:
+    """results.jsonl (and `export`), one encoded line per row as the rows come."""
+    for row in rows:
+        yield (json.dumps(job_record(row), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def to_jsonl(rows: Iterable[JobRow]) -> bytes:
+    return b"".join(jsonl_lines(rows))
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -89,7 +97,8 @@ def sheet_cell(value: object) -> object:
     return value
 
 
-def to_csv(rows: list[JobRow]) -> bytes:
+def csv_lines(rows: Iterable[JobRow]) -> Iterator[str]:
+    """`export --format csv`: the header, then one line per row as the rows come."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -101,14 +110,48 @@ def to_csv(rows: list[JobRow]) -> bytes:
         record["prompt"], record["image"], record["duration"] = (
             row.input.get("prompt"), row.input.get("start_image_url"), row.input.get("duration"))
         writer.writerow(["" if record[c] is None else sheet_cell(record[c]) for c in CSV_COLUMNS])
-    return buffer.getvalue().encode("utf-8")
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def to_csv(rows: Iterable[JobRow]) -> bytes:
+    return "".join(csv_lines(rows)).encode("utf-8")
 
 
 def write_results(ledger: Ledger, output_dir: Path) -> Path:
-    """Rewrite results.jsonl atomically from the ledger."""
+    """Make results.jsonl hold the ledger, one line per job, streamed row by row (never built whole in
+    memory); a file that already holds exactly that is not rewritten (same inode, mtime and bytes), else
+    it is replaced atomically (see batchrun.rewrite)."""
     path = output_dir / RESULTS_NAME
-    atomic_write(path, to_jsonl(ledger.all()), before_rename=lambda: crashpoint("results_rewrite"))
+    write_if_changed(path, jsonl_lines(ledger.rows()), before_rename=lambda: crashpoint("results_rewrite"))
     return path
+
+
+class ResultsMatch:
+    """Whether results.jsonl already holds exactly the lines of the ledger rows streamed through `watch`,
+    compared as they pass (nothing is kept): a run's plan reads every row anyway, so a no-op re-run
+    learns there that results.jsonl is current and need not read the ledger a second time to find out
+    (see `run._write_results`). `same` is meaningful once `watch` is exhausted."""
+
+    def __init__(self, output_dir: Path):
+        self.same = False
+        self._path = output_dir / RESULTS_NAME
+
+    def watch(self, rows: Iterable[JobRow]) -> Iterator[JobRow]:
+        old = open_old(self._path)
+        same = old is not None
+        try:
+            for row in rows:
+                if same:
+                    line = (json.dumps(job_record(row), ensure_ascii=False) + "\n").encode("utf-8")
+                    same = old.read(len(line)) == line
+                yield row
+            self.same = same and old.read(1) == b""
+        finally:
+            if old is not None:
+                old.close()
 
 
 def provenance_path(output_dir: Path, row: JobRow) -> Path:
@@ -120,26 +163,62 @@ def provenance_intact(output_dir: Path, row: JobRow) -> bool:
     digest) and outputs.
 
     Fields a newer batchrun adds or an older one lacked do not count: only what identifies the render."""
-    path = provenance_path(output_dir, row)
+    path = os.path.join(output_dir, f"{row.id}.json")  # as provenance_path, without pathlib's cost per job
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > PROVENANCE_MAX_BYTES:
             return False
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(PROVENANCE_MAX_BYTES + 1)
+        # One read of the size fstat gave (plus one byte, to see a file that grew meanwhile): this runs
+        # for every done job of a re-run and of `status`.
+        data = os.read(fd, st.st_size + 1)
         record = json.loads(data) if len(data) <= PROVENANCE_MAX_BYTES else None
     except (OSError, ValueError):
         return False
     finally:
         os.close(fd)
-    expected = job_record(row)
-    expected.update({"model": row.model, "input": row.input})
-    return isinstance(record, dict) and all(record.get(key) == expected[key]
-                                            for key in ("id", "request_id", "input_sha256", "outputs", "model",
-                                                        "input"))
+    return (isinstance(record, dict) and record.get("id") == row.id and record.get("request_id") == row.request_id
+            and record.get("input_sha256") == row.input_sha256 and record.get("model") == row.model
+            and record.get("outputs") == _outputs_record(row) and record.get("input") == row.input)
+
+
+def provenance_identity(row: JobRow) -> str:
+    """The ledger fields `provenance_intact` compares, as one string: recorded with a `<id>.json` found
+    intact, so that a stat alone vouches for the file only while the ledger still says the same."""
+    outputs = ";".join(f"{o.path}:{o.bytes}:{o.sha256}" for o in row.outputs)
+    return f"{row.request_id}|{row.model}|{row.input_sha256}|{outputs}"
+
+
+ProvenanceStat = tuple[str, int, int, int]  # (identity, bytes, mtime_ns, inode), as Ledger.provenance_stats
+
+
+def provenance_check(output_dir: Path | str, row: JobRow, recorded: ProvenanceStat | None, *,
+                     full: bool = False) -> tuple[bool, ProvenanceStat | None]:
+    """(intact, what to record) for a done job's `<id>.json`. When the file's size, mtime and inode and the
+    ledger's identifying fields are those `recorded` when it was last found intact, it is intact without
+    being read (unless `full`); else it is read and checked by `provenance_intact`, and when intact its
+    stat is returned to be recorded. The same limit as batchrun.filecheck: an edit that restores size,
+    inode and mtime is seen only with `full`."""
+    path = os.path.join(output_dir, f"{row.id}.json")
+    identity = provenance_identity(row)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False, None
+    found = (identity, st.st_size, st.st_mtime_ns, st.st_ino)
+    if not full and recorded is not None and tuple(recorded) == found and stat.S_ISREG(st.st_mode):
+        return True, None
+    if not provenance_intact(output_dir, row):
+        return False, None
+    return True, (None if recorded is not None and tuple(recorded) == found else found)
+
+
+def _outputs_record(row: JobRow) -> list[dict[str, Any]]:
+    """The `outputs` field of results.jsonl and `<id>.json`."""
+    return [{"path": o.path, "bytes": o.bytes, "sha256": o.sha256} for o in row.outputs]
 
 
 def write_provenance(output_dir: Path, row: JobRow) -> Path:

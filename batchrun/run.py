@@ -36,7 +36,7 @@ from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
 from batchrun.progress import Progress, describe
-from batchrun.results import write_provenance, write_results
+from batchrun.results import provenance_identity, write_provenance, write_results
 from batchrun.scheduler import Scheduler
 from batchrun.servertext import server_text
 from batchrun.spend import Spend
@@ -44,10 +44,18 @@ from batchrun.spend import Spend
 log = logging.getLogger("batchrun")
 RUN_LOG = "run.log"
 RUN_LOG_MAX_BYTES = 10 * 1024 * 1024
-AUTO_REPORT_MAX_JOBS = 10_000
+# A run refreshes report.html itself only for an output dir of fewer jobs than this (`batchrun report`
+# writes it at any size): a gallery of that many cards takes longer to write than a nightly run should
+# spend on it (about 4 s at 10,000 jobs).
+AUTO_REPORT_JOBS = 10_000
 SANDBOX_TOKEN = "sandbox-token"
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+def report_is_automatic(jobs_in_ledger: int) -> bool:
+    """Whether a run refreshes report.html for an output dir holding this many jobs: fewer than 10,000."""
+    return jobs_in_ledger < AUTO_REPORT_JOBS
 
 
 @dataclass
@@ -181,10 +189,8 @@ def _refresh_report(output_dir: Path, jobs_in_ledger: int, manifest: Manifest) -
     """report.html follows every run; a failure here must not change what the run achieved."""
     from batchrun.report import write_report
 
-    if jobs_in_ledger > AUTO_REPORT_MAX_JOBS:
-        # A gallery of that many cards takes longer to write than a nightly run should spend on it.
-        log.info("report.html not refreshed for %d jobs (over %d): run 'batchrun report' to write it",
-                 jobs_in_ledger, AUTO_REPORT_MAX_JOBS)
+    if not report_is_automatic(jobs_in_ledger):
+        log.info("%s", _report_not_refreshed(output_dir, jobs_in_ledger))
         return
     try:
         write_report(output_dir, listed={job.id for job in manifest.jobs})
@@ -237,14 +243,24 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
 
 
 def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
-    """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger."""
+    """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger; each one
+    written is recorded with its stat, so the next run does not read it (results.provenance_check)."""
+    written = []
+    current = ledger.get_many(row.id for row in plan.provenance)
     for row in plan.provenance:
+        row = current.get(row.id, row)
         try:
-            write_provenance(output_dir, ledger.get(row.id) or row)
+            path = write_provenance(output_dir, row)
+            st = os.lstat(path)
         except OSError as exc:
             log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, exc)
         else:
+            written.append((row.id, provenance_identity(row), st.st_size, st.st_mtime_ns, st.st_ino))
             log.info("%s: rewrote %s.json, which was missing or damaged", row.id, row.id)
+    try:
+        ledger.record_provenance_stats(written)
+    except LedgerError as exc:  # the files are written; the next run reads them once more
+        log.warning("could not record the stat of the rewritten provenance files: %s", exc)
 
 
 async def _check_balance(manifest: Manifest, plan: Plan, scheduler: Scheduler, session: aiohttp.ClientSession,
@@ -381,12 +397,19 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if scheduler.interrupted and scheduler.stop_reason != "interrupted":
         lines.append(_INTERRUPTED_SANDBOX if scheduler.simulated else _INTERRUPTED)
     lines.append(f"results: {manifest.output_dir / 'results.jsonl'}")
-    report = manifest.output_dir / "report.html"
-    # The report is written after these lines (once the run's end is recorded), for up to
-    # AUTO_REPORT_MAX_JOBS jobs; a failure to write it is logged as a warning.
-    if report.exists() or sum(ledger.counts().values()) <= AUTO_REPORT_MAX_JOBS:
-        lines.append(f"report: {report}")
+    # The report is written after these lines (once the run's end is recorded), for fewer than
+    # AUTO_REPORT_JOBS jobs; a failure to write it is logged as a warning.
+    jobs_in_ledger = sum(ledger.counts().values())
+    if report_is_automatic(jobs_in_ledger):
+        lines.append(f"report: {manifest.output_dir / 'report.html'}")
+    else:
+        lines.append(_report_not_refreshed(manifest.output_dir, jobs_in_ledger))
     return lines
+
+
+def _report_not_refreshed(output_dir: Path, jobs_in_ledger: int) -> str:
+    return (f"report: not refreshed by runs of {AUTO_REPORT_JOBS:,} jobs or more (this output dir holds "
+            f"{jobs_in_ledger:,}); write it with: batchrun report {output_dir}")
 
 
 _INTERRUPTED = "interrupted: jobs in flight are recorded; the next run picks them up"
@@ -398,12 +421,13 @@ _INTERRUPTED_SANDBOX = ("interrupted: jobs in flight are recorded, but this --sa
 def _unrepaired(ledger: Ledger, plan: Plan) -> list[str]:
     """Done jobs this run set out to download again (a file missing or damaged) whose files are still not
     intact: checked on disk, so the closing lines never claim a repair that did not happen."""
+    repairs = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous]
+    current = ledger.get_many(repairs)
     found = []
-    for job, row in plan.collect:
-        if row.state == "done" and job.id not in plan.previous:
-            now = ledger.get(job.id)
-            if now is None or now.state != "done" or not outputs_intact(ledger.path.parent, now):
-                found.append(job.id)
+    for job_id in repairs:
+        now = current.get(job_id)
+        if now is None or now.state != "done" or not outputs_intact(ledger.path.parent, now):
+            found.append(job_id)
     return found
 
 
@@ -411,8 +435,9 @@ def _previous_lines(ledger: Ledger, plan: Plan, unrepaired: list[str]) -> list[s
     """What became of paid requests that are not the manifest's job as written (see `Plan.previous`), and
     of done jobs whose files were missing or damaged (checked again: only a repair that happened is said)."""
     lines = []
+    not_repaired = set(unrepaired)  # a set: a whole dir of deleted videos is 100,000 jobs to collect again
     repaired = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous
-                and job.id not in unrepaired]
+                and job.id not in not_repaired]
     if repaired:
         lines.append(f"downloaded again the missing or damaged files of {_plural(len(repaired), 'job')}: "
                      f"{_ids(repaired)}")
@@ -643,10 +668,12 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
     _read_media_facts(manifest.output_dir, ledger)
-    try:
-        write_results(ledger, manifest.output_dir)
-    except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
-        log.warning("could not rewrite results.jsonl: %s", exc)
+    # Unchanged since the plan found results.jsonl current: nothing to read or write (a no-op re-run).
+    if plan.results_mark is None or ledger.change_mark() != plan.results_mark:
+        try:
+            write_results(ledger, manifest.output_dir)
+        except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
+            log.warning("could not rewrite results.jsonl: %s", exc)
     unrepaired = _unrepaired(ledger, plan)  # reads the files once, for the exit code and the closing lines
     exit_code = _exit_code(manifest, ledger, scheduler, plan, unrepaired)
     # The ledger's spend, as status, results.jsonl and report.html count it: the scheduler's running

@@ -914,7 +914,7 @@ class Scheduler:
                 self._record_error(job.id, exc.kind, f"{exc}; the next run tries the download again")
                 log.warning("%s: download failed: %s", job.id, exc)
                 return None
-            outputs.append(Output(index, name, got.bytes, got.sha256))
+            outputs.append(Output(index, name, got.bytes, got.sha256, got.mtime_ns, got.inode))
             index, refreshes, part_size = index + 1, 0, 0
         return outputs
 

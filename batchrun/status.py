@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchrun import download, mediafacts, takes
+from batchrun import filecheck, mediafacts, takes
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
 from batchrun.owners import FileOwners
 from batchrun.plan import refusal
-from batchrun.results import provenance_intact, provenance_path
+from batchrun.results import ProvenanceStat, provenance_check, provenance_path
 from batchrun.spend import Spend
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
@@ -54,64 +54,102 @@ def _running_pid(output_dir: Path) -> int | None:
         return None
 
 
-def damaged_files(output_dir: Path, row: JobRow) -> list[tuple[str, str]]:
-    """(file name, "missing" | "damaged") for each output or provenance file of a done job that is not intact."""
+def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False,
+                  provenance: ProvenanceStat | None = None) -> list[tuple[str, str]]:
+    """(file name, "missing" | "damaged") for each output or provenance file of a done job that is not intact.
+
+    A file whose size, mtime and inode are as recorded (`provenance`: the ledger's record of `<id>.json`)
+    is not read unless `full` (`status --verify`): see batchrun.filecheck and `results.provenance_check`."""
     found = []
     for output in row.outputs:
         path = output_dir / output.path
-        if not download.verify(path, output.bytes, output.sha256):
+        if not filecheck.check_file(output_dir, output, full=full)[0]:
             found.append((output.path, "damaged" if path.exists() or path.is_symlink() else "missing"))
-    if not provenance_intact(output_dir, row):
+    if not provenance_check(output_dir, row, provenance, full=full)[0]:
         path = provenance_path(output_dir, row)
         found.append((path.name, "damaged" if path.exists() or path.is_symlink() else "missing"))
     return found
 
 
-def collect(output_dir: Path, manifest: Manifest | None = None) -> StatusReport:
+def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool = False) -> StatusReport:
+    """What `status` shows. Done files are checked by size, mtime and inode, or hashed in full with
+    `verify` (see batchrun.filecheck); nothing is written (a stat found stale is recorded by the next run)."""
+    jobs = None  # id -> the manifest's job, once the manifest's re-rolled takes are added
+    counts: Counter[str] = Counter()
+    decisions: Counter[str] = Counter()
+    per_model: dict[str, Counter] = {}
+    owners = FileOwners(())
+    in_ledger: set[str] = set()
+    maybe_attention: list[JobRow] = []  # in ledger order; never-sent jobs among them may turn out refused
+    unsent: list[str] = []  # manifest jobs the ledger holds as pending, never sent: checked for clashes below
+    by_refusal: dict[str, str] = {}
+    not_in_manifest: list[str] = []
+    states: dict[str, str] = {}
+    damaged: list[tuple[str, str, str]] = []
+    media_flags: dict[str, list[str]] = {}
     ledger = Ledger.open(output_dir, create=False, readonly=True)
     try:
-        rows = ledger.all()
         spent = ledger.spend()
+        provenance = ledger.provenance_stats()
         if manifest is not None:
             takes.with_rerolls(manifest, ledger.rerolls())
+            jobs = {job.id: job for job in manifest.jobs}
+        # One streamed read of the ledger: only the rows a person must look at are kept.
+        for row in ledger.rows():
+            in_ledger.add(row.id)
+            owners.add(row)
+            counts[row.state] += 1
+            per_model.setdefault(row.model, Counter())[row.state] += 1
+            if row.decision or row.state == "done":
+                decisions[row.decision or "unrated"] += 1
+            candidate = False
+            if jobs is not None:
+                job = jobs.get(row.id)
+                if job is None:
+                    not_in_manifest.append(row.id)
+                    states[row.id] = row.state
+                elif (why := refusal(job, row)) is not None:
+                    by_refusal[row.id] = why
+                elif row.state == "pending" and row.submissions == 0:
+                    unsent.append(row.id)
+                    candidate = True
+            elif row.refusal:
+                by_refusal[row.id] = row.refusal
+            if row.state == "done":
+                damaged += [(row.id, name, problem) for name, problem in
+                            damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
+                if found := mediafacts.flags(row.media, row.input):
+                    media_flags[row.id] = found
+            if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
+                    or row.id in by_refusal):
+                maybe_attention.append(row)
     finally:
         ledger.close()
-    by_id = {row.id: row for row in rows}
-    if manifest is not None:
-        refused = {job.id: why for job in manifest.jobs
-                   if job.id in by_id and (why := refusal(job, by_id[job.id])) is not None}
+    if jobs is not None:
+        refused = {job_id: by_refusal[job_id] for job_id in jobs if job_id in by_refusal}
         # A job never sent whose file names another ledger job owns (as `plan.decide` refuses it).
-        owners = FileOwners(rows)
-        for job in manifest.jobs:
-            row = by_id.get(job.id)
-            if row is not None and row.state == "pending" and row.submissions == 0 and job.id not in refused:
-                clash = owners.clash(job.id)
-                if clash:
-                    refused[job.id] = f"{job.label}: {clash}"
+        unsent_ids = set(unsent)
+        for job_id in jobs:
+            if job_id in unsent_ids and (clash := owners.clash(job_id)):
+                refused[job_id] = f"{jobs[job_id].label}: {clash}"
     else:
-        refused = {row.id: row.refusal for row in rows if row.refusal}
-    counts = Counter(row.state for row in rows)
-    attention = [row for row in rows
+        refused = by_refusal
+    attention = [row for row in maybe_attention
                  if row.state in ATTENTION or (row.error and row.state != "done") or row.id in refused]
-    manifest_ids = {job.id for job in manifest.jobs} if manifest else None
-    not_in_manifest = [row.id for row in rows if manifest_ids is not None and row.id not in manifest_ids]
-    damaged = [(row.id, name, problem) for row in rows if row.state == "done"
-               for name, problem in damaged_files(output_dir, row)]
     return StatusReport(
         output_dir=output_dir,
         counts={state: counts[state] for state in STATES if counts[state]},
         spend=spent,
         attention=attention,
         not_in_manifest=not_in_manifest,
-        not_started=[job.id for job in manifest.jobs if job.id not in by_id] if manifest else [],
+        not_started=[job_id for job_id in jobs if job_id not in in_ledger] if jobs is not None else [],
         running_pid=_running_pid(output_dir),
         refused=refused,
         damaged=damaged,
-        states={job_id: by_id[job_id].state for job_id in not_in_manifest},
-        decisions=decision_counts(rows),
-        media_flags={row.id: found for row in rows if row.state == "done"
-                     and (found := mediafacts.flags(row.media, row.input))},
-        by_model=_by_model(rows),
+        states=states,
+        decisions={key: decisions[key] for key in ("picked", "rejected", "unrated") if decisions[key]},
+        media_flags=media_flags,
+        by_model={model: {state: n[state] for state in STATES if n[state]} for model, n in per_model.items()},
     )
 
 
@@ -119,14 +157,6 @@ def decision_counts(rows: list[JobRow]) -> dict[str, int]:
     """The reviewer's decisions: picked and rejected jobs, and done jobs not decided yet ("unrated")."""
     counts = Counter(row.decision or "unrated" for row in rows if row.decision or row.state == "done")
     return {key: counts[key] for key in ("picked", "rejected", "unrated") if counts[key]}
-
-
-def _by_model(rows: list[JobRow]) -> dict[str, dict[str, int]]:
-    """Jobs per model and state, models in ledger order."""
-    found: dict[str, Counter] = {}
-    for row in rows:
-        found.setdefault(row.model, Counter())[row.state] += 1
-    return {model: {state: n[state] for state in STATES if n[state]} for model, n in found.items()}
 
 
 def _error(report: StatusReport, row: JobRow) -> dict[str, str] | None:

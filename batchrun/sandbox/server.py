@@ -192,6 +192,11 @@ class Sandbox:
     # -- counters ---------------------------------------------------------------------------
 
     @property
+    def downloads_served(self) -> int:
+        """Output downloads answered so far (any status): what a re-run that needs no file must leave at 0."""
+        return self._downloads_served
+
+    @property
     def peak_in_flight(self) -> int:
         return self.queue.peak_in_flight
 

@@ -1,0 +1,147 @@
+"""Benchmark: the commands of a 100,000-job output dir whose jobs are all done.
+
+Builds the dir once with `batchrun.sandbox.donedir` (the manifest, then every job recorded through the
+ledger's own API in a run's order, each video written and stat-recorded, its `<id>.json`, the media facts,
+results.jsonl: the state a `--sandbox` run of every job leaves, in about a minute instead of hours), then
+runs each command `--runs` times in a fresh process and prints each run's wall time and the child's peak
+RSS (`ru_maxrss` from `os.wait4`), then the medians and each median against the baseline's.
+
+    python bench/bench_big.py [--jobs 100000] [--runs 3] [--dir DIR] [--with-report]
+
+`--dir DIR` keeps the built dir there and reuses it on the next call (building 100,000 jobs takes 1-3
+minutes); without it a temporary dir is used and removed.
+
+The baseline, measured in the same run, is the floor of any command that must read both the manifest and
+the ledger: a fresh interpreter that imports `batchrun.cli`, reads the manifest's bytes and fetches every
+row of the ledger's `jobs` table with plain sqlite3, and does nothing with them. A command's ratio to it
+is what batchrun adds on top of starting up and reading its two inputs.
+
+After the no-op runs it says whether results.jsonl and a sample `<id>.json` kept their inode and mtime
+(a no-op re-run must rewrite neither).
+
+Targets (issue 13): no-op re-run <= 5 s and <= 250 MB; plan <= 5 s; status MANIFEST <= 2 s; validate <= 4 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+BASELINE = """
+import sqlite3, sys
+import batchrun.cli
+data = open(sys.argv[1], 'rb').read()
+conn = sqlite3.connect(f"file:{sys.argv[2]}?mode=ro", uri=True)
+rows = conn.execute("SELECT * FROM jobs").fetchall()
+print(len(data), len(rows))
+"""
+
+# name -> (argv after the interpreter, target seconds or None, target MB or None)
+COMMANDS = {
+    "baseline": (["-c", BASELINE, "m.yaml", "out/ledger.sqlite"], None, None),
+    "validate": (["-m", "batchrun", "validate", "m.yaml"], 4.0, None),
+    "plan": (["-m", "batchrun", "plan", "m.yaml", "--no-balance-check"], 5.0, None),
+    "status MANIFEST": (["-m", "batchrun", "status", "m.yaml"], 2.0, None),
+    "export": (["-m", "batchrun", "export", "out"], None, None),
+    "no-op re-run": (["-m", "batchrun", "run", "--sandbox", "m.yaml", "--no-progress", "--quiet"], 5.0, 250.0),
+}
+REPORT = (["-m", "batchrun", "report", "out"], None, None)
+
+
+def _maxrss_mb(rusage) -> float:
+    return rusage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def run_once(argv: list[str], folder: Path, env: dict) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, *argv], cwd=folder, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    _, status, rusage = os.wait4(child.pid, 0)
+    return time.perf_counter() - start, _maxrss_mb(rusage), os.waitstatus_to_exitcode(status)
+
+
+BUILD = """
+import sys
+from pathlib import Path
+from batchrun.sandbox.donedir import fill, write_manifest
+fill(write_manifest(Path(sys.argv[1]), int(sys.argv[2])))
+"""
+
+
+def build(folder: Path, jobs: int, env: dict) -> None:
+    """In a child process: this one stays small, since a child's peak RSS counts the parent it forked from."""
+    if (folder / "out" / "ledger.sqlite").exists():
+        print(f"reusing {folder} (built earlier)")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", BUILD, str(folder / "m.yaml"), str(jobs)], env=env, check=True)
+    print(f"built {jobs} done jobs in {folder} in {time.perf_counter() - start:.1f} s")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dir", type=Path, help="build (or reuse) the output dir here and keep it")
+    parser.add_argument("--with-report", action="store_true", help="also time `batchrun report` (slow)")
+    args = parser.parse_args(argv)
+    folder = args.dir.absolute() if args.dir else Path(tempfile.mkdtemp(prefix="bench_big_"))
+    state = Path(tempfile.mkdtemp(prefix="bench_big_state_"))
+    # No token: nothing here may reach the network (plan skips the balance call too).
+    env = {**{k: v for k, v in os.environ.items() if k != "RUNCOMFY_API_TOKEN"}, "PYTHONPATH": str(REPO),
+           "XDG_STATE_HOME": str(state), "HOME": str(state)}
+    commands = dict(COMMANDS)
+    if args.with_report:
+        commands["report"] = REPORT
+    try:
+        build(folder, args.jobs, env)
+        out = folder / "out"
+        sample = sorted(out.glob("*.json"))[0]
+        before = _stamp(out / "results.jsonl"), _stamp(sample)
+        results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in commands}
+        for run in range(1, args.runs + 1):
+            for name, (child_argv, _, _) in commands.items():  # interleaved, so drift hits every command alike
+                wall, rss, code = run_once(child_argv, folder, env)
+                results[name].append((wall, rss, code))
+                print(f"run {run} {name:<16} {wall:7.2f} s {rss:7.0f} MB exit {code}", flush=True)
+        after = _stamp(out / "results.jsonl"), _stamp(sample)
+        base = statistics.median(w for w, _, _ in results["baseline"])
+        print(f"\n{args.jobs} done jobs, medians of {args.runs} (baseline: import batchrun.cli + read manifest "
+              "bytes + fetch the ledger's jobs rows)")
+        print(f"{'command':<16} {'wall s':>7} {'x base':>7} {'RSS MB':>7}  target")
+        for name, (_, target_s, target_mb) in commands.items():
+            wall = statistics.median(w for w, _, _ in results[name])
+            rss = statistics.median(r for _, r, _ in results[name])
+            codes = sorted({c for _, _, c in results[name]})
+            target = ", ".join(t for t in (f"<= {target_s:g} s" if target_s else "",
+                                           f"<= {target_mb:g} MB" if target_mb else "") if t)
+            met = "" if not target else (" met" if (not target_s or wall <= target_s)
+                                         and (not target_mb or rss <= target_mb) else " NOT met")
+            print(f"{name:<16} {wall:7.2f} {wall / base:7.2f} {rss:7.0f}  {target}{met}"
+                  + (f"  exit codes {codes}" if codes != [0] else ""))
+        print(f"no-op re-runs left results.jsonl {'unchanged' if after[0] == before[0] else 'REWRITTEN'} and "
+              f"{sample.name} {'unchanged' if after[1] == before[1] else 'REWRITTEN'} (inode, mtime)")
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
