@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,12 +180,25 @@ def _text_bytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+_SCALAR, _ALIAS = ev.ScalarEvent, ev.AliasEvent
+_SEQUENCE_START, _SEQUENCE_END = ev.SequenceStartEvent, ev.SequenceEndEvent
+_MAPPING_START, _MAPPING_END = ev.MappingStartEvent, ev.MappingEndEvent
+# The first characters of a plain scalar that some implicit tag (int, bool, null...) may claim: any other
+# plain scalar is text without asking the resolver (about half the cost of a 100,000-job load's scalars).
+_IMPLICIT_FIRST = frozenset(_resolver.yaml_implicit_resolvers)
+_ANY_FIRST = None in _IMPLICIT_FIRST  # a resolver for every first character: always ask
+
+
 class _Builder:
     """Turns the parser's event stream into (value, marks), counting the nodes and the bytes of text
-    (scalars and keys) that the document holds once every alias is expanded."""
+    (scalars and keys) that the document holds once every alias is expanded.
 
-    def __init__(self, events):
-        self.events = events
+    `get_event` is the parser's own: called directly, it saves a generator step and a `check_event`
+    call per event. The event classes are PyYAML's (the C parser makes the same ones), compared by type.
+    """
+
+    def __init__(self, get_event):
+        self.get_event = get_event
         self.anchors: dict[str, tuple[Any, Marks | Pos, int, int]] = {}
         self.expanded = 0
         self.expanded_bytes = 0
@@ -200,25 +214,41 @@ class _Builder:
 
     def node(self, event) -> tuple[Any, Marks | Pos, int, int]:
         """Build the node that starts with `event`; returns (value, marks, expanded nodes, expanded bytes)."""
-        if isinstance(event, ev.AliasEvent):
+        kind = type(event)
+        if kind is _SCALAR:
+            return self._leaf(event)
+        if kind is _ALIAS:
             if event.anchor not in self.anchors:
                 raise _Refused(_pos(event.start_mark), f"unknown alias *{echo.cut(event.anchor, 80)}")
             built = self.anchors[event.anchor]
             self._count(built[2], built[3], _pos(event.start_mark))
             return built
-        if isinstance(event, ev.ScalarEvent):
-            text = event.value
-            nbytes = len(text) if text.isascii() else _text_bytes(text)
-            self._count(1, nbytes, _pos(event.start_mark))
-            built = (_scalar(event), _pos(event.start_mark), 1, nbytes)
-        elif isinstance(event, (ev.SequenceStartEvent, ev.MappingStartEvent)):
+        if kind is _SEQUENCE_START or kind is _MAPPING_START:
             self.depth += 1
             if self.depth > MAX_DEPTH:
                 raise _Refused(_pos(event.start_mark), f"nested more than {MAX_DEPTH} levels deep")
-            built = self._sequence(event) if isinstance(event, ev.SequenceStartEvent) else self._mapping(event)
+            built = self._sequence(event) if kind is _SEQUENCE_START else self._mapping(event)
             self.depth -= 1
-        else:  # pragma: no cover - the parser guarantees node events here
-            raise _Refused(_pos(event.start_mark), "unexpected YAML structure")
+            if event.anchor:
+                self.anchors[event.anchor] = built
+            return built
+        raise _Refused(_pos(event.start_mark), "unexpected YAML structure")  # pragma: no cover - parser's order
+
+    def _leaf(self, event: ev.ScalarEvent) -> tuple[Any, Pos, int, int]:
+        """A scalar node (the bulk of a manifest): `node`'s work for it, with its common case inlined."""
+        text = event.value
+        nbytes = len(text) if text.isascii() else _text_bytes(text)
+        mark = event.start_mark
+        pos = (mark.line + 1, mark.column + 1)
+        self.expanded += 1
+        self.expanded_bytes += nbytes
+        if self.expanded > MAX_EXPANDED_NODES or self.expanded_bytes > MAX_EXPANDED_BYTES:
+            self._count(0, 0, pos)  # raises the refusal
+        if event.tag is None and (not event.implicit[0]
+                                  or (text and not _ANY_FIRST and text[0] not in _IMPLICIT_FIRST)):
+            built = (text, pos, 1, nbytes)  # quoted, or plain text no implicit tag can claim
+        else:
+            built = (_scalar(event), pos, 1, nbytes)
         if event.anchor:
             self.anchors[event.anchor] = built
         return built
@@ -226,40 +256,50 @@ class _Builder:
     def _sequence(self, start: ev.SequenceStartEvent):
         if start.tag not in _SEQ_TAGS:
             raise _Refused(_pos(start.start_mark), _tag_refused(start.tag, "list"))
+        start_pos = _pos(start.start_mark)
         items, marks, nodes, nbytes = [], [], 1, 0
-        self._count(1, 0, _pos(start.start_mark))
-        for event in self.events:
-            if isinstance(event, ev.SequenceEndEvent):
-                return items, Marks(_pos(start.start_mark), marks), nodes, nbytes
-            value, mark, n, b = self.node(event)
+        self._count(1, 0, start_pos)
+        get_event, leaf, node = self.get_event, self._leaf, self.node
+        while True:
+            event = get_event()
+            kind = type(event)
+            if kind is _SEQUENCE_END:
+                return items, Marks(start_pos, marks), nodes, nbytes
+            value, mark, n, b = leaf(event) if kind is _SCALAR else node(event)
             items.append(value)
             marks.append(mark)
             nodes += n
             nbytes += b
-        raise _Refused(_pos(start.start_mark), "unterminated sequence")  # pragma: no cover
 
     def _mapping(self, start: ev.MappingStartEvent):
         if start.tag not in _MAP_TAGS:
             raise _Refused(_pos(start.start_mark), _tag_refused(start.tag, "mapping"))
+        start_pos = _pos(start.start_mark)
         value: dict[str, Any] = {}
         marks: dict[str, tuple[Pos, Marks | Pos]] = {}
         merged: list[tuple[dict, Marks]] = []
         nodes, nbytes = 1, 0
-        self._count(1, 0, _pos(start.start_mark))
-        for event in self.events:
-            if isinstance(event, ev.MappingEndEvent):
+        self._count(1, 0, start_pos)
+        get_event, leaf, node = self.get_event, self._leaf, self.node
+        while True:
+            event = get_event()
+            kind = type(event)
+            if kind is _MAPPING_END:
                 break
-            if not isinstance(event, ev.ScalarEvent):
+            if kind is not _SCALAR:
                 raise _Refused(_pos(event.start_mark), "mapping keys must be plain text")
-            key, key_pos = event.value, _pos(event.start_mark)
+            # Interned: every job repeats the same few keys (one string each, not one per job).
+            key, key_pos = sys.intern(event.value), _pos(event.start_mark)
             if event.tag not in (None, "!"):
                 _scalar(event)  # a tagged key is kept as text, but its tag must fit it as anywhere else
             key_bytes = len(key) if key.isascii() else _text_bytes(key)
             self.expanded_bytes += key_bytes  # checked by the value's own count, next
-            child, child_marks, n, b = self.node(next(self.events))
+            plain_key = event.implicit[0]
+            event = get_event()
+            child, child_marks, n, b = leaf(event) if type(event) is _SCALAR else node(event)
             nodes += n
             nbytes += b + key_bytes
-            if key == "<<" and event.implicit[0]:
+            if key == "<<" and plain_key:
                 merged.extend(self._merge_sources(child, child_marks, key_pos))
                 continue
             if key in value:
@@ -272,7 +312,7 @@ class _Builder:
                 if key not in value:
                     value[key] = item
                     marks[key] = source_marks.children[key]
-        return value, Marks(_pos(start.start_mark), marks), nodes, nbytes
+        return value, Marks(start_pos, marks), nodes, nbytes
 
     @staticmethod
     def _merge_sources(child, child_marks, pos: Pos):
@@ -351,15 +391,22 @@ def _unquoted_colon_key(text: str, line_index: int) -> str | None:
 
 def _build(text: str, loader) -> tuple[Any, Marks | Pos] | None:
     """Build the single document of `text` with `loader`'s parser; None for an empty stream."""
-    events = iter(yaml.parse(text, Loader=loader))
-    builder = _Builder(events)
-    document = None
-    for event in events:
-        if isinstance(event, ev.DocumentStartEvent):
-            if document is not None:
-                raise _Refused(_pos(event.start_mark), "only one YAML document is allowed per manifest")
-            document = builder.node(next(events))[:2]
-    return document
+    parser = loader(text)
+    try:
+        get_event = parser.get_event
+        builder = _Builder(get_event)
+        document = None
+        while True:
+            event = get_event()
+            kind = type(event)
+            if kind is ev.StreamEndEvent or event is None:
+                return document
+            if kind is ev.DocumentStartEvent:
+                if document is not None:
+                    raise _Refused(_pos(event.start_mark), "only one YAML document is allowed per manifest")
+                document = builder.node(get_event())[:2]
+    finally:
+        parser.dispose()
 
 
 def _own_refusal_before(text: str, exc: yaml.YAMLError) -> _Refused | None:
