@@ -34,10 +34,12 @@ Location = tuple[str, int, int, str]  # file, line, column, where (such as "jobs
 PRICE_KEYS = ("usd_per_second", "usd_per_second_with_audio", "usd_per_output")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """One job to run. `input` is what the manifest says (local image paths as written); `api_input()` is
-    what is sent. `input_sha256` covers the bytes of local images too, so editing one changes the job."""
+    what is sent. `input_sha256` covers the bytes of local images too, so editing one changes the job.
+
+    Slotted: a 100,000-job manifest keeps 100,000 of them (a dict per instance would be 50 MB more)."""
 
     index: int  # position in Manifest.jobs (matrices expanded; jobs_from rows after the jobs list)
     id: str
