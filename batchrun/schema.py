@@ -442,4 +442,6 @@ def check_input(model: Model, job_input: dict[str, Any], *, local_refs: list | N
     for error in _schema_errors(model, job_input):
         findings.extend(_schema_findings(error))
     findings.extend(_prose_rules(model, job_input, local_refs))
+    if len(findings) < 2:  # the usual valid job: nothing to order
+        return findings
     return sorted(findings, key=lambda f: [str(p) for p in f.path])
