@@ -67,7 +67,8 @@ class Marks:
     `node_at`, which give `Pos` tuples.
 
     A 100,000-job manifest has about 600,000 positions, kept while its jobs are checked, so inside the
-    tree a scalar's position is one packed int (`_pack`: a third of the memory of a tuple of two ints).
+    tree a scalar's position is one int, `line << _COLUMN_BITS | column` (a third of the memory of a tuple
+    of two ints).
     For a sequence, `children` is a list of children: a `Marks` for a container, a packed position for
     a scalar. For a mapping, it maps each key to its key's and its value's positions: one int for a
     scalar value (`key << 64 | value`, both packed), `(packed key position, Marks)` for a container.
@@ -81,11 +82,6 @@ class Marks:
 _COLUMN_BITS = 32  # a column is below 2**32: a line of 4 GiB cannot be read (files are capped at 32 MiB)
 _COLUMN_MASK = (1 << _COLUMN_BITS) - 1
 _POS_MASK = (1 << 2 * _COLUMN_BITS) - 1
-
-
-def _pack(mark) -> int:
-    """A parser mark's 1-based (line, column) as one int."""
-    return (mark.line + 1) << _COLUMN_BITS | (mark.column + 1)
 
 
 def _unpack(packed: int | Pos) -> Pos:
@@ -263,7 +259,7 @@ class _Builder:
         text = event.value
         nbytes = len(text) if text.isascii() else _text_bytes(text)
         mark = event.start_mark
-        pos = (mark.line + 1) << _COLUMN_BITS | (mark.column + 1)  # _pack, inlined
+        pos = (mark.line + 1) << _COLUMN_BITS | (mark.column + 1)  # packed (see `Marks`)
         self.expanded += 1
         self.expanded_bytes += nbytes
         if self.expanded > MAX_EXPANDED_NODES or self.expanded_bytes > MAX_EXPANDED_BYTES:
@@ -313,7 +309,8 @@ class _Builder:
             if kind is not _SCALAR:
                 raise _Refused(_pos(event.start_mark), "mapping keys must be plain text")
             # Interned: every job repeats the same few keys (one string each, not one per job).
-            key, key_pos = sys.intern(event.value), _pack(event.start_mark)
+            key, mark = sys.intern(event.value), event.start_mark
+            key_pos = (mark.line + 1) << _COLUMN_BITS | (mark.column + 1)  # packed (see `Marks`)
             if event.tag not in (None, "!"):
                 _scalar(event)  # a tagged key is kept as text, but its tag must fit it as anywhere else
             key_bytes = len(key) if key.isascii() else _text_bytes(key)
