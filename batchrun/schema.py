@@ -9,15 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import functools
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
 
-from batchrun import echo, imageinfo
+from batchrun import echo, imageinfo, schemacompile
 from batchrun.models import Model
 
 
@@ -36,6 +38,8 @@ _validators: dict[str, tuple[dict, Any]] = {}  # per model id: (its schema, its 
 # Per model id: (its schema, (validator of the schema with type-only properties set to `true`,
 # {property: Python type})).
 _fast_paths: dict[str, tuple[dict, tuple[Any, dict[str, type]]]] = {}
+# Per model id: (its schema, its compiled check or None).
+_quick_checks: dict[str, tuple[dict, schemacompile.Check | None]] = {}
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
 
 
@@ -108,23 +112,41 @@ def _schema_findings(error: jsonschema.ValidationError) -> list[Finding]:
     return [Finding(path, echo.cut(echo.redact(error.message), 300))]
 
 
-def _values_at(value: Any, spec: str, path: tuple = ()):
-    """Yield (path, value) for a field spec such as ``elements[].reference_image_urls[]``."""
-    if not spec:
-        yield path, value
+@functools.lru_cache(maxsize=1024)
+def _steps(spec: str) -> tuple[tuple[str, bool], ...]:
+    """A field spec such as ``elements[].reference_image_urls[]`` as ((name, is a list), ...)."""
+    steps = []
+    while spec:
+        head, _, spec = spec.partition(".")
+        steps.append((head[:-2], True) if head.endswith("[]") else (head, False))
+    return tuple(steps)
+
+
+def _values_at(value: Any, spec: str, path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """(path, value) for a field spec such as ``elements[].reference_image_urls[]``, in order."""
+    steps = _steps(spec)
+    if len(steps) == 1 and not steps[0][1]:  # a top-level field, the usual case: no walk
+        name = steps[0][0]
+        return [(path + (name,), value[name])] if isinstance(value, dict) and name in value else []
+    found: list[tuple[tuple, Any]] = []
+    _walk(value, steps, 0, path, found)
+    return found
+
+
+def _walk(value: Any, steps: tuple[tuple[str, bool], ...], at: int, path: tuple, found: list) -> None:
+    if at == len(steps):
+        found.append((path, value))
         return
-    head, _, rest = spec.partition(".")
-    many = head.endswith("[]")
-    name = head[:-2] if many else head
+    name, many = steps[at]
     if not isinstance(value, dict) or name not in value:
         return
     child = value[name]
     if many:
         if isinstance(child, list):
             for i, item in enumerate(child):
-                yield from _values_at(item, rest, path + (name, i))
+                _walk(item, steps, at + 1, path + (name, i), found)
     else:
-        yield from _values_at(child, rest, path + (name,))
+        _walk(child, steps, at + 1, path + (name,), found)
 
 
 # A value that starts like a URL is checked as one; anything else in an image field is a local file's path.
@@ -217,24 +239,74 @@ def _check_data_uri(path: tuple, value: str, model: Model | None = None) -> list
     return findings
 
 
+# An https URL whose host is plain ASCII letters, digits, dots and dashes, without user, port or whitespace:
+# `urlsplit` would give scheme "https", this host and the path up to '?' or '#', so the slow parse (and
+# its port check) is skipped for the usual image URL.
+_PLAIN_HTTPS = re.compile(r"https://([A-Za-z0-9.-]+)(/[^?#\s]*)?(?:\?[^#\s]*)?(?:#\S*)?")
+
+
+def _url_parts(value: str) -> tuple[str, str, str]:
+    """(scheme, netloc, path) of `value` as `urlsplit` reads them; ValueError as `urlsplit` or its port
+    check raise it."""
+    plain = _PLAIN_HTTPS.fullmatch(value)
+    if plain:
+        return "https", plain.group(1), plain.group(2) or ""
+    parts = urlsplit(value)
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    return parts.scheme, parts.netloc, parts.path
+
+
 def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Finding]:
     if not isinstance(value, str):
         return []  # the schema reports the type
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+        scheme, netloc, url_path = _url_parts(value)
     except ValueError:
         return [Finding(path, f"is not a valid URL: {echo.quoted(value)}")]
-    if parts.scheme != "https" or not parts.netloc:
-        if parts.scheme == "http":
+    if scheme != "https" or not netloc:
+        if scheme == "http":
             return [Finding(path, "must be an https:// URL (RunComfy fetches inputs over HTTPS only)")]
         return [Finding(path, f"must be an https:// URL, got {echo.quoted(value)}")]
-    ending = parts.path.rsplit(".", 1)[-1].lower() if "." in parts.path.rsplit("/", 1)[-1] else ""
+    ending = url_path.rsplit(".", 1)[-1].lower() if "." in url_path.rsplit("/", 1)[-1] else ""
     if extensions and ending not in extensions:
         allowed = ", ".join(extensions)
         return [Finding(path, f"the URL does not end in a known image type ({allowed}); "
                               "fine if the host serves an image anyway", "warning")]
     return []
+
+
+Finder = Callable[[Any], Sequence[tuple[tuple, Any]]]  # a field spec's (path, value) pairs in an input
+
+
+def _finder(spec: str) -> Finder:
+    """`_values_at` for one spec, with a top-level field (most of them) looked up without a walk."""
+    steps = _steps(spec)
+    if len(steps) == 1 and not steps[0][1]:
+        name = steps[0][0]
+        path = (name,)
+        return lambda value: ((path, value[name]),) if isinstance(value, dict) and name in value else ()
+    return lambda value: _values_at(value, spec)
+
+
+# Per model id: (the model, the finders of its rules' fields), made once per model, not once per job.
+_finders: dict[str, tuple[Model, tuple]] = {}
+
+
+def _rule_fields(model: Model) -> tuple[tuple[tuple[Finder, int], ...], tuple[tuple[Finder, int], ...],
+                                        tuple[Finder, ...], tuple[Finder, ...]]:
+    """The finders of `warn_max_chars`, `warn_max_items` (each with its limit), the image fields, and the
+    video and audio fields, in the order of the model's data file."""
+    cached = _finders.get(model.model_id)
+    if cached is None or cached[0] is not model:
+        rules, urls = model.rules, model.url_fields
+        cached = (model, (
+            tuple((_finder(spec), limit) for spec, limit in rules.get("warn_max_chars", {}).items()),
+            tuple((_finder(spec), limit) for spec, limit in rules.get("warn_max_items", {}).items()),
+            tuple(_finder(spec) for spec in urls.get("image", [])),
+            tuple(_finder(spec) for kind in ("video", "audio") for spec in urls.get(kind, [])),
+        ))
+        _finders[model.model_id] = cached
+    return cached[1]
 
 
 def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | None) -> list[Finding]:
@@ -260,18 +332,19 @@ def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | Non
                                     f"segment {item_field}s add up to {shown} = {sum(parts)}, "
                                     f"but {rule['total']} is {total}{whence}; they must be equal",
                                     depends_on=rule["total"]))
-    for spec, limit in rules.get("warn_max_chars", {}).items():
-        for path, value in _values_at(job_input, spec):
+    max_chars, max_items, image_fields, media_fields = _rule_fields(model)
+    for find, limit in max_chars:
+        for path, value in find(job_input):
             if isinstance(value, str) and len(value) > limit:
                 findings.append(Finding(path, f"is {len(value)} characters; Kling accepts at most {limit}",
                                         "warning"))
-    for spec, limit in rules.get("warn_max_items", {}).items():
-        for path, value in _values_at(job_input, spec):
+    for find, limit in max_items:
+        for path, value in find(job_input):
             if isinstance(value, list) and len(value) > limit:
                 findings.append(Finding(path, f"has {len(value)} items; Kling accepts at most {limit}",
                                         "warning"))
-    for spec in model.url_fields.get("image", []):
-        for path, value in _values_at(job_input, spec):
+    for find in image_fields:
+        for path, value in find(job_input):
             if not isinstance(value, str):
                 continue  # the schema reports the type
             kind = image_ref_kind(value)
@@ -281,10 +354,9 @@ def _prose_rules(model: Model, job_input: dict[str, Any], local_refs: list | Non
                 findings.extend(_check_data_uri(path, value, model))
             elif local_refs is not None:
                 local_refs.append((path, value))  # checked by the caller, which knows the manifest's folder
-    for kind in ("video", "audio"):  # sent as https:// URLs only (no local files yet for these kinds)
-        for spec in model.url_fields.get(kind, []):
-            for path, value in _values_at(job_input, spec):
-                findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
+    for find in media_fields:  # video and audio: sent as https:// URLs only (no local files yet for these kinds)
+        for path, value in find(job_input):
+            findings.extend(f for f in _check_url(path, value, ()) if f.severity == "error")
     findings.extend(_field_rules(rules, job_input))
     return findings
 
@@ -335,7 +407,22 @@ def _fast_path(model: Model) -> tuple[Any, dict[str, type]]:
     return fast
 
 
+def quick_check(model: Model) -> schemacompile.Check | None:
+    """The model's schema compiled to plain checks (see `batchrun.schemacompile`), built once per model;
+    None when the schema cannot be compiled."""
+    cached = _quick_checks.get(model.model_id)
+    if cached is None or cached[0] is not model.input_schema:
+        validator = validator_for(model)
+        base = jsonschema.validators.validator_for(model.input_schema)
+        cached = (model.input_schema, schemacompile.compile_schema(model.input_schema, type(validator), base))
+        _quick_checks[model.model_id] = cached
+    return cached[1]
+
+
 def _schema_errors(model: Model, job_input: Any):
+    quick = quick_check(model)
+    if quick is not None and quick(job_input):
+        return ()  # certainly valid: jsonschema would find nothing
     residual, kinds = _fast_path(model)
     if isinstance(job_input, dict) and all(
         isinstance(value, kinds[key]) for key, value in job_input.items() if key in kinds
@@ -355,4 +442,6 @@ def check_input(model: Model, job_input: dict[str, Any], *, local_refs: list | N
     for error in _schema_errors(model, job_input):
         findings.extend(_schema_findings(error))
     findings.extend(_prose_rules(model, job_input, local_refs))
+    if len(findings) < 2:  # the usual valid job: nothing to order
+        return findings
     return sorted(findings, key=lambda f: [str(p) for p in f.path])

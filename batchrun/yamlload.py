@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,16 +61,36 @@ _resolver = yaml.resolver.Resolver()
 _constructor = yaml.SafeLoader("")
 
 
-@dataclass
+@dataclass(slots=True)
 class Marks:
-    """Where a mapping or sequence and its children stand in the file.
+    """Where a mapping or sequence and its children stand in the file; read it with `position_of` and
+    `node_at`, which give `Pos` tuples.
 
-    For a mapping, `children` maps each key to `(key_pos, child)`; for a sequence it is a list of
-    children. A child is a `Marks` for a container or a bare position for a scalar.
+    A 100,000-job manifest has about 600,000 positions, kept while its jobs are checked, so inside the
+    tree a scalar's position is one int, `line << _COLUMN_BITS | column` (a third of the memory of a tuple
+    of two ints).
+    For a sequence, `children` is a list of children: a `Marks` for a container, a packed position for
+    a scalar. For a mapping, it maps each key to its key's and its value's positions: one int for a
+    scalar value (`key << 64 | value`, both packed), `(packed key position, Marks)` for a container.
+    `pos` is the container's own position.
     """
 
     pos: Pos
-    children: dict[str, tuple[Pos, Marks | Pos]] | list[Marks | Pos] = field(default_factory=dict)
+    children: dict[str, int | tuple[int, Marks]] | list[Marks | int] = field(default_factory=dict)
+
+
+_COLUMN_BITS = 32  # a column is below 2**32: a line of 4 GiB cannot be read (files are capped at 32 MiB)
+_COLUMN_MASK = (1 << _COLUMN_BITS) - 1
+_POS_MASK = (1 << 2 * _COLUMN_BITS) - 1
+
+
+def _unpack(packed: int | Pos) -> Pos:
+    return packed if isinstance(packed, tuple) else (packed >> _COLUMN_BITS, packed & _COLUMN_MASK)
+
+
+def _entry(entry: int | tuple[int, Marks]) -> tuple[int, Marks | int]:
+    """A mapping child's (packed key position, child)."""
+    return (entry >> 2 * _COLUMN_BITS, entry & _POS_MASK) if isinstance(entry, int) else entry
 
 
 def position_of(marks: Marks | Pos, path: tuple, *, key: bool = False) -> Pos:
@@ -78,35 +99,35 @@ def position_of(marks: Marks | Pos, path: tuple, *, key: bool = False) -> Pos:
     With `key=True` and a path ending in a mapping key, points at the key rather than its value,
     which is where a user looks for a misspelt or unexpected key.
     """
-    current: Marks | Pos = marks
+    current: Marks | Pos | int = marks
     for i, step in enumerate(path):
         if not isinstance(current, Marks):
             break
         children = current.children
         if isinstance(children, dict) and isinstance(step, str) and step in children:
-            key_pos, child = children[step]
+            key_pos, child = _entry(children[step])
             if key and i == len(path) - 1:
-                return key_pos
+                return _unpack(key_pos)
             current = child
         elif isinstance(children, list) and isinstance(step, int) and 0 <= step < len(children):
             current = children[step]
         else:
             break
-    return current.pos if isinstance(current, Marks) else current
+    return current.pos if isinstance(current, Marks) else _unpack(current)
 
 
 def node_at(marks: Marks | Pos, path: tuple) -> Marks | Pos:
     """The marks of the deepest node along `path` that exists (a position for a scalar)."""
-    current = marks
+    current: Marks | Pos | int = marks
     for step in path:
         children = current.children if isinstance(current, Marks) else None
         if isinstance(children, dict) and isinstance(step, str) and step in children:
-            current = children[step][1]
+            current = _entry(children[step])[1]
         elif isinstance(children, list) and isinstance(step, int) and 0 <= step < len(children):
             current = children[step]
         else:
             break
-    return current
+    return current if isinstance(current, Marks) else _unpack(current)
 
 
 def _pos(mark) -> Pos:
@@ -179,13 +200,26 @@ def _text_bytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+_SCALAR, _ALIAS = ev.ScalarEvent, ev.AliasEvent
+_SEQUENCE_START, _SEQUENCE_END = ev.SequenceStartEvent, ev.SequenceEndEvent
+_MAPPING_START, _MAPPING_END = ev.MappingStartEvent, ev.MappingEndEvent
+# The first characters of a plain scalar that some implicit tag (int, bool, null...) may claim: any other
+# plain scalar is text without asking the resolver (about half the cost of a 100,000-job load's scalars).
+_IMPLICIT_FIRST = frozenset(_resolver.yaml_implicit_resolvers)
+_ANY_FIRST = None in _IMPLICIT_FIRST  # a resolver for every first character: always ask
+
+
 class _Builder:
     """Turns the parser's event stream into (value, marks), counting the nodes and the bytes of text
-    (scalars and keys) that the document holds once every alias is expanded."""
+    (scalars and keys) that the document holds once every alias is expanded.
 
-    def __init__(self, events):
-        self.events = events
-        self.anchors: dict[str, tuple[Any, Marks | Pos, int, int]] = {}
+    `get_event` is the parser's own: called directly, it saves a generator step and a `check_event`
+    call per event. The event classes are PyYAML's (the C parser makes the same ones), compared by type.
+    """
+
+    def __init__(self, get_event):
+        self.get_event = get_event
+        self.anchors: dict[str, tuple[Any, Marks | int, int, int]] = {}
         self.expanded = 0
         self.expanded_bytes = 0
         self.depth = 0
@@ -198,27 +232,43 @@ class _Builder:
         if self.expanded_bytes > MAX_EXPANDED_BYTES:
             raise _Refused(pos, f"aliases expand past {MAX_EXPANDED_BYTES // 2**20} MiB of text (an alias bomb?)")
 
-    def node(self, event) -> tuple[Any, Marks | Pos, int, int]:
+    def node(self, event) -> tuple[Any, Marks | int, int, int]:
         """Build the node that starts with `event`; returns (value, marks, expanded nodes, expanded bytes)."""
-        if isinstance(event, ev.AliasEvent):
+        kind = type(event)
+        if kind is _SCALAR:
+            return self._leaf(event)
+        if kind is _ALIAS:
             if event.anchor not in self.anchors:
                 raise _Refused(_pos(event.start_mark), f"unknown alias *{echo.cut(event.anchor, 80)}")
             built = self.anchors[event.anchor]
             self._count(built[2], built[3], _pos(event.start_mark))
             return built
-        if isinstance(event, ev.ScalarEvent):
-            text = event.value
-            nbytes = len(text) if text.isascii() else _text_bytes(text)
-            self._count(1, nbytes, _pos(event.start_mark))
-            built = (_scalar(event), _pos(event.start_mark), 1, nbytes)
-        elif isinstance(event, (ev.SequenceStartEvent, ev.MappingStartEvent)):
+        if kind is _SEQUENCE_START or kind is _MAPPING_START:
             self.depth += 1
             if self.depth > MAX_DEPTH:
                 raise _Refused(_pos(event.start_mark), f"nested more than {MAX_DEPTH} levels deep")
-            built = self._sequence(event) if isinstance(event, ev.SequenceStartEvent) else self._mapping(event)
+            built = self._sequence(event) if kind is _SEQUENCE_START else self._mapping(event)
             self.depth -= 1
-        else:  # pragma: no cover - the parser guarantees node events here
-            raise _Refused(_pos(event.start_mark), "unexpected YAML structure")
+            if event.anchor:
+                self.anchors[event.anchor] = built
+            return built
+        raise _Refused(_pos(event.start_mark), "unexpected YAML structure")  # pragma: no cover - parser's order
+
+    def _leaf(self, event: ev.ScalarEvent) -> tuple[Any, int, int, int]:
+        """A scalar node (the bulk of a manifest): `node`'s work for it, with its common case inlined."""
+        text = event.value
+        nbytes = len(text) if text.isascii() else _text_bytes(text)
+        mark = event.start_mark
+        pos = (mark.line + 1) << _COLUMN_BITS | (mark.column + 1)  # packed (see `Marks`)
+        self.expanded += 1
+        self.expanded_bytes += nbytes
+        if self.expanded > MAX_EXPANDED_NODES or self.expanded_bytes > MAX_EXPANDED_BYTES:
+            self._count(0, 0, _pos(mark))  # raises the refusal
+        if event.tag is None and (not event.implicit[0]
+                                  or (text and not _ANY_FIRST and text[0] not in _IMPLICIT_FIRST)):
+            built = (text, pos, 1, nbytes)  # quoted, or plain text no implicit tag can claim
+        else:
+            built = (_scalar(event), pos, 1, nbytes)
         if event.anchor:
             self.anchors[event.anchor] = built
         return built
@@ -226,53 +276,65 @@ class _Builder:
     def _sequence(self, start: ev.SequenceStartEvent):
         if start.tag not in _SEQ_TAGS:
             raise _Refused(_pos(start.start_mark), _tag_refused(start.tag, "list"))
+        start_pos = _pos(start.start_mark)
         items, marks, nodes, nbytes = [], [], 1, 0
-        self._count(1, 0, _pos(start.start_mark))
-        for event in self.events:
-            if isinstance(event, ev.SequenceEndEvent):
-                return items, Marks(_pos(start.start_mark), marks), nodes, nbytes
-            value, mark, n, b = self.node(event)
+        self._count(1, 0, start_pos)
+        get_event, leaf, node = self.get_event, self._leaf, self.node
+        while True:
+            event = get_event()
+            kind = type(event)
+            if kind is _SEQUENCE_END:
+                return items, Marks(start_pos, marks), nodes, nbytes
+            value, mark, n, b = leaf(event) if kind is _SCALAR else node(event)
             items.append(value)
             marks.append(mark)
             nodes += n
             nbytes += b
-        raise _Refused(_pos(start.start_mark), "unterminated sequence")  # pragma: no cover
 
     def _mapping(self, start: ev.MappingStartEvent):
         if start.tag not in _MAP_TAGS:
             raise _Refused(_pos(start.start_mark), _tag_refused(start.tag, "mapping"))
+        start_pos = _pos(start.start_mark)
         value: dict[str, Any] = {}
-        marks: dict[str, tuple[Pos, Marks | Pos]] = {}
+        marks: dict[str, int | tuple[int, Marks]] = {}
         merged: list[tuple[dict, Marks]] = []
         nodes, nbytes = 1, 0
-        self._count(1, 0, _pos(start.start_mark))
-        for event in self.events:
-            if isinstance(event, ev.MappingEndEvent):
+        self._count(1, 0, start_pos)
+        get_event, leaf, node = self.get_event, self._leaf, self.node
+        while True:
+            event = get_event()
+            kind = type(event)
+            if kind is _MAPPING_END:
                 break
-            if not isinstance(event, ev.ScalarEvent):
+            if kind is not _SCALAR:
                 raise _Refused(_pos(event.start_mark), "mapping keys must be plain text")
-            key, key_pos = event.value, _pos(event.start_mark)
+            # Interned: every job repeats the same few keys (one string each, not one per job).
+            key, mark = sys.intern(event.value), event.start_mark
+            key_pos = (mark.line + 1) << _COLUMN_BITS | (mark.column + 1)  # packed (see `Marks`)
             if event.tag not in (None, "!"):
                 _scalar(event)  # a tagged key is kept as text, but its tag must fit it as anywhere else
             key_bytes = len(key) if key.isascii() else _text_bytes(key)
             self.expanded_bytes += key_bytes  # checked by the value's own count, next
-            child, child_marks, n, b = self.node(next(self.events))
+            plain_key = event.implicit[0]
+            event = get_event()
+            child, child_marks, n, b = leaf(event) if type(event) is _SCALAR else node(event)
             nodes += n
             nbytes += b + key_bytes
-            if key == "<<" and event.implicit[0]:
-                merged.extend(self._merge_sources(child, child_marks, key_pos))
+            if key == "<<" and plain_key:
+                merged.extend(self._merge_sources(child, child_marks, _unpack(key_pos)))
                 continue
             if key in value:
-                line = marks[key][0][0]
-                raise _Refused(key_pos, f"duplicate key {echo.quoted(key)} (first defined on line {line})")
+                line = _unpack(_entry(marks[key])[0])[0]
+                raise _Refused(_unpack(key_pos), f"duplicate key {echo.quoted(key)} (first defined on line {line})")
             value[key] = child
-            marks[key] = (key_pos, child_marks)
+            marks[key] = key_pos << 2 * _COLUMN_BITS | child_marks if type(child_marks) is int \
+                else (key_pos, child_marks)
         for source, source_marks in merged:  # YAML merge keys: explicit keys win
             for key, item in source.items():
                 if key not in value:
                     value[key] = item
                     marks[key] = source_marks.children[key]
-        return value, Marks(_pos(start.start_mark), marks), nodes, nbytes
+        return value, Marks(start_pos, marks), nodes, nbytes
 
     @staticmethod
     def _merge_sources(child, child_marks, pos: Pos):
@@ -351,15 +413,22 @@ def _unquoted_colon_key(text: str, line_index: int) -> str | None:
 
 def _build(text: str, loader) -> tuple[Any, Marks | Pos] | None:
     """Build the single document of `text` with `loader`'s parser; None for an empty stream."""
-    events = iter(yaml.parse(text, Loader=loader))
-    builder = _Builder(events)
-    document = None
-    for event in events:
-        if isinstance(event, ev.DocumentStartEvent):
-            if document is not None:
-                raise _Refused(_pos(event.start_mark), "only one YAML document is allowed per manifest")
-            document = builder.node(next(events))[:2]
-    return document
+    parser = loader(text)
+    try:
+        get_event = parser.get_event
+        builder = _Builder(get_event)
+        document = None
+        while True:
+            event = get_event()
+            kind = type(event)
+            if kind is ev.StreamEndEvent or event is None:
+                return document
+            if kind is ev.DocumentStartEvent:
+                if document is not None:
+                    raise _Refused(_pos(event.start_mark), "only one YAML document is allowed per manifest")
+                document = builder.node(get_event())[:2]
+    finally:
+        parser.dispose()
 
 
 def _own_refusal_before(text: str, exc: yaml.YAMLError) -> _Refused | None:
@@ -397,7 +466,8 @@ def load_text(text: str, name: str) -> tuple[Any, Marks | Pos]:
         raise ManifestError([_yaml_error_problem(exc, text, name)]) from None
     if document is None:
         raise ManifestError([Problem(name, 1, 1, "", "the manifest is empty")])
-    return document[0], document[1]
+    value, marks = document
+    return value, marks if isinstance(marks, Marks) else _unpack(marks)
 
 
 def load_file(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Any, Marks | Pos]:
@@ -423,4 +493,6 @@ def load_file(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Any, Mark
     if len(data) > max_bytes:
         raise refuse(f"the file is {size / 2**20:.1f} MiB; manifests are limited to {max_bytes // 2**20} MiB "
                      "(split the batch into several manifests)")
-    return load_text(_decode(data, name), name)
+    text = _decode(data, name)
+    del data  # 32 MiB at most, not to be held while the document is built
+    return load_text(text, name)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from batchrun.errors import BatchrunError
@@ -62,7 +64,13 @@ class Model:
 
     def estimate_cost(self, job_input: dict[str, Any], price: Price | None = None) -> float | None:
         """The cost in USD the price formula gives for this input, or None when the price is unknown."""
-        return estimate(price or self.price, job_input, self.defaults())
+        return estimate(price or self.price, job_input, self._defaults)
+
+    @functools.cached_property
+    def _defaults(self) -> Mapping[str, Any]:
+        # `defaults()` walks the schema: once per model, not once per job and estimate (a 100,000-job
+        # plan asks for several estimates per job). Read-only, as it is shared.
+        return MappingProxyType(self.defaults())
 
 
 def _model(fields: dict[str, Any], origin: str) -> Model:
