@@ -660,7 +660,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": spend.total_usd,
                                               "simulated": sandbox,
                                               "stop_reason": scheduler.stop_reason,
-                                              "calls": dict(scheduler.calls)})
+                                              "calls": dict(scheduler.calls),
+                                              "ledger_commits": ledger.commits})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
     # After the run's end is recorded, so the report shows this run finished, with its exit code.

@@ -115,42 +115,28 @@ def _server_duration(result: Result) -> float | None:
 
 
 class _IntentBatch:
-    """Makes the intents of jobs about to be POSTed durable together, with one FULL commit.
+    """Makes the intents of jobs about to be POSTed durable together: the ledger's commit at the end of
+    this turn of the event loop carries them all (and every other write queued in the turn) and is FULL.
 
-    Jobs that reach their POST in the same turn of the event loop share the fsync; each still waits
-    for its own intent to be on disk before sending. A job whose wait is cancelled may have its
-    intent recorded without a POST: the next run then holds it as `unknown`, the safe side.
+    Each job still waits for its own intent to be on disk before sending. A job whose wait is cancelled
+    may have its intent recorded without a POST: the next run then holds it as `unknown`, the safe side.
     """
 
     def __init__(self, ledger: Ledger, simulated: bool = False):
         self.ledger = ledger
         self.simulated = simulated
-        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._waiting = 0
 
     def __len__(self) -> int:
         """Jobs waiting for their intent to be committed: each sends its POST right after."""
-        return len(self._waiting)
+        return self._waiting
 
     async def commit(self, job_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._waiting.append((job_id, done))
-        if len(self._waiting) == 1:
-            loop.call_soon(self._flush)
-        await done
-
-    def _flush(self) -> None:
-        batch, self._waiting = self._waiting, []
+        self._waiting += 1
         try:
-            self.ledger.mark_submitting([job_id for job_id, _ in batch], simulated=self.simulated)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting job
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        for _, done in batch:
-            if not done.done():
-                done.set_result(None)
+            await self.ledger.mark_submitting_soon(job_id, simulated=self.simulated)
+        finally:
+            self._waiting -= 1
 
 
 class Scheduler:
@@ -341,6 +327,14 @@ class Scheduler:
         )
         # Bounds the number of tasks: remote slots + downloads + a little slack to keep slots busy.
         room = asyncio.Semaphore(self.settings.concurrency + self.options.download_concurrency + 4)
+        # One commit per turn of the event loop for every job's writes (see batchrun.ledger); a commit that
+        # fails stops the run as a failed write always did.
+        self.ledger.on_write_error = lambda exc: self._halt("disk_full", f"{exc}; every job keeps the state "
+                                                                         "last recorded")
+        with self.ledger.group_commits():
+            await self._run(work, room)
+
+    async def _run(self, work: list[tuple[str, Job, JobRow | None]], room: asyncio.Semaphore) -> None:
         try:
             for action, job, row in work:
                 if self.aborted or self._leaving.is_set() or (action == "submit" and self._submitting_stopped()):
