@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import console, mediafacts, outputhosts, schema, startimages, stoprequest
+from batchrun import console, mediafacts, outputhosts, provenance, schema, startimages, stoprequest
 from batchrun.api import Client, make_limiter
 from batchrun.balance import balance_url as default_balance_url
 from batchrun.balance import fetch_balance, judge
@@ -36,7 +36,7 @@ from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
 from batchrun.progress import Progress, describe
-from batchrun.results import write_provenance, write_results
+from batchrun.results import write_results
 from batchrun.scheduler import Scheduler
 from batchrun.servertext import server_text
 from batchrun.spend import Spend
@@ -237,12 +237,16 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
 
 
 def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
-    """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger."""
-    for row in plan.provenance:
-        try:
-            write_provenance(output_dir, ledger.get(row.id) or row)
-        except OSError as exc:
-            log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, exc)
+    """`<id>.json` of done jobs whose file went missing or was damaged (or that a killed run had not
+    written yet: see batchrun.provenance), rebuilt from the ledger, read in one pass."""
+    if not plan.provenance:
+        return
+    fresh = {row.id: row for row in ledger.get_many(row.id for row in plan.provenance)}
+    rows = [fresh.get(row.id, row) for row in plan.provenance]
+    failed = dict(provenance.write_all(output_dir, rows))
+    for row in rows:
+        if row.id in failed:
+            log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, failed[row.id])
         else:
             log.info("%s: rewrote %s.json, which was missing or damaged", row.id, row.id)
 

@@ -57,7 +57,7 @@ from batchrun.outputhosts import HostPolicy
 from batchrun.pacing import SubmitPacer
 from batchrun.plan import Plan, RunOptions
 from batchrun.polling import PollPlanner
-from batchrun.results import write_provenance
+from batchrun.provenance import ProvenanceWriter
 from batchrun.retry import (
     RetryPolicy,
     doubt_delay,
@@ -188,6 +188,7 @@ class Scheduler:
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self.simulated = simulated  # sending to the built-in sandbox, which ends with this process
         self._intents = _IntentBatch(ledger, simulated)
+        self._provenance = ProvenanceWriter(ledger, manifest.output_dir)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._started = clock()
@@ -332,7 +333,11 @@ class Scheduler:
         self.ledger.on_write_error = lambda exc: self._halt("disk_full", f"{exc}; every job keeps the state "
                                                                          "last recorded")
         with self.ledger.group_commits():
-            await self._run(work, room)
+            try:
+                await self._run(work, room)
+            finally:
+                # SPEC: every done job has its <id>.json when the run ends (a killed run's next run writes them).
+                await self._provenance.close()
 
     async def _run(self, work: list[tuple[str, Job, JobRow | None]], room: asyncio.Semaphore) -> None:
         try:
@@ -796,7 +801,7 @@ class Scheduler:
             outputs = await self._download_all(job, request_id, result.output_urls)
             if outputs is not None:
                 self.ledger.mark_done(job.id, outputs)
-                await asyncio.to_thread(write_provenance, self.manifest.output_dir, self.ledger.get(job.id))
+                self._provenance.add(job.id)
                 log.info("%s: done", job.id)
 
     def _output_name(self, job: Job, index: int, url: str) -> str:
