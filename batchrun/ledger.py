@@ -720,8 +720,8 @@ class Ledger:
             "WHERE j.state = 'done' AND j.media_json IS NULL ORDER BY j.rowid")]
 
     def set_media(self, job_id: str, facts: dict[str, Any]) -> None:
-        with self._transaction() as conn:
-            conn.execute("UPDATE jobs SET media_json=? WHERE id=?", (json.dumps(facts), job_id))
+        """Record the facts read from a job's video (queued while commits are grouped)."""
+        self._queue([("UPDATE jobs SET media_json=? WHERE id=?", (json.dumps(facts), job_id), False)])
 
     def _has_table(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() \

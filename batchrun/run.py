@@ -106,6 +106,8 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         self._size = os.fstat(self.stream.fileno()).st_size
         self._console = stream
         self._broken = False
+        self._last_record: logging.LogRecord | None = None
+        self._last_line = ""
 
     def _open(self):
         # Never through a symlink (the base class's open() follows one): a line of server text appended
@@ -118,6 +120,12 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         if not self._broken:
             self._broken = True
             tqdm.write(f"batchrun: cannot write {RUN_LOG} any more: {sys.exc_info()[1]}", file=self._console)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # shouldRollover and emit both format each record: the second time costs nothing.
+        if record is not self._last_record:
+            self._last_record, self._last_line = record, super().format(record)
+        return self._last_line
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
         # Counted here rather than by seeking to the end of the file for every line, as the base class does.
@@ -646,7 +654,9 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             if display:
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
-    _read_media_facts(manifest.output_dir, ledger)
+    ledger.on_write_error = None  # from here on a failed write is logged, and the run's outcome stands
+    with ledger.group_commits():  # the facts of all new videos in one commit, not one per video
+        _read_media_facts(manifest.output_dir, ledger)
     try:
         write_results(ledger, manifest.output_dir)
     except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
