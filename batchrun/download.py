@@ -499,8 +499,9 @@ class _Part:
             raise DownloadError(f"{self.path} was replaced by something else during the download")
         _check_dest(dest)
         os.replace(self.path, dest)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.meta)
+        if self.if_range is not None:  # else no validator file was kept (see `remember`)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.meta)
         return os.fstat(fd)
 
     def discard(self) -> None:

@@ -13,18 +13,22 @@ and is made durable by the next FULL commit. Schema changes are ordered migratio
 `PRAGMA user_version`.
 
 Group commit (`Ledger.group_commits`, used by a run): the run's per-job writes are not committed one
-by one. They are queued in order, and the first write of a turn of the event loop schedules one commit
-at the end of that turn: everything written in the turn shares it (self-clocking: the busier the loop,
-the more writes a commit carries). A turn that holds an intent makes that one commit FULL, and each
-job's POST waits until it has returned (`mark_submitting_soon`). Reads through this object commit what
-is queued first, so a run always reads what it wrote.
+by one. They are queued in order and ride the next commit. An intent (`mark_submitting_soon`) asks for a
+commit at the end of the current turn of the event loop, which is then FULL and carries everything
+queued, and each job's POST waits until it has returned: the intents of one turn share one fsync, and a
+busy run, where some job is always about to be sent, commits about once per turn. Other writes (request
+ids, poll answers, `downloading`, outputs and `done`, errors) wait at most `RIDE_SECONDS` (20 ms) for
+such a commit, then get one of their own. Reads through this object commit what is queued first, so a
+run always reads what it wrote.
 
 What a crash can lose, and why that is safe:
 - SQLite commits are atomic and applied in order, and every commit holds all writes queued before it,
   so the ledger on disk is always a prefix of the run's history: never a later state without the
   earlier ones (e.g. never `done` without the request id that led to it).
-- SIGKILL can lose only the writes of the turn it interrupts (they are not yet committed); a power
-  loss can also lose NORMAL commits made since the last FULL one. Both only ever lose a suffix:
+- SIGKILL can lose only the writes still queued: those of the last `RIDE_SECONDS` at most (without
+  group commit a request id was committed at once: this bounded window is the price of sharing
+  commits); a power loss can also lose NORMAL commits made since the last FULL one. Both only ever
+  lose a suffix:
   - a lost intent is impossible: the POST is sent only after its FULL commit has returned;
   - a lost request id leaves the job `submitting`, which the next run holds as `unknown` and never
     submits again without `--resubmit-unknown` (a result to look up by hand, never a second payment);
@@ -57,6 +61,8 @@ from batchrun.errors import LedgerError
 from batchrun.spend import Spend, add_up
 
 LEDGER_NAME = "ledger.sqlite"
+# Longest a run's queued writes wait for a commit to ride when no intent comes (see group commit above).
+RIDE_SECONDS = 0.02
 log = logging.getLogger("batchrun.ledger")
 
 STATES = ("pending", "submitting", "unknown", "queued", "running", "downloading", "done", "failed", "cancelled")
@@ -246,7 +252,9 @@ class Ledger:
         self._queued: list[tuple[str, Any, bool]] = []  # (sql, parameters, executemany)
         self._queued_notes: list[str] = []
         self._durable_waiters: list[asyncio.Future] = []
-        self._commit_scheduled = False
+        self._commit_handle: asyncio.Handle | None = None
+        self._commit_soon = False
+        self.ride_seconds = RIDE_SECONDS
         self.on_write_error: Callable[[LedgerWriteError], None] | None = None
         self.commits = 0  # write transactions committed through this object (a benchmark figure)
 
@@ -329,8 +337,8 @@ class Ledger:
         try:
             yield
         finally:
-            self._loop = None
             self._commit_turn()
+            self._loop = None
 
     def flush(self) -> None:
         """Commit the queued writes now (nothing to do when none are queued). Raises LedgerWriteError."""
@@ -349,15 +357,25 @@ class Ledger:
         self._queued.extend(statements)
         if note is not None:
             self._queued_notes.append(note)
-        self._schedule()
+        self._schedule(soon=False)
 
-    def _schedule(self) -> None:
-        if not self._commit_scheduled and self._loop is not None:
-            self._commit_scheduled = True
-            self._loop.call_soon(self._commit_turn)
+    def _schedule(self, *, soon: bool) -> None:
+        """Make sure a commit will come: at the end of this turn for an intent, else within `ride_seconds`
+        (writes queued meanwhile, and any intent's commit before then, carry them)."""
+        if self._loop is None:
+            return
+        if self._commit_handle is not None:
+            if self._commit_soon or not soon:
+                return
+            self._commit_handle.cancel()
+        self._commit_soon = soon
+        self._commit_handle = (self._loop.call_soon(self._commit_turn) if soon
+                               else self._loop.call_later(self.ride_seconds, self._commit_turn))
 
     def _commit_turn(self) -> None:
-        self._commit_scheduled = False
+        if self._commit_handle is not None:
+            self._commit_handle.cancel()  # a no-op when it is the handle running now
+            self._commit_handle = None
         try:
             self.flush()
         except LedgerWriteError as exc:
@@ -588,7 +606,7 @@ class Ledger:
         waiter = self._loop.create_future()
         self._durable_waiters.append(waiter)
         self._moved(job_id, "submitting")
-        self._schedule()
+        self._schedule(soon=True)
         return waiter
 
     def mark_submitted(self, job_id: str, request_id: str) -> None:

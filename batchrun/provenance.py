@@ -7,28 +7,57 @@ between leaves some done jobs without one; the next run's plan finds them (`Plan
 by `results.provenance_intact`) and writes them before it does anything else. The files are derived
 from the ledger and are not fsynced (as before): a lost one is rebuilt the same way.
 
-Batching: jobs are queued as they become `done`; once `batch` are waiting and no batch is being
-written, their rows are read from the ledger in one pass (`Ledger.get_many`, which commits the queued
-`done` first, so a file never precedes its job's `done` on disk) and written in one worker-thread trip.
-Choice where the issue was silent: 256 jobs a batch, so a kill costs the next run at most a few
-hundred small files to write, and a 10,000-job run makes about 40 trips instead of 10,000.
+Batching: jobs are queued as they become `done`; once `batch` are waiting, their rows are read from the
+ledger in one pass (`Ledger.get_many`, which commits the queued `done` first, so a file never precedes
+its job's `done` on disk) and their files written at once, on the event loop's own thread: a worker
+thread would spend more in handing the interpreter lock back and forth (several futex calls per file)
+than the few milliseconds the batch blocks the loop. Choices where the issue was silent: 256 jobs a
+batch, so a kill costs the next run at most a few hundred small files to write, and `status` during a
+run shows at most that many as missing.
+
+A file that does not exist yet is created in place (`O_EXCL`, one write) rather than through a
+temporary file and a rename: a kill mid-write leaves a cut file, which `provenance_intact` finds
+damaged and the next run rewrites; an existing file is replaced atomically as before.
 """
 
 from __future__ import annotations
 
-import asyncio
+import errno
+import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from batchrun.crashpoints import crashpoint
 from batchrun.errors import LedgerError
 from batchrun.ledger import JobRow, Ledger
-from batchrun.results import write_provenance
+from batchrun.results import job_record, provenance_path, write_provenance
 
 log = logging.getLogger("batchrun.run")
 
 BATCH = 256
+
+
+def _write_new(output_dir: Path, row: JobRow) -> bool:
+    """Create `<id>.json` if it does not exist (never through a link); False if something is there."""
+    record = job_record(row)
+    record.update({"model": row.model, "input": row.input})
+    data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        fd = os.open(provenance_path(output_dir, row), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ELOOP):
+            return False
+        raise
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return True
 
 
 def write_all(output_dir: Path, rows: Iterable[JobRow]) -> list[tuple[str, OSError]]:
@@ -36,47 +65,38 @@ def write_all(output_dir: Path, rows: Iterable[JobRow]) -> list[tuple[str, OSErr
     failed = []
     for row in rows:
         try:
-            write_provenance(output_dir, row)
+            if not _write_new(output_dir, row):
+                write_provenance(output_dir, row)  # replaces whatever is there (a link included) atomically
         except OSError as exc:
             failed.append((row.id, exc))
     return failed
 
 
 class ProvenanceWriter:
-    """Writes the provenance files of jobs that became `done`, `batch` at a time, off the event loop."""
+    """Writes the provenance files of jobs that became `done`, `batch` at a time."""
 
     def __init__(self, ledger: Ledger, output_dir: Path, batch: int = BATCH):
         self.ledger = ledger
         self.output_dir = output_dir
         self.batch = batch
         self._waiting: list[str] = []
-        self._trip: asyncio.Future | None = None
-        self.trips = 0  # worker-thread trips made (a benchmark figure)
+        self.batches = 0  # batches written (a benchmark figure)
 
     def add(self, job_id: str) -> None:
         """`job_id` is done (its `done` may still be queued in the ledger): its file is owed."""
         self._waiting.append(job_id)
-        if len(self._waiting) >= self.batch and self._trip is None:
-            self._trip = self._start()
+        if len(self._waiting) >= self.batch:
+            try:
+                self._write()
+            except LedgerError as exc:  # the run stops on it elsewhere; the next run writes the files
+                self._report(exc)
 
-    def _start(self) -> asyncio.Future:
+    def _write(self) -> None:
         ids, self._waiting = self._waiting, []
         rows = [row for row in self.ledger.get_many(ids) if row.state == "done"]
         crashpoint("provenance_batch")
-        self.trips += 1
-        trip = asyncio.get_running_loop().run_in_executor(None, write_all, self.output_dir, rows)
-        trip.add_done_callback(self._finished)
-        return trip
-
-    def _finished(self, trip: asyncio.Future) -> None:
-        self._trip = None
-        if not trip.cancelled():
-            self._report(trip.exception() or trip.result())
-        if len(self._waiting) >= self.batch:
-            try:
-                self._trip = self._start()
-            except LedgerError as exc:  # the run stops on it elsewhere; the next run writes the files
-                self._report(exc)
+        self.batches += 1
+        self._report(write_all(self.output_dir, rows))
 
     @staticmethod
     def _report(outcome: list[tuple[str, OSError]] | BaseException) -> None:
@@ -86,13 +106,11 @@ class ProvenanceWriter:
         for job_id, exc in outcome:
             log.warning("%s: could not write %s.json: %s; the next run writes it", job_id, job_id, exc)
 
-    async def close(self) -> None:
-        """Write every file still owed (the batch under way, then the rest in one trip). A ledger that
-        cannot be read or written is logged, not raised: the next run writes the missing files."""
-        try:
-            while self._trip is not None or self._waiting:
-                if self._trip is None:
-                    self._trip = self._start()
-                await asyncio.shield(self._trip)
-        except LedgerError as exc:
-            self._report(exc)
+    def close(self) -> None:
+        """Write every file still owed. A ledger that cannot be read is logged, not raised: the next run
+        writes the missing files."""
+        if self._waiting:
+            try:
+                self._write()
+            except LedgerError as exc:
+                self._report(exc)

@@ -337,7 +337,7 @@ class Scheduler:
                 await self._run(work, room)
             finally:
                 # SPEC: every done job has its <id>.json when the run ends (a killed run's next run writes them).
-                await self._provenance.close()
+                self._provenance.close()
 
     async def _run(self, work: list[tuple[str, Job, JobRow | None]], room: asyncio.Semaphore) -> None:
         try:
