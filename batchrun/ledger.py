@@ -15,20 +15,21 @@ and is made durable by the next FULL commit. Schema changes are ordered migratio
 Group commit (`Ledger.group_commits`, used by a run): the run's per-job writes are not committed one
 by one. They are queued in order and ride the next commit. An intent (`mark_submitting_soon`) asks for a
 commit at the end of the current turn of the event loop, which is then FULL and carries everything
-queued, and each job's POST waits until it has returned: the intents of one turn share one fsync, and a
-busy run, where some job is always about to be sent, commits about once per turn. Other writes (request
-ids, poll answers, `downloading`, outputs and `done`, errors) wait at most `RIDE_SECONDS` (20 ms) for
-such a commit, then get one of their own. Reads through this object commit what is queued first, so a
-run always reads what it wrote.
+queued, and each job's POST waits until it has returned: the intents of one turn share one fsync. What
+settles a POST's outcome (the request id the API gave, or "certainly not created") asks for a commit at
+the end of the turn too (NORMAL), since losing it is the one loss that costs a person work. Other writes
+(poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most `RIDE_SECONDS`
+(20 ms) for such a commit, then get one of their own. Reads through this object commit what is queued
+first, so a run always reads what it wrote.
 
 What a crash can lose, and why that is safe:
 - SQLite commits are atomic and applied in order, and every commit holds all writes queued before it,
   so the ledger on disk is always a prefix of the run's history: never a later state without the
   earlier ones (e.g. never `done` without the request id that led to it).
-- SIGKILL can lose only the writes still queued: those of the last `RIDE_SECONDS` at most (without
-  group commit a request id was committed at once: this bounded window is the price of sharing
-  commits); a power loss can also lose NORMAL commits made since the last FULL one. Both only ever
-  lose a suffix:
+- SIGKILL can lose only the writes still queued: a request id only within the turn its answer came
+  in (as before group commit, when it was committed a moment after the answer), other writes within
+  `RIDE_SECONDS`; a power loss can also lose NORMAL commits made since the last FULL one. Both only
+  ever lose a suffix:
   - a lost intent is impossible: the POST is sent only after its FULL commit has returned;
   - a lost request id leaves the job `submitting`, which the next run holds as `unknown` and never
     submits again without `--resubmit-unknown` (a result to look up by hand, never a second payment);
@@ -346,9 +347,10 @@ class Ledger:
             with self._transaction(carry=True):
                 pass
 
-    def _queue(self, statements: list[tuple[str, Any, bool]], note: str | None = None) -> None:
-        """Run `statements` in one transaction now, or, when commits are grouped, queue them for the
-        commit at the end of this turn of the event loop."""
+    def _queue(self, statements: list[tuple[str, Any, bool]], note: str | None = None, *,
+               soon: bool = False) -> None:
+        """Run `statements` in one transaction now, or, when commits are grouped, queue them to ride the
+        next commit: at the end of this turn of the event loop with `soon`, else within `ride_seconds`."""
         if self._loop is None:
             with self._transaction() as conn:
                 for sql, params, many in statements:
@@ -357,7 +359,7 @@ class Ledger:
         self._queued.extend(statements)
         if note is not None:
             self._queued_notes.append(note)
-        self._schedule(soon=False)
+        self._schedule(soon=soon)
 
     def _schedule(self, *, soon: bool) -> None:
         """Make sure a commit will come: at the end of this turn for an intent, else within `ride_seconds`
@@ -621,14 +623,15 @@ class Ledger:
              (request_id, now, job_id), False),
             ("INSERT OR IGNORE INTO requests (job_id, request_id, submitted_at) SELECT id, request_id,"
              " submitted_at FROM jobs WHERE id=?", (job_id,), False),
-        ], note=f"{job_id}: accepted as request {request_id}, but the ledger could not record it")
+        ], note=f"{job_id}: accepted as request {request_id}, but the ledger could not record it", soon=True)
         self._moved(job_id, "queued")
 
     def mark_not_sent(self, job_id: str, kind: str, message: str, *, reached_server: bool) -> None:
         """The POST certainly created no job: back to pending (the attempt counts only if it was sent)."""
         self._queue([(
             "UPDATE jobs SET state='pending', submissions=submissions-?, error_kind=?, error_message=?,"
-            " updated_at=? WHERE id=?", (0 if reached_server else 1, kind, message, utc_now(), job_id), False)])
+            " updated_at=? WHERE id=?", (0 if reached_server else 1, kind, message, utc_now(), job_id), False)],
+            soon=True)
         self._moved(job_id, "pending")
 
     def set_state(self, job_id: str, state: str, *, error: tuple[str, str] | None = None,

@@ -52,11 +52,21 @@ async def test_writes_of_one_turn_share_one_commit_and_an_intent_is_on_disk_befo
         assert ledger.commits == before + 1  # one (FULL) commit carried all six intents
         assert {_on_disk(tmp_path)[i][0] for i in ids} == {"submitting"}
 
-        for i, job_id in enumerate(ids):  # the answers of one turn
+        for i, job_id in enumerate(ids[:3]):  # answers of one turn: committed together at its end
+            ledger.mark_submitted(job_id, f"req-{i}")
+        assert _on_disk(tmp_path)["j0"] == ("submitting", None)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert ledger.commits == before + 2
+        assert {_on_disk(tmp_path)[i][0] for i in ids[:3]} == {"queued"}
+        for i, job_id in enumerate(ids[3:], start=3):
             ledger.mark_submitted(job_id, f"req-{i}")
         assert ledger.get("j3").request_id == "req-3"  # a read sees what was written (and commits it)
         assert _on_disk(tmp_path)["j5"] == ("queued", "req-5")
-        assert ledger.commits == before + 2
+        assert ledger.commits == before + 3
+        await asyncio.sleep(0)  # the end-of-turn commit the answers asked for finds nothing left to do
+        await asyncio.sleep(0)
+        assert ledger.commits == before + 3
 
         # Writes with no intent after them get a commit of their own within ride_seconds.
         ledger.set_state("j0", "downloading", output_urls=["https://x/v.mp4"])
@@ -66,7 +76,7 @@ async def test_writes_of_one_turn_share_one_commit_and_an_intent_is_on_disk_befo
         await asyncio.sleep(0)
         assert _on_disk(tmp_path)["j0"][0] == "queued"  # still waiting for a commit to ride
         await asyncio.sleep(ledger.ride_seconds * 3)
-        assert ledger.commits == before + 3
+        assert ledger.commits == before + 4
         assert _on_disk(tmp_path)["j0"][0] == "done" and _on_disk(tmp_path)["j1"][0] == "running"
 
         # ... and ride an intent's commit when one comes first.
