@@ -328,8 +328,8 @@ class Scheduler:
         )
         # Bounds the number of tasks: remote slots + downloads + a little slack to keep slots busy.
         room = asyncio.Semaphore(self.settings.concurrency + self.options.download_concurrency + 4)
-        # One commit per turn of the event loop for every job's writes (see batchrun.ledger); a commit that
-        # fails stops the run as a failed write always did.
+        # Group commit: the jobs' writes share commits (see batchrun.ledger); a commit that fails stops the
+        # run as a failed write always did.
         self.ledger.on_write_error = lambda exc: self._halt("disk_full", f"{exc}; every job keeps the state "
                                                                          "last recorded")
         with self.ledger.group_commits():
