@@ -16,20 +16,20 @@ Group commit (`Ledger.group_commits`, used by a run): the run's per-job writes a
 by one. They are queued in order and ride the next commit. An intent (`mark_submitting_soon`) asks for a
 commit at the end of the current turn of the event loop, which is then FULL and carries everything
 queued, and each job's POST waits until it has returned: the intents of one turn share one fsync. What
-settles a POST's outcome (the request id the API gave, or "certainly not created") asks for a commit at
-the end of the turn too (NORMAL), since losing it is the one loss that costs a person work. Other writes
-(poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most `RIDE_SECONDS`
-(20 ms) for such a commit, then get one of their own. Reads through this object commit what is queued
-first, so a run always reads what it wrote.
+settles a POST's outcome (the request id the API gave, or "certainly not created") is committed at once
+(NORMAL), carrying what is queued: losing it is the one loss that costs a person work, and deferring it
+even to the end of the turn left the crash soak with three times the `unknown` jobs (a turn that hashes
+and writes large videos takes milliseconds). Other writes (poll answers, `downloading`, outputs and
+`done`, errors, media facts) wait at most `RIDE_SECONDS` (20 ms) for one of those commits, then get one
+of their own. Reads through this object commit what is queued first, so a run always reads what it wrote.
 
 What a crash can lose, and why that is safe:
 - SQLite commits are atomic and applied in order, and every commit holds all writes queued before it,
   so the ledger on disk is always a prefix of the run's history: never a later state without the
   earlier ones (e.g. never `done` without the request id that led to it).
-- SIGKILL can lose only the writes still queued: a request id only within the turn its answer came
-  in (as before group commit, when it was committed a moment after the answer), other writes within
-  `RIDE_SECONDS`; a power loss can also lose NORMAL commits made since the last FULL one. Both only
-  ever lose a suffix:
+- SIGKILL can lose only the writes still queued, those of the last `RIDE_SECONDS` (a request id is
+  committed a moment after its answer, as before group commit); a power loss can also lose NORMAL
+  commits made since the last FULL one. Both only ever lose a suffix:
   - a lost intent is impossible: the POST is sent only after its FULL commit has returned;
   - a lost request id leaves the job `submitting`, which the next run holds as `unknown` and never
     submits again without `--resubmit-unknown` (a result to look up by hand, never a second payment);
@@ -38,9 +38,9 @@ What a crash can lose, and why that is safe:
     again and downloads the file again (no submit, no payment); files are renamed into place only
     once durable, and `done` is queued only after that, so a `done` on disk always has its files;
   - a lost error or `pending` after a refused POST leaves the job `submitting`/`unknown`: the safe side.
-- A commit that fails (disk full, I/O error) is rolled back whole: the writes it carried are named in
-  the log when they hold a request id, the in-memory states are reloaded from disk, and the run is told
-  (`on_write_error`) so that it stops.
+- A commit that fails (disk full, I/O error) is rolled back whole: the in-memory states are reloaded
+  from disk, and the caller (a request id's, an intent's) or else the run (`on_write_error`) is told,
+  so that it stops.
 """
 
 from __future__ import annotations
@@ -247,11 +247,10 @@ class Ledger:
         self._counts: Counter[str] = Counter()
         # False only for an older ledger opened read-only (not migrated): no request history there.
         self._history = True
-        # Group commit (see the module docstring): statements queued in order, what to say if they are
-        # lost, and the futures of the intents waiting for their FULL commit.
+        # Group commit (see the module docstring): statements queued in order, and the futures of the
+        # intents waiting for their FULL commit.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queued: list[tuple[str, Any, bool]] = []  # (sql, parameters, executemany)
-        self._queued_notes: list[str] = []
         self._durable_waiters: list[asyncio.Future] = []
         self._commit_handle: asyncio.Handle | None = None
         self._commit_soon = False
@@ -347,19 +346,22 @@ class Ledger:
             with self._transaction(carry=True):
                 pass
 
-    def _queue(self, statements: list[tuple[str, Any, bool]], note: str | None = None, *,
-               soon: bool = False) -> None:
+    def _queue(self, statements: list[tuple[str, Any, bool]], *, now: bool = False) -> None:
         """Run `statements` in one transaction now, or, when commits are grouped, queue them to ride the
-        next commit: at the end of this turn of the event loop with `soon`, else within `ride_seconds`."""
+        next commit (within `ride_seconds`). With `now`, they are committed before returning in any case,
+        carrying whatever is queued."""
+        if now and self._loop is not None:
+            with self._transaction(carry=True) as conn:
+                for sql, params, many in statements:
+                    (conn.executemany if many else conn.execute)(sql, params)
+            return
         if self._loop is None:
             with self._transaction() as conn:
                 for sql, params, many in statements:
                     (conn.executemany if many else conn.execute)(sql, params)
             return
         self._queued.extend(statements)
-        if note is not None:
-            self._queued_notes.append(note)
-        self._schedule(soon=soon)
+        self._schedule(soon=False)
 
     def _schedule(self, *, soon: bool) -> None:
         """Make sure a commit will come: at the end of this turn for an intent, else within `ride_seconds`
@@ -386,11 +388,10 @@ class Ledger:
             else:
                 log.error("%s", exc)
 
-    def _lost(self, notes: list[str], waiters: list[asyncio.Future], exc: LedgerWriteError) -> None:
-        """A commit carrying queued writes failed: say what it held that matters, hand the error to the
-        intents waiting for it, and make the in-memory states the ledger's again."""
-        for note in notes:
-            log.error("%s", note)
+    def _lost(self, waiters: list[asyncio.Future], exc: LedgerWriteError) -> None:
+        """A commit carrying queued writes failed: hand the error to the intents waiting for it, and make
+        the in-memory states the ledger's again (request ids are never among the lost: they are committed
+        at once, and their caller names them if that fails)."""
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(exc)
@@ -412,9 +413,9 @@ class Ledger:
         FULL if an intent is among them; otherwise they are committed on their own first."""
         if not carry and (self._queued or self._durable_waiters):
             self.flush()
-        statements, notes, waiters = self._queued, self._queued_notes, self._durable_waiters
+        statements, waiters = self._queued, self._durable_waiters
         if carry:
-            self._queued, self._queued_notes, self._durable_waiters = [], [], []
+            self._queued, self._durable_waiters = [], []
             durable = durable or bool(waiters)
         try:
             if durable:
@@ -441,11 +442,11 @@ class Ledger:
         except sqlite3.OperationalError as exc:
             error = LedgerWriteError(f"cannot write the ledger {self.path}: {exc}")
             if carry and (statements or waiters):
-                self._lost(notes, waiters, error)
+                self._lost(waiters, error)
             raise error from None
         except BaseException as exc:
             if carry and (statements or waiters):
-                self._lost(notes, waiters, LedgerWriteError(f"cannot write the ledger {self.path}: {exc}"))
+                self._lost(waiters, LedgerWriteError(f"cannot write the ledger {self.path}: {exc}"))
             raise
         for waiter in waiters if carry else ():
             if not waiter.done():
@@ -623,7 +624,7 @@ class Ledger:
              (request_id, now, job_id), False),
             ("INSERT OR IGNORE INTO requests (job_id, request_id, submitted_at) SELECT id, request_id,"
              " submitted_at FROM jobs WHERE id=?", (job_id,), False),
-        ], note=f"{job_id}: accepted as request {request_id}, but the ledger could not record it", soon=True)
+        ], now=True)
         self._moved(job_id, "queued")
 
     def mark_not_sent(self, job_id: str, kind: str, message: str, *, reached_server: bool) -> None:
@@ -631,7 +632,7 @@ class Ledger:
         self._queue([(
             "UPDATE jobs SET state='pending', submissions=submissions-?, error_kind=?, error_message=?,"
             " updated_at=? WHERE id=?", (0 if reached_server else 1, kind, message, utc_now(), job_id), False)],
-            soon=True)
+            now=True)
         self._moved(job_id, "pending")
 
     def set_state(self, job_id: str, state: str, *, error: tuple[str, str] | None = None,
