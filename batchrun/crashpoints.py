@@ -6,6 +6,7 @@ The points are the moments where a crash could cost money or a result:
 - after_intent: the intent is durable, the POST not yet sent;
 - after_post: the API accepted the job, its request_id not yet recorded;
 - mid_download: part of a video is in its .part file;
+- provenance_batch: jobs are `done` in the ledger, their `<id>.json` files not yet written;
 - results_rewrite: results.jsonl's new content is written to a temporary file, not yet renamed;
 - report_rewrite: the same for report.html.
 """

@@ -8,6 +8,11 @@ same one: the first answer's validator (a strong ETag, else Last-Modified) is ke
 first bytes are the container signature of the media kind expected (`batchrun.media`), so a file under
 its final name is always complete and never an error page.
 
+Finished files are made durable in batches (`_Durability`): the downloads of one event loop that finish
+while a batch is being settled go together in the next one, one worker-thread trip that fsyncs each file,
+renames it into place and fsyncs each directory once. `download()` returns only after its own file's
+trip has ended, so a caller that records the file as done records a durable file.
+
 A body sent with a Content-Encoding (gzip, deflate) although we asked for identity is decoded as it
 streams (`batchrun.contentcoding`) and complete only once the encoded stream's end is read; such a body
 cannot be resumed (a Range counts encoded bytes), so its next attempt starts over.
@@ -29,8 +34,9 @@ import os
 import re
 import stat
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,8 +80,8 @@ class Downloaded:
     path: Path
     bytes: int
     sha256: str
-    mtime_ns: int | None = None
-    inode: int | None = None
+    mtime_ns: int | None = field(default=None, compare=False)
+    inode: int | None = field(default=None, compare=False)
 
 
 def part_path(dest: Path) -> Path:
@@ -475,27 +481,28 @@ class _Part:
         self.remember(None, None)
 
     async def commit(self, dest: Path) -> Downloaded:
-        """Make the bytes durable, then give them their final name, durably too."""
+        """Make the bytes durable, then give them their final name, durably too (in a batch with the other
+        downloads finishing now: see `_Durability`)."""
         try:
-            # One trip to a worker thread for the fsyncs and the rename: each trip costs GIL hand-offs.
-            await _with_fd_in_thread(self.fd, self._sync_and_rename, dest)
-            # The same inode now under its final name; nothing writes to it after this.
-            placed = os.fstat(self.fd)
+            st = await _Durability.of(asyncio.get_running_loop()).settle(self, dest)
         except OSError as exc:
             raise self._storage_error(exc, "finish") from exc
         self.close()
-        return Downloaded(dest, self.size, self.sha.hexdigest(), placed.st_mtime_ns, placed.st_ino)
+        return Downloaded(dest, self.size, self.sha.hexdigest(), st.st_mtime_ns, st.st_ino)
 
-    def _sync_and_rename(self, fd: int, dest: Path) -> None:
+    def _sync_and_rename(self, fd: int, dest: Path) -> os.stat_result:
+        """fsync, check the .part is still ours, rename it to `dest` (the directory is synced by the caller).
+        Returns the file's stat after the rename."""
         os.fsync(fd)
         held, named = os.fstat(fd), os.lstat(self.path)
         if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
             raise DownloadError(f"{self.path} was replaced by something else during the download")
         _check_dest(dest)
         os.replace(self.path, dest)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.meta)
-        _fsync_dir(dest.parent)
+        if self.if_range is not None:  # else no validator file was kept (see `remember`)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.meta)
+        return os.fstat(fd)
 
     def discard(self) -> None:
         self.close()
@@ -618,6 +625,86 @@ async def _with_fd_in_thread(fd: int, func: Callable[..., T], *args: object) -> 
             os.close(dup)
 
     return await asyncio.to_thread(run)
+
+
+class _Durability:
+    """Settles finished downloads of one event loop in batches: one worker-thread trip per batch, which
+    fsyncs each file, renames it into place, then fsyncs each directory once. Self-clocking: the first
+    file starts a trip at the end of this turn of the loop; files finishing while a trip runs wait and go
+    together in the next one. Each file's waiter gets its own outcome (its stat, or its error); a failed
+    directory sync fails every file of that directory in the batch."""
+
+    _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Durability] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._queue: list[tuple[_Part, int, Path, asyncio.Future]] = []
+        self._busy = False
+        self.trips = 0  # worker-thread trips made, for tests and benchmarks
+        self.files = 0  # files settled
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Durability:
+        found = cls._per_loop.get(loop)
+        if found is None:
+            found = cls._per_loop[loop] = cls(loop)
+        return found
+
+    def settle(self, part: _Part, dest: Path) -> asyncio.Future:
+        """A future of `dest`'s stat once `part` is durable under that name (OSError/DownloadError if not)."""
+        waiter = self.loop.create_future()
+        # The thread gets its own duplicate: if the caller is cancelled meanwhile, it closes `part.fd`
+        # while the thread may still use it, and a reused descriptor number could be another file.
+        self._queue.append((part, os.dup(part.fd), dest, waiter))
+        if not self._busy:
+            self._busy = True
+            self.loop.call_soon(self._start)
+        return waiter
+
+    def _start(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            self._busy = False
+            return
+        self.trips += 1
+        self.files += len(batch)
+        trip = self.loop.run_in_executor(None, _settle_batch, [(part, fd, dest) for part, fd, dest, _ in batch])
+        trip.add_done_callback(lambda done: self._finished(batch, done))
+
+    def _finished(self, batch: list, done: asyncio.Future) -> None:
+        try:
+            outcomes = done.result()
+        except BaseException as exc:  # noqa: BLE001 - handed to every file of the batch
+            outcomes = [exc] * len(batch)
+        for (_, _, _, waiter), outcome in zip(batch, outcomes, strict=True):
+            if waiter.done():
+                continue
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+        self._start()
+
+
+def _settle_batch(batch: list[tuple[_Part, int, Path]]) -> list[os.stat_result | BaseException]:
+    """In a worker thread: each file synced and renamed, then each directory synced once."""
+    outcomes: list[os.stat_result | BaseException] = []
+    directories: dict[Path, list[int]] = {}
+    for i, (part, fd, dest) in enumerate(batch):
+        try:
+            outcomes.append(part._sync_and_rename(fd, dest))
+            directories.setdefault(dest.parent, []).append(i)
+        except Exception as exc:  # noqa: BLE001 - this file's own outcome
+            outcomes.append(exc)
+        finally:
+            os.close(fd)
+    for directory, members in directories.items():
+        try:
+            _fsync_dir(directory)
+        except DownloadError as exc:
+            for i in members:
+                outcomes[i] = exc
+    return outcomes
 
 
 def _fsync_dir(directory: Path) -> None:

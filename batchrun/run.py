@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from batchrun import console, mediafacts, outputhosts, schema, startimages, stoprequest
+from batchrun import console, mediafacts, outputhosts, provenance, schema, startimages, stoprequest
 from batchrun.api import Client, make_limiter
 from batchrun.balance import balance_url as default_balance_url
 from batchrun.balance import fetch_balance, judge
@@ -36,7 +36,7 @@ from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
 from batchrun.progress import Progress, describe
-from batchrun.results import provenance_identity, write_provenance, write_results
+from batchrun.results import write_results
 from batchrun.scheduler import Scheduler
 from batchrun.servertext import server_text
 from batchrun.spend import Spend
@@ -114,6 +114,8 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         self._size = os.fstat(self.stream.fileno()).st_size
         self._console = stream
         self._broken = False
+        self._last_record: logging.LogRecord | None = None
+        self._last_line = ""
 
     def _open(self):
         # Never through a symlink (the base class's open() follows one): a line of server text appended
@@ -126,6 +128,12 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         if not self._broken:
             self._broken = True
             tqdm.write(f"batchrun: cannot write {RUN_LOG} any more: {sys.exc_info()[1]}", file=self._console)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # shouldRollover and emit both format each record: the second time costs nothing.
+        if record is not self._last_record:
+            self._last_record, self._last_line = record, super().format(record)
+        return self._last_line
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
         # Counted here rather than by seeking to the end of the file for every line, as the base class does.
@@ -243,24 +251,20 @@ async def _preflight(manifest: Manifest, ledger: Ledger, plan: Plan, options: Ru
 
 
 def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
-    """`<id>.json` of done jobs whose file went missing or was damaged, rebuilt from the ledger; each one
-    written is recorded with its stat, so the next run does not read it (results.provenance_check)."""
-    written = []
-    current = ledger.get_many(row.id for row in plan.provenance)
-    for row in plan.provenance:
-        row = current.get(row.id, row)
-        try:
-            path = write_provenance(output_dir, row)
-            st = os.lstat(path)
-        except OSError as exc:
-            log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, exc)
+    """`<id>.json` of done jobs whose file went missing or was damaged (or that a killed run had not
+    written yet: see batchrun.provenance), rebuilt from the ledger, read in one pass."""
+    if not plan.provenance:
+        return
+    fresh = {row.id: row for row in ledger.get_many(row.id for row in plan.provenance)}
+    rows = [fresh.get(row.id, row) for row in plan.provenance]
+    failed, written = provenance.write_all(output_dir, rows)
+    failed = dict(failed)
+    for row in rows:
+        if row.id in failed:
+            log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, failed[row.id])
         else:
-            written.append((row.id, provenance_identity(row), st.st_size, st.st_mtime_ns, st.st_ino))
             log.info("%s: rewrote %s.json, which was missing or damaged", row.id, row.id)
-    try:
-        ledger.record_provenance_stats(written)
-    except LedgerError as exc:  # the files are written; the next run reads them once more
-        log.warning("could not record the stat of the rewritten provenance files: %s", exc)
+    provenance.record(ledger, written)
 
 
 async def _check_balance(manifest: Manifest, plan: Plan, scheduler: Scheduler, session: aiohttp.ClientSession,
@@ -422,7 +426,7 @@ def _unrepaired(ledger: Ledger, plan: Plan) -> list[str]:
     """Done jobs this run set out to download again (a file missing or damaged) whose files are still not
     intact: checked on disk, so the closing lines never claim a repair that did not happen."""
     repairs = [job.id for job, row in plan.collect if row.state == "done" and job.id not in plan.previous]
-    current = ledger.get_many(repairs)
+    current = {row.id: row for row in ledger.get_many(repairs)}
     found = []
     for job_id in repairs:
         now = current.get(job_id)
@@ -667,7 +671,9 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
             if display:
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
-    _read_media_facts(manifest.output_dir, ledger)
+    ledger.on_write_error = None  # from here on a failed write is logged, and the run's outcome stands
+    with ledger.group_commits():  # the facts of all new videos in one commit, not one per video
+        _read_media_facts(manifest.output_dir, ledger)
     # Unchanged since the plan found results.jsonl current: nothing to read or write (a no-op re-run).
     if plan.results_mark is None or ledger.change_mark() != plan.results_mark:
         try:
@@ -687,7 +693,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
         ledger.finish_run(run_id, exit_code, {"counts": counts_now, "spent_usd": spend.total_usd,
                                               "simulated": sandbox,
                                               "stop_reason": scheduler.stop_reason,
-                                              "calls": dict(scheduler.calls)})
+                                              "calls": dict(scheduler.calls),
+                                              "ledger_commits": ledger.commits})
     except LedgerError as exc:
         log.warning("could not record the end of this run: %s", exc)
     # After the run's end is recorded, so the report shows this run finished, with its exit code.

@@ -57,7 +57,7 @@ from batchrun.outputhosts import HostPolicy
 from batchrun.pacing import SubmitPacer
 from batchrun.plan import Plan, RunOptions
 from batchrun.polling import PollPlanner, RenderStarts
-from batchrun.results import write_provenance
+from batchrun.provenance import ProvenanceWriter
 from batchrun.retry import (
     RetryPolicy,
     doubt_delay,
@@ -105,42 +105,28 @@ def _utc_iso(text: str | None) -> str:
 
 
 class _IntentBatch:
-    """Makes the intents of jobs about to be POSTed durable together, with one FULL commit.
+    """Makes the intents of jobs about to be POSTed durable together: the ledger's commit at the end of
+    this turn of the event loop carries them all (and every other write queued in the turn) and is FULL.
 
-    Jobs that reach their POST in the same turn of the event loop share the fsync; each still waits
-    for its own intent to be on disk before sending. A job whose wait is cancelled may have its
-    intent recorded without a POST: the next run then holds it as `unknown`, the safe side.
+    Each job still waits for its own intent to be on disk before sending. A job whose wait is cancelled
+    may have its intent recorded without a POST: the next run then holds it as `unknown`, the safe side.
     """
 
     def __init__(self, ledger: Ledger, simulated: bool = False):
         self.ledger = ledger
         self.simulated = simulated
-        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._waiting = 0
 
     def __len__(self) -> int:
         """Jobs waiting for their intent to be committed: each sends its POST right after."""
-        return len(self._waiting)
+        return self._waiting
 
     async def commit(self, job_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._waiting.append((job_id, done))
-        if len(self._waiting) == 1:
-            loop.call_soon(self._flush)
-        await done
-
-    def _flush(self) -> None:
-        batch, self._waiting = self._waiting, []
+        self._waiting += 1
         try:
-            self.ledger.mark_submitting([job_id for job_id, _ in batch], simulated=self.simulated)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting job
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        for _, done in batch:
-            if not done.done():
-                done.set_result(None)
+            await self.ledger.mark_submitting_soon(job_id, simulated=self.simulated)
+        finally:
+            self._waiting -= 1
 
 
 class Scheduler:
@@ -197,6 +183,7 @@ class Scheduler:
         self._slots = asyncio.Semaphore(self._in_flight_cap)
         self.simulated = simulated  # sending to the built-in sandbox, which ends with this process
         self._intents = _IntentBatch(ledger, simulated)
+        self._provenance = ProvenanceWriter(ledger, manifest.output_dir)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._started = clock()
@@ -340,6 +327,18 @@ class Scheduler:
         )
         # Bounds the number of tasks: remote slots + downloads + a little slack to keep slots busy.
         room = asyncio.Semaphore(self._in_flight_cap + self.options.download_concurrency + 4)
+        # Group commit: the jobs' writes share commits (see batchrun.ledger); a commit that fails stops the
+        # run as a failed write always did.
+        self.ledger.on_write_error = lambda exc: self._halt("disk_full", f"{exc}; every job keeps the state "
+                                                                         "last recorded")
+        with self.ledger.group_commits():
+            try:
+                await self._run(work, room)
+            finally:
+                # SPEC: every done job has its <id>.json when the run ends (a killed run's next run writes them).
+                self._provenance.close()
+
+    async def _run(self, work: list[tuple[str, Job, JobRow | None]], room: asyncio.Semaphore) -> None:
         try:
             for action, job, row in work:
                 if self.aborted or self._leaving.is_set() or (action == "submit" and self._submitting_stopped()):
@@ -861,7 +860,7 @@ class Scheduler:
             outputs = await self._download_all(job, request_id, result.output_urls)
             if outputs is not None:
                 self.ledger.mark_done(job.id, outputs)
-                await asyncio.to_thread(write_provenance, self.manifest.output_dir, self.ledger.get(job.id))
+                self._provenance.add(job.id)
                 log.info("%s: done", job.id)
 
     def _output_name(self, job: Job, index: int, url: str) -> str:

@@ -2,8 +2,13 @@
 
     python bench/bench_run.py overhead [--jobs 10000] [--runs 3]
         10,000 jobs, zero latency, concurrency 64, 64 KB videos: batchrun's wall time against a bare
-        aiohttp script making the same calls in the same run (target <= 1.5x), and batchrun's peak RSS
-        (target <= 250 MB).
+        aiohttp script making the same calls in the same run (target <= 1.3x), CPU per job of both
+        (target <= 1.2 ms for batchrun), batchrun's peak RSS (target <= 100 MB at 10,000 jobs) and its
+        ledger commits per job (from the run's own record).
+    python bench/bench_run.py syscalls [--jobs 500] [--runs 1]
+        The same calls under `strace -c -f`: system calls per job of batchrun and of the baseline (target
+        <= 70 for batchrun), the top calls of each, and, from a second traced run of batchrun, the
+        bytes written to the ledger's WAL per job and its commits per job.
     python bench/bench_run.py busy [--runs 3] [--queue-ahead 2] [--seed 1]
         100 jobs, capacity = concurrency = 10, two scenarios: `spread` (renders uniform in 0.6-1.2 s, full
         server stamps; target <= 1.04x, <= 3 calls/job) and `whole-second` (1 s renders, server stamps cut
@@ -13,7 +18,8 @@
         intervals are batchrun's defaults scaled by the renders' factor (1/100). Calls are the sandbox's.
 
 The sandbox runs in this process; batchrun and the baseline run as child processes, whose peak RSS
-comes from wait4. Figures are medians over --runs runs.
+and CPU time come from wait4. CPU per job is the whole process's (start-up and the end of the run
+included) divided by the jobs. Figures are medians over --runs runs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -98,6 +107,75 @@ async def overhead_once(jobs: int, workdir: Path) -> dict:
             wall, rss, code, cpu = await run_child(argv, child_env())
             figures[name] = {"wall_s": wall, "rss_mb": rss, "exit": code, "cpu_s": cpu, "calls": dict(sandbox.calls)}
     figures["ratio"] = figures["batchrun"]["wall_s"] / figures["baseline"]["wall_s"]
+    figures["batchrun"]["commits"] = ledger_commits(out)
+    return figures
+
+
+def ledger_commits(out: Path) -> int | None:
+    """Write transactions the last run committed, as it recorded them (None before batchrun counted them)."""
+    try:
+        conn = sqlite3.connect(f"file:{out / 'ledger.sqlite'}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT summary FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        return json.loads(row[0]).get("ledger_commits")
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
+
+
+STRACE = shutil.which("strace") or "/usr/bin/strace"
+_STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
+
+
+def parse_strace_summary(text: str) -> dict[str, int]:
+    """`strace -c` table rows as {syscall: calls}."""
+    calls = {}
+    for line in text.splitlines():
+        match = _STRACE_ROW.match(line)
+        if match and match[3] != "total":
+            calls[match[3]] = int(match[1])
+    return calls
+
+
+def wal_bytes(trace: str) -> int:
+    """Bytes written to a `-wal` file in an `strace -y` trace of write calls."""
+    total = 0
+    for line in trace.splitlines():
+        if "-wal>" in line and ("pwrite" in line or "write(" in line):
+            match = re.search(r"=\s*(\d+)\s*$", line)
+            if match:
+                total += int(match[1])
+    return total
+
+
+async def syscalls_once(jobs: int, workdir: Path) -> dict:
+    video = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + os.urandom(64 * 1024 - 24)
+    manifest = workdir / "syscalls.yaml"
+    write_manifest(manifest, jobs, 64)
+    figures = {}
+    for name in ("baseline", "batchrun", "batchrun-wal"):
+        async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
+            out = workdir / f"out-sys-{name}-{time.monotonic_ns()}"
+            trace = workdir / f"strace-{name}-{time.monotonic_ns()}.txt"
+            if name == "baseline":
+                argv = [sys.executable, str(HERE / "baseline_client.py"), sandbox.base_url, str(jobs), "64", str(out)]
+            else:
+                argv = batchrun_argv(manifest, sandbox.base_url, out)
+            if name == "batchrun-wal":
+                strace = [STRACE, "-f", "-qq", "-y", "-e", "trace=pwrite64,write", "-o", str(trace)]
+            else:
+                strace = [STRACE, "-f", "-c", "-o", str(trace)]
+            _, _, code, _ = await run_child(strace + argv, child_env())
+            text = trace.read_text(errors="replace")
+            if name == "batchrun-wal":
+                figures["wal_bytes_per_job"] = wal_bytes(text) / jobs
+                commits = ledger_commits(out)
+                figures["commits_per_job"] = commits / jobs if commits is not None else None
+            else:
+                calls = parse_strace_summary(text)
+                figures[name] = {"exit": code, "per_job": sum(calls.values()) / jobs,
+                                 "top": sorted(calls.items(), key=lambda kv: -kv[1])[:8]}
     return figures
 
 
@@ -156,35 +234,57 @@ def median(values):
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("which", choices=["overhead", "busy"])
-    parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("which", choices=["overhead", "syscalls", "busy"])
+    parser.add_argument("--jobs", type=int, default=None, help="10,000 for overhead, 500 for syscalls")
+    parser.add_argument("--runs", type=int, default=None, help="3, or 1 for syscalls")
     parser.add_argument("--queue-ahead", type=int, default=2, help="busy: the queue_ahead measured besides 0")
     parser.add_argument("--seed", type=int, default=1, help="busy: the sandbox seed of run 1 (run i: seed + i - 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
         workdir = Path(tmp)
         if args.which == "overhead":
+            jobs, runs = args.jobs or 10_000, args.runs or 3
             results = []
-            for i in range(args.runs):
-                figures = await overhead_once(args.jobs, workdir)
+            for i in range(runs):
+                figures = await overhead_once(jobs, workdir)
                 results.append(figures)
-                print(f"run {i + 1}: baseline {figures['baseline']['wall_s']:.1f}s "
-                      f"(cpu {figures['baseline']['cpu_s']:.1f}s), batchrun {figures['batchrun']['wall_s']:.1f}s "
-                      f"(cpu {figures['batchrun']['cpu_s']:.1f}s, exit {figures['batchrun']['exit']}), ratio "
-                      f"{figures['ratio']:.2f}, batchrun peak RSS {figures['batchrun']['rss_mb']:.0f} MB, "
-                      f"calls {figures['batchrun']['calls']}", flush=True)
-            print(f"median over {args.runs} runs of {args.jobs} jobs: ratio "
-                  f"{median([r['ratio'] for r in results]):.2f} (target <= 1.5), batchrun wall "
+                base, ours = figures["baseline"], figures["batchrun"]
+                print(f"run {i + 1}: baseline {base['wall_s']:.1f}s (cpu {base['cpu_s']:.1f}s, "
+                      f"{base['cpu_s'] / jobs * 1000:.2f} ms/job), batchrun {ours['wall_s']:.1f}s "
+                      f"(cpu {ours['cpu_s']:.1f}s, {ours['cpu_s'] / jobs * 1000:.2f} ms/job, exit {ours['exit']}), "
+                      f"ratio {figures['ratio']:.2f}, batchrun peak RSS {ours['rss_mb']:.0f} MB, "
+                      f"ledger commits/job {(ours['commits'] or 0) / jobs:.2f}, calls {ours['calls']}", flush=True)
+            print(f"median over {runs} runs of {jobs} jobs: wall ratio "
+                  f"{median([r['ratio'] for r in results]):.2f} (target <= 1.3), batchrun wall "
                   f"{median([r['batchrun']['wall_s'] for r in results]):.1f}s vs baseline "
-                  f"{median([r['baseline']['wall_s'] for r in results]):.1f}s, peak RSS "
-                  f"{median([r['batchrun']['rss_mb'] for r in results]):.0f} MB (target <= 250)")
+                  f"{median([r['baseline']['wall_s'] for r in results]):.1f}s; CPU per job "
+                  f"{median([r['batchrun']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms (target <= 1.2) vs "
+                  f"baseline {median([r['baseline']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms; peak RSS "
+                  f"{median([r['batchrun']['rss_mb'] for r in results]):.0f} MB (target <= 100 at 10,000 jobs); "
+                  f"ledger commits/job {median([(r['batchrun']['commits'] or 0) for r in results]) / jobs:.2f}")
+        elif args.which == "syscalls":
+            jobs, runs = args.jobs or 500, args.runs or 1
+            results = []
+            for i in range(runs):
+                figures = await syscalls_once(jobs, workdir)
+                results.append(figures)
+                for name in ("baseline", "batchrun"):
+                    top = ", ".join(f"{call} {n / jobs:.1f}" for call, n in figures[name]["top"])
+                    print(f"run {i + 1}: {name}: {figures[name]['per_job']:.1f} syscalls/job (exit "
+                          f"{figures[name]['exit']}); top per job: {top}", flush=True)
+                commits = figures["commits_per_job"]
+                print(f"run {i + 1}: batchrun ledger: {figures['wal_bytes_per_job'] / 1024:.1f} KB of WAL per job, "
+                      f"{commits if commits is None else round(commits, 2)} commits per job", flush=True)
+            print(f"median over {runs} runs of {jobs} jobs: batchrun "
+                  f"{median([r['batchrun']['per_job'] for r in results]):.1f} syscalls/job (target <= 70) vs "
+                  f"baseline {median([r['baseline']['per_job'] for r in results]):.1f}; WAL "
+                  f"{median([r['wal_bytes_per_job'] for r in results]) / 1024:.1f} KB/job")
         else:
             summary = []
             for scenario in BUSY_SCENARIOS:
                 for ahead in sorted({0, args.queue_ahead}):
                     results = []
-                    for i in range(args.runs):
+                    for i in range(args.runs or 3):
                         figures = await busy_once(scenario, ahead, workdir, seed=args.seed + i)
                         results.append(figures)
                         print(f"{scenario} queue_ahead={ahead} run {i + 1}: makespan {figures['makespan_s']:.3f}s, "
@@ -195,7 +295,7 @@ async def main() -> None:
                     summary.append(f"{scenario:>12} queue_ahead={ahead}: median makespan/ideal "
                                    f"{median([r['ratio_to_ideal'] for r in results]):.3f}, "
                                    f"{median([r['status_result_calls_per_job'] for r in results]):.2f} calls/job")
-            print(f"medians of {args.runs} runs ({BUSY_JOBS} jobs, capacity = concurrency = {BUSY_SLOTS}, "
+            print(f"medians of {args.runs or 3} runs ({BUSY_JOBS} jobs, capacity = concurrency = {BUSY_SLOTS}, "
                   f"time scale 1/{TIME_SCALE:g}):")
             print("\n".join(summary))
 

@@ -243,7 +243,7 @@ async def test_results_jsonl_is_rewritten_whole_when_it_differs_from_the_ledger(
 
 
 async def test_every_video_deleted_is_fetched_again_once_and_the_closing_lines_count_them(tmp_path):
-    # More jobs than Ledger.FEW: the run end checks the repaired jobs with one read of the ledger.
+    # Many jobs: the run end checks the repaired jobs a few hundred at a time (Ledger.get_many).
     manifest = write_manifest(tmp_path, jobs(230), concurrency=32)
     out = tmp_path / "out"
     async with Sandbox() as sandbox:
