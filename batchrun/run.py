@@ -36,7 +36,7 @@ from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
 from batchrun.progress import Progress, describe
-from batchrun.results import provenance_identity, write_provenance, write_results
+from batchrun.results import provenance_identity, results_current, write_provenance, write_results
 from batchrun.scheduler import Scheduler
 from batchrun.servertext import server_text
 from batchrun.spend import Spend
@@ -668,8 +668,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                 display.close()
     _explain_not_submitted(manifest, ledger, scheduler, plan)
     _read_media_facts(manifest.output_dir, ledger)
-    # Unchanged since the plan found results.jsonl current: nothing to read or write (a no-op re-run).
-    if plan.results_mark is None or ledger.change_mark() != plan.results_mark:
+    # The ledger unchanged since results.jsonl last held it: nothing to read or write (a no-op re-run).
+    if not results_current(ledger, manifest.output_dir):
         try:
             write_results(ledger, manifest.output_dir)
         except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again
