@@ -8,16 +8,18 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from batchrun import filecheck, takes
-from batchrun.balance import Balance, judge
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
 from batchrun.owners import FileOwners
 from batchrun.results import ProvenanceStat, provenance_check
 from batchrun.spend import Spend
+
+if TYPE_CHECKING:  # balance brings aiohttp, which `plan --no-balance-check` and `status` never use
+    from batchrun.balance import Balance
 
 log = logging.getLogger("batchrun.run")
 
@@ -341,6 +343,8 @@ def _print_changes(info: dict, out: TextIO, limit: int = 20) -> None:
 
 def balance_summary(manifest: Manifest, plan: Plan, balance: Balance) -> dict:
     """The balance and how many of the jobs to submit it covers, for `plan` (and its --json)."""
+    from batchrun.balance import judge
+
     in_flight = sum(row.cost_usd if row.cost_usd is not None else manifest.estimate_cost(job)
                     for job, row in plan.poll)
     verdict = judge(balance, [manifest.estimate_cost(job) for job in plan.submit], in_flight,
