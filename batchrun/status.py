@@ -62,8 +62,8 @@ def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False,
     is not read unless `full` (`status --verify`): see batchrun.filecheck and `results.provenance_check`."""
     found = []
     for output in row.outputs:
-        path = output_dir / output.path
         if not filecheck.check_file(output_dir, output, full=full)[0]:
+            path = output_dir / output.path  # only for a file to report: pathlib costs more than the check
             found.append((output.path, "damaged" if path.exists() or path.is_symlink() else "missing"))
     if not provenance_check(output_dir, row, provenance, full=full)[0]:
         path = provenance_path(output_dir, row)
@@ -118,7 +118,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool 
             if row.state == "done":
                 damaged += [(row.id, name, problem) for name, problem in
                             damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
-                if found := mediafacts.flags(row.media, row.input):
+                if row.media and (found := mediafacts.flags(row.media, row.input)):  # no facts: input not decoded
                     media_flags[row.id] = found
             if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
                     or row.id in by_refusal):
