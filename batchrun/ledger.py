@@ -304,7 +304,9 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]],
     names = [_LAZY_FIELDS[name][0] if name in _LAZY_FIELDS else name for name in names]
     loads, new = json.loads, object.__new__
     for record in cursor:
-        data = dict(zip(names, record, strict=True))
+        row = new(JobRow)
+        data = row.__dict__  # filled in place: no dict per row to copy from
+        data.update(zip(names, record, strict=True))
         del data["updated_at"]
         if missing:
             data.update(missing)
@@ -314,8 +316,6 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]],
         data["media"] = loads(media) or None if media else None
         data["outputs"] = tuple(outputs.pop(job_id, ()))
         data["request_ids"] = tuple(requests.pop(job_id, None) or ([request_id] if request_id else []))
-        row = new(JobRow)
-        row.__dict__.update(data)
         yield row
 
 
