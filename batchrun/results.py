@@ -13,6 +13,7 @@ from typing import Any
 
 from batchrun import mediafacts
 from batchrun.crashpoints import crashpoint
+from batchrun.errors import LedgerError
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
 from batchrun.rewrite import write_if_changed
@@ -141,7 +142,10 @@ def write_results(ledger: Ledger, output_dir: Path) -> Path:
             st = os.lstat(path)
         except OSError:
             return path
-        ledger.record_results_stamp(before, RESULTS_FORMAT, st.st_size, st.st_mtime_ns, st.st_ino)
+        try:
+            ledger.record_results_stamp(before, RESULTS_FORMAT, st.st_size, st.st_mtime_ns, st.st_ino)
+        except LedgerError:  # a ledger opened read-only (adopt's finish), a full disk: the next run compares
+            pass
     return path
 
 
