@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from batchrun import filecheck, takes
+from batchrun import filecheck, gcpause, takes
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
@@ -138,7 +138,8 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
         untold = {job.id: (job.take, job.take_of) for job in taking if job.id not in told}
         if untold:
             ledger.record_takes(untold)
-    plan = decide(manifest, ledger.rows(), options, ledger.provenance_stats())
+    with gcpause.paused():
+        plan = decide(manifest, ledger.rows(), options, ledger.provenance_stats())
     # Stats of files only: nothing results.jsonl shows (the ledger's change count does not move).
     ledger.record_file_stats(plan.restat)
     ledger.record_provenance_stats(plan.provenance_restat)
@@ -274,7 +275,8 @@ def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Pla
     ledger = Ledger.open(manifest.output_dir, create=False, readonly=True)
     try:
         takes.with_rerolls(manifest, ledger.rerolls())
-        return decide(manifest, ledger.rows(), options, ledger.provenance_stats()), ledger.spend()
+        with gcpause.paused():
+            return decide(manifest, ledger.rows(), options, ledger.provenance_stats()), ledger.spend()
     finally:
         ledger.close()
 
