@@ -17,12 +17,15 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import aiohttp
 from yarl import URL
 
 from batchrun.errors import UsageError
 from batchrun.servertext import redact
+
+if TYPE_CHECKING:  # imported where the balance is asked: `plan --no-balance-check` and `status` never do
+    import aiohttp
 
 DEFAULT_BALANCE_URL = "https://api.runcomfy.net/prod/v2/balance"
 RUNCOMFY_MODEL_API = "https://model-api.runcomfy.net"
@@ -82,6 +85,8 @@ async def fetch_balance(url: str, token: str, *, session: aiohttp.ClientSession 
                         timeout: float = TIMEOUT_SECONDS) -> Balance:
     """Ask the balance once. Never raises for a failed call: the failure is `Balance(None, error)`,
     and the error never contains the token."""
+    import aiohttp
+
     if not may_carry_token(url):
         return Balance(None, f"{_where(url)} is neither https nor loopback; the API token is not sent there")
     owned = session is None

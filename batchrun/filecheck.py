@@ -20,7 +20,6 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from batchrun import download
 from batchrun.ledger import Output
 
 # (output idx, mtime_ns, inode) of a file hashed and found intact whose recorded stat was absent or stale.
@@ -46,6 +45,9 @@ def check_file(output_dir: Path | str, output: Output, kind: str | None = None, 
     path = os.path.join(output_dir, output.path)  # a str: pathlib's joins cost more than the lstat
     if not full and _stat_matches(path, output):
         return True, None
+    # Imported here: download brings aiohttp, which `status` and `plan` need only when a file is hashed.
+    from batchrun import download
+
     if not download.verify(path, output.bytes, output.sha256, kind):
         return False, None
     try:

@@ -178,9 +178,55 @@ MIGRATIONS: list[str] = [
         inode INTEGER NOT NULL
     );
     """,
+    # 8: a count of the changes to what results.jsonl shows (jobs, outputs' names, sizes and digests, request
+    # ids), bumped by triggers in the transaction that makes each change, whoever makes it (this process,
+    # another batchrun, the sqlite3 shell); and the count and stat of results.jsonl when it last held the
+    # ledger exactly, so a re-run knows it is current from one query and one lstat (`results.results_current`).
+    # Written to run again harmlessly over a ledger that has some of it (a table rebuilt by hand).
+    """
+    CREATE TABLE IF NOT EXISTS ledger_changes (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+    INSERT OR IGNORE INTO ledger_changes (id, n) VALUES (1, 0);
+    CREATE TRIGGER IF NOT EXISTS jobs_insert_counted AFTER INSERT ON jobs
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS jobs_update_counted AFTER UPDATE ON jobs
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS jobs_delete_counted AFTER DELETE ON jobs
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS outputs_insert_counted AFTER INSERT ON outputs
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS outputs_update_counted AFTER UPDATE OF job_id, idx, path, bytes, sha256 ON outputs
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS outputs_delete_counted AFTER DELETE ON outputs
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS requests_insert_counted AFTER INSERT ON requests
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS requests_update_counted AFTER UPDATE ON requests
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TRIGGER IF NOT EXISTS requests_delete_counted AFTER DELETE ON requests
+        BEGIN UPDATE ledger_changes SET n = n + 1; END;
+    CREATE TABLE IF NOT EXISTS results_stamp (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        changes INTEGER NOT NULL,
+        format TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL
+    );
+    """,
 ]
 DECISIONS = ("picked", "rejected")
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of a migration, one by one (a trigger's body holds `;` of its own)."""
+    statement = ""
+    for piece in script.split(";"):
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \n;"):
+                yield statement
+            statement = ""
 
 
 def utc_now() -> str:
@@ -241,6 +287,25 @@ class JobRow:
     def error(self) -> dict[str, str] | None:
         return {"kind": self.error_kind, "message": self.error_message or ""} if self.error_kind else None
 
+    def __getattr__(self, name: str) -> Any:
+        """A JSON field a bulk read left encoded (see `_bulk_rows`), decoded on first use and kept: most
+        done rows of a re-run or `status` are settled by id, state, digest and outputs alone."""
+        lazy = _LAZY_FIELDS.get(name)
+        # `get`, not `pop`: two threads reading the field at once both find the text and decode it.
+        raw = self.__dict__.get(lazy[0], _ABSENT) if lazy else _ABSENT
+        if raw is _ABSENT:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__[name] = lazy[1](raw)
+        return value
+
+
+_ABSENT = object()
+# field -> (where `_bulk_rows` leaves its column's text, how to decode it), as `_row` decodes them
+_LAZY_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "input": ("_input_json", json.loads),
+    "output_urls": ("_output_urls_json", lambda text: json.loads(text or "[]")),
+}  # not `media`: a field with a default is a class attribute, which __getattr__ never sees
+
 
 def _row(record: sqlite3.Row, outputs: tuple[Output, ...], request_ids: tuple[str, ...]) -> JobRow:
     data = dict(record)
@@ -261,7 +326,9 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]],
                requests: dict[str, list[str]]) -> Iterator[JobRow]:
     """JobRows of `SELECT * FROM jobs` as `_row` builds them, several times faster: the column names are
     checked once per query instead of by the dataclass's __init__ once per row (a frozen dataclass sets
-    each of its 30 fields through object.__setattr__, most of the cost of reading 100,000 jobs)."""
+    each of its 30 fields through object.__setattr__, most of the cost of reading 100,000 jobs), and the
+    JSON columns of input and output URLs are decoded only when a caller reads them
+    (`JobRow.__getattr__`)."""
     names = [_JSON_COLUMNS.get(d[0], d[0]) for d in cursor.description]
     unknown = set(names) - set(_JOB_FIELDS) - {"updated_at"}
     if unknown:  # a column JobRow does not know: let its __init__ say so
@@ -269,21 +336,21 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]],
             yield _row(dict(zip([d[0] for d in cursor.description], record, strict=True)), (), ())
         return
     missing = {name: value for name, value in _JOB_DEFAULTS.items() if name not in names}  # an older ledger's
+    names = [_LAZY_FIELDS[name][0] if name in _LAZY_FIELDS else name for name in names]
     loads, new = json.loads, object.__new__
     for record in cursor:
-        data = dict(zip(names, record, strict=True))
+        row = new(JobRow)
+        data = row.__dict__  # filled in place: no dict per row to copy from
+        data.update(zip(names, record, strict=True))
         del data["updated_at"]
         if missing:
             data.update(missing)
         job_id, request_id = data["id"], data["request_id"]
-        data["input"] = loads(data["input"])
-        data["output_urls"] = loads(data["output_urls"] or "[]")
         data["simulated"] = bool(data.get("simulated"))
-        data["media"] = loads(data.get("media") or "null") or None
+        media = data.get("media")
+        data["media"] = loads(media) or None if media else None
         data["outputs"] = tuple(outputs.pop(job_id, ()))
         data["request_ids"] = tuple(requests.pop(job_id, None) or ([request_id] if request_id else []))
-        row = new(JobRow)
-        row.__dict__.update(data)
         yield row
 
 
@@ -313,6 +380,7 @@ class Ledger:
         self.ride_seconds = RIDE_SECONDS
         self.on_write_error: Callable[[LedgerWriteError], None] | None = None
         self.commits = 0  # write transactions committed through this object (a benchmark figure)
+        self._counted = True  # likewise: the change count and results.jsonl's stamp (schema 8)
 
     def _moved(self, job_id: str, state: str) -> None:
         old = self._states.get(job_id)
@@ -359,6 +427,7 @@ class Ledger:
         if readonly:
             self._history = version >= 4  # migration 4 added the requests table and `simulated`
             self._file_stats = version >= 7
+            self._counted = version >= 8
             self._load_states()
             return
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -366,9 +435,8 @@ class Ledger:
         self.conn.execute("PRAGMA foreign_keys=ON")
         for number in range(version, SCHEMA_VERSION):
             with self._transaction(durable=True):
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
+                for statement in _statements(MIGRATIONS[number]):
+                    self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version={number + 1}")
         self._load_states()
 
@@ -575,8 +643,13 @@ class Ledger:
         holds one JobRow at a time. Keep the iterator short-lived: it holds a read transaction."""
         self.flush()
         outputs: dict[str, list[Output]] = {}
+        # Built as Output(*r) would be, without a frozen dataclass's per-field setattr (as `_bulk_rows`).
+        names, new, defaults = [f.name for f in fields(Output)], object.__new__, {"mtime_ns": None, "inode": None}
         for r in self.conn.execute(f"SELECT job_id, {self._output_columns()} FROM outputs ORDER BY job_id, idx"):
-            outputs.setdefault(r[0], []).append(Output(*r[1:]))
+            output = new(Output)
+            output.__dict__.update(defaults)
+            output.__dict__.update(zip(names, r[1:], strict=False))  # no mtime_ns, inode before schema 7
+            outputs.setdefault(r[0], []).append(output)
         requests: dict[str, list[str]] = {}
         if self._history:
             for job_id, request_id in self.conn.execute("SELECT job_id, request_id FROM requests ORDER BY rowid"):
@@ -585,12 +658,33 @@ class Ledger:
         cursor.row_factory = None  # plain tuples: `_bulk_rows` names the columns once
         yield from _bulk_rows(cursor.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid"), outputs, requests)
 
-    def change_mark(self) -> tuple[int, int]:
-        """A value that differs after any row of this ledger is changed, by this connection (SQLite's
-        `total_changes`) or by another process (`PRAGMA data_version`): what was read while it stays the
-        same is still current."""
+    def change_count(self) -> int | None:
+        """How many changes to what results.jsonl shows the ledger has ever committed, by anyone (schema 8's
+        triggers count them); None for an older ledger opened read-only. Equal counts: nothing changed."""
         self.flush()
-        return self.conn.total_changes, self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if not self._counted:
+            return None
+        return self.conn.execute("SELECT n FROM ledger_changes").fetchone()[0]
+
+    def results_stamp(self) -> tuple[int, tuple[int, str, int, int, int] | None] | None:
+        """(change count now, (change count, format, bytes, mtime_ns, inode) recorded by
+        `record_results_stamp`, or None), read in one statement, so from one snapshot; None for an older
+        ledger opened read-only."""
+        self.flush()
+        if not self._counted:
+            return None
+        row = self.conn.execute("SELECT c.n, s.changes, s.format, s.bytes, s.mtime_ns, s.inode FROM ledger_changes c"
+                                " LEFT JOIN results_stamp s ON s.id = 1").fetchone()
+        return row[0], (None if row[1] is None else tuple(row[1:]))
+
+    def record_results_stamp(self, changes: int, format: str, size: int, mtime_ns: int, inode: int) -> bool:
+        """Record that results.jsonl, with this stat, held exactly the ledger at change count `changes` (in
+        `format`); not recorded (False) when the ledger has changed since, in the same transaction."""
+        with self._transaction() as conn:
+            cursor = conn.execute("INSERT OR REPLACE INTO results_stamp (id, changes, format, bytes, mtime_ns, inode)"
+                                  " SELECT 1, ?, ?, ?, ?, ? WHERE (SELECT n FROM ledger_changes) = ?",
+                                  (changes, format, size, mtime_ns, inode, changes))
+            return cursor.rowcount == 1
 
     def states(self) -> dict[str, str]:
         """Every job's state, by id, from memory (this process's view): a copy."""

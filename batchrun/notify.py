@@ -19,13 +19,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from yarl import URL
 
 from batchrun.ledger import LEDGER_NAME, Ledger
 from batchrun.servertext import holds_secret, redact
+
+if TYPE_CHECKING:  # imported where a notification is sent: a manifest's `notify:` check needs only yarl
+    import aiohttp
 
 MAX_JOBS_LISTED = 50
 MEANINGS = {
@@ -156,6 +158,8 @@ async def send(urls: Iterable[str], body: dict[str, Any], *, attempts: int = 4, 
                timeout: float = 10.0, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> list[Delivery]:
     """POST `body` to every URL at once; returns how each went. Never raises. The worst case takes about
     `attempts * timeout + first_wait * (2 ** (attempts - 1) - 1)` seconds."""
+    import aiohttp
+
     data = json.dumps(body).encode("utf-8")
     # A session of its own: no default headers, no cookie jar shared with the API's session.
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
@@ -165,6 +169,8 @@ async def send(urls: Iterable[str], body: dict[str, Any], *, attempts: int = 4, 
 
 async def _deliver(session: aiohttp.ClientSession, url: str, data: bytes, attempts: int, first_wait: float,
                    timeout: float, sleep) -> Delivery:
+    import aiohttp
+
     wait, detail = first_wait, ""
     for attempt in range(1, attempts + 1):
         try:

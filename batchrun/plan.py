@@ -8,16 +8,18 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from batchrun import filecheck, takes
-from batchrun.balance import Balance, judge
+from batchrun import filecheck, gcpause, takes
 from batchrun.errors import LedgerError
 from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
 from batchrun.owners import FileOwners
-from batchrun.results import ProvenanceStat, ResultsMatch, provenance_check
+from batchrun.results import ProvenanceStat, provenance_check
 from batchrun.spend import Spend
+
+if TYPE_CHECKING:  # balance brings aiohttp, which `plan --no-balance-check` and `status` never use
+    from batchrun.balance import Balance
 
 log = logging.getLogger("batchrun.run")
 
@@ -68,9 +70,6 @@ class Plan:
     # The ledger rows `decide` kept, by id: every row but those of done jobs settled as the manifest asks
     # them (files intact), which a re-run of a large finished batch does not hold in memory.
     unsettled: dict[str, JobRow] = field(default_factory=dict, repr=False)
-    # The ledger's `change_mark` when `make_plan` finished, if results.jsonl then held exactly the ledger's
-    # rows; None otherwise. A run whose ledger still has this mark at its end leaves results.jsonl alone.
-    results_mark: tuple[int, int] | None = None
     # (job id, identity, bytes, mtime_ns, inode) of `<id>.json` files read and found intact whose stat was not
     # recorded: a run records them, so the next check of each is a stat (results.provenance_check)
     provenance_restat: list[tuple[str, str, int, int, int]] = field(default_factory=list)
@@ -139,20 +138,16 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
         untold = {job.id: (job.take, job.take_of) for job in taking if job.id not in told}
         if untold:
             ledger.record_takes(untold)
-    results = ResultsMatch(manifest.output_dir)
-    others_before = ledger.change_mark()[1]  # another process's write during the read voids the match
-    plan = decide(manifest, results.watch(ledger.rows()), options, ledger.provenance_stats())
-    # Stats of files only: nothing results.jsonl shows.
+    with gcpause.paused():
+        plan = decide(manifest, ledger.rows(), options, ledger.provenance_stats())
+    # Stats of files only: nothing results.jsonl shows (the ledger's change count does not move).
     ledger.record_file_stats(plan.restat)
     ledger.record_provenance_stats(plan.provenance_restat)
-    mark = ledger.change_mark()
     ledger.set_refusals({job.id: why for job, why in plan.refused})
     for job in plan.submit:
         row = plan.unsettled.get(job.id)
         if row is not None and row.input_sha256 != job.input_sha256:
             ledger.update_input(job.id, job.input, job.input_sha256, manifest.estimate_or_none(job))
-    if results.same and mark[1] == others_before and ledger.change_mark() == mark:
-        plan.results_mark = mark
     return plan
 
 
@@ -280,7 +275,8 @@ def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Pla
     ledger = Ledger.open(manifest.output_dir, create=False, readonly=True)
     try:
         takes.with_rerolls(manifest, ledger.rerolls())
-        return decide(manifest, ledger.rows(), options, ledger.provenance_stats()), ledger.spend()
+        with gcpause.paused():
+            return decide(manifest, ledger.rows(), options, ledger.provenance_stats()), ledger.spend()
     finally:
         ledger.close()
 
@@ -349,6 +345,8 @@ def _print_changes(info: dict, out: TextIO, limit: int = 20) -> None:
 
 def balance_summary(manifest: Manifest, plan: Plan, balance: Balance) -> dict:
     """The balance and how many of the jobs to submit it covers, for `plan` (and its --json)."""
+    from batchrun.balance import judge
+
     in_flight = sum(row.cost_usd if row.cost_usd is not None else manifest.estimate_cost(job)
                     for job, row in plan.poll)
     verdict = judge(balance, [manifest.estimate_cost(job) for job in plan.submit], in_flight,

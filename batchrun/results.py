@@ -13,9 +13,10 @@ from typing import Any
 
 from batchrun import mediafacts
 from batchrun.crashpoints import crashpoint
+from batchrun.errors import LedgerError
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import JobRow, Ledger
-from batchrun.rewrite import open_old, write_if_changed
+from batchrun.rewrite import write_if_changed
 from batchrun.spend import job_cost
 
 RESULTS_NAME = "results.jsonl"
@@ -120,38 +121,53 @@ def to_csv(rows: Iterable[JobRow]) -> bytes:
     return "".join(csv_lines(rows)).encode("utf-8")
 
 
+# Which lines `job_record` writes: part of results.jsonl's stamp in the ledger, so a batchrun that writes
+# other lines never takes a file an earlier one wrote for current. Change it whenever job_record's output
+# changes (tests/test_results_stamp.py pins the fields).
+RESULTS_FORMAT = "1"
+
+
 def write_results(ledger: Ledger, output_dir: Path) -> Path:
     """Make results.jsonl hold the ledger, one line per job, streamed row by row (never built whole in
     memory); a file that already holds exactly that is not rewritten (same inode, mtime and bytes), else
-    it is replaced atomically (see batchrun.rewrite)."""
+    it is replaced atomically (see batchrun.rewrite). Then, if the ledger did not change meanwhile, the
+    file's stat is recorded with the ledger's change count (`results_current`)."""
     path = output_dir / RESULTS_NAME
+    before = ledger.change_count()
     write_if_changed(path, jsonl_lines(ledger.rows()), before_rename=lambda: crashpoint("results_rewrite"))
+    # Equal counts before and after: no change was committed while the rows were read, so the file holds
+    # the ledger at that count. The record itself is refused if a change lands after this check.
+    if before is not None and ledger.change_count() == before:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return path
+        try:
+            ledger.record_results_stamp(before, RESULTS_FORMAT, st.st_size, st.st_mtime_ns, st.st_ino)
+        except LedgerError:  # a ledger opened read-only (adopt's finish), a full disk: the next run compares
+            pass
     return path
 
 
-class ResultsMatch:
-    """Whether results.jsonl already holds exactly the lines of the ledger rows streamed through `watch`,
-    compared as they pass (nothing is kept): a run's plan reads every row anyway, so a no-op re-run
-    learns there that results.jsonl is current and need not read the ledger a second time to find out
-    (see `run._write_results`). `same` is meaningful once `watch` is exhausted."""
+def results_current(ledger: Ledger, output_dir: Path) -> bool:
+    """Whether results.jsonl holds exactly the ledger's rows as `write_results` writes them, known without
+    reading either: the ledger's change count (bumped by triggers in every transaction that changes what
+    the file shows, whichever process or tool makes it) is the one recorded when the file was last
+    written or found current, in this format, and the file still has the size, mtime and inode recorded
+    then. False when in doubt (no record, an older ledger): then the file is compared as it is rewritten.
 
-    def __init__(self, output_dir: Path):
-        self.same = False
-        self._path = output_dir / RESULTS_NAME
-
-    def watch(self, rows: Iterable[JobRow]) -> Iterator[JobRow]:
-        old = open_old(self._path)
-        same = old is not None
-        try:
-            for row in rows:
-                if same:
-                    line = (json.dumps(job_record(row), ensure_ascii=False) + "\n").encode("utf-8")
-                    same = old.read(len(line)) == line
-                yield row
-            self.same = same and old.read(1) == b""
-        finally:
-            if old is not None:
-                old.close()
+    The limit is filecheck's: an edit of results.jsonl that restores its size, inode and mtime is not seen."""
+    stamp = ledger.results_stamp()
+    if stamp is None or stamp[1] is None:
+        return False
+    now, (changes, fmt, size, mtime_ns, inode) = stamp
+    if changes != now or fmt != RESULTS_FORMAT:
+        return False
+    try:
+        st = os.lstat(output_dir / RESULTS_NAME)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns, st.st_ino) == (size, mtime_ns, inode)
 
 
 def provenance_path(output_dir: Path, row: JobRow) -> Path:

@@ -36,7 +36,7 @@ from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
 from batchrun.progress import Progress, describe
-from batchrun.results import write_results
+from batchrun.results import results_current, write_results
 from batchrun.scheduler import Scheduler
 from batchrun.servertext import server_text
 from batchrun.spend import Spend
@@ -674,8 +674,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
     ledger.on_write_error = None  # from here on a failed write is logged, and the run's outcome stands
     with ledger.group_commits():  # the facts of all new videos in one commit, not one per video
         _read_media_facts(manifest.output_dir, ledger)
-    # Unchanged since the plan found results.jsonl current: nothing to read or write (a no-op re-run).
-    if plan.results_mark is None or ledger.change_mark() != plan.results_mark:
+    # The ledger unchanged since results.jsonl last held it: nothing to read or write (a no-op re-run).
+    if not results_current(ledger, manifest.output_dir):
         try:
             write_results(ledger, manifest.output_dir)
         except OSError as exc:  # the ledger holds it all; the next run writes results.jsonl again

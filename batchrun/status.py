@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchrun import filecheck, mediafacts, takes
+from batchrun import filecheck, gcpause, mediafacts, takes
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
@@ -62,8 +62,8 @@ def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False,
     is not read unless `full` (`status --verify`): see batchrun.filecheck and `results.provenance_check`."""
     found = []
     for output in row.outputs:
-        path = output_dir / output.path
         if not filecheck.check_file(output_dir, output, full=full)[0]:
+            path = output_dir / output.path  # only for a file to report: pathlib costs more than the check
             found.append((output.path, "damaged" if path.exists() or path.is_symlink() else "missing"))
     if not provenance_check(output_dir, row, provenance, full=full)[0]:
         path = provenance_path(output_dir, row)
@@ -74,6 +74,15 @@ def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False,
 def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool = False) -> StatusReport:
     """What `status` shows. Done files are checked by size, mtime and inode, or hashed in full with
     `verify` (see batchrun.filecheck); nothing is written (a stat found stale is recorded by the next run)."""
+    ledger = Ledger.open(output_dir, create=False, readonly=True)
+    try:
+        with gcpause.paused():  # 100,000 rows of small objects, no cycles
+            return _collect(output_dir, ledger, manifest, verify)
+    finally:
+        ledger.close()
+
+
+def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify: bool) -> StatusReport:
     jobs = None  # id -> the manifest's job, once the manifest's re-rolled takes are added
     counts: Counter[str] = Counter()
     decisions: Counter[str] = Counter()
@@ -87,44 +96,40 @@ def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool 
     states: dict[str, str] = {}
     damaged: list[tuple[str, str, str]] = []
     media_flags: dict[str, list[str]] = {}
-    ledger = Ledger.open(output_dir, create=False, readonly=True)
-    try:
-        spent = ledger.spend()
-        provenance = ledger.provenance_stats()
-        if manifest is not None:
-            takes.with_rerolls(manifest, ledger.rerolls())
-            jobs = {job.id: job for job in manifest.jobs}
-        # One streamed read of the ledger: only the rows a person must look at are kept.
-        for row in ledger.rows():
-            in_ledger.add(row.id)
-            owners.add(row)
-            counts[row.state] += 1
-            per_model.setdefault(row.model, Counter())[row.state] += 1
-            if row.decision or row.state == "done":
-                decisions[row.decision or "unrated"] += 1
-            candidate = False
-            if jobs is not None:
-                job = jobs.get(row.id)
-                if job is None:
-                    not_in_manifest.append(row.id)
-                    states[row.id] = row.state
-                elif (why := refusal(job, row)) is not None:
-                    by_refusal[row.id] = why
-                elif row.state == "pending" and row.submissions == 0:
-                    unsent.append(row.id)
-                    candidate = True
-            elif row.refusal:
-                by_refusal[row.id] = row.refusal
-            if row.state == "done":
-                damaged += [(row.id, name, problem) for name, problem in
-                            damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
-                if found := mediafacts.flags(row.media, row.input):
-                    media_flags[row.id] = found
-            if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
-                    or row.id in by_refusal):
-                maybe_attention.append(row)
-    finally:
-        ledger.close()
+    spent = ledger.spend()
+    provenance = ledger.provenance_stats()
+    if manifest is not None:
+        takes.with_rerolls(manifest, ledger.rerolls())
+        jobs = {job.id: job for job in manifest.jobs}
+    # One streamed read of the ledger: only the rows a person must look at are kept.
+    for row in ledger.rows():
+        in_ledger.add(row.id)
+        owners.add(row)
+        counts[row.state] += 1
+        per_model.setdefault(row.model, Counter())[row.state] += 1
+        if row.decision or row.state == "done":
+            decisions[row.decision or "unrated"] += 1
+        candidate = False
+        if jobs is not None:
+            job = jobs.get(row.id)
+            if job is None:
+                not_in_manifest.append(row.id)
+                states[row.id] = row.state
+            elif (why := refusal(job, row)) is not None:
+                by_refusal[row.id] = why
+            elif row.state == "pending" and row.submissions == 0:
+                unsent.append(row.id)
+                candidate = True
+        elif row.refusal:
+            by_refusal[row.id] = row.refusal
+        if row.state == "done":
+            damaged += [(row.id, name, problem) for name, problem in
+                        damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
+            if row.media and (found := mediafacts.flags(row.media, row.input)):  # no facts: input not decoded
+                media_flags[row.id] = found
+        if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
+                or row.id in by_refusal):
+            maybe_attention.append(row)
     if jobs is not None:
         refused = {job_id: by_refusal[job_id] for job_id in jobs if job_id in by_refusal}
         # A job never sent whose file names another ledger job owns (as `plan.decide` refuses it).
