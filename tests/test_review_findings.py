@@ -1,0 +1,89 @@
+"""Review findings on the hot-path rework (issue 13): each test fails on the code as reviewed.
+
+Real loopback only: the built-in sandbox, and where a fault must be timed, a purpose-built aiohttp
+proxy in front of it (no batchrun code is replaced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+from aiohttp import web
+from helpers import ScaledClock, jobs, run, write_manifest
+
+from batchrun.sandbox import Sandbox
+
+
+class SubmitGate:
+    """A loopback proxy in front of a sandbox. The first `refuse` submits answer 429 (Retry-After: 1);
+    the next submit first calls `on_hold()` (the test's trigger), then is held `hold` real seconds before it
+    is forwarded. Every POST seen after the trigger is counted."""
+
+    def __init__(self, sandbox: Sandbox, *, refuse: int, on_hold, hold: float = 0.6):
+        self.sandbox, self.refuse, self.on_hold, self.hold = sandbox, refuse, on_hold, hold
+        self.submits = 0
+        self.after_trigger = 0
+        self.triggered = False
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def __aenter__(self) -> SubmitGate:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+        await self._runner.cleanup()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        is_submit = request.method == "POST" and request.path.startswith("/v1/models/")
+        if is_submit:
+            self.submits += 1
+            if self.triggered:
+                self.after_trigger += 1
+            if self.submits <= self.refuse:
+                return web.json_response({"error_code": 429001, "error_message": "too many requests"}, status=429,
+                                         headers={"Retry-After": "1"})
+            if not self.triggered:
+                self.triggered = True
+                self.on_hold()
+                await asyncio.sleep(self.hold)  # real time: the run's stop-request watcher polls every 0.2 s
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._session.request(request.method, self.sandbox.base_url + request.path_qs, data=body,
+                                         headers=headers) as upstream:
+            data = await upstream.read()
+            kept = {k: v for k, v in upstream.headers.items()
+                    if k.lower() in ("content-type", "retry-after", "etag", "last-modified")}
+            return web.Response(status=upstream.status, body=data, headers=kept)
+
+
+async def test_no_submit_is_sent_after_the_run_stopped_submitting_while_submits_go_one_at_a_time(tmp_path: Path):
+    """A 429 puts submits in single file (`SubmitPacer`): each waits for the answer to the one before. A
+    stop that comes meanwhile (`batchrun cancel`'s request here; a first Ctrl-C is the same
+    `stop_submitting`) must stop the jobs still waiting their turn. They are not stopped: each takes its
+    turn after the stop, records an intent and POSTs, and so pays for a job the user asked not to start."""
+    manifest = write_manifest(tmp_path, jobs(4), concurrency=4)
+    out = tmp_path / "out"
+    async with Sandbox(video_bytes=b"\x00\x00\x00\x18ftypmp42" + bytes(64)) as sandbox:
+        # All four POST at once and are refused; then one at a time. The first of those triggers the stop.
+        async with SubmitGate(sandbox, refuse=4, on_hold=lambda: (out / "cancel.request").touch()) as gate:
+            outcome, said = await run(manifest, SimpleNamespace(base_url=gate.base_url), clock=ScaledClock(speed=100))
+    assert gate.triggered
+    assert "stopped submitting: 'batchrun cancel' asked" in "\n".join(outcome.lines)
+    # Only the POST under way when the stop came may still be sent; the three others stay pending.
+    assert gate.after_trigger == 0, f"{gate.after_trigger} submits were sent after the run stopped submitting"
+    assert sandbox.jobs_created == 1
+    assert outcome.counts == {"done": 1, "pending": 3}
