@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import aiohttp
 from aiohttp import web
-from helpers import ScaledClock, jobs, results, run, write_manifest
+from helpers import ScaledClock, cli, job, jobs, ledger_rows, results, run, write_manifest
 
-from batchrun.sandbox import Sandbox
+from batchrun.sandbox import Faults, Sandbox
 
 
 class SubmitGate:
@@ -107,3 +107,27 @@ async def test_a_job_queued_ahead_by_the_run_itself_is_not_cancelled_for_waiting
     states = {job_id: row["state"] for job_id, row in results(tmp_path / "out").items()}
     assert states == {f"clip-{i:02d}": "done" for i in range(4)}, (states, outcome.lines)
     assert outcome.exit_code == 0
+
+
+async def test_an_adopted_request_id_joins_the_jobs_request_history(tmp_path: Path, monkeypatch):
+    """The ledger keeps every request id a job ever had (`requests`, results.jsonl's `request_ids`): "nothing
+    else ever deletes a request_id". `batchrun adopt` sets `jobs.request_id` only, so an adopted request is
+    missing from the history of a job that had an earlier one, and the next intent of that job
+    (`--retry-failed`) sets `request_id` to NULL: the adopted, paid-for request is then gone from the ledger."""
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "adopt-token")
+    monkeypatch.delenv("RUNCOMFY_BASE_URL", raising=False)
+    manifest = write_manifest(tmp_path, [job("a")], concurrency=1)
+    out = tmp_path / "out"
+    async with Sandbox(token="adopt-token", faults=Faults(fail_rate=1.0)) as sandbox:
+        run_cli = ["run", str(manifest), "--base-url", sandbox.base_url, "--no-preflight"]
+        assert (await cli(run_cli))[0] == 1  # request r0 fails remotely
+        (r0,) = sandbox.jobs
+        sandbox.faults.fail_rate, sandbox.faults.lose_submit_answer = 0.0, 1
+        assert (await cli([*run_cli, "--retry-failed"]))[0] == 1  # submitted again: r1, its answer lost
+        assert ledger_rows(out)["a"]["state"] == "unknown"
+        (r1,) = [rid for rid in sandbox.jobs if rid != r0]
+        code, _, err = await cli(["adopt", str(manifest), "a", r1, "--base-url", sandbox.base_url])
+        assert code == 0, err
+        row = results(out)["a"]
+        assert row["request_id"] == r1
+        assert row["request_ids"] == [r0, r1], row["request_ids"]
