@@ -94,15 +94,15 @@ QA_VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 16
 
 async def test_a_job_queued_ahead_by_the_run_itself_is_not_cancelled_for_waiting_its_turn(tmp_path: Path):
     """`queue_ahead: 3` with `concurrency: 1`: the run itself puts three jobs in the provider's queue behind
-    its own render, so the last one waits three renders (300 s) before it starts. `job_timeout` (250 s
+    its own render, so the last one waits three renders (60 s) before it starts. `job_timeout` (50 s
     here; 30 min by default, i.e. any long batch with a large `queue_ahead`) counts that wait from
     submission: the run cancels the job it chose to queue ahead ("still queued after ... min;
     cancelled", then held until `--retry-failed`) and abandons the one before it as timed out (exit 1).
     With `queue_ahead: 0` the same batch ends all done (each job then renders within its timeout)."""
-    manifest = write_manifest(tmp_path, jobs(4), concurrency=1, queue_ahead=3, job_timeout=250,
+    manifest = write_manifest(tmp_path, jobs(4), concurrency=1, queue_ahead=3, job_timeout=50,
                               poll_min_interval=1, poll_max_interval=5)
-    clock = ScaledClock(speed=500)  # jobs wait together, as for real
-    async with Sandbox(capacity=1, render_seconds=100.0, video_bytes=QA_VIDEO, clock=clock) as sandbox:
+    clock = ScaledClock(speed=50)  # jobs wait together, as for real
+    async with Sandbox(capacity=1, render_seconds=20.0, video_bytes=QA_VIDEO, clock=clock) as sandbox:
         outcome, said = await run(manifest, sandbox, clock=clock)
     states = {job_id: row["state"] for job_id, row in results(tmp_path / "out").items()}
     assert states == {f"clip-{i:02d}": "done" for i in range(4)}, (states, outcome.lines)
