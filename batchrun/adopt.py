@@ -134,7 +134,7 @@ def _owner(ledger: Ledger, request_id: str) -> str | None:
 def _attach(ledger: Ledger, output_dir: Path, row: JobRow, request_id: str) -> None:
     """The job now has its request: `queued` as if the POST's answer had arrived (the next run polls it).
     `submissions` is left alone: the POST was counted when its intent was recorded."""
-    ledger.set_state(row.id, "queued", clear_error=True, request_id=request_id, remote_status=None)
+    ledger.adopt_request(row.id, request_id)
     with open(output_dir / "run.log", "a", encoding="utf-8") as log:
         log.write(f"{stamp()} INFO adopt: {row.id}: attached request {request_id} (was {row.state})\n")
 

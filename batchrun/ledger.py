@@ -812,6 +812,19 @@ class Ledger:
         ], now=True)
         self._moved(job_id, "queued")
 
+    def adopt_request(self, job_id: str, request_id: str) -> None:
+        """Attach a request found by `batchrun adopt`: the job becomes `queued` as if its POST's answer had
+        arrived, and the request joins its history (a later intent clears `request_id`, never the history),
+        in one durable transaction."""
+        now = utc_now()
+        with self._transaction(durable=True) as conn:
+            conn.execute("UPDATE jobs SET state='queued', request_id=?, remote_status=NULL, error_kind=NULL,"
+                         " error_message=NULL, updated_at=? WHERE id=?", (request_id, now, job_id))
+            if self._history:
+                conn.execute("INSERT OR IGNORE INTO requests (job_id, request_id, submitted_at) VALUES (?, ?, ?)",
+                             (job_id, request_id, now))
+        self._moved(job_id, "queued")
+
     def mark_not_sent(self, job_id: str, kind: str, message: str, *, reached_server: bool) -> None:
         """The POST certainly created no job: back to pending (the attempt counts only if it was sent)."""
         self._queue([(

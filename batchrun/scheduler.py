@@ -463,17 +463,24 @@ class Scheduler:
         self.committed_usd += estimate
         return True
 
+    def _must_not_send(self) -> bool:
+        """A stop that forbids every further POST, even of a job already reserved (a budget or a deadline
+        stop only keeps new jobs from starting)."""
+        return self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "unreachable", "cancel",
+                                                        "unanswered")
+
     async def _post(self, job: Job, payload: dict, estimate: float) -> str | None:
         """POST the job, retrying only what certainly created nothing; its request id, or None."""
         attempt = 0
         accepted_at_refusal: int | None = None  # submits accepted (all jobs) when this one was last refused
         while True:
-            if self.interrupted or self.stop_reason in ("auth", "disk_full", "interrupted", "unreachable", "cancel",
-                                                        "unanswered"):
+            if self._must_not_send():
                 self._release(estimate)
                 return None
             try:
                 async with self._pacer.turn():
+                    if self._must_not_send():  # the stop came while this job waited for its turn
+                        raise _OutOfTime()
                     await self._intents.commit(job.id)
                     crashpoint("after_intent")
                     self.calls["submit"] += 1
@@ -600,7 +607,8 @@ class Scheduler:
             while True:
                 now = self.clock()
                 age = now - submitted
-                if age >= self.settings.job_timeout and polls > 0:
+                timed = now - self._timed_from(job.id, submitted, now)
+                if timed >= self.settings.job_timeout and polls > 0:
                     return await self._timed_out(job, request_id, state)
                 left = self._time_left()
                 if left is not None and left <= 0:  # max_wait: leave the job recorded for the next run
@@ -619,7 +627,7 @@ class Scheduler:
                 else:
                     delay = self.planner.next_delay(now - start, polls)
                 wake.clear()
-                if await self._nap(max(0.0, min(delay, self.settings.job_timeout - age + 0.001) if polls
+                if await self._nap(max(0.0, min(delay, self.settings.job_timeout - timed + 0.001) if polls
                                        else delay), clip=True, wake=wake):
                     continue  # it took a freed slot, or render times became known: plan again
                 asked = self.clock()
@@ -659,6 +667,16 @@ class Scheduler:
         finally:
             self._starts.forget(job.id)
             self._wakes.pop(job.id, None)
+
+    def _timed_from(self, key: str, submitted: float, now: float) -> float:
+        """When `job_timeout` starts counting for a job: its submission; with `queue_ahead`, its render
+        start as far as the client can tell (a job the run itself queued behind its own renders is not
+        late for waiting its turn), but never later than one `job_timeout` after its submission, so a
+        provider that never starts it still times it out."""
+        if not self.settings.queue_ahead:
+            return submitted
+        start = self._starts.start_of(key)
+        return min(now if start is None else max(start, submitted), submitted + self.settings.job_timeout)
 
     def _render_ended(self, key: str, result: Result, submitted: float, low: float, high: float) -> None:
         """Learn from a job seen finished: it ended after `low` and by `high` (this run's clock), and
