@@ -31,7 +31,7 @@ from pathlib import Path
 
 from batchrun.crashpoints import crashpoint
 from batchrun.errors import LedgerError
-from batchrun.ledger import JobRow, Ledger
+from batchrun.ledger import JobRow, Ledger, LedgerWriteError
 from batchrun.results import job_record, provenance_identity, provenance_path, write_provenance
 
 log = logging.getLogger("batchrun.run")
@@ -105,8 +105,8 @@ class ProvenanceWriter:
         if len(self._waiting) >= self.batch:
             try:
                 self._write()
-            except LedgerError as exc:  # the run stops on it elsewhere; the next run writes the files
-                self._report(exc)
+            except LedgerError as exc:  # the next run writes the files
+                self._failed(exc)
 
     def _write(self) -> None:
         ids, self._waiting = self._waiting, []
@@ -116,6 +116,13 @@ class ProvenanceWriter:
         failed, written = write_all(self.output_dir, rows)
         self._report(failed)
         record(self.ledger, written)
+
+    def _failed(self, exc: LedgerError) -> None:
+        """Reading the rows committed the queued writes first: if that commit failed, the run must stop as
+        for any failed commit (the ledger would no longer hold what happened), not only log it."""
+        self._report(exc)
+        if isinstance(exc, LedgerWriteError) and self.ledger.on_write_error is not None:
+            self.ledger.on_write_error(exc)
 
     @staticmethod
     def _report(outcome: list[tuple[str, OSError]] | BaseException) -> None:
@@ -132,4 +139,4 @@ class ProvenanceWriter:
             try:
                 self._write()
             except LedgerError as exc:
-                self._report(exc)
+                self._failed(exc)
