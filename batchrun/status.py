@@ -97,13 +97,14 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
     damaged: list[tuple[str, str, str]] = []
     media_flags: dict[str, list[str]] = {}
     spent = ledger.spend()
-    provenance = ledger.provenance_stats()
+    provenance = ledger.provenance_stats_in_order()  # popped once per row below, in the rows' order
     if manifest is not None:
         takes.with_rerolls(manifest, ledger.rerolls())
         jobs = {job.id: job for job in manifest.jobs}
     # One streamed read of the ledger: only the rows a person must look at are kept.
     for row in ledger.rows():
         in_ledger.add(row.id)
+        known = provenance.pop(row.id, None)
         owners.add(row)
         counts[row.state] += 1
         per_model.setdefault(row.model, Counter())[row.state] += 1
@@ -124,7 +125,7 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
             by_refusal[row.id] = row.refusal
         if row.state == "done":
             damaged += [(row.id, name, problem) for name, problem in
-                        damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
+                        damaged_files(output_dir, row, full=verify, provenance=known)]
             if row.media and (found := mediafacts.flags(row.media, row.input)):  # no facts: input not decoded
                 media_flags[row.id] = found
         if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
