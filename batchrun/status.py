@@ -107,10 +107,14 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
         known = provenance.pop(row.id, None)
         owners.add(row)
         counts[row.state] += 1
-        per_model.setdefault(row.model, Counter())[row.state] += 1
+        model_counts = per_model.get(row.model)
+        if model_counts is None:  # not setdefault: no Counter built per row
+            model_counts = per_model[row.model] = Counter()
+        model_counts[row.state] += 1
         if row.decision or row.state == "done":
             decisions[row.decision or "unrated"] += 1
         candidate = False
+        job = None
         if jobs is not None:
             job = jobs.get(row.id)
             if job is None:
@@ -126,7 +130,10 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
         if row.state == "done":
             damaged += [(row.id, name, problem) for name, problem in
                         damaged_files(output_dir, row, full=verify, provenance=known)]
-            if row.media and (found := mediafacts.flags(row.media, row.input)):  # no facts: input not decoded
+            # The manifest's input when it is the one the job was made with (same digest): the row's own
+            # JSON is then not decoded (most of what a done row costs here); no facts: input not decoded.
+            if row.media and (found := mediafacts.flags(row.media, job.input if job is not None and
+                                                        job.input_sha256 == row.input_sha256 else row.input)):
                 media_flags[row.id] = found
         if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
                 or row.id in by_refusal):
