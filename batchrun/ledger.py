@@ -363,15 +363,19 @@ class InJobOrder:
         self._next = next(cursor, None)
 
     def pop(self, job_id: str, default: Any = None) -> Any:
-        found = None
-        while self._next is not None and self._next[0] == job_id:
-            if found is None:
-                found = []
-            found.append(self._build(self._next))
-            self._next = next(self._cursor, None)
-        if found is None:
+        upcoming = self._next
+        if upcoming is None or upcoming[0] != job_id:  # most calls: nothing for this job, or ...
             return default
-        return found[0] if self._single else found
+        build, cursor = self._build, self._cursor
+        found = build(upcoming)
+        upcoming = self._next = next(cursor, None)
+        if self._single:
+            return found
+        found = [found]
+        while upcoming is not None and upcoming[0] == job_id:  # ... one row, seldom more
+            found.append(build(upcoming))
+            upcoming = self._next = next(cursor, None)
+        return found
 
 
 class LedgerWriteError(LedgerError):
