@@ -322,8 +322,8 @@ _JOB_DEFAULTS = {name: f.default for name, f in _JOB_FIELDS.items() if f.default
 _JSON_COLUMNS = {"input_json": "input", "media_json": "media"}
 
 
-def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]],
-               requests: dict[str, list[str]]) -> Iterator[JobRow]:
+def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]] | InJobOrder,
+               requests: dict[str, list[str]] | InJobOrder) -> Iterator[JobRow]:
     """JobRows of `SELECT * FROM jobs` as `_row` builds them, several times faster: the column names are
     checked once per query instead of by the dataclass's __init__ once per row (a frozen dataclass sets
     each of its 30 fields through object.__setattr__, most of the cost of reading 100,000 jobs), and the
@@ -352,6 +352,30 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]],
         data["outputs"] = tuple(outputs.pop(job_id, ()))
         data["request_ids"] = tuple(requests.pop(job_id, None) or ([request_id] if request_id else []))
         yield row
+
+
+class InJobOrder:
+    """The rows of a cursor ordered as the jobs are read (first column: the job id), handed out job by
+    job: `pop(job_id, default)` as on a dict of lists, for jobs asked in that same order."""
+
+    def __init__(self, cursor: sqlite3.Cursor, build: Callable[[tuple], Any], *, single: bool = False):
+        self._cursor, self._build, self._single = cursor, build, single  # single: one row per job at most
+        self._next = next(cursor, None)
+
+    def pop(self, job_id: str, default: Any = None) -> Any:
+        upcoming = self._next
+        if upcoming is None or upcoming[0] != job_id:  # most calls: nothing for this job, or ...
+            return default
+        build, cursor = self._build, self._cursor
+        found = build(upcoming)
+        upcoming = self._next = next(cursor, None)
+        if self._single:
+            return found
+        found = [found]
+        while upcoming is not None and upcoming[0] == job_id:  # ... one row, seldom more
+            found.append(build(upcoming))
+            upcoming = self._next = next(cursor, None)
+        return found
 
 
 class LedgerWriteError(LedgerError):
@@ -638,25 +662,38 @@ class Ledger:
                 gc.enable()
 
     def rows(self) -> Iterator[JobRow]:
-        """Every job, oldest first, built one at a time: three queries in all whatever the ledger's size
-        (outputs and request ids are read in bulk first), so a caller that streams them (results.jsonl)
-        holds one JobRow at a time. Keep the iterator short-lived: it holds a read transaction."""
+        """Every job, oldest first, built one at a time: three queries in all whatever the ledger's size,
+        read side by side in the jobs' order (outputs and request ids joined to their job's order), so a
+        caller that streams them (results.jsonl, plan, status) holds one job's rows at a time, not every
+        output of the ledger at once (100 MB at 100,000 jobs before). Keep the iterator short-lived: it
+        holds a read transaction (one snapshot for the three statements)."""
         self.flush()
-        outputs: dict[str, list[Output]] = {}
-        # Built as Output(*r) would be, without a frozen dataclass's per-field setattr (as `_bulk_rows`).
-        names, new, defaults = [f.name for f in fields(Output)], object.__new__, {"mtime_ns": None, "inode": None}
-        for r in self.conn.execute(f"SELECT job_id, {self._output_columns()} FROM outputs ORDER BY job_id, idx"):
-            output = new(Output)
-            output.__dict__.update(defaults)
-            output.__dict__.update(zip(names, r[1:], strict=False))  # no mtime_ns, inode before schema 7
-            outputs.setdefault(r[0], []).append(output)
-        requests: dict[str, list[str]] = {}
+        order = "j.first_seen_at, j.rowid"
+        columns = ", ".join(f"o.{name}" for name in self._output_columns().split(", "))
+        outputs = self.conn.cursor()
+        outputs.row_factory = None
+        outputs.execute(f"SELECT o.job_id, {columns} FROM outputs o JOIN jobs j ON j.id = o.job_id"
+                        f" ORDER BY {order}, o.idx")
+        requests = None
         if self._history:
-            for job_id, request_id in self.conn.execute("SELECT job_id, request_id FROM requests ORDER BY rowid"):
-                requests.setdefault(job_id, []).append(request_id)
+            requests = self.conn.cursor()
+            requests.row_factory = None
+            requests.execute(f"SELECT r.job_id, r.request_id FROM requests r JOIN jobs j ON j.id = r.job_id"
+                             f" ORDER BY {order}, r.rowid")
         cursor = self.conn.cursor()
         cursor.row_factory = None  # plain tuples: `_bulk_rows` names the columns once
-        yield from _bulk_rows(cursor.execute("SELECT * FROM jobs ORDER BY first_seen_at, rowid"), outputs, requests)
+        cursor.execute(f"SELECT * FROM jobs j ORDER BY {order}")
+        # Built as Output(*r) would be, without a frozen dataclass's per-field setattr (as `_bulk_rows`).
+        names, new, defaults = [f.name for f in fields(Output)], object.__new__, {"mtime_ns": None, "inode": None}
+
+        def output(r: tuple) -> Output:
+            made = new(Output)
+            made.__dict__.update(defaults)
+            made.__dict__.update(zip(names, r[1:], strict=False))  # no mtime_ns, inode before schema 7
+            return made
+
+        yield from _bulk_rows(cursor, InJobOrder(outputs, output),
+                              InJobOrder(requests, lambda r: r[1]) if requests is not None else {})
 
     def change_count(self) -> int | None:
         """How many changes to what results.jsonl shows the ledger has ever committed, by anyone (schema 8's
@@ -891,6 +928,20 @@ class Ledger:
             return {}
         return {r[0]: tuple(r[1:]) for r in self.conn.execute(
             "SELECT job_id, identity, bytes, mtime_ns, inode FROM provenance_files")}
+
+    def provenance_stats_in_order(self) -> dict[str, tuple[str, int, int, int]] | InJobOrder:
+        """What `provenance_stats` holds, read beside `rows()` rather than held whole (50 MB at 100,000
+        jobs): call it before iterating `rows()` and `pop(job_id, None)` once for every row `rows()`
+        yields, in that order (a row skipped would hold back the later ones). Empty for a ledger older
+        than schema 7. Its statement shares the read transaction of `rows()`'s: one snapshot."""
+        self.flush()
+        if not self._file_stats:
+            return {}
+        cursor = self.conn.cursor()
+        cursor.row_factory = None
+        cursor.execute("SELECT p.job_id, p.identity, p.bytes, p.mtime_ns, p.inode FROM provenance_files p"
+                       " JOIN jobs j ON j.id = p.job_id ORDER BY j.first_seen_at, j.rowid")
+        return InJobOrder(cursor, lambda r: r[1:], single=True)
 
     def record_provenance_stats(self, stats: Iterable[tuple[str, str, int, int, int]]) -> None:
         """Record (job id, identity, bytes, mtime_ns, inode) of `<id>.json` files found intact."""

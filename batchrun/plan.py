@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from batchrun import filecheck, gcpause, takes
 from batchrun.errors import LedgerError
-from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
+from batchrun.ledger import LEDGER_NAME, InJobOrder, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
 from batchrun.owners import FileOwners
 from batchrun.results import ProvenanceStat, provenance_check
@@ -73,7 +73,7 @@ class Plan:
     # (job id, identity, bytes, mtime_ns, inode) of `<id>.json` files read and found intact whose stat was not
     # recorded: a run records them, so the next check of each is a stat (results.provenance_check)
     provenance_restat: list[tuple[str, str, int, int, int]] = field(default_factory=list)
-    # The ledger's `provenance_stats` this plan was decided with (what `_check_provenance` compares with).
+    # The ledger's `provenance_stats` of the rows kept in `unsettled` (what `_check_provenance` compares with).
     provenance_known: dict[str, ProvenanceStat] = field(default_factory=dict, repr=False)
 
 
@@ -139,7 +139,7 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
         if untold:
             ledger.record_takes(untold)
     with gcpause.paused():
-        plan = decide(manifest, ledger.rows(), options, ledger.provenance_stats())
+        plan = decide(manifest, ledger.rows(), options, ledger.provenance_stats_in_order())
     # Stats of files only: nothing results.jsonl shows (the ledger's change count does not move).
     ledger.record_file_stats(plan.restat)
     ledger.record_provenance_stats(plan.provenance_restat)
@@ -152,17 +152,18 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
 
 
 def decide(manifest: Manifest, rows: Iterable[JobRow], options: RunOptions,
-           provenance: dict[str, ProvenanceStat] | None = None) -> Plan:
+           provenance: dict[str, ProvenanceStat] | InJobOrder | None = None) -> Plan:
     """What each manifest job needs, given the ledger's rows (any iterable, read once, in ledger order),
     and which paid requests of other inputs or removed jobs are still to collect. Reads files (to
-    verify), writes nothing. `provenance`: the ledger's `provenance_stats`, so that an `<id>.json`
-    unchanged since it was found intact is not read.
+    verify), writes nothing. `provenance`: the ledger's `provenance_stats` (or `provenance_stats_in_order`,
+    popped once per row, in order), so that an `<id>.json` unchanged since it was found intact is not read.
 
     Linear in ledger and manifest size, and light: a done job the manifest asks for as it was made, whose
     files are intact, is settled as the rows stream past and its row is not kept (`Plan.unsettled` holds
     the others), so a re-run of 100,000 done jobs holds the manifest and not the ledger too."""
     plan = Plan()
-    plan.provenance_known = provenance or {}
+    if provenance is None:
+        provenance = {}
     output_dir = manifest.output_dir
     by_id = {job.id: job for job in manifest.jobs}
     owners = FileOwners(())
@@ -171,12 +172,13 @@ def decide(manifest: Manifest, rows: Iterable[JobRow], options: RunOptions,
     for row in rows:
         owners.add(row)
         job = by_id.get(row.id)
+        known = provenance.pop(row.id, None)  # for every row, in order: see Ledger.provenance_stats_in_order
         if row.state == "done":
             as_asked = job is not None and (job.input_sha256 == row.input_sha256 or refusal(job, row) is None)
             kind = manifest.model_of(job).output_kind if as_asked else None
             intact[row.id] = outputs_intact(output_dir, row, kind, full=options.verify, restat=plan.restat)
             if as_asked and intact[row.id] and job.input_sha256 == row.input_sha256:
-                ok, found = provenance_check(output_dir, row, plan.provenance_known.get(row.id), full=options.verify)
+                ok, found = provenance_check(output_dir, row, known, full=options.verify)
                 if ok:
                     if found is not None:
                         plan.provenance_restat.append((row.id, *found))
@@ -184,6 +186,8 @@ def decide(manifest: Manifest, rows: Iterable[JobRow], options: RunOptions,
                     del intact[row.id]
                     continue
         plan.unsettled[row.id] = row
+        if known is not None:
+            plan.provenance_known[row.id] = known
     kept = plan.unsettled
     resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
     listed: set[str] = set()
@@ -276,7 +280,7 @@ def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Pla
     try:
         takes.with_rerolls(manifest, ledger.rerolls())
         with gcpause.paused():
-            return decide(manifest, ledger.rows(), options, ledger.provenance_stats()), ledger.spend()
+            return decide(manifest, ledger.rows(), options, ledger.provenance_stats_in_order()), ledger.spend()
     finally:
         ledger.close()
 

@@ -97,19 +97,24 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
     damaged: list[tuple[str, str, str]] = []
     media_flags: dict[str, list[str]] = {}
     spent = ledger.spend()
-    provenance = ledger.provenance_stats()
+    provenance = ledger.provenance_stats_in_order()  # popped once per row below, in the rows' order
     if manifest is not None:
         takes.with_rerolls(manifest, ledger.rerolls())
         jobs = {job.id: job for job in manifest.jobs}
     # One streamed read of the ledger: only the rows a person must look at are kept.
     for row in ledger.rows():
         in_ledger.add(row.id)
+        known = provenance.pop(row.id, None)
         owners.add(row)
         counts[row.state] += 1
-        per_model.setdefault(row.model, Counter())[row.state] += 1
+        model_counts = per_model.get(row.model)
+        if model_counts is None:  # not setdefault: no Counter built per row
+            model_counts = per_model[row.model] = Counter()
+        model_counts[row.state] += 1
         if row.decision or row.state == "done":
             decisions[row.decision or "unrated"] += 1
         candidate = False
+        job = None
         if jobs is not None:
             job = jobs.get(row.id)
             if job is None:
@@ -124,8 +129,11 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
             by_refusal[row.id] = row.refusal
         if row.state == "done":
             damaged += [(row.id, name, problem) for name, problem in
-                        damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
-            if row.media and (found := mediafacts.flags(row.media, row.input)):  # no facts: input not decoded
+                        damaged_files(output_dir, row, full=verify, provenance=known)]
+            # The manifest's input when it is the one the job was made with (same digest): the row's own
+            # JSON is then not decoded (most of what a done row costs here); no facts: input not decoded.
+            if row.media and (found := mediafacts.flags(row.media, job.input if job is not None and
+                                                        job.input_sha256 == row.input_sha256 else row.input)):
                 media_flags[row.id] = found
         if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
                 or row.id in by_refusal):

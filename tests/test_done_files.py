@@ -292,3 +292,39 @@ async def test_a_provenance_file_is_checked_by_its_recorded_stat_once_read_intac
         outcome, _ = await run(manifest, sandbox, options=RunOptions(verify=True))
         assert outcome.exit_code == 0
     assert json.loads(path.read_bytes())["request_id"] == record["request_id"]
+
+
+async def test_each_jobs_recorded_provenance_stat_is_its_own_when_some_jobs_have_none(tmp_path):
+    # The recorded stats of `<id>.json` files are read beside the ledger's rows, job by job: a job with no
+    # recorded stat (a ledger that never recorded it) must not shift the others' onto the wrong job.
+    manifest = write_manifest(tmp_path, jobs(5))
+    out = tmp_path / "out"
+    async with Sandbox() as sandbox:
+        await run(manifest, sandbox)
+        await run(manifest, sandbox)  # reads each <id>.json once and records its stat
+        conn = sqlite3.connect(out / "ledger.sqlite")
+        with conn:
+            conn.execute("DELETE FROM provenance_files WHERE job_id IN ('clip-00', 'clip-02')")
+        conn.close()
+        # clip-03's file edited in place, its size, inode and mtime kept: trusted by its own recorded stat.
+        path = out / "clip-03.json"
+        before, data = path.stat(), path.read_bytes()
+        request_id = json.loads(data)["request_id"]
+        with open(path, "r+b") as handle:
+            handle.write(data.replace(request_id.encode(), b"x" * len(request_id)))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        # clip-02's file, whose stat is not recorded, is read: its damage is seen.
+        (out / "clip-02.json").write_text("{}")
+        assert [d["path"] for d in (await _status(manifest))["damaged"]] == ["clip-02.json"]
+        code, stdout, err = await cli(["plan", str(manifest), "--json", "--no-balance-check"])
+        assert code == 0, err
+        assert json.loads(stdout)["provenance_to_rewrite"] == ["clip-02.json"]
+        outcome, _ = await run(manifest, sandbox)
+        assert outcome.exit_code == 0
+        assert any("rewrote 1 provenance file that was missing or damaged: clip-02.json" in line
+                   for line in outcome.lines)
+        conn = sqlite3.connect(out / "ledger.sqlite")
+        recorded = {r[0] for r in conn.execute("SELECT job_id FROM provenance_files")}
+        conn.close()
+        assert recorded == {f"clip-0{n}" for n in range(5)}  # clip-00 read intact, clip-02 rewritten
+        assert [d["path"] for d in (await _status(manifest, "--verify"))["damaged"]] == ["clip-03.json"]

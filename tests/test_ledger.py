@@ -189,3 +189,37 @@ def test_a_truncated_ledger_stops_the_run_with_exit_2_and_is_left_alone(tmp_path
     assert code == 2
     assert "is not a usable batchrun ledger" in err.getvalue() and "Traceback" not in err.getvalue()
     assert path.read_bytes() == truncated
+
+
+def test_rows_stream_each_job_with_its_own_outputs_and_requests_in_ledger_order(tmp_path):
+    # Jobs recorded in an order unlike their ids', some with several outputs or requests, some with none:
+    # the streamed read (outputs and requests read beside the jobs, in their order) gives each job exactly
+    # what a read of that one job gives.
+    ledger = Ledger.open(tmp_path)
+    try:
+        ids = ["m", "c", "x", "a", "q", "b"]
+        for job_id in ids:
+            _add(ledger, job_id)
+        for n, job_id in enumerate(["x", "a", "b", "m"]):
+            ledger.mark_submitting([job_id])
+            ledger.mark_submitted(job_id, f"req-{job_id}-1")
+            if n % 2 == 0:  # a second request for the same job: its history keeps both, in order
+                ledger.set_state(job_id, "unknown", error=("unknown", "502"))
+                ledger.mark_submitting([job_id])
+                ledger.mark_submitted(job_id, f"req-{job_id}-2")
+        ledger.set_state("a", "downloading", output_urls=["https://x/1.mp4", "https://x/2.mp4"])
+        ledger.mark_done("a", [Output(0, "a-1.mp4", 10, "a" * 64), Output(1, "a-2.mp4", 11, "b" * 64)])
+        ledger.set_state("m", "downloading", output_urls=["https://x/m.mp4"])
+        ledger.mark_done("m", [Output(0, "m.mp4", 12, "c" * 64)])
+        streamed = list(ledger.rows())
+        assert [row.id for row in streamed] == ids
+        for row in streamed:
+            one = ledger.get(row.id)
+            assert (row.outputs, row.request_ids, row.state, row.input) == (
+                one.outputs, one.request_ids, one.state, one.input), row.id
+        by_id = {row.id: row for row in streamed}
+        assert [o.path for o in by_id["a"].outputs] == ["a-1.mp4", "a-2.mp4"]
+        assert by_id["x"].request_ids == ("req-x-1", "req-x-2") and by_id["a"].request_ids == ("req-a-1",)
+        assert by_id["c"].outputs == () and by_id["c"].request_ids == ()
+    finally:
+        ledger.close()
