@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -643,8 +644,20 @@ def _port(text: str) -> int:
     return port
 
 
+def _lean_log_records() -> None:
+    """Log records without the caller's file and line, thread, process id or process name (the logging
+    HOWTO's "Optimization" switches): batchrun's formats use none of them, and a run logs lines per job
+    (each record would otherwise call getpid)."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
 def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
+    if argv is None:  # the program itself (not a caller's process): its log lines name none of these
+        _lean_log_records()
     command = None
     try:
         args = build_parser().parse_args(argv)

@@ -61,6 +61,9 @@ from .outputhosts import HostPolicy, refusal_of
 __all__ = ["MAX_REDIRECTS", "Downloaded", "download", "meta_path", "part_path", "verify"]
 
 MAX_REDIRECTS = 5
+# A .part up to this size has no .meta written unless its attempt ends early (see `_Part.remember`):
+# downloading it again costs less than recording its validator for every download.
+RESUME_AFTER_BYTES = 1024 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _EXPIRED = frozenset({403, 404, 410})
 # EFBIG too: a filesystem or RLIMIT_FSIZE cap on file size is as fatal to the run as a full disk.
@@ -180,6 +183,11 @@ async def download(
             # Nothing worth resuming: leave no empty .part behind (e.g. after a 403 on the first try).
             with contextlib.suppress(DownloadError):
                 part.discard()
+        elif part.fd >= 0:
+            # The bytes kept are resumed by the next attempt: it needs their validator on disk. Without
+            # it (a full disk), that attempt starts over, which costs a download, never a payment.
+            with contextlib.suppress(DownloadError):
+                part.keep_validator()
         raise
     finally:
         part.close()
@@ -403,6 +411,7 @@ class _Part:
         self.head = head
         self.if_range = if_range
         self.total = total
+        self.meta_pending = False  # a validator held in memory, not yet in .meta (see `remember`)
 
     @classmethod
     async def open(cls, path: Path) -> _Part:
@@ -442,22 +451,40 @@ class _Part:
         return self.total is None or total is None or total == self.total
 
     def remember(self, if_range: str | None, total: int | None) -> None:
-        """Record what later attempts resume against; None forgets it (they start over)."""
+        """Record what later attempts resume against; None forgets it (they start over).
+
+        Called before any byte of the body lands. The .meta file is written only once the .part is about
+        to hold more than `RESUME_AFTER_BYTES`, or when the attempt ends with bytes kept (`keep_validator`):
+        most outputs arrive whole in one go, and a process killed before either point leaves a small
+        .part without .meta, which the next attempt simply downloads again from the start."""
         self.if_range, self.total = if_range, total
+        self.meta_pending = False
         try:
-            if if_range is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.meta)
-                return
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.meta)  # never a validator of other bytes beside the ones about to come
+        except OSError as exc:
+            raise self._storage_error(exc, "record the validator of") from exc
+        self.meta_pending = if_range is not None
+
+    def keep_validator(self) -> None:
+        """Write the .meta now if it is still pending (the bytes received so far are worth resuming)."""
+        if self.meta_pending:
+            self._write_meta()
+
+    def _write_meta(self) -> None:
+        self.meta_pending = False
+        try:
             fd = os.open(self.meta, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             try:
-                os.write(fd, json.dumps({"if_range": if_range, "total": total}).encode())
+                os.write(fd, json.dumps({"if_range": self.if_range, "total": self.total}).encode())
             finally:
                 os.close(fd)
         except OSError as exc:
             raise self._storage_error(exc, "record the validator of") from exc
 
     def write(self, data: bytes) -> None:
+        if self.meta_pending and self.size + len(data) > RESUME_AFTER_BYTES:
+            self._write_meta()  # before these bytes: a .part this large always has its validator on disk
         view = memoryview(data)
         try:
             while view:
@@ -499,7 +526,7 @@ class _Part:
             raise DownloadError(f"{self.path} was replaced by something else during the download")
         _check_dest(dest)
         os.replace(self.path, dest)
-        if self.if_range is not None:  # else no validator file was kept (see `remember`)
+        if self.if_range is not None and not self.meta_pending:  # else no validator file was written
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.meta)
         return os.fstat(fd)

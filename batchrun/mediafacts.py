@@ -25,6 +25,7 @@ log = logging.getLogger("batchrun.run")
 POSTERS = "posters"
 POSTER_WIDTH = 480  # pixels; the galleries show takes about this wide
 READ_THREADS = 4
+READ_CHUNK = 16  # videos a reading thread takes at a time
 DURATION_TOLERANCE_S = 0.5  # containers round; a whole second off is what a user would notice
 
 
@@ -133,10 +134,18 @@ def fill(ledger, output_dir: Path, limit: int | None = None) -> int:
             make_poster(output_dir / path, output_dir / poster_path(job_id))
         return job_id, facts
 
+    def read_chunk(chunk: list[tuple[str, str]]) -> list[tuple[str, dict[str, Any] | None]]:
+        return [read(item) for item in chunk]
+
     todo = ledger.without_media()[:limit]
+    if not todo:
+        return 0
     # FFmpeg decodes without holding the GIL: a few threads read a long batch's videos several times faster.
+    # Each thread takes `READ_CHUNK` videos at a time: one hand-off per video cost more than a short read.
     # The ledger is written from this thread only.
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        for job_id, facts in pool.map(read, todo):
-            ledger.set_media(job_id, facts or {})
+    chunks = [todo[start:start + READ_CHUNK] for start in range(0, len(todo), READ_CHUNK)]
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(chunks))) as pool:
+        for done in pool.map(read_chunk, chunks):
+            for job_id, facts in done:
+                ledger.set_media(job_id, facts or {})
     return len(todo)

@@ -21,6 +21,7 @@ from aiohttp import web
 from helpers import mp4
 
 from batchrun.download import (
+    RESUME_AFTER_BYTES,
     Downloaded,
     _parse_content_range,
     _parse_retry_after,
@@ -42,6 +43,7 @@ DATA = mp4(random.Random(20240601).randbytes(300_000 - len(FTYP) - 8))
 SHA = hashlib.sha256(DATA).hexdigest()
 HALF = len(DATA) // 2
 ETAG = '"data-v1"'  # what every handler below names DATA by
+BIG_DATA = mp4(random.Random(7).randbytes(RESUME_AFTER_BYTES * 2))
 PIECE = 100_000  # what the /partial server sends per answer
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,7 @@ class Server:
         self.watch: Path | None = None  # the .part /cut waits on before dropping the connection
         self.cut_done = False
         self.release = asyncio.Event()
+        self.big_sent = 0  # bytes /big-hang.mp4 sends before it waits for `release`
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -142,6 +145,16 @@ def make_app(state: Server) -> web.Application:
         await state.release.wait()
         return resp
 
+    async def big_hang(request):
+        # BIG_DATA's first BIG_SENT bytes with its ETag, then nothing until released (a process killed there).
+        resp = web.StreamResponse(headers={"ETag": ETAG})
+        resp.content_length = len(BIG_DATA)
+        await resp.prepare(request)
+        for start in range(0, state.big_sent, 64 * 1024):
+            await resp.write(BIG_DATA[start:min(start + 64 * 1024, state.big_sent)])
+        await state.release.wait()
+        return resp
+
     async def chunked(request):
         resp = web.StreamResponse()
         resp.enable_chunked_encoding()
@@ -167,6 +180,7 @@ def make_app(state: Server) -> web.Application:
     app.router.add_get("/partial.mp4", piecewise)
     app.router.add_get("/cut.mp4", cut)
     app.router.add_get("/hang.mp4", hang)
+    app.router.add_get("/big-hang.mp4", big_hang)
     app.router.add_get("/chunked.mp4", chunked)
     app.router.add_get("/status/{code}", status)
     return app
@@ -267,6 +281,31 @@ async def test_cut_body_is_kept_and_resumed(server, session, dest):
     assert_complete(result, dest)
     assert server.ranges("/cut.mp4") == [None, f"bytes={HALF}-"]
     assert server.requests[-1][1]["If-Range"] == ETAG  # resumed only if it is still the same file
+
+
+async def test_a_small_part_left_without_its_validator_is_downloaded_again_whole(server, session, dest):
+    part_path(dest).write_bytes(DATA[:HALF])  # a kill before the validator was due: no .meta beside it
+    result = await download(session, server.url("/ranged.mp4"), dest)
+    assert_complete(result, dest)
+    assert server.ranges("/ranged.mp4") == [None]  # no Range without a validator naming those bytes
+    assert not meta_path(dest).exists()
+
+
+@pytest.mark.parametrize("sent", [RESUME_AFTER_BYTES // 2, RESUME_AFTER_BYTES + 64 * 1024])
+async def test_a_large_part_always_has_its_validator_on_disk(server, session, dest, sent):
+    """What a process killed mid-download leaves: past RESUME_AFTER_BYTES, the .part's validator is
+    beside it, so the next process resumes; below, no .meta (the next one starts over)."""
+    server.big_sent = sent
+    task = asyncio.create_task(download(session, server.url("/big-hang.mp4"), dest))
+    await wait_until(lambda: part_path(dest).exists() and part_path(dest).stat().st_size >= sent)
+    kept = json.loads(meta_path(dest).read_text()) if meta_path(dest).exists() else None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    if sent > RESUME_AFTER_BYTES:
+        assert kept == {"if_range": ETAG, "total": len(BIG_DATA)}
+    else:
+        assert kept is None
 
 
 async def test_short_206_is_interrupted_and_later_attempts_finish(server, session, dest):

@@ -84,3 +84,16 @@ async def test_an_unreadable_video_gets_no_facts_and_no_poster(tmp_path):
     row = results(tmp_path / "out")["broken"]
     assert row["state"] == "done" and row["media"] is None and row["media_flags"] == []
     assert not (tmp_path / "out" / "posters" / "broken.jpg").exists()
+
+
+async def test_every_video_of_a_batch_longer_than_a_reading_chunk_gets_its_facts_and_poster(tmp_path):
+    from batchrun.mediafacts import READ_CHUNK, READ_THREADS
+
+    ids = [f"clip-{i}" for i in range(READ_CHUNK * READ_THREADS + 3)]  # more chunks than threads, one short
+    manifest = write_manifest(tmp_path, [job(i) for i in ids])
+    async with Sandbox() as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0
+    rows = results(tmp_path / "out")
+    assert {i: rows[i]["media"]["duration_s"] for i in ids} == {i: 2.0 for i in ids}
+    assert all((tmp_path / "out" / "posters" / f"{i}.jpg").stat().st_size > 500 for i in ids)

@@ -47,3 +47,13 @@ def test_a_token_too_short_to_be_one_does_not_blank_ordinary_words():
     short = "t" * (MIN_SECRET_CHARS - 1)
     assert server_text("completed", secrets=("t",)) == "completed"
     assert server_text(f"x{short}x", secrets=(short,)) == f"x{short}x"
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (f"echo {TOKEN.lower()} and {TOKEN.upper()}", "echo *** and ***"),  # ASCII text, any letter case
+    (f"é {TOKEN.swapcase()} é", "é *** é"),  # non-ASCII text takes the full search
+    ("no secret here at all", "no secret here at all"),
+    ("sk-gate-31415926".replace("s", "\u017f"), "***"),  # long s: IGNORECASE matches it, so it is blanked
+])
+def test_the_token_is_blanked_in_any_letter_case_and_only_there(given, expected):
+    assert server_text(given, 300, (TOKEN, "a-second-secret-value")) == expected
