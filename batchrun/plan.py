@@ -64,6 +64,7 @@ class Plan:
     gone: list[JobRow] = field(default_factory=list)  # ledger jobs the manifest no longer lists
     new: list[Job] = field(default_factory=list)  # manifest jobs never sent (not in the ledger, or pending)
     provenance: list[JobRow] = field(default_factory=list)  # done jobs whose <id>.json is missing or damaged
+    provenance_failed: list[str] = field(default_factory=list)  # of those, ids whose file the run could not write
     # (job id, output idx, mtime_ns, inode) of done files hashed and found intact whose recorded stat was
     # absent or stale: a run records them, so the next check of each is a stat
     restat: list[tuple[str, int, int, int]] = field(default_factory=list)

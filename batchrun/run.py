@@ -259,6 +259,7 @@ def _rewrite_provenance(output_dir: Path, ledger: Ledger, plan: Plan) -> None:
     rows = [fresh.get(row.id, row) for row in plan.provenance]
     failed, written = provenance.write_all(output_dir, rows)
     failed = dict(failed)
+    plan.provenance_failed = [row.id for row in rows if row.id in failed]
     for row in rows:
         if row.id in failed:
             log.warning("%s: could not rewrite %s.json: %s", row.id, row.id, failed[row.id])
@@ -374,10 +375,15 @@ def _closing_lines(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, pla
     if in_flight:
         lines.append(f"  {in_flight} in flight or downloading: the next run collects them")
     lines += _previous_lines(ledger, plan, unrepaired)
-    if plan.provenance:
-        names = [f"{row.id}.json" for row in plan.provenance]
+    failed = set(plan.provenance_failed)
+    names = [f"{row.id}.json" for row in plan.provenance if row.id not in failed]
+    if names:
         lines.append(f"rewrote {_plural(len(names), 'provenance file')} that {'was' if len(names) == 1 else 'were'} "
                      f"missing or damaged: {_ids(names)}")
+    if failed:
+        names = [f"{job_id}.json" for job_id in plan.provenance_failed]
+        lines.append(f"could not rewrite {_plural(len(names), 'provenance file')} (see run.log; remove whatever "
+                     f"is in the way, then run again): {_ids(names)}")
     budget = manifest.settings.budget_usd
     blocked = scheduler.budget_block
     reason = {
@@ -489,7 +495,7 @@ def _exit_code(manifest: Manifest, ledger: Ledger, scheduler: Scheduler, plan: P
         return EXIT_AUTH
     all_done = all(ledger.state_of(job.id) == "done" for job in manifest.jobs)
     # A refused job is not done as the manifest asks; a paid render still to collect is not done either.
-    if not all_done or plan.refused or _previous_not_done(ledger, plan) or unrepaired:
+    if not all_done or plan.refused or _previous_not_done(ledger, plan) or unrepaired or plan.provenance_failed:
         return EXIT_NOT_DONE
     return EXIT_OK
 

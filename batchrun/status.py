@@ -44,6 +44,7 @@ class StatusReport:
     decisions: dict[str, int] = field(default_factory=dict)  # "picked" / "rejected" / "unrated" (done, undecided)
     media_flags: dict[str, list[str]] = field(default_factory=dict)  # id -> how its file differs from what was paid
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)  # model id -> state -> jobs
+    verified: bool = False  # files were hashed whatever their recorded stat (`--verify`)
 
 
 def _running_pid(output_dir: Path) -> int | None:
@@ -163,6 +164,7 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
         decisions={key: decisions[key] for key in ("picked", "rejected", "unrated") if decisions[key]},
         media_flags=media_flags,
         by_model={model: {state: n[state] for state in STATES if n[state]} for model, n in per_model.items()},
+        verified=verify,
     )
 
 
@@ -246,7 +248,9 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
             print(f"found an unknown job's request on RunComfy's Generations page? attach it without paying again: "
                   f"batchrun adopt {report.output_dir} JOB REQUEST_ID", file=out)
     if report.damaged:
-        print(f"missing or damaged files ({len(report.damaged)}); the next run repairs them:", file=out)
+        # A file only a full hash found damaged keeps the stat a plain run trusts: only `run --verify` sees it.
+        repairs = "the next 'batchrun run --verify' repairs them" if report.verified else "the next run repairs them"
+        print(f"missing or damaged files ({len(report.damaged)}); {repairs}:", file=out)
         for job_id, name, problem in report.damaged[:limit]:
             print(f"  {name}  {problem} (job {job_id})", file=out)
         if len(report.damaged) > limit:

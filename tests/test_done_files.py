@@ -328,3 +328,40 @@ async def test_each_jobs_recorded_provenance_stat_is_its_own_when_some_jobs_have
         conn.close()
         assert recorded == {f"clip-0{n}" for n in range(5)}  # clip-00 read intact, clip-02 rewritten
         assert [d["path"] for d in (await _status(manifest, "--verify"))["damaged"]] == ["clip-03.json"]
+
+
+async def test_a_provenance_file_that_cannot_be_rewritten_is_said_so_and_the_run_is_not_ok(tmp_path, caplog):
+    manifest = write_manifest(tmp_path, jobs(2))
+    out = tmp_path / "out"
+    async with Sandbox() as sandbox:
+        await run(manifest, sandbox)
+        (out / "clip-01.json").unlink()
+        (out / "clip-01.json").mkdir()  # something in the way that a rename cannot replace
+        caplog.clear()
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 1
+    assert "could not rewrite 1 provenance file" in caplog.text and "clip-01.json" in caplog.text
+    assert "rewrote 1 provenance file" not in caplog.text
+    # Once what was in the way is gone, the next run writes it and ends well.
+    (out / "clip-01.json").rmdir()
+    caplog.clear()
+    async with Sandbox() as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0 and "rewrote 1 provenance file" in caplog.text
+    assert json.loads((out / "clip-01.json").read_bytes())["id"] == "clip-01"
+
+
+async def test_status_verify_tells_which_run_repairs_what_only_a_full_hash_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "t")
+    manifest = write_manifest(tmp_path, jobs(1))
+    out = tmp_path / "out"
+    async with Sandbox() as sandbox:
+        code, _, err = await cli(["run", str(manifest), "--base-url", sandbox.base_url, "--no-progress",
+                                  "--no-preflight"])
+        assert code == 0, err
+    _edit_in_place(out / "clip-00.mp4", keep_mtime=True)
+    code, stdout, _ = await cli(["status", str(out), "--verify"])
+    assert "clip-00.mp4" in stdout and "run --verify' repairs them" in stdout
+    (out / "clip-00.mp4").unlink()
+    code, stdout, _ = await cli(["status", str(out)])
+    assert "clip-00.mp4" in stdout and "the next run repairs them" in stdout
