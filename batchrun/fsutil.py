@@ -79,6 +79,15 @@ def open_append(path: Path, mode: int = 0o666, *, _unshared: bool = False) -> in
     return fd
 
 
+def replace_with(tmp: Path | str, path: Path | str) -> None:
+    """Give the finished temporary file `tmp` the name `path` (atomically). A symlink at `path` is replaced
+    by the file, not written through, and a warning says so."""
+    if os.path.islink(path):
+        log.warning("%s was a symbolic link; replaced it with the file itself (nothing was written through "
+                    "the link)", path)
+    os.replace(tmp, path)
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o666, *, durable: bool = True,
                  before_rename: Callable[[], None] | None = None) -> None:
     """Replace `path` with `data` so that readers see either the old file or the whole new one.
@@ -97,10 +106,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o666, *, durable: bool = 
                 os.fsync(handle.fileno())
         if before_rename is not None:
             before_rename()
-        if os.path.islink(path):
-            log.warning("%s was a symbolic link; replaced it with the file itself (nothing was written through "
-                        "the link)", path)
-        os.replace(tmp, path)
+        replace_with(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -11,7 +11,6 @@ tools that watch the file (rsync, backups, `make`) see no change.
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import stat
@@ -19,9 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from batchrun.fsutil import fsync_dir
+from batchrun.fsutil import fsync_dir, replace_with
 
-log = logging.getLogger("batchrun")
 _BLOCK = 1024 * 1024
 
 
@@ -73,10 +71,7 @@ def write_if_changed(path: Path, chunks: Iterable[bytes], mode: int = 0o666, *, 
         out = None
         if before_rename is not None:
             before_rename()
-        if os.path.islink(path):
-            log.warning("%s was a symbolic link; replaced it with the file itself (nothing was written through "
-                        "the link)", path)
-        os.replace(tmp, path)
+        replace_with(tmp, path)
         tmp = None
     finally:
         if old is not None:
