@@ -97,16 +97,19 @@ async def overhead_once(jobs: int, workdir: Path) -> dict:
     manifest = workdir / "overhead.yaml"
     write_manifest(manifest, jobs, 64)
     figures = {}
-    for name in ("baseline", "batchrun"):
+    for name in ("baseline", "floor", "batchrun"):
         async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
             out = workdir / f"out-{name}-{time.monotonic_ns()}"
-            if name == "baseline":
-                argv = [sys.executable, str(HERE / "baseline_client.py"), sandbox.base_url, str(jobs), "64", str(out)]
+            if name in ("baseline", "floor"):
+                script = HERE / ("baseline_client.py" if name == "baseline" else "floor_client.py")
+                argv = [sys.executable, str(script), sandbox.base_url, str(jobs), "64", str(out)]
             else:
                 argv = batchrun_argv(manifest, sandbox.base_url, out)
             wall, rss, code, cpu = await run_child(argv, child_env())
             figures[name] = {"wall_s": wall, "rss_mb": rss, "exit": code, "cpu_s": cpu, "calls": dict(sandbox.calls)}
     figures["ratio"] = figures["batchrun"]["wall_s"] / figures["baseline"]["wall_s"]
+    figures["floor_ratio"] = figures["floor"]["wall_s"] / figures["baseline"]["wall_s"]
+    figures["over_floor"] = figures["batchrun"]["wall_s"] / figures["floor"]["wall_s"]
     figures["batchrun"]["commits"] = ledger_commits(out)
     return figures
 
@@ -248,14 +251,18 @@ async def main() -> None:
             for i in range(runs):
                 figures = await overhead_once(jobs, workdir)
                 results.append(figures)
-                base, ours = figures["baseline"], figures["batchrun"]
+                base, floor, ours = figures["baseline"], figures["floor"], figures["batchrun"]
                 print(f"run {i + 1}: baseline {base['wall_s']:.1f}s (cpu {base['cpu_s']:.1f}s, "
-                      f"{base['cpu_s'] / jobs * 1000:.2f} ms/job), batchrun {ours['wall_s']:.1f}s "
+                      f"{base['cpu_s'] / jobs * 1000:.2f} ms/job), floor {floor['wall_s']:.1f}s "
+                      f"(cpu {floor['cpu_s'] / jobs * 1000:.2f} ms/job, {figures['floor_ratio']:.2f}x), batchrun {ours['wall_s']:.1f}s "
                       f"(cpu {ours['cpu_s']:.1f}s, {ours['cpu_s'] / jobs * 1000:.2f} ms/job, exit {ours['exit']}), "
                       f"ratio {figures['ratio']:.2f}, batchrun peak RSS {ours['rss_mb']:.0f} MB, "
                       f"ledger commits/job {(ours['commits'] or 0) / jobs:.2f}, calls {ours['calls']}", flush=True)
             print(f"median over {runs} runs of {jobs} jobs: wall ratio "
-                  f"{median([r['ratio'] for r in results]):.2f} (target <= 1.3), batchrun wall "
+                  f"{median([r['ratio'] for r in results]):.2f} (target <= 1.3), floor "
+                  f"{median([r['floor_ratio'] for r in results]):.2f}x, batchrun/floor "
+                  f"{median([r['over_floor'] for r in results]):.2f}x, floor CPU per job "
+                  f"{median([r['floor']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms; batchrun wall "
                   f"{median([r['batchrun']['wall_s'] for r in results]):.1f}s vs baseline "
                   f"{median([r['baseline']['wall_s'] for r in results]):.1f}s; CPU per job "
                   f"{median([r['batchrun']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms (target <= 1.2) vs "
