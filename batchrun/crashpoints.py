@@ -8,7 +8,8 @@ The points are the moments where a crash could cost money or a result:
 - mid_download: part of a video is in its .part file;
 - provenance_batch: jobs are `done` in the ledger, their `<id>.json` files not yet written;
 - results_rewrite: results.jsonl's new content is written to a temporary file, not yet renamed;
-- report_rewrite: the same for report.html.
+- report_rewrite: the same for report.html;
+- media_read: the media reader (a child process, batchrun.mediafacts) is about to read a video.
 """
 
 from __future__ import annotations

@@ -14,11 +14,19 @@ the file has no audio track though `generate_audio: true` was paid for.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from batchrun.crashpoints import crashpoint
+from batchrun.settings import TOKEN_ENV
 
 log = logging.getLogger("batchrun.run")
 
@@ -126,26 +134,103 @@ def fill(ledger, output_dir: Path, limit: int | None = None) -> int:
     them. Returns how many.
 
     Safe while a run goes (one short write per job); a job whose file cannot be read is stored with
-    `{}` so it is not read again on every refresh."""
-    def read(item: tuple[str, str]) -> tuple[str, dict[str, Any] | None]:
+    `{}` so it is not read again on every refresh. The files are read in a child process (`read_all`)."""
+    todo = ledger.without_media()[:limit]
+    for job_id, facts in read_all(output_dir, todo):
+        ledger.set_media(job_id, facts or {})
+    return len(todo)
+
+
+def read_all(output_dir: Path, todo: list[tuple[str, str]], *,
+             timeout: Callable[[int], float] = lambda n: 60 + 2 * n) -> list[tuple[str, dict[str, Any] | None]]:
+    """The facts of each `(job id, path relative to output_dir)`, read (and posters made) in a child
+    process; a video that crashes or hangs the reader gets None, and the others their facts.
+
+    Why a child: FFmpeg parses files a server sent us, and a decoder that crashes on a hostile file would
+    take the run down with it at its very end; in a child, it costs that one file's facts. The child also
+    keeps PyAV's libraries (about 20 MB) out of a long run's memory. A child that dies or outlives
+    `timeout(len(videos))` seconds is replaced by one reading a video at a time, in order, so the video it
+    dies on is known: that one gets None and the next child goes on after it."""
+    answers: list[tuple[str, dict[str, Any] | None]] = []
+    remaining, threads = list(todo), READ_THREADS
+    while remaining:
+        got, finished = _read_in_child(output_dir, remaining, threads, timeout(len(remaining)))
+        answers += got
+        seen = {job_id for job_id, _ in got}
+        remaining = [item for item in remaining if item[0] not in seen]
+        if finished or not remaining:
+            break
+        if threads > 1:
+            threads = 1
+            continue
+        job_id, path = remaining.pop(0)
+        log.warning("the media reader stopped on %s (%s): it gets no media facts", path, job_id)
+        answers.append((job_id, None))
+    return answers
+
+
+def _read_in_child(output_dir: Path, todo: list[tuple[str, str]], threads: int,
+                   timeout: float) -> tuple[list[tuple[str, dict[str, Any] | None]], bool]:
+    """Run the reader on `todo`; returns the answers it gave and whether it finished."""
+    # The child imports batchrun from where this process did (a checkout, a venv); not the token.
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    argv = [sys.executable, "-c", _CHILD, json.dumps(sys.path), str(output_dir), str(threads)]
+    try:
+        done = subprocess.run(argv, input=json.dumps(todo).encode(), capture_output=True, env=env,
+                              timeout=timeout, check=False)
+        stdout, stderr, finished = done.stdout, done.stderr, done.returncode == 0
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, finished = exc.stdout or b"", exc.stderr or b"", False
+    except OSError as exc:
+        log.warning("could not start the media reader: %s", exc)
+        return [], True
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        log.info("%s", line)
+    answers = []
+    for line in stdout.splitlines():
+        try:
+            job_id, facts = json.loads(line)
+        except ValueError:  # the last line of a child killed mid-write
+            continue
+        if isinstance(job_id, str) and (facts is None or isinstance(facts, dict)):
+            answers.append((job_id, facts))
+    return answers, finished
+
+
+# sys.path first: the child must import this batchrun, not one from wherever it was started.
+_CHILD = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+          "from batchrun.mediafacts import child_main; child_main()")
+
+
+def child_main() -> None:
+    """The reader: `[[job id, path], ...]` as JSON on stdin; one `[job id, facts or null]` JSON line per
+    video on stdout, each flushed as soon as known (in order when reading with one thread); its log on
+    stderr."""
+    output_dir, threads = Path(sys.argv[2]), int(sys.argv[3])
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    todo = json.loads(sys.stdin.buffer.read())
+
+    def read(item: list[str]) -> tuple[str, dict[str, Any] | None]:
         job_id, path = item
+        crashpoint("media_read")
         facts = probe(output_dir / path)
         if facts is not None:
             make_poster(output_dir / path, output_dir / poster_path(job_id))
         return job_id, facts
 
-    def read_chunk(chunk: list[tuple[str, str]]) -> list[tuple[str, dict[str, Any] | None]]:
-        return [read(item) for item in chunk]
+    def answer(job_id: str, facts: dict[str, Any] | None) -> None:
+        sys.stdout.write(json.dumps([job_id, facts]) + "\n")
+        sys.stdout.flush()
 
-    todo = ledger.without_media()[:limit]
-    if not todo:
-        return 0
-    # FFmpeg decodes without holding the GIL: a few threads read a long batch's videos several times faster.
-    # Each thread takes `READ_CHUNK` videos at a time: one hand-off per video cost more than a short read.
-    # The ledger is written from this thread only.
+    if threads <= 1:
+        for item in todo:
+            answer(*read(item))
+        return
+    # FFmpeg decodes without holding the GIL: a few threads read a long batch's videos several times
+    # faster. Each thread takes `READ_CHUNK` videos at a time: one hand-off per video cost more than a
+    # short read.
     chunks = [todo[start:start + READ_CHUNK] for start in range(0, len(todo), READ_CHUNK)]
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(chunks))) as pool:
-        for done in pool.map(read_chunk, chunks):
+    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+        for done in pool.map(lambda chunk: [read(item) for item in chunk], chunks):
             for job_id, facts in done:
-                ledger.set_media(job_id, facts or {})
-    return len(todo)
+                answer(job_id, facts)

@@ -97,3 +97,46 @@ async def test_every_video_of_a_batch_longer_than_a_reading_chunk_gets_its_facts
     rows = results(tmp_path / "out")
     assert {i: rows[i]["media"]["duration_s"] for i in ids} == {i: 2.0 for i in ids}
     assert all((tmp_path / "out" / "posters" / f"{i}.jpg").stat().st_size > 500 for i in ids)
+
+
+async def test_a_media_reader_that_dies_costs_only_the_facts_of_the_video_it_died_on(tmp_path, monkeypatch):
+    # The reader is a child process: kill it (SIGKILL, as a crashing decoder would end) at its 2nd video.
+    # The run's outcome does not change; each video but the ones a reader died on gets its facts.
+    monkeypatch.setenv("BATCHRUN_CRASH_AT", "media_read:2")
+    ids = [f"clip-{i}" for i in range(5)]
+    manifest = write_manifest(tmp_path, [job(i) for i in ids])
+    async with Sandbox() as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0
+    rows = results(tmp_path / "out")
+    assert all(rows[i]["state"] == "done" for i in ids)
+    with_facts = [i for i in ids if rows[i]["media"]]
+    # one at a time after the first death: each child reads one video, dies on its second
+    assert 2 <= len(with_facts) < len(ids)
+    assert all(rows[i]["media"]["duration_s"] == 2.0 for i in with_facts)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "the media reader stopped on" in log
+    # A later run does not read them again (they are stored as unreadable) and says nothing new.
+    monkeypatch.delenv("BATCHRUN_CRASH_AT")
+    async with Sandbox() as sandbox:
+        again, _ = await run(manifest, sandbox)
+    assert again.exit_code == 0 and results(tmp_path / "out") == rows
+
+
+def test_the_media_reader_keeps_pyav_out_of_the_runs_own_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # Its libraries (about 20 MB) stay out of a long run's memory.
+    probe = ("import asyncio, sys\n"
+             "from pathlib import Path\n"
+             "from batchrun import mediafacts\n"
+             "out = Path(sys.argv[1]); (out / 'a.mp4').write_bytes(Path(sys.argv[2]).read_bytes())\n"
+             "got = mediafacts.read_all(out, [('a', 'a.mp4')])\n"
+             "print(got[0][1]['duration_s'], 'av' in sys.modules)\n")
+    from batchrun.sandbox import server
+    sample = Path(server.__file__).with_name("sample.mp4")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path), str(sample)], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == ["2.0", "False"]
