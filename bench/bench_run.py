@@ -9,10 +9,11 @@
         The same calls under `strace -c -f`: system calls per job of batchrun and of the baseline (target
         <= 70 for batchrun), the top calls of each, and, from a second traced run of batchrun, the
         bytes written to the ledger's WAL per job and its commits per job.
-    python bench/bench_run.py busy [--runs 3] [--queue-ahead 2] [--seed 1]
+    python bench/bench_run.py busy [--runs 3] [--queue-ahead 2 10] [--seed 1]
         100 jobs, capacity = concurrency = 10, two scenarios: `spread` (renders uniform in 0.6-1.2 s, full
         server stamps; target <= 1.04x, <= 3 calls/job) and `whole-second` (1 s renders, server stamps cut
-        to whole seconds; target <= 1.03x, <= 2 calls/job), each with queue_ahead 0 and --queue-ahead.
+        to whole seconds; target <= 1.03x, <= 2 calls/job), each with queue_ahead 0 and each --queue-ahead
+        (default 2, and 10: one full round of the 10 slots queued at the provider).
         Makespan is first submit to last download (results.jsonl); the ideal is exact: the sandbox's own
         render times replayed in submit order on the 10 slots (`ideal_makespan`). Rate limit and poll
         intervals are batchrun's defaults scaled by the renders' factor (1/100). Calls are the sandbox's.
@@ -240,7 +241,8 @@ async def main() -> None:
     parser.add_argument("which", choices=["overhead", "syscalls", "busy"])
     parser.add_argument("--jobs", type=int, default=None, help="10,000 for overhead, 500 for syscalls")
     parser.add_argument("--runs", type=int, default=None, help="3, or 1 for syscalls")
-    parser.add_argument("--queue-ahead", type=int, default=2, help="busy: the queue_ahead measured besides 0")
+    parser.add_argument("--queue-ahead", type=int, nargs="+", default=[2, BUSY_SLOTS],
+                        help="busy: the queue_ahead values measured besides 0 (default: 2, and one round: 10)")
     parser.add_argument("--seed", type=int, default=1, help="busy: the sandbox seed of run 1 (run i: seed + i - 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
@@ -289,7 +291,7 @@ async def main() -> None:
         else:
             summary = []
             for scenario in BUSY_SCENARIOS:
-                for ahead in sorted({0, args.queue_ahead}):
+                for ahead in sorted({0, *args.queue_ahead}):
                     results = []
                     for i in range(args.runs or 3):
                         figures = await busy_once(scenario, ahead, workdir, seed=args.seed + i)
