@@ -256,7 +256,8 @@ async def main() -> None:
                 base, floor, ours = figures["baseline"], figures["floor"], figures["batchrun"]
                 print(f"run {i + 1}: baseline {base['wall_s']:.1f}s (cpu {base['cpu_s']:.1f}s, "
                       f"{base['cpu_s'] / jobs * 1000:.2f} ms/job), floor {floor['wall_s']:.1f}s "
-                      f"(cpu {floor['cpu_s'] / jobs * 1000:.2f} ms/job, {figures['floor_ratio']:.2f}x), batchrun {ours['wall_s']:.1f}s "
+                      f"(cpu {floor['cpu_s'] / jobs * 1000:.2f} ms/job, {figures['floor_ratio']:.2f}x), "
+                      f"batchrun {ours['wall_s']:.1f}s "
                       f"(cpu {ours['cpu_s']:.1f}s, {ours['cpu_s'] / jobs * 1000:.2f} ms/job, exit {ours['exit']}), "
                       f"ratio {figures['ratio']:.2f}, batchrun peak RSS {ours['rss_mb']:.0f} MB, "
                       f"ledger commits/job {(ours['commits'] or 0) / jobs:.2f}, calls {ours['calls']}", flush=True)
