@@ -6,7 +6,7 @@
         (target <= 1.2 ms for batchrun), batchrun's peak RSS (target <= 100 MB at 10,000 jobs) and its
         ledger commits per job (from the run's own record).
     python bench/bench_run.py syscalls [--jobs 500] [--runs 1]
-        The same calls under `strace -c -f`: system calls per job of batchrun and of the baseline (target
+        The same calls under `strace -c -f`: system calls per job of batchrun, the floor and the baseline (target
         <= 70 for batchrun), the top calls of each, and, from a second traced run of batchrun, the
         bytes written to the ledger's WAL per job and its commits per job.
     python bench/bench_run.py busy [--runs 3] [--queue-ahead 2 10] [--seed 1]
@@ -158,12 +158,13 @@ async def syscalls_once(jobs: int, workdir: Path) -> dict:
     manifest = workdir / "syscalls.yaml"
     write_manifest(manifest, jobs, 64)
     figures = {}
-    for name in ("baseline", "batchrun", "batchrun-wal"):
+    for name in ("baseline", "floor", "batchrun", "batchrun-wal"):
         async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
             out = workdir / f"out-sys-{name}-{time.monotonic_ns()}"
             trace = workdir / f"strace-{name}-{time.monotonic_ns()}.txt"
-            if name == "baseline":
-                argv = [sys.executable, str(HERE / "baseline_client.py"), sandbox.base_url, str(jobs), "64", str(out)]
+            if name in ("baseline", "floor"):
+                script = HERE / ("baseline_client.py" if name == "baseline" else "floor_client.py")
+                argv = [sys.executable, str(script), sandbox.base_url, str(jobs), "64", str(out)]
             else:
                 argv = batchrun_argv(manifest, sandbox.base_url, out)
             if name == "batchrun-wal":
@@ -278,7 +279,7 @@ async def main() -> None:
             for i in range(runs):
                 figures = await syscalls_once(jobs, workdir)
                 results.append(figures)
-                for name in ("baseline", "batchrun"):
+                for name in ("baseline", "floor", "batchrun"):
                     top = ", ".join(f"{call} {n / jobs:.1f}" for call, n in figures[name]["top"])
                     print(f"run {i + 1}: {name}: {figures[name]['per_job']:.1f} syscalls/job (exit "
                           f"{figures[name]['exit']}); top per job: {top}", flush=True)
@@ -287,7 +288,8 @@ async def main() -> None:
                       f"{commits if commits is None else round(commits, 2)} commits per job", flush=True)
             print(f"median over {runs} runs of {jobs} jobs: batchrun "
                   f"{median([r['batchrun']['per_job'] for r in results]):.1f} syscalls/job (target <= 70) vs "
-                  f"baseline {median([r['baseline']['per_job'] for r in results]):.1f}; WAL "
+                  f"baseline {median([r['baseline']['per_job'] for r in results]):.1f}, floor "
+                  f"{median([r['floor']['per_job'] for r in results]):.1f}; WAL "
                   f"{median([r['wal_bytes_per_job'] for r in results]) / 1024:.1f} KB/job")
         else:
             summary = []
