@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchrun import echo, generators, localfiles, schema, takes
+from batchrun import echo, generators, localfiles, manifestcache, readlog, schema, takes
 from batchrun.errors import ManifestError, Problem
 from batchrun.localfiles import LocalImage, LocalImages
 from batchrun.models import DEFAULT_MODEL, Model, ModelFileError, Price, UnknownModel, all_models, get_model, user_dir
@@ -758,20 +758,35 @@ def resolve_output_dir(manifest_path: Path, doc_output: Any, override: str | Pat
     return (Path("output") / manifest_path.stem).absolute()
 
 
-def load_manifest(path: str | Path, *, output: str | Path | None = None) -> Manifest:
-    """Load and validate a manifest; raises ManifestError listing every problem (warnings included)."""
+def load_manifest(path: str | Path, *, output: str | Path | None = None, cached: bool = True) -> Manifest:
+    """Load and validate a manifest; raises ManifestError listing every problem (warnings included).
+
+    With `cached`, a manifest unchanged since it last loaded without errors (it, and every file its
+    validation read: see `batchrun.manifestcache`) is read from the validated-manifest cache instead of
+    being parsed and validated again; the result is the same, warnings included. Every full load that
+    finds no error refreshes the cache (`cached=False` always does a full load: `validate`)."""
     # Loading allocates a few million small objects and no reference cycles; left on, the cyclic
     # garbage collector rescans the growing heap over and over (about 1 s of a 100,000-job load).
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load_manifest(Path(path), output)
+        path = Path(path)
+        if cached:
+            found = manifestcache.read(path, output)
+            if found is not None:
+                return found
+        with readlog.recording() as reads:
+            manifest, facts = _load_manifest(path, output)
+        manifestcache.write(manifest, _to_plain(manifest, facts), reads, path)
+        return manifest
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
+def _load_manifest(path: Path, output: str | Path | None) -> tuple[Manifest, tuple]:
+    """The manifest, and what else the cache needs to rebuild it: (`output:` as written or None,
+    whether the manifest has `output:`, the `models_dir` folder as joined to the manifest's or None)."""
     stamp = _stamp(path)
     doc, marks = load_file(path)
     out = _Collector(str(path), marks)
@@ -812,6 +827,7 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
     out.problems.sort(key=lambda p: (p.file != out.file, p.file, p.line, p.column))
     if out.errors:
         raise ManifestError(out.problems)
+    facts = (doc.get("output"), "output" in doc, None if models_dir is None else str(models_dir))
     return Manifest(
         path=path,
         model=model,
@@ -824,4 +840,103 @@ def _load_manifest(path: Path, output: str | Path | None) -> Manifest:
         notify=notify,
         prices=prices,
         models_dir=user_dir(models_dir),
+    ), facts
+
+
+# --- the validated result as plain data (batchrun.manifestcache) ---------------------------------------
+
+
+def _to_plain(manifest: Manifest, facts: tuple) -> tuple:
+    """`manifest` as tuples, dicts, lists and strings that `manifest_from_plain` rebuilds it from (shared
+    values, such as the input of a job's takes, stay shared through marshal)."""
+    mc = manifestcache
+    images: dict[int, int] = {}
+    image_list: list[tuple] = []
+    ctx = None
+    jobs = []
+    for job in manifest.jobs:
+        refs = ()
+        if job.local_images:
+            refs = []
+            for path, image in job.local_images:
+                if id(image) not in images:
+                    images[id(image)] = len(image_list)
+                    image_list.append(mc.image_plain(image))
+                refs.append((path, images[id(image)]))
+            refs = tuple(refs)
+        origin = job.origin
+        if isinstance(origin, _Combination):
+            where = ("c", origin.index, origin.line, origin.keys, origin.choice)
+        elif isinstance(origin, _Listed):
+            where = ("l", origin.index, origin.line)
+        elif isinstance(origin, _Row):
+            where = ("r", origin.file, origin.index, origin.line, origin.columns, origin.own)
+        else:
+            raise ValueError("a job without its origin")
+        ctx = origin.ctx
+        jobs.append((job.id, job.input, job.input_sha256, job.line, job.file, where, refs, job.take, job.take_of,
+                     None if job.model is None else job.model.model_id))
+    return (
+        manifest.model.model_id,
+        facts,
+        mc.price_plain(manifest.price),
+        {model_id: mc.price_plain(price) for model_id, price in manifest.prices.items()},
+        mc.settings_plain(manifest.settings),
+        list(manifest.notify),
+        [mc.problem_plain(p) for p in manifest.warnings],
+        ctx.defaults if ctx is not None else {},
+        image_list,
+        jobs,
+    )
+
+
+def manifest_from_plain(plain: tuple, path: Path, output: str | Path | None) -> Manifest:
+    """The `Manifest` `_to_plain` made `plain` from, loaded from `path` with `--output` `output`.
+
+    Raises (TypeError, ValueError, KeyError, ...) on anything not of that shape."""
+    mc = manifestcache
+    model_id, facts, price, prices, settings, notify, warnings, defaults, image_list, plain_jobs = plain
+    doc_output, output_in_doc, models_dir = facts
+    if not (isinstance(model_id, str) and isinstance(plain_jobs, list) and isinstance(defaults, dict)
+            and isinstance(notify, list) and all(isinstance(url, str) for url in notify)):
+        raise ValueError("not a cached manifest")
+    registry, user_models = mc.registry(models_dir)
+    model = registry[model_id]
+    images = [mc.image_from_plain(image) for image in image_list]
+    ctx = _Context(path, _stamp(path), None, defaults)
+    ctx.release()
+    jobs = []
+    append = jobs.append
+    for index, (job_id, job_input, digest, line, file, where, refs, take, take_of, own_model) in enumerate(plain_jobs):
+        if not (type(job_id) is str and type(job_input) is dict and type(digest) is str and type(line) is int
+                and type(file) is str and type(take) is int and type(take_of) is str):
+            raise ValueError(f"job {index} is not of the cached shape")
+        kind = where[0]
+        if kind == "l":
+            origin = _Listed(ctx, where[1], where[2])
+        elif kind == "c":
+            origin = _Combination(ctx, where[1], where[2], where[3], where[4])
+        elif kind == "r":
+            origin = _Row.__new__(_Row)
+            origin.ctx, origin.file, origin.index, origin.line, origin.columns, origin.own = (ctx, *where[1:])
+        else:
+            raise ValueError(f"job {index}: unknown origin")
+        local: dict[str, Path] = {}
+        if refs:
+            refs = tuple((tuple(at), images[image]) for at, image in refs)
+            local = {_format_path(at)[1:]: image.path for at, image in refs}
+        append(Job(index, job_id, job_input, digest, line, file, local, origin, refs, take, take_of,
+                   None if own_model is None else registry[own_model]))
+    return Manifest(
+        path=path,
+        model=model,
+        price=Price(**price),
+        settings=Settings(**settings),
+        output_dir=resolve_output_dir(path, doc_output, output),
+        jobs=jobs,
+        warnings=[Problem(*p) for p in warnings],
+        output_explicit=output is not None or bool(output_in_doc),
+        notify=notify,
+        prices={key: Price(**value) for key, value in prices.items()},
+        models_dir=user_models,
     )
