@@ -143,6 +143,34 @@ class Manifest:
                 + "; ".join(parts) + ". Fix these in the manifest, or run without a budget")
 
 
+_JOB_FIELDS = ("index", "id", "input", "input_sha256", "line", "file", "local_files", "origin", "local_images", "take",
+               "take_of", "model")
+if tuple(Job.__dataclass_fields__) != _JOB_FIELDS:
+    raise RuntimeError("manifest._new_job is out of step with Job's fields")
+_job_slots = tuple(getattr(Job, name).__set__ for name in _JOB_FIELDS)
+
+
+def _new_job(index, job_id, job_input, digest, line, file, local_files, origin, local_images, take, take_of, model):
+    """`Job(...)` with every field given, at half the cost: a frozen dataclass's `__init__` goes through
+    `object.__setattr__` once per field, a tenth of a 100,000-job load; this sets the slots directly."""
+    job = object.__new__(Job)
+    s_index, s_id, s_input, s_digest, s_line, s_file, s_local, s_origin, s_images, s_take, s_take_of, s_model = \
+        _job_slots
+    s_index(job, index)
+    s_id(job, job_id)
+    s_input(job, job_input)
+    s_digest(job, digest)
+    s_line(job, line)
+    s_file(job, file)
+    s_local(job, local_files)
+    s_origin(job, origin)
+    s_images(job, local_images)
+    s_take(job, take)
+    s_take_of(job, take_of)
+    s_model(job, model)
+    return job
+
+
 # What json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False) builds on every call.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -587,8 +615,9 @@ class _JobBuilder:
             local = {_format_path(path)[1:]: image.path for path, image in refs} if refs else {}
             own_model = None if model is self.model else model
             for take in range(1, count + 1):
-                self.jobs.append(Job(len(self.jobs), takes.take_id(job_id, take), job_input, digest, origin.line,
-                                     origin.file, local, origin, refs, take, job_id if take > 1 else "", own_model))
+                self.jobs.append(_new_job(len(self.jobs), takes.take_id(job_id, take), job_input, digest,
+                                          origin.line, origin.file, local, origin, refs, take,
+                                          job_id if take > 1 else "", own_model))
 
     @staticmethod
     def _label(origin: Origin, job_id: str | None, shown_id: str | None) -> str:
@@ -786,7 +815,7 @@ def load_manifest(path: str | Path, *, output: str | Path | None = None, cached:
 
 def _load_manifest(path: Path, output: str | Path | None) -> tuple[Manifest, tuple]:
     """The manifest, and what else the cache needs to rebuild it: (`output:` as written or None,
-    whether the manifest has `output:`, the `models_dir` folder as joined to the manifest's or None)."""
+    whether the manifest has `output:`)."""
     stamp = _stamp(path)
     doc, marks = load_file(path)
     out = _Collector(str(path), marks)
@@ -827,7 +856,7 @@ def _load_manifest(path: Path, output: str | Path | None) -> tuple[Manifest, tup
     out.problems.sort(key=lambda p: (p.file != out.file, p.file, p.line, p.column))
     if out.errors:
         raise ManifestError(out.problems)
-    facts = (doc.get("output"), "output" in doc, None if models_dir is None else str(models_dir))
+    facts = (doc.get("output"), "output" in doc)
     return Manifest(
         path=path,
         model=model,
@@ -852,6 +881,16 @@ def _to_plain(manifest: Manifest, facts: tuple) -> tuple:
     mc = manifestcache
     images: dict[int, int] = {}
     image_list: list[tuple] = []
+    models: dict[int, int] = {}  # by object, as loaded: a job's own `model:` may be an equal copy
+    model_list: list[dict] = []
+
+    def model_index(model: Model) -> int:
+        if id(model) not in models:
+            models[id(model)] = len(model_list)
+            model_list.append(mc.model_plain(model))
+        return models[id(model)]
+
+    own_model = model_index(manifest.model)
     ctx = None
     jobs = []
     for job in manifest.jobs:
@@ -875,9 +914,11 @@ def _to_plain(manifest: Manifest, facts: tuple) -> tuple:
             raise ValueError("a job without its origin")
         ctx = origin.ctx
         jobs.append((job.id, job.input, job.input_sha256, job.line, job.file, where, refs, job.take, job.take_of,
-                     None if job.model is None else job.model.model_id))
+                     None if job.model is None else model_index(job.model)))
     return (
-        manifest.model.model_id,
+        own_model,
+        model_list,
+        None if manifest.models_dir is None else str(manifest.models_dir),
         facts,
         mc.price_plain(manifest.price),
         {model_id: mc.price_plain(price) for model_id, price in manifest.prices.items()},
@@ -895,19 +936,20 @@ def manifest_from_plain(plain: tuple, path: Path, output: str | Path | None) -> 
 
     Raises (TypeError, ValueError, KeyError, ...) on anything not of that shape."""
     mc = manifestcache
-    model_id, facts, price, prices, settings, notify, warnings, defaults, image_list, plain_jobs = plain
-    doc_output, output_in_doc, models_dir = facts
-    if not (isinstance(model_id, str) and isinstance(plain_jobs, list) and isinstance(defaults, dict)
-            and isinstance(notify, list) and all(isinstance(url, str) for url in notify)):
+    (own_model, model_list, models_dir, facts, price, prices, settings, notify, warnings, defaults, image_list,
+     plain_jobs) = plain
+    doc_output, output_in_doc = facts
+    if not (isinstance(plain_jobs, list) and isinstance(defaults, dict) and isinstance(notify, list)
+            and all(isinstance(url, str) for url in notify) and (models_dir is None or isinstance(models_dir, str))):
         raise ValueError("not a cached manifest")
-    registry, user_models = mc.registry(models_dir)
-    model = registry[model_id]
+    models = [mc.model_from_plain(model) for model in model_list]
+    model = models[own_model]
     images = [mc.image_from_plain(image) for image in image_list]
     ctx = _Context(path, _stamp(path), None, defaults)
     ctx.release()
     jobs = []
     append = jobs.append
-    for index, (job_id, job_input, digest, line, file, where, refs, take, take_of, own_model) in enumerate(plain_jobs):
+    for index, (job_id, job_input, digest, line, file, where, refs, take, take_of, job_model) in enumerate(plain_jobs):
         if not (type(job_id) is str and type(job_input) is dict and type(digest) is str and type(line) is int
                 and type(file) is str and type(take) is int and type(take_of) is str):
             raise ValueError(f"job {index} is not of the cached shape")
@@ -925,8 +967,8 @@ def manifest_from_plain(plain: tuple, path: Path, output: str | Path | None) -> 
         if refs:
             refs = tuple((tuple(at), images[image]) for at, image in refs)
             local = {_format_path(at)[1:]: image.path for at, image in refs}
-        append(Job(index, job_id, job_input, digest, line, file, local, origin, refs, take, take_of,
-                   None if own_model is None else registry[own_model]))
+        append(_new_job(index, job_id, job_input, digest, line, file, local, origin, refs, take, take_of,
+                        None if job_model is None else models[job_model]))
     return Manifest(
         path=path,
         model=model,
@@ -938,5 +980,5 @@ def manifest_from_plain(plain: tuple, path: Path, output: str | Path | None) -> 
         output_explicit=output is not None or bool(output_in_doc),
         notify=notify,
         prices={key: Price(**value) for key, value in prices.items()},
-        models_dir=user_models,
+        models_dir=None if models_dir is None else Path(models_dir),
     )

@@ -46,7 +46,7 @@ from batchrun.errors import Problem
 from batchrun.fsutil import atomic_write
 from batchrun.localfiles import LocalImage
 from batchrun.models import ENV_VAR as MODELS_ENV_VAR
-from batchrun.models import ModelFileError, Price, all_models, user_dir
+from batchrun.models import Model, Price
 from batchrun.settings import Settings
 
 log = logging.getLogger("batchrun")
@@ -317,9 +317,12 @@ def image_from_plain(plain: tuple) -> LocalImage:
     return LocalImage(written, Path(path), sha, mime, size, width, height, problems, warnings)
 
 
-def registry(models_dir: str | None):
-    """The models as the load saw them (their files are part of the stamp); _Miss if unreadable now."""
-    try:
-        return all_models(Path(models_dir) if models_dir is not None else None), user_dir(models_dir)
-    except ModelFileError as exc:
-        raise _Miss(str(exc)) from None
+def model_plain(model: Model) -> dict:
+    fields = {name: getattr(model, name) for name in model.__dataclass_fields__}
+    fields["price"] = price_plain(model.price)
+    return fields
+
+
+def model_from_plain(fields: dict) -> Model:
+    """The model as the load read it (its data file is part of the stamp, or of the code's for a shipped one)."""
+    return Model(**{**fields, "price": Price(**fields["price"])})
