@@ -12,13 +12,15 @@ Outside a `recording()` nothing is kept and reading costs nothing more.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-_active: list[Read] | None = None  # one load at a time: loading is synchronous and single-threaded
+# Per thread (and task): a load in one thread never records, or stops recording, another's reads.
+_active: contextvars.ContextVar[list[Read] | None] = contextvars.ContextVar("batchrun_readlog", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,28 +40,24 @@ def stamp_of(info: os.stat_result) -> tuple[int, int, int, int, int]:
 @contextlib.contextmanager
 def recording() -> Iterator[list[Read]]:
     """Collect every file read (see `record`) until the block ends; the list is filled as they are read."""
-    global _active
-    outer, reads = _active, []
-    _active = reads
+    reads: list[Read] = []
+    token = _active.set(reads)
     try:
         yield reads
     finally:
-        _active = outer
-
-
-def active() -> bool:
-    return _active is not None
+        _active.reset(token)
 
 
 def record(path: str | os.PathLike, info: os.stat_result, data: bytes) -> None:
     """Note that `data` was read from `path`, whose fstat before the read was `info` (no-op unless recording)."""
-    if _active is not None:
-        _active.append(Read(os.fspath(path), stamp_of(info), hashlib.sha256(data).hexdigest()))
+    reads = _active.get()
+    if reads is not None:
+        reads.append(Read(os.fspath(path), stamp_of(info), hashlib.sha256(data).hexdigest()))
 
 
 def read_bytes(path: Path) -> bytes:
     """The bytes of `path`, recorded when recording (for files read without `inputfile.read_regular`)."""
-    if _active is None:
+    if _active.get() is None:
         return path.read_bytes()
     with open(path, "rb") as handle:
         info = os.fstat(handle.fileno())
