@@ -331,3 +331,54 @@ def test_fuzzed_cache_files_never_change_the_result(tmp_path_factory, cut, spot,
     assert [(j.id, j.input, j.input_sha256) for j in again.jobs] == [(j.id, j.input, j.input_sha256)
                                                                       for j in full.jobs]
     assert [str(w) for w in again.warnings] == [str(w) for w in full.warnings]
+
+
+def _everything(manifest) -> tuple:
+    """All a caller can see of a loaded manifest, problems' locations of each job included."""
+    jobs = [(job.index, job.id, job.input, job.input_sha256, job.line, job.file, job.local_files, job.take,
+             job.take_of, job.label, job.api_input(), manifest.model_of(job).model_id,
+             manifest.estimate_or_none(job), [(at, image) for at, image in job.local_images],
+             job.origin.position(), job.origin.from_defaults("duration"),
+             [job.locate((key,)) for key in ("prompt", "duration", "start_image_url", "nonexistent")])
+            for job in manifest.jobs]
+    return (jobs, [str(w) for w in manifest.warnings], manifest.settings, manifest.price, manifest.prices,
+            manifest.output_dir, manifest.output_explicit, manifest.notify, manifest.models_dir, manifest.model,
+            manifest.path, manifest.budget_problem())
+
+
+def test_a_hit_gives_exactly_what_a_full_load_gives(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "one.png").write_bytes(png(640, 480, 0x30))
+    (tmp_path / "rows.csv").write_text("id,prompt,duration\nrow-a,from a row,10\n,derived row,\n", encoding="utf-8")
+    _user_model(tmp_path / "models", model_id="acme/test/text-to-video", rate=0.5)
+    manifest = write_yaml(tmp_path, f"""\
+        version: 1
+        models_dir: models
+        budget_usd: 100
+        concurrency: 3
+        notify: [https://hooks.example.com/done]
+        price: {{usd_per_second: 0.1}}
+        defaults:
+          duration: 5
+          start_image_url: https://example.com/image
+        jobs:
+          - id: local
+            prompt: a local start image
+            start_image_url: images/one.png
+            takes: 2
+          - id: grid
+            matrix: {{prompt: [dawn, dusk], duration: [5, 10]}}
+          - prompt: no id
+            generate_audio: true
+          - id: other-model
+            model: acme/test/text-to-video
+            prompt: on the user model
+            start_image_url: {URL}
+        jobs_from: rows.csv
+        """)
+    full = load_manifest(manifest, cached=False)  # a full load (as `validate` does), which writes the cache
+    assert full.warnings and len(full.jobs) == 10
+    hit = load_manifest(manifest)
+    assert hits(caplog) == 1
+    assert _everything(hit) == _everything(full)
