@@ -259,7 +259,11 @@ def _url_parts(value: str) -> tuple[str, str, str]:
 def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Finding]:
     if not isinstance(value, str):
         return []  # the schema reports the type
-    verdict = _url_verdict(value, extensions)
+    global _last_url
+    last_value, last_extensions, verdict = _last_url
+    if value != last_value or extensions != last_extensions:
+        verdict = _url_verdict(value, extensions)
+        _last_url = (value, extensions, verdict)
     if not verdict:
         return []
     if verdict == "invalid":
@@ -273,11 +277,14 @@ def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Fin
                           "fine if the host serves an image anyway", "warning")]
 
 
-@functools.lru_cache(maxsize=4096)
+# The last image URL checked and its verdict: jobs that share one (a `defaults` URL) have it parsed once
+# per load, not once per job, and a manifest of distinct URLs pays one comparison each.
+_last_url: tuple[str | None, tuple[str, ...], str] = (None, (), "")
+
+
 def _url_verdict(value: str, extensions: tuple[str, ...]) -> str:
-    """What is wrong with an image URL ("" when nothing): the same for every job that shares it (a
-    `defaults` URL), so it is parsed once per load, not once per job. (The messages are made by the
-    caller: they quote the URL through `echo`, which redacts the token of the moment.)"""
+    """What is wrong with an image URL ("" when nothing). The messages are made by the caller: they
+    quote the URL through `echo`, which redacts the token of the moment."""
     try:
         scheme, netloc, url_path = _url_parts(value)
     except ValueError:
