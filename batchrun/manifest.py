@@ -803,10 +803,12 @@ def load_manifest(path: str | Path, *, output: str | Path | None = None, cached:
     try:
         path = Path(path)
         manifest = manifestcache.read(path, output) if cached else None
-        if manifest is None:
+        if manifest is None and not manifestcache.in_use():
+            manifest = _load_manifest(path, output)[0]
+        elif manifest is None:
             with readlog.recording() as reads:
                 manifest, facts = _load_manifest(path, output)
-            manifestcache.write(manifest, _to_plain(manifest, facts), reads, path)
+            manifestcache.write(manifest, lambda: _to_plain(manifest, facts), reads, path)
         return manifest
     finally:
         if was_enabled:

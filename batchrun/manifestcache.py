@@ -37,7 +37,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,12 @@ STALE_TEMP_SECONDS = 3600.0  # a temporary file older than this was left by a ki
 
 def enabled(environ: Mapping[str, str]) -> bool:
     return environ.get(ENV_VAR, "").strip().lower() not in OFF_VALUES
+
+
+def in_use(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether loads read and write the cache: it is not turned off and there is a folder for it."""
+    environ = os.environ if environ is None else environ
+    return enabled(environ) and cache_dir(environ) is not None
 
 
 def cache_dir(environ: Mapping[str, str]) -> Path | None:
@@ -208,10 +214,10 @@ def _json_names(folder: str) -> tuple[str, ...]:
 # --- writing -------------------------------------------------------------------------------------
 
 
-def write(manifest, plain: tuple, reads: list[readlog.Read], path: Path,
+def write(manifest, plain: Callable[[], tuple], reads: list[readlog.Read], path: Path,
           environ: Mapping[str, str] | None = None) -> None:
-    """Keep `manifest` (loaded from `path` without errors; `plain` is it as plain data) with the stamp of
-    `reads`, the files its load read. Never raises: a cache that cannot be written is only logged."""
+    """Keep `manifest` (loaded from `path` without errors; `plain()` gives it as plain data) with the stamp
+    of `reads`, the files its load read. Never raises: a cache that cannot be written is only logged."""
     environ = os.environ if environ is None else environ
     if not enabled(environ):
         return
@@ -222,7 +228,7 @@ def write(manifest, plain: tuple, reads: list[readlog.Read], path: Path,
         deps = _deps(manifest, reads)
         if deps is None:
             return
-        body = marshal.dumps(plain)
+        body = marshal.dumps(plain())
         key = cache_key(path, environ)
         header = marshal.dumps((key, deps, hashlib.sha256(body).hexdigest(), len(body)))
         _private_dir(folder)
