@@ -185,13 +185,13 @@ def _check_deps(deps: Any) -> None:
     for entry in reads:
         where, stamp, sha = entry
         try:
-            now = readlog.stamp_of(os.stat(where))
+            if sha is None:  # a local image: its stamp (it is hashed again when its job is submitted)
+                if readlog.stamp_of(os.stat(where)) != stamp:
+                    raise _Miss(f"{where} changed")
+            elif _sha256_of(where, stamp) != sha:
+                raise _Miss(f"{where} changed (same size and times, other bytes)")
         except OSError as exc:
             raise _Miss(f"{where}: {exc.strerror or exc}") from None
-        if now != stamp:
-            raise _Miss(f"{where} changed")
-        if sha is not None and _sha256_of(where) != sha:
-            raise _Miss(f"{where} changed (same size and times, other bytes)")
     for where, names in folders:
         if _json_names(where) != names:
             raise _Miss(f"the files in {where} changed")
@@ -200,9 +200,17 @@ def _check_deps(deps: Any) -> None:
             raise _Miss(f"{joined} now leads to another file")
 
 
-def _sha256_of(where: str) -> str:
-    digest = hashlib.sha256()
-    with open(where, "rb") as handle:
+def _sha256_of(where: str, stamp: tuple) -> str:
+    """The SHA-256 of the file at `where`, read from the descriptor whose fstat is `stamp` (the same
+    regular file as when it was loaded); _Miss when it is not. Stat first: a device is never opened (as in
+    `batchrun.inputfile`); O_NONBLOCK: a FIFO swapped in after the stat never hangs."""
+    if readlog.stamp_of(os.stat(where)) != tuple(stamp):
+        raise _Miss(f"{where} changed")
+    fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if readlog.stamp_of(os.fstat(fd)) != tuple(stamp):
+            raise _Miss(f"{where} changed")
+        digest = hashlib.sha256()
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
