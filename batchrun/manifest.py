@@ -93,6 +93,7 @@ class Manifest:
 
     prices: dict[str, Price] = field(default_factory=dict)  # `price:` given per model id
     models_dir: Path | None = None  # the user folder of model files in use (`models_dir:` or $BATCHRUN_MODELS)
+    from_cache: bool = False  # read back from the validated-manifest cache (batchrun.manifestcache), unchanged
 
     def model_of(self, job: Job) -> Model:
         """The model a job runs on: its own `model:` (per job or a matrix axis), else the manifest's."""
@@ -988,4 +989,5 @@ def manifest_from_plain(plain: tuple, path: Path, output: str | Path | None) -> 
         notify=notify,
         prices={key: Price(**value) for key, value in prices.items()},
         models_dir=None if models_dir is None else Path(models_dir),
+        from_cache=True,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_yaml
+from helpers import job, run, write_manifest, write_yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +23,7 @@ from batchrun import manifestcache
 from batchrun.cli import main
 from batchrun.errors import ManifestError
 from batchrun.manifest import load_manifest
+from batchrun.sandbox import Sandbox
 
 HIT = "read from the validated-manifest cache"
 URL = "https://example.com/a.png"
@@ -382,3 +383,15 @@ def test_a_hit_gives_exactly_what_a_full_load_gives(tmp_path, monkeypatch, caplo
     hit = load_manifest(manifest)
     assert hits(caplog) == 1
     assert _everything(hit) == _everything(full)
+
+
+async def test_run_log_says_when_the_manifest_came_from_the_cache(tmp_path):
+    manifest = write_manifest(tmp_path, [job("a"), job("b")])
+    async with Sandbox() as sandbox:
+        first, _ = await run(manifest, sandbox)
+        second, _ = await run(manifest, sandbox)
+        assert first.exit_code == second.exit_code == 0 and sandbox.posts_total == 2
+    lines = [line for line in (tmp_path / "out" / "run.log").read_text("utf-8").splitlines() if " of " in line
+             and "(2 jobs) into" in line]
+    assert len(lines) == 2
+    assert "read from the cache" not in lines[0] and "read from the cache" in lines[1]
