@@ -11,8 +11,9 @@ The result is used only when everything it was made from is unchanged:
 - the *stamp* in the file lists every file the load read (`batchrun.readlog`): the manifest, its
   ``jobs_from:`` file and the user folder's model files must still have the same identity, size, mtime
   and ctime *and* the same SHA-256 of their bytes; each local image the same identity, size, mtime and
-  ctime (it is hashed again when its job is submitted, and a changed one is refused then), with its path
-  still resolving to the same file; the models folder the same list of files.
+  ctime (and its SHA-256 too if it had changed less than 2 s before it was read; in any case it is hashed
+  again when its job is submitted, and a changed one is refused then), with its path still resolving to
+  the same file; the models folder the same list of files.
 
 Anything else is a full load, which writes the cache again. `--output` and the default output dir (which
 depends on the current directory) are applied afresh on every load. Warnings are part of the result, so
@@ -58,6 +59,7 @@ FORMAT = b"batchrun validated manifest 1\n"
 SUFFIX = ".manifest"
 KEEP = 8  # cache files kept; a 100,000-job manifest's is about 25 MB
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+RACY_NS = 2_000_000_000  # a file changed less than this before it was read is hashed on every hit too
 STALE_TEMP_SECONDS = 3600.0  # a temporary file older than this was left by a killed write
 
 
@@ -185,7 +187,8 @@ def _check_deps(deps: Any) -> None:
     for entry in reads:
         where, stamp, sha = entry
         try:
-            if sha is None:  # a local image: its stamp (it is hashed again when its job is submitted)
+            if sha is None:  # a local image not changed just before its load: its stamp (and it is hashed
+                # again when its job is submitted)
                 if readlog.stamp_of(os.stat(where)) != stamp:
                     raise _Miss(f"{where} changed")
             elif _sha256_of(where, stamp) != sha:
@@ -263,7 +266,10 @@ def _deps(manifest, reads: list[readlog.Read]) -> tuple | None:
     by_path: dict[str, tuple] = {}
     for entry in reads:
         known = by_path.get(entry.path)
-        kept = (entry.path, entry.stamp, None if entry.path in images else entry.sha256)
+        # A local image is checked by its stamp alone, unless it changed shortly before it was read: a
+        # change in the same tick of the file system's clock could keep its ctime (git's "racy" files).
+        racy = entry.read_at_ns - entry.stamp[4] < RACY_NS
+        kept = (entry.path, entry.stamp, None if entry.path in images and not racy else entry.sha256)
         if known is not None and known != kept:
             log.debug("manifest %s: %s read twice with different contents: not cached", manifest.path, entry.path)
             return None

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,13 @@ _active: contextvars.ContextVar[list[Read] | None] = contextvars.ContextVar("bat
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """One file as read: `path` as opened (not resolved), its `stamp` and the SHA-256 of its bytes."""
+    """One file as read: `path` as opened (not resolved), its `stamp`, the SHA-256 of its bytes and when
+    it was read (`time.time_ns()`: a file changed just before may share its ctime with a later change)."""
 
     path: str
     stamp: tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
     sha256: str
+    read_at_ns: int
 
 
 def stamp_of(info: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -52,7 +55,7 @@ def record(path: str | os.PathLike, info: os.stat_result, data: bytes) -> None:
     """Note that `data` was read from `path`, whose fstat before the read was `info` (no-op unless recording)."""
     reads = _active.get()
     if reads is not None:
-        reads.append(Read(os.fspath(path), stamp_of(info), hashlib.sha256(data).hexdigest()))
+        reads.append(Read(os.fspath(path), stamp_of(info), hashlib.sha256(data).hexdigest(), time.time_ns()))
 
 
 def read_bytes(path: Path) -> bytes:

@@ -176,7 +176,11 @@ def test_the_models_folder_of_the_environment_is_part_of_the_key(tmp_path, monke
     assert hits(caplog) == 0
 
 
-def test_a_changed_deleted_or_retargeted_local_image_is_seen(tmp_path, caplog):
+@pytest.mark.parametrize("racy_ns", [manifestcache.RACY_NS, 0], ids=["just-written images hashed", "stamp only"])
+def test_a_changed_deleted_or_retargeted_local_image_is_seen(tmp_path, caplog, monkeypatch, racy_ns):
+    # The test's images are written just before; with no racy window they are checked by stamp alone,
+    # as images written long before a load are.
+    monkeypatch.setattr(manifestcache, "RACY_NS", racy_ns)
     images = tmp_path / "images"
     images.mkdir()
     (images / "one.png").write_bytes(png(640, 480, 0x80))
