@@ -138,6 +138,7 @@ def read(path: Path, output: str | Path | None, environ: Mapping[str, str] | Non
     if folder is None:
         return None
     try:
+        _check_private(folder)
         file = folder / (cache_key(path, environ) + SUFFIX)
         manifest = _read(file, path, output)
     except FileNotFoundError:
@@ -287,6 +288,11 @@ def _deps(manifest, reads: list[readlog.Read]) -> tuple | None:
 def _private_dir(folder: Path) -> None:
     """Create the cache folder (0700) and refuse one another user could write to (planted files)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(folder)
+
+
+def _check_private(folder: Path) -> None:
+    """_Miss unless `folder` is a folder (not a symlink) of this user that no one else can write to."""
     info = os.stat(folder, follow_symlinks=False)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise _Miss(f"{folder} is not a private folder of this user")

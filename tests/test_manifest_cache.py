@@ -310,6 +310,13 @@ def test_a_cache_folder_others_can_write_to_is_not_used(tmp_path, monkeypatch, c
     load_manifest(manifest)
     load_manifest(manifest)
     assert hits(caplog) == 0 and cache_files() == []
+    # Nor one whose files were written while it was private.
+    folder.chmod(0o700)
+    load_manifest(manifest)
+    assert len(cache_files()) == 1
+    folder.chmod(0o777)
+    load_manifest(manifest)
+    assert hits(caplog) == 0
 
 
 def test_the_cache_keeps_only_the_most_recent_files(tmp_path, caplog):
