@@ -55,7 +55,7 @@ def cmd_validate(args, out: TextIO, err: TextIO) -> int:
     status, shown = EXIT_OK, 0
     for path in args.manifests:
         try:
-            manifest = load_manifest(path)
+            manifest = load_manifest(path, cached=False)  # validate checks everything (and refreshes the cache)
         except ManifestError as exc:
             status, problems, verdict = EXIT_USAGE, exc.problems, "invalid: " + _summary(exc.problems)
         else:

@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from batchrun.errors import UsageError
@@ -88,9 +88,10 @@ def replace_with(tmp: Path | str, path: Path | str) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o666, *, durable: bool = True,
+def atomic_write(path: Path, data: bytes | Sequence[bytes], mode: int = 0o666, *, durable: bool = True,
                  before_rename: Callable[[], None] | None = None) -> None:
-    """Replace `path` with `data` so that readers see either the old file or the whole new one.
+    """Replace `path` with `data` (bytes, or parts written one after the other, to spare a caller joining
+    large ones) so that readers see either the old file or the whole new one.
 
     The new file has `mode` less the user's umask (the temporary file is created with it: no chmod,
     so a umask of 077 gives 0600). A symlink at `path` is replaced by the file, not written through,
@@ -100,7 +101,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o666, *, durable: bool = 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                handle.write(data)
+            else:
+                handle.writelines(data)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())

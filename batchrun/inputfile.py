@@ -19,6 +19,8 @@ import os
 import stat
 from pathlib import Path
 
+from batchrun import readlog
+
 _PSEUDO_ROOTS = ("/proc", "/sys")
 _CHUNK = 1 << 20
 
@@ -105,4 +107,6 @@ def read_regular(path: Path | str, max_bytes: int) -> tuple[bytes, int]:
     if total != min(size, max_bytes + 1):
         raise NotARegularFile(f"changed while it was read ({size:,} bytes stated, {total:,} read), or is a "
                               "pseudo-file; if it is a real file, try again")
-    return b"".join(chunks), size
+    data = b"".join(chunks)
+    readlog.record(path, info, data)  # for the validated-manifest cache (batchrun.manifestcache)
+    return data, size

@@ -619,7 +619,8 @@ async def _run_locked(manifest: Manifest, ledger: Ledger, *, base_url, token, op
                       handle_signals, clock, sleep, rand, check_balance=False, balance_url=None) -> RunOutcome:
     _refuse_mixing(ledger, manifest.output_dir, sandbox)
     run_id = ledger.start_run()
-    log.info("run %d of %s (%d jobs) into %s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir)
+    log.info("run %d of %s (%d jobs) into %s%s", run_id, manifest.path, len(manifest.jobs), manifest.output_dir,
+             "; the manifest is unchanged since it was validated (read from the cache)" if manifest.from_cache else "")
     plan = make_plan(manifest, ledger, options)
     startimages.copy_local(manifest.output_dir, manifest.jobs)  # for report.html and the review app
     if options.preflight and sandbox:

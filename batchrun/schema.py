@@ -259,20 +259,42 @@ def _url_parts(value: str) -> tuple[str, str, str]:
 def _check_url(path: tuple, value: Any, extensions: tuple[str, ...]) -> list[Finding]:
     if not isinstance(value, str):
         return []  # the schema reports the type
+    global _last_url
+    last_value, last_extensions, verdict = _last_url
+    if value != last_value or extensions != last_extensions:
+        verdict = _url_verdict(value, extensions)
+        _last_url = (value, extensions, verdict)
+    if not verdict:
+        return []
+    if verdict == "invalid":
+        return [Finding(path, f"is not a valid URL: {echo.quoted(value)}")]
+    if verdict == "http":
+        return [Finding(path, "must be an https:// URL (RunComfy fetches inputs over HTTPS only)")]
+    if verdict == "not https":
+        return [Finding(path, f"must be an https:// URL, got {echo.quoted(value)}")]
+    allowed = ", ".join(extensions)
+    return [Finding(path, f"the URL does not end in a known image type ({allowed}); "
+                          "fine if the host serves an image anyway", "warning")]
+
+
+# The last image URL checked and its verdict: jobs that share one (a `defaults` URL) have it parsed once
+# per load, not once per job, and a manifest of distinct URLs pays one comparison each.
+_last_url: tuple[str | None, tuple[str, ...], str] = (None, (), "")
+
+
+def _url_verdict(value: str, extensions: tuple[str, ...]) -> str:
+    """What is wrong with an image URL ("" when nothing). The messages are made by the caller: they
+    quote the URL through `echo`, which redacts the token of the moment."""
     try:
         scheme, netloc, url_path = _url_parts(value)
     except ValueError:
-        return [Finding(path, f"is not a valid URL: {echo.quoted(value)}")]
+        return "invalid"
     if scheme != "https" or not netloc:
-        if scheme == "http":
-            return [Finding(path, "must be an https:// URL (RunComfy fetches inputs over HTTPS only)")]
-        return [Finding(path, f"must be an https:// URL, got {echo.quoted(value)}")]
+        return "http" if scheme == "http" else "not https"
     ending = url_path.rsplit(".", 1)[-1].lower() if "." in url_path.rsplit("/", 1)[-1] else ""
     if extensions and ending not in extensions:
-        allowed = ", ".join(extensions)
-        return [Finding(path, f"the URL does not end in a known image type ({allowed}); "
-                              "fine if the host serves an image anyway", "warning")]
-    return []
+        return "extension"
+    return ""
 
 
 Finder = Callable[[Any], Sequence[tuple[tuple, Any]]]  # a field spec's (path, value) pairs in an input

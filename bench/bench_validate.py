@@ -23,6 +23,9 @@ With ``--phases``, one extra process per tree splits the time inside one process
 events alone (the floor of any loader built on PyYAML), the YAML document with its positions
 (`yamlload.load_text`), and the whole `load_manifest` (events, document, every job checked).
 
+Every figure is cold: the validated-manifest cache is off (`BATCHRUN_MANIFEST_CACHE=off`) in the children;
+`bench_big.py` shows the commands with it too.
+
 Targets (issue 13), on a quiet 2-core machine: validate <= 4 s, plan <= 5 s; peak RSS as low as is cheap.
 """
 
@@ -110,7 +113,9 @@ def _maxrss_mb(rusage) -> float:
 
 
 def _env(tree: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+    # Cold figures: the validated-manifest cache off (a `plan` would read it, `validate` would write it).
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
+            "BATCHRUN_MANIFEST_CACHE": "off"}
 
 
 def run_once(tree: Path, manifest: Path, expected_jobs: int, command: str = "validate") -> tuple[float, float]:

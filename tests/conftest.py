@@ -11,6 +11,8 @@ def private_user_state(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))  # the validated-manifest cache
+    monkeypatch.delenv("BATCHRUN_MANIFEST_CACHE", raising=False)
     return home / ".local" / "state" / "batchrun"
 
 

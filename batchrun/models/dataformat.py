@@ -23,6 +23,7 @@ from typing import Any
 
 import jsonschema
 
+from batchrun import readlog
 from batchrun.errors import BatchrunError
 from batchrun.models.pricing import UNITS, Price
 
@@ -238,7 +239,10 @@ def read_model_file(path: Path | Any, where: str | None = None) -> dict[str, Any
     """`read_model_data` of a file (a Path or an importlib resource); unreadable JSON is a ModelFileError."""
     where = where or str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(path, Path):  # a user folder's file: recorded for the validated-manifest cache
+            data = json.loads(readlog.read_bytes(path).decode("utf-8"))
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"model file {where}: cannot be read: {exc}") from None
     except json.JSONDecodeError as exc:
