@@ -128,7 +128,8 @@ def remove_stale_temps(directory: Path) -> list[str]:
     removed = []
     me = os.getpid()
     for entry in os.scandir(directory):
-        match = _TEMP_NAME.fullmatch(entry.name)
+        # Every temp name starts with a dot: the other 200,000 names of a big output dir skip the regex.
+        match = _TEMP_NAME.fullmatch(entry.name) if entry.name.startswith(".") else None
         if match is None or entry.is_dir(follow_symlinks=False):
             continue
         pid = live_pid(match["pid"] or "")

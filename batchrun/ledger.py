@@ -485,8 +485,9 @@ class Ledger:
             self._load_states()
 
     def _load_states(self) -> None:
-        for job_id, state in self.conn.execute("SELECT id, state FROM jobs"):
-            self._moved(job_id, state)
+        """Every job's state into memory, replacing what was there (ids are unique: no job counted twice)."""
+        self._states = dict(self.conn.execute("SELECT id, state FROM jobs").fetchall())
+        self._counts = Counter(self._states.values())
 
     def close(self) -> None:
         try:
@@ -565,13 +566,9 @@ class Ledger:
             if not waiter.done():
                 waiter.set_exception(exc)
         try:
-            states = self.conn.execute("SELECT id, state FROM jobs").fetchall()
+            self._load_states()
         except sqlite3.Error:
             return
-        self._states.clear()
-        self._counts.clear()
-        for job_id, state in states:
-            self._moved(job_id, state)
 
     @contextmanager
     def _transaction(self, *, durable: bool = False, carry: bool = False) -> Iterator[sqlite3.Connection]:
@@ -722,38 +719,38 @@ class Ledger:
             if self.conn.in_transaction:
                 self.conn.execute("COMMIT")
 
-    # The columns of `briefs`, in order (see there).
-    BRIEF_COLUMNS = ("id", "state", "input_sha256", "refusal", "quick", "path", "bytes", "mtime_ns", "inode",
-                     "provenance_bytes", "provenance_mtime_ns", "provenance_inode", "media_json")
+    def briefs(self, *, media: bool = False, asked: bool = False) -> sqlite3.Cursor | None:
+        """Every job as a short tuple, oldest first, in one query: enough to tell a done job whose files
+        are as recorded from one that needs its full row (batchrun.settled). Each tuple is
 
-    def briefs(self, *, asked: bool = False) -> sqlite3.Cursor | None:
-        """Every job as a short tuple (`BRIEF_COLUMNS`), oldest first, in one query: enough to tell a done
-        job whose files are as recorded from one that needs its full row (batchrun.settled).
+            (id, quick, input_sha256, refused, path, bytes, mtime_ns, inode,
+             provenance_bytes, provenance_mtime_ns, provenance_inode[, media_json[, duration, audio]])
 
-        `quick` is 1 for a done job with exactly one output whose `<id>.json` was last found intact with the
-        ledger's identifying fields as they are now (`results.provenance_identity`, compared in SQL), else
-        0; `path`, `bytes`, `mtime_ns`, `inode` are that output's; `provenance_*` the recorded stat of its
-        `<id>.json`; `refusal` and `media_json` as in the jobs table. With `asked`, two more: the input's
-        `duration` and whether it asks for audio, as `mediafacts.asked` reads them (both NULL when the input
-        is not valid JSON). None for a ledger older than schema 7 opened read-only (no recorded stats:
-        every job needs its full row)."""
+        `quick` is 1 for a done job with exactly one output (idx 0) whose `<id>.json` was last found intact
+        with the ledger's identifying fields as they are now (`results.provenance_identity`, compared in
+        SQL), else 0 or None; `refused` 1 when the last run recorded a refusal; `path`, `bytes`, `mtime_ns`,
+        `inode` are that output's; `provenance_*` the recorded stat of its `<id>.json`. With `media`, the
+        jobs table's `media_json`; with `asked` too, the input's `duration` and whether it asks for audio, as
+        `mediafacts.asked` reads them (both None when the input is not valid JSON). None for a ledger older
+        than schema 7 opened read-only (no recorded stats: every job needs its full row)."""
         self.flush()
         if not self._file_stats:
             return None
         cursor = self.conn.cursor()
         cursor.row_factory = None
-        more = (", CASE WHEN json_valid(j.input_json) THEN json_extract(j.input_json, '$.duration') END,"
-                " CASE WHEN json_valid(j.input_json) THEN json_type(j.input_json, '$.generate_audio') IS 'true' END"
-                if asked else "")
+        more = ", j.media_json" if media else ""
+        if media and asked:
+            more += (", CASE WHEN json_valid(j.input_json) THEN json_extract(j.input_json, '$.duration') END,"
+                     " CASE WHEN json_valid(j.input_json) THEN json_type(j.input_json, '$.generate_audio') IS 'true'"
+                     " END")
         # An identity that does not match here (a NULL request id, a number SQL writes otherwise) only sends
         # the job to the full check, which compares it as Python writes it.
         cursor.execute(
-            "SELECT j.id, j.state, j.input_sha256, j.refusal,"
-            " j.state = 'done' AND p.identity = j.request_id || '|' || j.model || '|' || j.input_sha256 || '|'"
-            " || o.path || ':' || o.bytes || ':' || o.sha256"
-            " AND (SELECT COUNT(*) FROM outputs c WHERE c.job_id = j.id) = 1,"
-            f" o.path, o.bytes, o.mtime_ns, o.inode, p.bytes, p.mtime_ns, p.inode, j.media_json{more}"
-            " FROM jobs j LEFT JOIN outputs o ON o.job_id = j.id AND o.idx = 0"
+            "SELECT j.id, j.state = 'done' AND p.identity = j.request_id || '|' || j.model || '|' || j.input_sha256"
+            " || '|' || o.path || ':' || o.bytes || ':' || o.sha256"
+            " AND NOT EXISTS (SELECT 1 FROM outputs c WHERE c.job_id = j.id AND c.idx <> 0),"
+            " j.input_sha256, j.refusal IS NOT NULL, o.path, o.bytes, o.mtime_ns, o.inode, p.bytes, p.mtime_ns,"
+            f" p.inode{more} FROM jobs j LEFT JOIN outputs o ON o.job_id = j.id AND o.idx = 0"
             " LEFT JOIN provenance_files p ON p.job_id = j.id ORDER BY j.first_seen_at, j.rowid")
         return cursor
 

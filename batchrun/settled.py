@@ -52,7 +52,7 @@ def sweep(ledger: Ledger, output_dir: Path, jobs: Mapping[str, Job] | None, *, m
     the ledger once; call it inside `ledger.snapshot()` when the unsettled rows are read next. Writes
     nothing."""
     found = Sweep()
-    briefs = None if full else ledger.briefs(asked=media and jobs is None)
+    briefs = None if full else ledger.briefs(media=media, asked=jobs is None)
     folder = None
     if briefs is not None:
         try:
@@ -80,7 +80,7 @@ def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool, fou
     raised: dict[tuple, list[str]] = {}  # (media facts' text, asked duration, audio) -> the flags they raise
     for position, brief in enumerate(briefs):
         job_id = brief[0]
-        if not brief[4]:  # not quick: not done, not one output, or `<id>.json` not recorded as it is now
+        if not brief[1]:  # not quick: not done, not one output, or `<id>.json` not recorded as it is now
             unsettled.append(job_id)
             if media:
                 positions[job_id] = position
@@ -90,29 +90,29 @@ def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool, fou
             job = get(job_id)
             ok = job is not None and job.input_sha256 == brief[2]
         else:
-            ok = brief[3] is None  # else a refusal recorded by the last run: listed as such
+            ok = not brief[3]  # else a refusal recorded by the last run: listed as such
         if ok:
             try:
-                video = lstat(brief[5], dir_fd=folder, follow_symlinks=False)
+                video = lstat(brief[4], dir_fd=folder, follow_symlinks=False)
                 record = lstat(job_id + ".json", dir_fd=folder, follow_symlinks=False)
             except (OSError, ValueError):  # missing, or a name no file can have
                 ok = False
             else:
-                ok = (video.st_mtime_ns == brief[7] and video.st_ino == brief[8] and video.st_size == brief[6]
-                      and record.st_mtime_ns == brief[10] and record.st_ino == brief[11]
-                      and record.st_size == brief[9] and is_regular(video.st_mode) and is_regular(record.st_mode))
-        if ok and media and brief[12] is not None:
-            asked = mediafacts.asked(job.input) if job is not None else brief[13:15]
+                ok = (video.st_mtime_ns == brief[6] and video.st_ino == brief[7] and video.st_size == brief[5]
+                      and record.st_mtime_ns == brief[9] and record.st_ino == brief[10]
+                      and record.st_size == brief[8] and is_regular(video.st_mode) and is_regular(record.st_mode))
+        if ok and media and brief[11] is not None:
+            asked = mediafacts.asked(job.input) if job is not None else brief[12:14]
             if asked[1] is None:  # its input is not JSON: the full row says what it can
                 ok = False
             else:
-                key = (brief[12], *asked)
+                key = (brief[11], *asked)
                 try:
                     found_flags = raised.get(key)
                 except TypeError:  # an unhashable duration (a list): not cached
                     key, found_flags = None, None
                 if found_flags is None:
-                    found_flags = mediafacts.flags_for(json.loads(brief[12]) or None, *asked)
+                    found_flags = mediafacts.flags_for(json.loads(brief[11]) or None, *asked)
                     if key is not None:
                         raised[key] = found_flags
                 if found_flags:
