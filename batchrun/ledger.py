@@ -813,11 +813,12 @@ class Ledger:
         models in the order they first appear (oldest job first)."""
         self.flush()
         decision = "decision" if self._has_column("jobs", "decision") else "NULL"
-        simulated = "simulated" if self._history else "0"
+        simulated = "simulated" if self._history else "0"  # an older ledger's: no sandbox then
+        group_simulated = ", simulated" if self._history else ""  # (a number in GROUP BY names a column)
         return [tuple(r) for r in self.conn.execute(
             f"SELECT model, state, {decision}, COUNT(*), submissions > 0, cost_usd IS NOT NULL, {simulated},"
             " TOTAL(COALESCE(cost_usd, estimated_cost_usd, 0.0)) FROM jobs"
-            f" GROUP BY model, state, {decision}, submissions > 0, cost_usd IS NOT NULL, {simulated}"
+            f" GROUP BY model, state, {decision}, submissions > 0, cost_usd IS NOT NULL{group_simulated}"
             " ORDER BY MIN(first_seen_at), MIN(rowid)")]
 
     def _has_column(self, table: str, column: str) -> bool:
@@ -873,13 +874,14 @@ class Ledger:
     def spend(self) -> Spend:
         """Money committed in this output dir, by `spend.job_cost`'s rule (results.jsonl's `cost_usd`)."""
         self.flush()
-        simulated = "simulated" if self._history else "0"
+        simulated = "simulated" if self._history else "0"  # an older ledger's: no sandbox then
+        group_simulated = ", simulated" if self._history else ""  # (a number in GROUP BY names a column)
         # Summed by SQLite per kind of job, each kind counted or not by the one rule (`spend.job_cost`).
         return add_up_groups(self.conn.execute(
             f"SELECT state, submissions > 0, cost_usd IS NOT NULL, {simulated},"
             " TOTAL(COALESCE(cost_usd, estimated_cost_usd, 0.0)) FROM jobs"
             " WHERE submissions > 0 OR cost_usd IS NOT NULL"
-            f" GROUP BY state, submissions > 0, cost_usd IS NOT NULL, {simulated}"))
+            f" GROUP BY state, submissions > 0, cost_usd IS NOT NULL{group_simulated}"))
 
     def sent_to_sandbox(self) -> set[bool]:
         """For the jobs ever sent from this output dir: whether they went to the built-in sandbox (True),

@@ -12,6 +12,7 @@ import sqlite3
 
 from helpers import cli, job, jobs, run, write_manifest
 
+from batchrun.ledger import MIGRATIONS
 from batchrun.sandbox import Faults, Sandbox
 from batchrun.sandbox.server import _sample_video
 
@@ -127,3 +128,29 @@ async def test_an_output_added_to_a_done_job_by_hand_is_checked_too(tmp_path):
             ("clip-01-2.mp4", "missing"), ("clip-01.json", "damaged")]
         plan = await _json("plan", str(manifest), "--no-balance-check")
         assert (plan["download"], plan["skip"]) == (1, 1)
+
+
+async def test_status_reads_a_ledger_from_before_recorded_stats_without_migrating_it(tmp_path):
+    # Schema 2: no request history, no `simulated`, no decisions, no recorded stats: every job is checked in full.
+    out = tmp_path / "out"
+    out.mkdir()
+    conn = sqlite3.connect(out / "ledger.sqlite")
+    for migration in MIGRATIONS[:2]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version=2")
+    conn.executemany("INSERT INTO jobs (id, state, model, input_json, input_sha256, request_id, submissions, cost_usd,"
+                     " first_seen_at, updated_at) VALUES (?, ?, 'm', '{}', 'x', ?, 1, ?, ?, 't')",
+                     [("a", "done", "r-a", 0.5, "t1"), ("b", "failed", "r-b", None, "t2")])
+    conn.execute("INSERT INTO outputs (job_id, idx, path, bytes, sha256) VALUES ('a', 0, 'a.mp4', 3, 'x')")
+    conn.commit()
+    conn.close()
+    report = await _json("status", str(out))
+    assert report["counts"] == {"done": 1, "failed": 1} and report["spent_usd"] == 0.5
+    assert report["damaged"] == [{"id": "a", "path": "a.mp4", "problem": "missing"},
+                                 {"id": "a", "path": "a.json", "problem": "missing"}]
+    assert [item["id"] for item in report["attention"]] == ["b"]
+    conn = sqlite3.connect(out / "ledger.sqlite")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
