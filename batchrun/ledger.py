@@ -764,6 +764,12 @@ class Ledger:
         `rows` builds them, a few hundred per query; an id the ledger lacks is left out. Use inside
         `snapshot` when the ids came from an earlier read."""
         self.flush()
+        if len(job_ids) * 4 > self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]:
+            # Most of the ledger (a batch in flight, a dir of deleted videos): one streamed read of every
+            # row costs less than hundreds of lookups by id.
+            wanted = set(job_ids)
+            yield from (row for row in self.rows() if row.id in wanted)
+            return
         order = "j.first_seen_at, j.rowid"
         columns = ", ".join(f"o.{name}" for name in self._output_columns().split(", "))
         for start in range(0, len(job_ids), 500):
