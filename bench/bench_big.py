@@ -19,6 +19,9 @@ is what batchrun adds on top of starting up and reading its two inputs.
 After the no-op runs it says whether results.jsonl and a sample `<id>.json` kept their inode and mtime
 (a no-op re-run must rewrite neither).
 
+The "-val us/job" column is, for the commands that load the manifest as `validate` does, their median
+minus validate's, per job: what reading the ledger and checking the done files costs.
+
 Targets (issue 13): no-op re-run <= 5 s and <= 250 MB; plan <= 5 s; status MANIFEST <= 2 s; validate <= 4 s.
 """
 
@@ -55,6 +58,9 @@ COMMANDS = {
     "no-op re-run": (["-m", "batchrun", "run", "--sandbox", "m.yaml", "--no-progress", "--quiet"], 5.0, 250.0),
 }
 REPORT = (["-m", "batchrun", "report", "out"], None, None)
+# Commands that load and validate the manifest as `validate` does, then read the ledger: their time minus
+# validate's is what reading the ledger and checking the done files costs ("-val us/job").
+AFTER_LOAD = ("plan", "status MANIFEST", "no-op re-run")
 
 
 def _maxrss_mb(rusage) -> float:
@@ -123,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         base = statistics.median(w for w, _, _ in results["baseline"])
         print(f"\n{args.jobs} done jobs, medians of {args.runs} (baseline: import batchrun.cli + read manifest "
               "bytes + fetch the ledger's jobs rows)")
-        print(f"{'command':<16} {'wall s':>7} {'x base':>7} {'RSS MB':>7}  target")
+        # What a command costs once the manifest is loaded: its time minus validate's, per job.
+        validate = statistics.median(w for w, _, _ in results["validate"])
+        print(f"{'command':<16} {'wall s':>7} {'x base':>7} {'RSS MB':>7} {'-val us/job':>11}  target")
         for name, (_, target_s, target_mb) in commands.items():
             wall = statistics.median(w for w, _, _ in results[name])
             rss = statistics.median(r for _, r, _ in results[name])
@@ -132,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                            f"<= {target_mb:g} MB" if target_mb else "") if t)
             met = "" if not target else (" met" if (not target_s or wall <= target_s)
                                          and (not target_mb or rss <= target_mb) else " NOT met")
-            print(f"{name:<16} {wall:7.2f} {wall / base:7.2f} {rss:7.0f}  {target}{met}"
+            per_job = f"{(wall - validate) / args.jobs * 1e6:11.1f}" if name in AFTER_LOAD else " " * 11
+            print(f"{name:<16} {wall:7.2f} {wall / base:7.2f} {rss:7.0f} {per_job}  {target}{met}"
                   + (f"  exit codes {codes}" if codes != [0] else ""))
         print(f"no-op re-runs left results.jsonl {'unchanged' if after[0] == before[0] else 'REWRITTEN'} and "
               f"{sample.name} {'unchanged' if after[1] == before[1] else 'REWRITTEN'} (inode, mtime)")
