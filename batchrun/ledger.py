@@ -720,11 +720,15 @@ class Ledger:
                 self.conn.execute("COMMIT")
 
     def briefs(self, *, media: bool = False, asked: bool = False) -> sqlite3.Cursor | None:
-        """Every job as a short tuple, oldest first, in one query: enough to tell a done job whose files
-        are as recorded from one that needs its full row (batchrun.settled). Each tuple is
+        """Every job as a short tuple, in one query: enough to tell a done job whose files are as recorded
+        from one that needs its full row (batchrun.settled). Each tuple is
 
             (id, quick, input_sha256, refused, path, bytes, mtime_ns, inode,
-             provenance_bytes, provenance_mtime_ns, provenance_inode[, media_json[, duration, audio]])
+             provenance_bytes, provenance_mtime_ns, provenance_inode, first_seen_at, rowid
+             [, media_json[, duration, audio]])
+
+        in no particular order: (first_seen_at, rowid) is the job's place in the ledger's order, for the
+        few jobs whose order matters (sorting 100,000 such wide rows in SQLite costs more than the rest).
 
         `quick` is 1 for a done job with exactly one output (idx 0) whose `<id>.json` was last found intact
         with the ledger's identifying fields as they are now (`results.provenance_identity`, compared in
@@ -750,8 +754,8 @@ class Ledger:
             " || '|' || o.path || ':' || o.bytes || ':' || o.sha256"
             " AND NOT EXISTS (SELECT 1 FROM outputs c WHERE c.job_id = j.id AND c.idx <> 0),"
             " j.input_sha256, j.refusal IS NOT NULL, o.path, o.bytes, o.mtime_ns, o.inode, p.bytes, p.mtime_ns,"
-            f" p.inode{more} FROM jobs j LEFT JOIN outputs o ON o.job_id = j.id AND o.idx = 0"
-            " LEFT JOIN provenance_files p ON p.job_id = j.id ORDER BY j.first_seen_at, j.rowid")
+            f" p.inode, j.first_seen_at, j.rowid{more} FROM jobs j LEFT JOIN outputs o ON o.job_id = j.id"
+            " AND o.idx = 0 LEFT JOIN provenance_files p ON p.job_id = j.id")
         return cursor
 
     def ids(self) -> list[str]:

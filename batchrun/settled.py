@@ -39,9 +39,10 @@ if TYPE_CHECKING:
 class Sweep:
     settled: set[str] = field(default_factory=set)  # done jobs settled as described above
     unsettled: list[str] = field(default_factory=list)  # every other ledger job, oldest first
-    # With `media`: (position in the ledger's order, id, flags) of the settled jobs whose video raises flags
-    flagged: list[tuple[int, str, list[str]]] = field(default_factory=list)
-    positions: dict[str, int] = field(default_factory=dict)  # with `media`: the unsettled jobs' positions
+    # With `media`: (place in the ledger's order, id, flags) of the settled jobs whose video raises flags;
+    # a place is (first_seen_at, rowid): sorting by it gives the ledger's order
+    flagged: list[tuple[tuple[str, int], str, list[str]]] = field(default_factory=list)
+    places: dict[str, tuple[str, int]] = field(default_factory=dict)  # with `media`: the unsettled jobs' places
 
 
 def sweep(ledger: Ledger, output_dir: Path, jobs: Mapping[str, Job] | None, *, media: bool = False,
@@ -51,6 +52,7 @@ def sweep(ledger: Ledger, output_dir: Path, jobs: Mapping[str, Job] | None, *, m
     flags, and where every job listed stands in the ledger's order (to list flags in that order). Reads
     the ledger once; call it inside `ledger.snapshot()` when the unsettled rows are read next. Writes
     nothing."""
+    # The unsettled are listed in the ledger's order, so that their full rows are read in that order.
     found = Sweep()
     briefs = None if full else ledger.briefs(media=media, asked=jobs is None)
     folder = None
@@ -62,28 +64,35 @@ def sweep(ledger: Ledger, output_dir: Path, jobs: Mapping[str, Job] | None, *, m
     if folder is None:  # every job is checked in full
         found.unsettled = ledger.ids()
         if media:
-            found.positions = {job_id: position for position, job_id in enumerate(found.unsettled)}
+            found.places = {job_id: ("", place) for place, job_id in enumerate(found.unsettled)}
         return found
     try:
-        _split(briefs, folder, jobs, media, found)
+        unsettled = _split(briefs, folder, jobs, media, found)
     finally:
         os.close(folder)
+    unsettled.sort()
+    found.unsettled = [job_id for _, job_id in unsettled]
     return found
 
 
-def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool, found: Sweep) -> None:
+def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool,
+           found: Sweep) -> list[tuple[tuple[str, int], str]]:
+    """Fill `found.settled` (and with `media`, `found.flagged` and `found.places`); returns the unsettled
+    as (place, id), unsorted."""
     # One loop over 100,000 tuples: names bound locally, stats compared inline (a function call per file
     # would be a fifth of the loop).
-    settle, unsettled, flagged, positions = found.settled.add, found.unsettled, found.flagged, found.positions
+    settle, flagged, places = found.settled.add, found.flagged, found.places
+    unsettled: list[tuple[tuple[str, int], str]] = []
+    keep = unsettled.append
     lstat, is_regular = os.stat, stat.S_ISREG
     get = jobs.get if jobs is not None else None
     raised: dict[tuple, list[str]] = {}  # (media facts' text, asked duration, audio) -> the flags they raise
-    for position, brief in enumerate(briefs):
+    for brief in briefs:
         job_id = brief[0]
         if not brief[1]:  # not quick: not done, not one output, or `<id>.json` not recorded as it is now
-            unsettled.append(job_id)
+            keep(((brief[11], brief[12]), job_id))
             if media:
-                positions[job_id] = position
+                places[job_id] = (brief[11], brief[12])
             continue
         job = None
         if get is not None:
@@ -101,25 +110,26 @@ def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool, fou
                 ok = (video.st_mtime_ns == brief[6] and video.st_ino == brief[7] and video.st_size == brief[5]
                       and record.st_mtime_ns == brief[9] and record.st_ino == brief[10]
                       and record.st_size == brief[8] and is_regular(video.st_mode) and is_regular(record.st_mode))
-        if ok and media and brief[11] is not None:
-            asked = mediafacts.asked(job.input) if job is not None else brief[12:14]
+        if ok and media and brief[13] is not None:
+            asked = mediafacts.asked(job.input) if job is not None else brief[14:16]
             if asked[1] is None:  # its input is not JSON: the full row says what it can
                 ok = False
             else:
-                key = (brief[11], *asked)
+                key = (brief[13], *asked)
                 try:
                     found_flags = raised.get(key)
                 except TypeError:  # an unhashable duration (a list): not cached
                     key, found_flags = None, None
                 if found_flags is None:
-                    found_flags = mediafacts.flags_for(json.loads(brief[11]) or None, *asked)
+                    found_flags = mediafacts.flags_for(json.loads(brief[13]) or None, *asked)
                     if key is not None:
                         raised[key] = found_flags
                 if found_flags:
-                    flagged.append((position, job_id, list(found_flags)))
+                    flagged.append(((brief[11], brief[12]), job_id, list(found_flags)))
         if ok:
             settle(job_id)
         else:
-            unsettled.append(job_id)
+            keep(((brief[11], brief[12]), job_id))
             if media:
-                positions[job_id] = position
+                places[job_id] = (brief[11], brief[12])
+    return unsettled

@@ -108,7 +108,7 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
         # Done jobs whose files are as recorded are counted above and need nothing more; only the others
         # are read in full (batchrun.settled).
         found = settled.sweep(ledger, output_dir, jobs, media=True, full=verify)
-        flagged = found.flagged  # (position in ledger order, id, flags): settled jobs' first, then the others'
+        flagged = found.flagged  # (place in the ledger's order, id, flags): settled jobs' first, then the others'
         provenance = ledger.provenance_stats_of(found.unsettled)
         for row in ledger.rows_of(found.unsettled):
             candidate = False
@@ -133,7 +133,7 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
                 if row.media and (found_flags := mediafacts.flags(
                         row.media, job.input if job is not None and job.input_sha256 == row.input_sha256
                         else row.input)):
-                    flagged.append((found.positions[row.id], row.id, found_flags))
+                    flagged.append((found.places[row.id], row.id, found_flags))
             if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
                     or row.id in by_refusal):
                 maybe_attention.append(row)
