@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -262,7 +263,8 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
             print(f"  ... and {len(report.damaged) - limit} more (use --json for all)", file=out)
     if report.media_flags:
         print(f"videos that differ from what was paid for ({len(report.media_flags)}):", file=out)
-        for job_id, found in list(report.media_flags.items())[:limit]:
+        # islice, not list(...)[:limit]: 100,000 tuples at once can set off a full GC pass over the manifest.
+        for job_id, found in islice(report.media_flags.items(), limit):
             print(f"  {job_id}  {'; '.join(found)}", file=out)
         if len(report.media_flags) > limit:
             print(f"  ... and {len(report.media_flags) - limit} more (use --json for all)", file=out)
