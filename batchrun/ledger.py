@@ -767,18 +767,29 @@ class Ledger:
         self.flush()
         return [r[0] for r in self.conn.execute("SELECT id FROM jobs ORDER BY first_seen_at, rowid")]
 
-    def rows_of(self, job_ids: list[str]) -> Iterator[JobRow]:
-        """The rows of these jobs (ids in ledger order, as `briefs` gives them), in that order, built as
-        `rows` builds them, a few hundred per query; an id the ledger lacks is left out. Use inside
-        `snapshot` when the ids came from an earlier read."""
+    def rows_of(self, job_ids: list[str]) -> Iterator[tuple[JobRow, tuple[str, int, int, int] | None]]:
+        """(row, recorded `<id>.json` stat as `provenance_stats` gives it, or None) of these jobs (ids in the
+        ledger's order), in that order, rows built as `rows` builds them; an id the ledger lacks is left
+        out. Nothing is held for more than a few hundred jobs at a time. Use inside `snapshot` when the ids
+        came from an earlier read."""
         self.flush()
+        order = "j.first_seen_at, j.rowid"
         if len(job_ids) * 4 > self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]:
             # Most of the ledger (a batch in flight, a dir of deleted videos): one streamed read of every
-            # row costs less than hundreds of lookups by id.
+            # row costs less than hundreds of lookups by id; the stats are read beside it in the same order.
             wanted = set(job_ids)
-            yield from (row for row in self.rows() if row.id in wanted)
+            stats: dict | InJobOrder = {}
+            if self._file_stats:
+                cursor = self.conn.cursor()
+                cursor.row_factory = None
+                cursor.execute("SELECT p.job_id, p.identity, p.bytes, p.mtime_ns, p.inode FROM provenance_files p"
+                               f" JOIN jobs j ON j.id = p.job_id ORDER BY {order}")
+                stats = InJobOrder(cursor, lambda r: r[1:], single=True)
+            for row in self.rows():
+                known = stats.pop(row.id, None)  # for every row, in order: see InJobOrder
+                if row.id in wanted:
+                    yield row, known
             return
-        order = "j.first_seen_at, j.rowid"
         columns = ", ".join(f"o.{name}" for name in self._output_columns().split(", "))
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
@@ -793,24 +804,15 @@ class Ledger:
                 requests.row_factory = None
                 requests.execute(f"SELECT r.job_id, r.request_id FROM requests r JOIN jobs j ON j.id = r.job_id"
                                  f" WHERE r.job_id IN ({marks}) ORDER BY {order}, r.rowid", chunk)
+            known = {} if not self._file_stats else {r[0]: tuple(r[1:]) for r in self.conn.execute(
+                f"SELECT job_id, identity, bytes, mtime_ns, inode FROM provenance_files WHERE job_id IN ({marks})",
+                chunk)}
             cursor = self.conn.cursor()
             cursor.row_factory = None
             cursor.execute(f"SELECT * FROM jobs j WHERE j.id IN ({marks}) ORDER BY {order}", chunk)
-            yield from _bulk_rows(cursor, InJobOrder(outputs, _bulk_output),
-                                  InJobOrder(requests, lambda r: r[1]) if requests is not None else {})
-
-    def provenance_stats_of(self, job_ids: list[str]) -> dict[str, tuple[str, int, int, int]]:
-        """`provenance_stats` of these jobs only, a few hundred per query."""
-        self.flush()
-        if not self._file_stats:
-            return {}
-        found = {}
-        for start in range(0, len(job_ids), 500):
-            chunk = job_ids[start:start + 500]
-            found.update((r[0], tuple(r[1:])) for r in self.conn.execute(
-                "SELECT job_id, identity, bytes, mtime_ns, inode FROM provenance_files WHERE job_id IN"
-                f" ({', '.join('?' * len(chunk))})", chunk))
-        return found
+            for row in _bulk_rows(cursor, InJobOrder(outputs, _bulk_output),
+                                  InJobOrder(requests, lambda r: r[1]) if requests is not None else {}):
+                yield row, known.get(row.id)
 
     def owner_ids(self) -> Iterator[str]:
         """Ids of the jobs that own their file names (`owners.owns_files`: sent, or with files), oldest first."""

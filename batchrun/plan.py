@@ -170,10 +170,8 @@ def decide(manifest: Manifest, ledger: Ledger | None, options: RunOptions) -> Pl
         with ledger.snapshot():  # the sweep and the rows read after it see the same ledger
             found = settled.sweep(ledger, output_dir, by_id, full=options.verify)
             settled_ids = found.settled
-            provenance = ledger.provenance_stats_of(found.unsettled)
-            for row in ledger.rows_of(found.unsettled):
+            for row, known in ledger.rows_of(found.unsettled):
                 job = by_id.get(row.id)
-                known = provenance.get(row.id)
                 if row.state == "done":
                     as_asked = job is not None and (job.input_sha256 == row.input_sha256 or refusal(job, row) is None)
                     kind = manifest.model_of(job).output_kind if as_asked else None

@@ -110,8 +110,7 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
         # are read in full (batchrun.settled).
         found = settled.sweep(ledger, output_dir, jobs, media=True, full=verify)
         flagged = found.flagged  # (place in the ledger's order, id, flags): settled jobs' first, then the others'
-        provenance = ledger.provenance_stats_of(found.unsettled)
-        for row in ledger.rows_of(found.unsettled):
+        for row, known in ledger.rows_of(found.unsettled):
             candidate = False
             job = None
             if jobs is not None:
@@ -128,7 +127,7 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
                 by_refusal[row.id] = row.refusal
             if row.state == "done":
                 damaged += [(row.id, name, problem) for name, problem in
-                            damaged_files(output_dir, row, full=verify, provenance=provenance.get(row.id))]
+                            damaged_files(output_dir, row, full=verify, provenance=known)]
                 # The manifest's input when it is the one the job was made with (same digest): the row's own
                 # JSON is then not decoded; no facts: input not decoded.
                 if row.media and (found_flags := mediafacts.flags(

@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 
+import pytest
 from helpers import cli, job, jobs, run, write_manifest
 
 from batchrun.ledger import MIGRATIONS
@@ -154,3 +155,26 @@ async def test_status_reads_a_ledger_from_before_recorded_stats_without_migratin
     conn = sqlite3.connect(out / "ledger.sqlite")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     conn.close()
+
+
+@pytest.mark.parametrize("touched", [1, 6], ids=["few read in full", "most read in full"])
+async def test_a_job_read_in_full_is_checked_against_its_own_recorded_provenance_stat(tmp_path, touched):
+    # clip-03's video is touched (hashed: intact) and its `<id>.json` forged keeping size, inode and mtime: its
+    # own recorded stat vouches for the file (the documented limit), so only --verify sees the forgery. Touching
+    # more videos sends most jobs to the full check, which reads the ledger another way.
+    manifest = write_manifest(tmp_path, jobs(8))
+    out = tmp_path / "out"
+    async with Sandbox() as sandbox:
+        await run(manifest, sandbox)
+    for n in [3, 0, 1, 5, 6, 7][:touched]:
+        os.utime(out / f"clip-0{n}.mp4", ns=(1_000_000_000, 1_700_000_000_000_000_000 + n))
+    path = out / "clip-03.json"
+    before, data = path.stat(), path.read_bytes()
+    request_id = json.loads(data)["request_id"]
+    with open(path, "r+b") as handle:
+        handle.write(data.replace(request_id.encode(), b"x" * len(request_id)))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (await _json("status", str(manifest)))["damaged"] == []
+    assert (await _json("plan", str(manifest), "--no-balance-check"))["provenance_to_rewrite"] == []
+    assert (await _json("status", str(manifest), "--verify"))["damaged"] == [
+        {"id": "clip-03", "path": "clip-03.json", "problem": "damaged"}]
