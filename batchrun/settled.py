@@ -6,10 +6,11 @@ A done job is *settled* when neither a person nor a run has anything to do for i
   recorded for it;
 - its one output is a regular file with the size, mtime and inode recorded at download (batchrun.filecheck);
 - its `<id>.json` is a regular file with the size, mtime and inode recorded when it was last found intact,
-  and the ledger's fields that file names are still those recorded then (results.provenance_check);
+  and the ledger's fields that file names are still those recorded then (results.provenance_check).
 
 That is told from a short tuple per job (`Ledger.briefs`, one query) and one `lstat` per file, relative to
-the output dir opened once, without building a JobRow: about 5-10 µs per job instead of 50-60 µs. Every
+the output dir opened once, without building a JobRow: about a fifth of what building the rows and
+checking them cost (at 100,000 jobs, about 1 s instead of 5-6 s; the query and the stats are most of it). Every
 other job (not done, two outputs, a stat that differs, a file missing, an input changed...) is listed in
 ledger order, for the caller to read in full (`Ledger.rows_of`) and check as before, so what is missing,
 damaged or refused is found and said exactly as without this pass: a settled job is one those checks
