@@ -444,9 +444,11 @@ def _per_model(manifest: Manifest, may_submit: list) -> dict[str, dict]:
     models: dict[str, dict] = {}
     for job in manifest.jobs:
         model = manifest.model_of(job)
-        each = models.setdefault(model.model_id, {"jobs": 0, "submit": 0, "estimated_cost_usd": 0.0,
-                                                  "unpriced_jobs": 0, "price": manifest.price_of(model).describe(),
-                                                  "output_kind": model.output_kind})
+        each = models.get(model.model_id)
+        if each is None:  # described once per model, not once per job
+            each = models[model.model_id] = {"jobs": 0, "submit": 0, "estimated_cost_usd": 0.0, "unpriced_jobs": 0,
+                                             "price": manifest.price_of(model).describe(),
+                                             "output_kind": model.output_kind}
         each["jobs"] += 1
     for job in may_submit:
         each = models[manifest.model_of(job).model_id]
