@@ -59,7 +59,8 @@ def sweep(ledger: Ledger, output_dir: Path, jobs: Mapping[str, Job] | None, *, m
     folder = None
     if briefs is not None:
         try:
-            folder = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # O_PATH (Linux): only a handle to stat names in, so a dir one may search but not list still works.
+            folder = os.open(output_dir, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:  # no output dir: nothing on disk is as recorded
             pass
     if folder is None:  # every job is checked in full
