@@ -879,7 +879,8 @@ class Ledger:
         return {r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE take IS NOT NULL")}
 
     def state_of(self, job_id: str) -> str | None:
-        self._read_states()
+        if self._states_unread:  # inline, not a call: asked once per job by a run's closing lines
+            self._read_states()
         return self._states.get(job_id)
 
     def counts(self) -> dict[str, int]:
