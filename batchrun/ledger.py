@@ -60,8 +60,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from batchrun import gcpause
 from batchrun.errors import LedgerError
-from batchrun.spend import Spend, add_up
+from batchrun.spend import Spend, add_up_groups
 
 LEDGER_NAME = "ledger.sqlite"
 # Longest a run's queued writes wait for a commit to ride when no intent comes (see group commit above).
@@ -354,6 +355,19 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]] | InJobO
         yield row
 
 
+_OUTPUT_NAMES = [f.name for f in fields(Output)]
+_OUTPUT_DEFAULTS = {"mtime_ns": None, "inode": None}
+
+
+def _bulk_output(r: tuple) -> Output:
+    """An Output of (job id, idx, path, bytes, sha256[, mtime_ns, inode]) as Output(*r[1:]) would be, without
+    a frozen dataclass's per-field setattr (as `_bulk_rows`); no mtime_ns, inode before schema 7."""
+    made = object.__new__(Output)
+    made.__dict__.update(_OUTPUT_DEFAULTS)
+    made.__dict__.update(zip(_OUTPUT_NAMES, r[1:], strict=False))
+    return made
+
+
 class InJobOrder:
     """The rows of a cursor ordered as the jobs are read (first column: the job id), handed out job by
     job: `pop(job_id, default)` as on a dict of lists, for jobs asked in that same order."""
@@ -391,6 +405,7 @@ class Ledger:
         # States mirrored in memory so progress displays never query a 100,000-row table.
         self._states: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
+        self._states_unread = False  # a read-only ledger reads them when first asked (status never does)
         # False only for an older ledger opened read-only (not migrated): no request history there.
         self._history = True
         self._file_stats = True  # likewise: outputs' mtime_ns and inode (schema 7)
@@ -407,6 +422,7 @@ class Ledger:
         self._counted = True  # likewise: the change count and results.jsonl's stamp (schema 8)
 
     def _moved(self, job_id: str, state: str) -> None:
+        self._read_states()
         old = self._states.get(job_id)
         if old is not None:
             self._counts[old] -= 1
@@ -452,7 +468,7 @@ class Ledger:
             self._history = version >= 4  # migration 4 added the requests table and `simulated`
             self._file_stats = version >= 7
             self._counted = version >= 8
-            self._load_states()
+            self._states_unread = True
             return
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -464,9 +480,18 @@ class Ledger:
                 self.conn.execute(f"PRAGMA user_version={number + 1}")
         self._load_states()
 
+    def _read_states(self) -> None:
+        if self._states_unread:
+            self._states_unread = False
+            self._load_states()
+
     def _load_states(self) -> None:
-        for job_id, state in self.conn.execute("SELECT id, state FROM jobs"):
-            self._moved(job_id, state)
+        """Every job's state into memory, replacing what was there (ids are unique: no job counted twice)."""
+        cursor = self.conn.cursor()
+        cursor.row_factory = None  # plain tuples: a sqlite3.Row per job costs more than the query
+        with gcpause.paused():  # 100,000 new strings beside a loaded manifest: a full GC pass costs more
+            self._states = dict(cursor.execute("SELECT id, state FROM jobs"))
+            self._counts = Counter(self._states.values())
 
     def close(self) -> None:
         try:
@@ -545,13 +570,9 @@ class Ledger:
             if not waiter.done():
                 waiter.set_exception(exc)
         try:
-            states = self.conn.execute("SELECT id, state FROM jobs").fetchall()
+            self._load_states()
         except sqlite3.Error:
             return
-        self._states.clear()
-        self._counts.clear()
-        for job_id, state in states:
-            self._moved(job_id, state)
 
     @contextmanager
     def _transaction(self, *, durable: bool = False, carry: bool = False) -> Iterator[sqlite3.Connection]:
@@ -683,17 +704,141 @@ class Ledger:
         cursor = self.conn.cursor()
         cursor.row_factory = None  # plain tuples: `_bulk_rows` names the columns once
         cursor.execute(f"SELECT * FROM jobs j ORDER BY {order}")
-        # Built as Output(*r) would be, without a frozen dataclass's per-field setattr (as `_bulk_rows`).
-        names, new, defaults = [f.name for f in fields(Output)], object.__new__, {"mtime_ns": None, "inode": None}
-
-        def output(r: tuple) -> Output:
-            made = new(Output)
-            made.__dict__.update(defaults)
-            made.__dict__.update(zip(names, r[1:], strict=False))  # no mtime_ns, inode before schema 7
-            return made
-
-        yield from _bulk_rows(cursor, InJobOrder(outputs, output),
+        yield from _bulk_rows(cursor, InJobOrder(outputs, _bulk_output),
                               InJobOrder(requests, lambda r: r[1]) if requests is not None else {})
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction for the block: every query in it sees the ledger as of its first read, so
+        reads made one after the other (a brief sweep, then the full rows of the jobs it picked) agree
+        while a run writes. Queued writes are committed first; nothing may be written inside."""
+        self.flush()
+        if self.conn.in_transaction:  # already inside one: it is the snapshot
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+
+    def briefs(self, *, media: bool = False, asked: bool = False) -> sqlite3.Cursor | None:
+        """Every job as a short tuple, in one query: enough to tell a done job whose files are as recorded
+        from one that needs its full row (batchrun.settled). Each tuple is
+
+            (id, quick, input_sha256, refused, path, bytes, mtime_ns, inode,
+             provenance_bytes, provenance_mtime_ns, provenance_inode, first_seen_at, rowid
+             [, media_json[, duration, audio]])
+
+        in no particular order: (first_seen_at, rowid) is the job's place in the ledger's order, for the
+        few jobs whose order matters (sorting 100,000 such wide rows in SQLite costs more than the rest).
+
+        `quick` is 1 for a done job with exactly one output (idx 0) whose `<id>.json` was last found intact
+        with the ledger's identifying fields as they are now (`results.provenance_identity`, compared in
+        SQL), else 0 or None; `refused` 1 when the last run recorded a refusal; `path`, `bytes`, `mtime_ns`,
+        `inode` are that output's; `provenance_*` the recorded stat of its `<id>.json`. With `media`, the
+        jobs table's `media_json`; with `asked` too, the input's `duration` and whether it asks for audio, as
+        `mediafacts.asked` reads them (both None when the input is not valid JSON). None for a ledger older
+        than schema 7 opened read-only (no recorded stats: every job needs its full row)."""
+        self.flush()
+        if not self._file_stats:
+            return None
+        cursor = self.conn.cursor()
+        cursor.row_factory = None
+        more = ", j.media_json" if media else ""
+        if media and asked:
+            more += (", CASE WHEN json_valid(j.input_json) THEN json_extract(j.input_json, '$.duration') END,"
+                     " CASE WHEN json_valid(j.input_json) THEN json_type(j.input_json, '$.generate_audio') IS 'true'"
+                     " END")
+        # An identity that does not match here (a NULL request id, a number SQL writes otherwise) only sends
+        # the job to the full check, which compares it as Python writes it.
+        cursor.execute(
+            "SELECT j.id, j.state = 'done' AND p.identity = j.request_id || '|' || j.model || '|' || j.input_sha256"
+            " || '|' || o.path || ':' || o.bytes || ':' || o.sha256"
+            " AND NOT EXISTS (SELECT 1 FROM outputs c WHERE c.job_id = j.id AND c.idx <> 0),"
+            " j.input_sha256, j.refusal IS NOT NULL, o.path, o.bytes, o.mtime_ns, o.inode, p.bytes, p.mtime_ns,"
+            f" p.inode, j.first_seen_at, j.rowid{more} FROM jobs j LEFT JOIN outputs o ON o.job_id = j.id"
+            " AND o.idx = 0 LEFT JOIN provenance_files p ON p.job_id = j.id")
+        return cursor
+
+    def ids(self) -> list[str]:
+        """Every job's id, oldest first."""
+        self.flush()
+        return [r[0] for r in self.conn.execute("SELECT id FROM jobs ORDER BY first_seen_at, rowid")]
+
+    def rows_of(self, job_ids: list[str]) -> Iterator[tuple[JobRow, tuple[str, int, int, int] | None]]:
+        """(row, recorded `<id>.json` stat as `provenance_stats` gives it, or None) of these jobs (ids in the
+        ledger's order), in that order, rows built as `rows` builds them; an id the ledger lacks is left
+        out. Nothing is held for more than a few hundred jobs at a time. Use inside `snapshot` when the ids
+        came from an earlier read."""
+        self.flush()
+        order = "j.first_seen_at, j.rowid"
+        if len(job_ids) * 4 > self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]:
+            # Most of the ledger (a batch in flight, a dir of deleted videos): one streamed read of every
+            # row costs less than hundreds of lookups by id; the stats are read beside it in the same order.
+            wanted = set(job_ids)
+            stats: dict | InJobOrder = {}
+            if self._file_stats:
+                cursor = self.conn.cursor()
+                cursor.row_factory = None
+                cursor.execute("SELECT p.job_id, p.identity, p.bytes, p.mtime_ns, p.inode FROM provenance_files p"
+                               f" JOIN jobs j ON j.id = p.job_id ORDER BY {order}")
+                stats = InJobOrder(cursor, lambda r: r[1:], single=True)
+            for row in self.rows():
+                known = stats.pop(row.id, None)  # for every row, in order: see InJobOrder
+                if row.id in wanted:
+                    yield row, known
+            return
+        columns = ", ".join(f"o.{name}" for name in self._output_columns().split(", "))
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            outputs = self.conn.cursor()
+            outputs.row_factory = None
+            outputs.execute(f"SELECT o.job_id, {columns} FROM outputs o JOIN jobs j ON j.id = o.job_id"
+                            f" WHERE o.job_id IN ({marks}) ORDER BY {order}, o.idx", chunk)
+            requests = None
+            if self._history:
+                requests = self.conn.cursor()
+                requests.row_factory = None
+                requests.execute(f"SELECT r.job_id, r.request_id FROM requests r JOIN jobs j ON j.id = r.job_id"
+                                 f" WHERE r.job_id IN ({marks}) ORDER BY {order}, r.rowid", chunk)
+            known = {} if not self._file_stats else {r[0]: tuple(r[1:]) for r in self.conn.execute(
+                f"SELECT job_id, identity, bytes, mtime_ns, inode FROM provenance_files WHERE job_id IN ({marks})",
+                chunk)}
+            cursor = self.conn.cursor()
+            cursor.row_factory = None
+            cursor.execute(f"SELECT * FROM jobs j WHERE j.id IN ({marks}) ORDER BY {order}", chunk)
+            for row in _bulk_rows(cursor, InJobOrder(outputs, _bulk_output),
+                                  InJobOrder(requests, lambda r: r[1]) if requests is not None else {}):
+                yield row, known.get(row.id)
+
+    def owner_ids(self) -> Iterator[str]:
+        """Ids of the jobs that own their file names (`owners.owns_files`: sent, or with files), oldest first."""
+        self.flush()
+        for (job_id,) in self.conn.execute(
+                "SELECT j.id FROM jobs j WHERE j.submissions > 0 OR j.request_id IS NOT NULL"
+                " OR EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = j.id) ORDER BY j.first_seen_at, j.rowid"):
+            yield job_id
+
+    def tally(self) -> list[tuple[str, str, str | None, int, int, int, bool, float]]:
+        """The jobs counted by SQLite in one scan, for `status`: (model, state, decision, jobs, sent, has_cost,
+        simulated, money) per combination, where `sent` is submissions > 0, `has_cost` whether the API gave
+        a cost, and `money` the sum of cost, else estimate, else 0 (what `spend.add_up_groups` counts);
+        models in the order they first appear (oldest job first)."""
+        self.flush()
+        decision = "decision" if self._has_column("jobs", "decision") else "NULL"
+        simulated = "simulated" if self._history else "0"  # an older ledger's: no sandbox then
+        group_simulated = ", simulated" if self._history else ""  # (a number in GROUP BY names a column)
+        return [tuple(r) for r in self.conn.execute(
+            f"SELECT model, state, {decision}, COUNT(*), submissions > 0, cost_usd IS NOT NULL, {simulated},"
+            " TOTAL(COALESCE(cost_usd, estimated_cost_usd, 0.0)) FROM jobs"
+            f" GROUP BY model, state, {decision}, submissions > 0, cost_usd IS NOT NULL{group_simulated}"
+            " ORDER BY MIN(first_seen_at), MIN(rowid)")]
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(r[1] == column for r in self.conn.execute(f"PRAGMA table_info({table})"))
 
     def change_count(self) -> int | None:
         """How many changes to what results.jsonl shows the ledger has ever committed, by anyone (schema 8's
@@ -725,6 +870,7 @@ class Ledger:
 
     def states(self) -> dict[str, str]:
         """Every job's state, by id, from memory (this process's view): a copy."""
+        self._read_states()
         return dict(self._states)
 
     def ids_with_take(self) -> set[str]:
@@ -733,18 +879,26 @@ class Ledger:
         return {r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE take IS NOT NULL")}
 
     def state_of(self, job_id: str) -> str | None:
+        if self._states_unread:  # inline, not a call: asked once per job by a run's closing lines
+            self._read_states()
         return self._states.get(job_id)
 
     def counts(self) -> dict[str, int]:
         """Jobs by state, from memory (this process's view)."""
+        self._read_states()
         return {state: n for state, n in self._counts.items() if n}
 
     def spend(self) -> Spend:
         """Money committed in this output dir, by `spend.job_cost`'s rule (results.jsonl's `cost_usd`)."""
         self.flush()
-        return add_up(self.conn.execute(
-            f"SELECT state, submissions, cost_usd, estimated_cost_usd, {'simulated' if self._history else 0} FROM jobs"
-            " WHERE submissions > 0 OR cost_usd IS NOT NULL"))
+        simulated = "simulated" if self._history else "0"  # an older ledger's: no sandbox then
+        group_simulated = ", simulated" if self._history else ""  # (a number in GROUP BY names a column)
+        # Summed by SQLite per kind of job, each kind counted or not by the one rule (`spend.job_cost`).
+        return add_up_groups(self.conn.execute(
+            f"SELECT state, submissions > 0, cost_usd IS NOT NULL, {simulated},"
+            " TOTAL(COALESCE(cost_usd, estimated_cost_usd, 0.0)) FROM jobs"
+            " WHERE submissions > 0 OR cost_usd IS NOT NULL"
+            f" GROUP BY state, submissions > 0, cost_usd IS NOT NULL{group_simulated}"))
 
     def sent_to_sandbox(self) -> set[bool]:
         """For the jobs ever sent from this output dir: whether they went to the built-in sandbox (True),
@@ -928,20 +1082,6 @@ class Ledger:
             return {}
         return {r[0]: tuple(r[1:]) for r in self.conn.execute(
             "SELECT job_id, identity, bytes, mtime_ns, inode FROM provenance_files")}
-
-    def provenance_stats_in_order(self) -> dict[str, tuple[str, int, int, int]] | InJobOrder:
-        """What `provenance_stats` holds, read beside `rows()` rather than held whole (50 MB at 100,000
-        jobs): call it before iterating `rows()` and `pop(job_id, None)` once for every row `rows()`
-        yields, in that order (a row skipped would hold back the later ones). Empty for a ledger older
-        than schema 7. Its statement shares the read transaction of `rows()`'s: one snapshot."""
-        self.flush()
-        if not self._file_stats:
-            return {}
-        cursor = self.conn.cursor()
-        cursor.row_factory = None
-        cursor.execute("SELECT p.job_id, p.identity, p.bytes, p.mtime_ns, p.inode FROM provenance_files p"
-                       " JOIN jobs j ON j.id = p.job_id ORDER BY j.first_seen_at, j.rowid")
-        return InJobOrder(cursor, lambda r: r[1:], single=True)
 
     def record_provenance_stats(self, stats: Iterable[tuple[str, str, int, int, int]]) -> None:
         """Record (job id, identity, bytes, mtime_ns, inode) of `<id>.json` files found intact."""

@@ -100,19 +100,29 @@ def poster_path(job_id: str) -> str:
     return f"{POSTERS}/{job_id}.jpg"
 
 
+def asked(job_input: dict[str, Any]) -> tuple[Any, bool]:
+    """What `flags` compares of an input: (its `duration` as written, whether it asked for audio)."""
+    return job_input.get("duration"), job_input.get("generate_audio") is True
+
+
 def flags(media: dict[str, Any] | None, job_input: dict[str, Any]) -> list[str]:
     """What in the file differs from what was asked and paid for (empty when all is as asked or unknown)."""
+    return flags_for(media, *asked(job_input))
+
+
+def flags_for(media: dict[str, Any] | None, duration: Any, audio: bool) -> list[str]:
+    """`flags` of an input whose `asked` gave (duration, audio)."""
     if not media:
         return []
     found = []
-    asked, got = job_input.get("duration"), media.get("duration_s")
+    got = media.get("duration_s")
     try:
-        asked_s = float(asked) if asked is not None else None
+        asked_s = float(duration) if duration is not None else None
     except (TypeError, ValueError):
         asked_s = None
     if asked_s is not None and got is not None and abs(got - asked_s) > DURATION_TOLERANCE_S:
         found.append(f"{'shorter' if got < asked_s else 'longer'} than asked: {got:g} s, asked {asked_s:g} s")
-    if job_input.get("generate_audio") is True and media.get("has_audio") is False:
+    if audio and media.get("has_audio") is False:
         found.append("no audio track, though audio was asked (and paid) for")
     return found
 

@@ -35,14 +35,25 @@ class FileOwners:
         for row in rows:
             self.add(row)
 
+    @classmethod
+    def of_ids(cls, job_ids: Iterable[str]) -> FileOwners:
+        """From the ids of the jobs that own their names (`Ledger.owner_ids`), oldest first."""
+        owners = cls(())
+        for job_id in job_ids:
+            owners.add_owner(job_id)
+        return owners
+
     def add(self, row: JobRow) -> None:
         """Count one more ledger job (rows may stream past: only the ids of owners are kept)."""
-        if not owns_files(row):
-            return
-        self._by_folded[row.id.lower()] = row.id
-        numbered = output_number(row.id)
+        if owns_files(row):
+            self.add_owner(row.id)
+
+    def add_owner(self, job_id: str) -> None:
+        """Count one more ledger job known to own its names."""
+        self._by_folded[job_id.lower()] = job_id
+        numbered = output_number(job_id)
         if numbered is not None:
-            self._numbered.setdefault(numbered[0].lower(), (row.id, numbered[1]))
+            self._numbered.setdefault(numbered[0].lower(), (job_id, numbered[1]))
 
     def clash(self, job_id: str) -> str | None:
         """Why a job `job_id` that owns nothing yet may not run in this output dir, or None."""

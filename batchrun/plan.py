@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from batchrun import filecheck, gcpause, takes
+from batchrun import filecheck, gcpause, settled, takes
 from batchrun.errors import LedgerError
-from batchrun.ledger import LEDGER_NAME, InJobOrder, JobRow, Ledger
+from batchrun.ledger import LEDGER_NAME, JobRow, Ledger
 from batchrun.manifest import Job, Manifest
 from batchrun.owners import FileOwners
 from batchrun.results import ProvenanceStat, provenance_check
@@ -140,7 +140,7 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
         if untold:
             ledger.record_takes(untold)
     with gcpause.paused():
-        plan = decide(manifest, ledger.rows(), options, ledger.provenance_stats_in_order())
+        plan = decide(manifest, ledger, options)
     # Stats of files only: nothing results.jsonl shows (the ledger's change count does not move).
     ledger.record_file_stats(plan.restat)
     ledger.record_provenance_stats(plan.provenance_restat)
@@ -152,49 +152,52 @@ def make_plan(manifest: Manifest, ledger: Ledger, options: RunOptions) -> Plan:
     return plan
 
 
-def decide(manifest: Manifest, rows: Iterable[JobRow], options: RunOptions,
-           provenance: dict[str, ProvenanceStat] | InJobOrder | None = None) -> Plan:
-    """What each manifest job needs, given the ledger's rows (any iterable, read once, in ledger order),
-    and which paid requests of other inputs or removed jobs are still to collect. Reads files (to
-    verify), writes nothing. `provenance`: the ledger's `provenance_stats` (or `provenance_stats_in_order`,
-    popped once per row, in order), so that an `<id>.json` unchanged since it was found intact is not read.
+def decide(manifest: Manifest, ledger: Ledger | None, options: RunOptions) -> Plan:
+    """What each manifest job needs, given the ledger (None: nothing has run here), and which paid requests
+    of other inputs or removed jobs are still to collect. Reads files (to verify), writes nothing.
 
-    Linear in ledger and manifest size, and light: a done job the manifest asks for as it was made, whose
-    files are intact, is settled as the rows stream past and its row is not kept (`Plan.unsettled` holds
-    the others), so a re-run of 100,000 done jobs holds the manifest and not the ledger too."""
+    Linear in ledger and manifest size, and light: done jobs the manifest asks for as they were made, whose
+    files are as recorded, are told apart from a short tuple per job (batchrun.settled) and skipped
+    without building their rows; only the other rows are read in full and kept (`Plan.unsettled`), so a
+    re-run of 100,000 done jobs holds the manifest and not the ledger too."""
     plan = Plan()
-    if provenance is None:
-        provenance = {}
     output_dir = manifest.output_dir
     by_id = {job.id: job for job in manifest.jobs}
     owners = FileOwners(())
-    settled: set[str] = set()
+    settled_ids: set[str] = set()
     intact: dict[str, bool] = {}  # done rows kept: whether their outputs are intact (read once, here)
-    for row in rows:
-        owners.add(row)
-        job = by_id.get(row.id)
-        known = provenance.pop(row.id, None)  # for every row, in order: see Ledger.provenance_stats_in_order
-        if row.state == "done":
-            as_asked = job is not None and (job.input_sha256 == row.input_sha256 or refusal(job, row) is None)
-            kind = manifest.model_of(job).output_kind if as_asked else None
-            intact[row.id] = outputs_intact(output_dir, row, kind, full=options.verify, restat=plan.restat)
-            if as_asked and intact[row.id] and job.input_sha256 == row.input_sha256:
-                ok, found = provenance_check(output_dir, row, known, full=options.verify)
-                if ok:
-                    if found is not None:
-                        plan.provenance_restat.append((row.id, *found))
-                    settled.add(row.id)
-                    del intact[row.id]
-                    continue
-        plan.unsettled[row.id] = row
-        if known is not None:
-            plan.provenance_known[row.id] = known
+    if ledger is not None:
+        with ledger.snapshot():  # the sweep and the rows read after it see the same ledger
+            found = settled.sweep(ledger, output_dir, by_id, full=options.verify)
+            settled_ids = found.settled
+            for row, known in ledger.rows_of(found.unsettled):
+                job = by_id.get(row.id)
+                if row.state == "done":
+                    as_asked = job is not None and (job.input_sha256 == row.input_sha256 or refusal(job, row) is None)
+                    kind = manifest.model_of(job).output_kind if as_asked else None
+                    intact[row.id] = outputs_intact(output_dir, row, kind, full=options.verify, restat=plan.restat)
+                    if as_asked and intact[row.id] and job.input_sha256 == row.input_sha256:
+                        ok, stat_found = provenance_check(output_dir, row, known, full=options.verify)
+                        if ok:
+                            if stat_found is not None:
+                                plan.provenance_restat.append((row.id, *stat_found))
+                            settled_ids.add(row.id)
+                            del intact[row.id]
+                            continue
+                plan.unsettled[row.id] = row
+                if known is not None:
+                    plan.provenance_known[row.id] = known
+            # Which names ledger jobs own matters only to a job not sent yet (read only if there is one).
+            if any(job.id not in settled_ids and ((row := plan.unsettled.get(job.id)) is None or
+                                                  (row.state == "pending" and row.submissions == 0))
+                   for job in manifest.jobs):
+                owners = FileOwners.of_ids(ledger.owner_ids())
     kept = plan.unsettled
     resubmit_unknown = options.resubmit_unknown or manifest.settings.resubmit_unknown
     listed: set[str] = set()
     for job in manifest.jobs:
         listed.add(job.id)
-        if job.id in settled:
+        if job.id in settled_ids:
             plan.skip.append(job)
             continue
         row = kept.get(job.id)
@@ -276,12 +279,12 @@ def _check_provenance(output_dir: Path, plan: Plan, row: JobRow, options: RunOpt
 def compute(manifest: Manifest, options: RunOptions = RunOptions()) -> tuple[Plan, Spend]:
     """The plan and the money already committed in this output dir (none when nothing has run)."""
     if not (manifest.output_dir / LEDGER_NAME).exists():
-        return decide(manifest, (), options), Spend()
+        return decide(manifest, None, options), Spend()
     ledger = Ledger.open(manifest.output_dir, create=False, readonly=True)
     try:
         takes.with_rerolls(manifest, ledger.rerolls())
         with gcpause.paused():
-            return decide(manifest, ledger.rows(), options, ledger.provenance_stats_in_order()), ledger.spend()
+            return decide(manifest, ledger, options), ledger.spend()
     finally:
         ledger.close()
 
@@ -441,9 +444,11 @@ def _per_model(manifest: Manifest, may_submit: list) -> dict[str, dict]:
     models: dict[str, dict] = {}
     for job in manifest.jobs:
         model = manifest.model_of(job)
-        each = models.setdefault(model.model_id, {"jobs": 0, "submit": 0, "estimated_cost_usd": 0.0,
-                                                  "unpriced_jobs": 0, "price": manifest.price_of(model).describe(),
-                                                  "output_kind": model.output_kind})
+        each = models.get(model.model_id)
+        if each is None:  # described once per model, not once per job
+            each = models[model.model_id] = {"jobs": 0, "submit": 0, "estimated_cost_usd": 0.0, "unpriced_jobs": 0,
+                                             "price": manifest.price_of(model).describe(),
+                                             "output_kind": model.output_kind}
         each["jobs"] += 1
     for job in may_submit:
         each = models[manifest.model_of(job).model_id]

@@ -60,3 +60,20 @@ def add_up(rows) -> Spend:
         else:
             real += usd
     return Spend(real, simulated)
+
+
+def add_up_groups(groups) -> Spend:
+    """The `Spend` of jobs summed by kind: rows of (state, sent, has_cost, simulated, money), where `sent`
+    is submissions > 0, `has_cost` whether the API gave the jobs' cost, and `money` the kind's sum of
+    each job's cost, else its estimate, else 0 (`Ledger.spend`, `Ledger.tally`). A kind counts when
+    `job_cost` counts its jobs, so the rule stays the one above."""
+    real = simulated = 0.0
+    for state, sent, has_cost, is_simulated, money in groups:
+        usd, _ = job_cost(state, int(bool(sent)), money if has_cost else None, money)
+        if usd is None:
+            continue
+        if is_simulated:
+            simulated += usd
+        else:
+            real += usd
+    return Spend(real, simulated)

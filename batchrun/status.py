@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchrun import filecheck, gcpause, mediafacts, takes
+from batchrun import filecheck, gcpause, mediafacts, settled, takes
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
 from batchrun.owners import FileOwners
 from batchrun.plan import refusal
 from batchrun.results import ProvenanceStat, provenance_check, provenance_path
-from batchrun.spend import Spend
+from batchrun.spend import Spend, add_up_groups
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
 IN_FLIGHT_OR_DOWNLOADING = ("queued", "running", "downloading")
@@ -88,60 +89,59 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
     counts: Counter[str] = Counter()
     decisions: Counter[str] = Counter()
     per_model: dict[str, Counter] = {}
-    owners = FileOwners(())
-    in_ledger: set[str] = set()
     maybe_attention: list[JobRow] = []  # in ledger order; never-sent jobs among them may turn out refused
     unsent: list[str] = []  # manifest jobs the ledger holds as pending, never sent: checked for clashes below
     by_refusal: dict[str, str] = {}
     not_in_manifest: list[str] = []
     states: dict[str, str] = {}
     damaged: list[tuple[str, str, str]] = []
-    media_flags: dict[str, list[str]] = {}
-    spent = ledger.spend()
-    provenance = ledger.provenance_stats_in_order()  # popped once per row below, in the rows' order
     if manifest is not None:
         takes.with_rerolls(manifest, ledger.rerolls())
         jobs = {job.id: job for job in manifest.jobs}
-    # One streamed read of the ledger: only the rows a person must look at are kept.
-    for row in ledger.rows():
-        in_ledger.add(row.id)
-        known = provenance.pop(row.id, None)
-        owners.add(row)
-        counts[row.state] += 1
-        model_counts = per_model.get(row.model)
-        if model_counts is None:  # not setdefault: no Counter built per row
-            model_counts = per_model[row.model] = Counter()
-        model_counts[row.state] += 1
-        if row.decision or row.state == "done":
-            decisions[row.decision or "unrated"] += 1
-        candidate = False
-        job = None
-        if jobs is not None:
-            job = jobs.get(row.id)
-            if job is None:
-                not_in_manifest.append(row.id)
-                states[row.id] = row.state
-            elif (why := refusal(job, row)) is not None:
-                by_refusal[row.id] = why
-            elif row.state == "pending" and row.submissions == 0:
-                unsent.append(row.id)
-                candidate = True
-        elif row.refusal:
-            by_refusal[row.id] = row.refusal
-        if row.state == "done":
-            damaged += [(row.id, name, problem) for name, problem in
-                        damaged_files(output_dir, row, full=verify, provenance=known)]
-            # The manifest's input when it is the one the job was made with (same digest): the row's own
-            # JSON is then not decoded (most of what a done row costs here); no facts: input not decoded.
-            if row.media and (found := mediafacts.flags(row.media, job.input if job is not None and
-                                                        job.input_sha256 == row.input_sha256 else row.input)):
-                media_flags[row.id] = found
-        if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
-                or row.id in by_refusal):
-            maybe_attention.append(row)
+    with ledger.snapshot():  # one view of the ledger for every read below, while a run may be writing
+        tally = ledger.tally()
+        for model, state, decision, n, *_ in tally:
+            counts[state] += n
+            per_model.setdefault(model, Counter())[state] += n
+            if decision or state == "done":
+                decisions[decision or "unrated"] += n
+        spent = add_up_groups((state, *money) for _, state, _, _, *money in tally)
+        # Done jobs whose files are as recorded are counted above and need nothing more; only the others
+        # are read in full (batchrun.settled).
+        found = settled.sweep(ledger, output_dir, jobs, media=True, full=verify)
+        flagged = found.flagged  # (place in the ledger's order, id, flags): settled jobs' first, then the others'
+        for row, known in ledger.rows_of(found.unsettled):
+            candidate = False
+            job = None
+            if jobs is not None:
+                job = jobs.get(row.id)
+                if job is None:
+                    not_in_manifest.append(row.id)
+                    states[row.id] = row.state
+                elif (why := refusal(job, row)) is not None:
+                    by_refusal[row.id] = why
+                elif row.state == "pending" and row.submissions == 0:
+                    unsent.append(row.id)
+                    candidate = True
+            elif row.refusal:
+                by_refusal[row.id] = row.refusal
+            if row.state == "done":
+                damaged += [(row.id, name, problem) for name, problem in
+                            damaged_files(output_dir, row, full=verify, provenance=known)]
+                # The manifest's input when it is the one the job was made with (same digest): the row's own
+                # JSON is then not decoded; no facts: input not decoded.
+                if row.media and (found_flags := mediafacts.flags(
+                        row.media, job.input if job is not None and job.input_sha256 == row.input_sha256
+                        else row.input)):
+                    flagged.append((found.places[row.id], row.id, found_flags))
+            if (candidate or row.state in ATTENTION or (row.error and row.state != "done")
+                    or row.id in by_refusal):
+                maybe_attention.append(row)
+        # A job never sent whose file names another ledger job owns (as `plan.decide` refuses it).
+        owners = FileOwners(()) if not unsent else FileOwners.of_ids(ledger.owner_ids())
+    media_flags = {job_id: flags for _, job_id, flags in sorted(flagged)}
     if jobs is not None:
         refused = {job_id: by_refusal[job_id] for job_id in jobs if job_id in by_refusal}
-        # A job never sent whose file names another ledger job owns (as `plan.decide` refuses it).
         unsent_ids = set(unsent)
         for job_id in jobs:
             if job_id in unsent_ids and (clash := owners.clash(job_id)):
@@ -150,13 +150,18 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
         refused = by_refusal
     attention = [row for row in maybe_attention
                  if row.state in ATTENTION or (row.error and row.state != "done") or row.id in refused]
+    if jobs is not None:
+        listed = set(found.unsettled)
+        not_started = [job_id for job_id in jobs if job_id not in found.settled and job_id not in listed]
+    else:
+        not_started = []
     return StatusReport(
         output_dir=output_dir,
         counts={state: counts[state] for state in STATES if counts[state]},
         spend=spent,
         attention=attention,
         not_in_manifest=not_in_manifest,
-        not_started=[job_id for job_id in jobs if job_id not in in_ledger] if jobs is not None else [],
+        not_started=not_started,
         running_pid=_running_pid(output_dir),
         refused=refused,
         damaged=damaged,
@@ -257,7 +262,8 @@ def print_report(report: StatusReport, out: TextIO, *, as_json: bool = False, li
             print(f"  ... and {len(report.damaged) - limit} more (use --json for all)", file=out)
     if report.media_flags:
         print(f"videos that differ from what was paid for ({len(report.media_flags)}):", file=out)
-        for job_id, found in list(report.media_flags.items())[:limit]:
+        # islice, not list(...)[:limit]: 100,000 tuples at once can set off a full GC pass over the manifest.
+        for job_id, found in islice(report.media_flags.items(), limit):
             print(f"  {job_id}  {'; '.join(found)}", file=out)
         if len(report.media_flags) > limit:
             print(f"  ... and {len(report.media_flags) - limit} more (use --json for all)", file=out)

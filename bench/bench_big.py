@@ -24,6 +24,10 @@ Each command that takes the manifest runs twice per round: "(cold)" with the val
 `validate` refreshed just before (the manifest unchanged since its last load). `validate` always checks in
 full; its figure is taken with the cache off, and "validate + cache write" shows what writing it adds.
 
+The "-val us/job" columns are, for the cold commands (which load the manifest as `validate` does), their
+median wall time (then CPU time, user + system) minus validate's, per job: what reading the ledger and
+checking the done files costs. CPU time is the steadier figure on a machine doing other work.
+
 Targets (issue 13): no-op re-run <= 5 s and <= 250 MB; plan <= 5 s; status MANIFEST <= 2 s; validate <= 4 s.
 """
 
@@ -70,18 +74,23 @@ COMMANDS = {
                      True),
 }
 REPORT = (["-m", "batchrun", "report", "out"], None, None, True)
+# Commands that load and validate the manifest as `validate` does, then read the ledger: their time minus
+# validate's is what reading the ledger and checking the done files costs ("-val us/job").
+AFTER_LOAD = ("plan (cold)", "status MANIFEST (cold)", "no-op re-run (cold)")
 
 
 def _maxrss_mb(rusage) -> float:
     return rusage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def run_once(argv: list[str], folder: Path, env: dict) -> tuple[float, float, int]:
+def run_once(argv: list[str], folder: Path, env: dict) -> tuple[float, float, int, float]:
+    """(wall s, peak RSS MB, exit code, CPU s: user + system, which other work on the machine sways less)."""
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, *argv], cwd=folder, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     _, status, rusage = os.wait4(child.pid, 0)
-    return time.perf_counter() - start, _maxrss_mb(rusage), os.waitstatus_to_exitcode(status)
+    return (time.perf_counter() - start, _maxrss_mb(rusage), os.waitstatus_to_exitcode(status),
+            rusage.ru_utime + rusage.ru_stime)
 
 
 BUILD = """
@@ -130,26 +139,33 @@ def main(argv: list[str] | None = None) -> int:
         out = folder / "out"
         sample = sorted(out.glob("*.json"))[0]
         before = _stamp(out / "results.jsonl"), _stamp(sample)
-        results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in commands}
+        results: dict[str, list[tuple[float, float, int, float]]] = {name: [] for name in commands}
         for run in range(1, args.runs + 1):
             for name, (child_argv, _, _, cached) in commands.items():  # interleaved: drift hits all alike
-                wall, rss, code = run_once(child_argv, folder, env if cached else cold)
-                results[name].append((wall, rss, code))
-                print(f"run {run} {name:<22} {wall:7.2f} s {rss:7.0f} MB exit {code}", flush=True)
+                wall, rss, code, cpu = run_once(child_argv, folder, env if cached else cold)
+                results[name].append((wall, rss, code, cpu))
+                print(f"run {run} {name:<22} {wall:7.2f} s {rss:7.0f} MB exit {code} cpu {cpu:6.2f} s", flush=True)
         after = _stamp(out / "results.jsonl"), _stamp(sample)
-        base = statistics.median(w for w, _, _ in results["baseline"])
+        base = statistics.median(w for w, _, _, _ in results["baseline"])
         print(f"\n{args.jobs} done jobs, medians of {args.runs} (baseline: import batchrun.cli + read manifest "
               "bytes + fetch the ledger's jobs rows)")
-        print(f"{'command':<22} {'wall s':>7} {'x base':>7} {'RSS MB':>7}  target")
+        # What a command costs once the manifest is loaded: its time minus validate's, per job (wall; CPU).
+        validate = statistics.median(w for w, _, _, _ in results["validate"])
+        validate_cpu = statistics.median(c for _, _, _, c in results["validate"])
+        print(f"{'command':<22} {'wall s':>7} {'x base':>7} {'RSS MB':>7} {'CPU s':>6} {'-val us/job':>11}"
+              f" {'CPU':>5}  target")
         for name, (_, target_s, target_mb, _) in commands.items():
-            wall = statistics.median(w for w, _, _ in results[name])
-            rss = statistics.median(r for _, r, _ in results[name])
-            codes = sorted({c for _, _, c in results[name]})
+            wall = statistics.median(w for w, _, _, _ in results[name])
+            rss = statistics.median(r for _, r, _, _ in results[name])
+            cpu = statistics.median(c for _, _, _, c in results[name])
+            codes = sorted({c for _, _, c, _ in results[name]})
             target = ", ".join(t for t in (f"<= {target_s:g} s" if target_s else "",
                                            f"<= {target_mb:g} MB" if target_mb else "") if t)
             met = "" if not target else (" met" if (not target_s or wall <= target_s)
                                          and (not target_mb or rss <= target_mb) else " NOT met")
-            print(f"{name:<22} {wall:7.2f} {wall / base:7.2f} {rss:7.0f}  {target}{met}"
+            per_job = (f"{(wall - validate) / args.jobs * 1e6:11.1f} {(cpu - validate_cpu) / args.jobs * 1e6:5.1f}"
+                       if name in AFTER_LOAD else " " * 17)
+            print(f"{name:<22} {wall:7.2f} {wall / base:7.2f} {rss:7.0f} {cpu:6.2f} {per_job}  {target}{met}"
                   + (f"  exit codes {codes}" if codes != [0] else ""))
         print(f"no-op re-runs left results.jsonl {'unchanged' if after[0] == before[0] else 'REWRITTEN'} and "
               f"{sample.name} {'unchanged' if after[1] == before[1] else 'REWRITTEN'} (inode, mtime)")
