@@ -244,6 +244,8 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="3, or 1 for syscalls")
     parser.add_argument("--queue-ahead", type=int, nargs="+", default=[2, BUSY_SLOTS],
                         help="busy: the queue_ahead values measured besides 0 (default: 2, and one round: 10)")
+    parser.add_argument("--scenario", choices=list(BUSY_SCENARIOS), nargs="+", default=list(BUSY_SCENARIOS),
+                        help="busy: the scenarios to run (default: all)")
     parser.add_argument("--seed", type=int, default=1, help="busy: the sandbox seed of run 1 (run i: seed + i - 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
@@ -293,7 +295,7 @@ async def main() -> None:
                   f"{median([r['wal_bytes_per_job'] for r in results]) / 1024:.1f} KB/job")
         else:
             summary = []
-            for scenario in BUSY_SCENARIOS:
+            for scenario in args.scenario:
                 for ahead in sorted({0, *args.queue_ahead}):
                     results = []
                     for i in range(args.runs or 3):
