@@ -593,8 +593,9 @@ class Scheduler:
         """Poll until the job has finished remotely; returns its result, or None to leave it for later.
 
         A job taken to be waiting in the provider's queue (`RenderStarts`) is not polled on the render
-        schedule: it is woken when one of ours finishes and it takes that slot, and otherwise only
-        checked once per slowest recent render. Before any render time is known, only the job that started
+        schedule: it is woken when one of ours finishes and it takes that slot (or when the first render
+        time is learned), and otherwise only checked once per slowest recent render (before any is known,
+        once per longest backoff, 4x `poll_max_interval`). Before any render time is known, only the job that started
         first probes; the others wait for what it learns, checking with a backoff (from `poll_max_interval`
         up to 4x it) meanwhile."""
         submitted = self.clock() - age0
@@ -616,11 +617,12 @@ class Scheduler:
                     return None
                 start = self._starts.start_of(job.id)
                 if start is None:
-                    # Queued: woken when it takes a slot; checked now and then only in case the guess is wrong
-                    # (another client's jobs ahead): once per slowest recent render, or backing off until one.
+                    # Queued: woken when it takes a slot, or when the first render time is learned; checked
+                    # now and then only in case the guess is wrong (another client's jobs ahead): once per
+                    # slowest recent render, or, before any is known, after the longest backoff.
                     slowest = self.planner.quantile(1.0)
                     delay = max(self.planner.max_interval,
-                                slowest if slowest is not None else min(age, 4 * self.planner.max_interval))
+                                slowest if slowest is not None else 4 * self.planner.max_interval)
                 elif not self.planner.known and self._starts.leader() != job.id:
                     # The leader probes for all and wakes the rest with what it learns; they back off meanwhile.
                     delay = max(self.planner.max_interval, min(age, 4 * self.planner.max_interval))

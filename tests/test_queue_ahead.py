@@ -79,6 +79,22 @@ async def test_jobs_queued_ahead_are_not_polled_while_they_wait(tmp_path):
         assert_done(tmp_path / "out", row, VIDEO)
 
 
+async def test_before_any_render_is_seen_jobs_queued_ahead_wait_for_it_instead_of_polling(tmp_path):
+    """A whole round queued ahead (3 rendering, 3 queued), renders of 40 s, polls allowed every 1-5 s. Until
+    the first render is seen finished the run knows nothing of render times; the queued jobs wait for that
+    (they are woken by it) and check at most once meanwhile (after the longest backoff), instead of backing
+    off from 5 s (three calls each about a job still in the provider's queue)."""
+    manifest = write_manifest(tmp_path, jobs(6), concurrency=3, queue_ahead=3, poll_min_interval=1,
+                              poll_max_interval=5)
+    clock = ScaledClock(speed=200)
+    async with Sandbox(capacity=3, render_seconds=40.0, video_bytes=VIDEO, clock=clock) as sandbox:
+        await _scaled_run(manifest, sandbox, clock)
+        assert sandbox.peak_in_flight == 6
+        assert sandbox.polls_by_state["in_queue"] <= 3, sandbox.polls_by_state
+    for row in results(tmp_path / "out").values():
+        assert_done(tmp_path / "out", row, VIDEO)
+
+
 async def test_jobs_the_api_says_are_queued_behind_others_are_not_polled_until_their_turn(tmp_path):
     """The provider renders only 2 at once while the manifest allows 4 (another client shares the
     account): the API answers that 2 of them are queued, with their place. They are not polled again
