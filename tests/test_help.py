@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from proc_helpers import env, wait_for
 
 from batchrun.cli import build_parser, main
-from tests.proc_helpers import env, wait_for
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
