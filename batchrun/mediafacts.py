@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +35,7 @@ POSTERS = "posters"
 POSTER_WIDTH = 480  # pixels; the galleries show takes about this wide
 READ_THREADS = 4
 READ_CHUNK = 16  # videos a reading thread takes at a time
+STALL_SECONDS = 60.0  # a reader that says nothing for this long is taken to hang (a video takes < 1 s)
 DURATION_TOLERANCE_S = 0.5  # containers round; a whole second off is what a user would notice
 
 
@@ -152,23 +154,28 @@ def fill(ledger, output_dir: Path, limit: int | None = None) -> int:
 
 
 def read_all(output_dir: Path, todo: list[tuple[str, str]], *,
-             timeout: Callable[[int], float] = lambda n: 60 + 2 * n) -> list[tuple[str, dict[str, Any] | None]]:
+             stall_seconds: float = STALL_SECONDS) -> list[tuple[str, dict[str, Any] | None]]:
     """The facts of each `(job id, path relative to output_dir)`, read (and posters made) in a child
-    process; a video that crashes or hangs the reader gets None, and the others their facts.
+    process; a video that crashes or hangs the reader gets None, and the others their facts. Videos left
+    out of the answer (the reader could not start at all) are simply not in it: the next run reads them.
 
-    Why a child: FFmpeg parses files a server sent us, and a decoder that crashes on a hostile file would
-    take the run down with it at its very end; in a child, it costs that one file's facts. The child also
-    keeps PyAV's libraries (about 20 MB) out of a long run's memory. A child that dies or outlives
-    `timeout(len(videos))` seconds is replaced by one reading a video at a time, in order, so the video it
-    dies on is known: that one gets None and the next child goes on after it."""
+    Why a child: FFmpeg parses files a server sent us, and a decoder that crashes or hangs on a hostile
+    file would take the run down with it at its very end; in a child, it costs that one file's facts. The
+    child also keeps PyAV's libraries (about 20 MB) out of a long run's memory. A child that dies, or says
+    nothing for `stall_seconds`, is replaced by one reading a video at a time, in order, so the video it
+    dies or hangs on is known: that one gets None and the next child goes on after it."""
     answers: list[tuple[str, dict[str, Any] | None]] = []
     remaining, threads = list(todo), READ_THREADS
     while remaining:
-        got, finished = _read_in_child(output_dir, remaining, threads, timeout(len(remaining)))
+        got, finished, started = _read_in_child(output_dir, remaining, threads, stall_seconds)
         answers += got
         seen = {job_id for job_id, _ in got}
         remaining = [item for item in remaining if item[0] not in seen]
         if finished or not remaining:
+            break
+        if not started:
+            log.warning("the media reader could not start; %d videos get their media facts on a later run",
+                        len(remaining))
             break
         if threads > 1:
             threads = 1
@@ -180,67 +187,103 @@ def read_all(output_dir: Path, todo: list[tuple[str, str]], *,
 
 
 def _read_in_child(output_dir: Path, todo: list[tuple[str, str]], threads: int,
-                   timeout: float) -> tuple[list[tuple[str, dict[str, Any] | None]], bool]:
-    """Run the reader on `todo`; returns the answers it gave and whether it finished."""
-    # The child imports batchrun from where this process did (a checkout, a venv); not the token.
+                   stall_seconds: float) -> tuple[list[tuple[str, dict[str, Any] | None]], bool, bool]:
+    """Run the reader on `todo`; returns the answers it gave, whether it finished, and whether it started."""
+    # -I: nothing from the current directory or PYTHON* variables runs in it (a planted json.py would,
+    # before the path below is set); it imports batchrun from where this process did (a checkout, a venv).
+    # Not given the token.
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    argv = [sys.executable, "-c", _CHILD, json.dumps(sys.path), str(output_dir), str(threads)]
+    argv = [sys.executable, "-I", "-c", _CHILD, str(output_dir), str(threads), *sys.path]
     try:
-        done = subprocess.run(argv, input=json.dumps(todo).encode(), capture_output=True, env=env,
-                              timeout=timeout, check=False)
-        stdout, stderr, finished = done.stdout, done.stderr, done.returncode == 0
-    except subprocess.TimeoutExpired as exc:
-        stdout, stderr, finished = exc.stdout or b"", exc.stderr or b"", False
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=env)
     except OSError as exc:
         log.warning("could not start the media reader: %s", exc)
-        return [], True
-    for line in stderr.decode("utf-8", "replace").splitlines():
-        log.info("%s", line)
-    answers = []
-    for line in stdout.splitlines():
-        try:
-            job_id, facts = json.loads(line)
-        except ValueError:  # the last line of a child killed mid-write
-            continue
-        if isinstance(job_id, str) and (facts is None or isinstance(facts, dict)):
-            answers.append((job_id, facts))
-    return answers, finished
+        return [], False, False
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, json.dumps(todo).encode()), daemon=True)
+    feeder.start()
+    answers, started, stalled, pending = [], False, False, b""
+    with proc, selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            if not selector.select(timeout=stall_seconds):
+                stalled = True
+                proc.kill()
+                break
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if message == ["ready"]:
+                    started = True
+                elif isinstance(message, list) and len(message) == 3 and message[0] == "answer" \
+                        and isinstance(message[1], str) and (message[2] is None or isinstance(message[2], dict)):
+                    answers.append((message[1], message[2]))
+                elif isinstance(message, list) and len(message) == 2 and message[0] == "log":
+                    log.info("%s", message[1])
+        proc.wait()
+    return answers, proc.returncode == 0 and not stalled, started
 
 
-# sys.path first: the child must import this batchrun, not one from wherever it was started.
-_CHILD = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-          "from batchrun.mediafacts import child_main; child_main()")
+def _feed(pipe, data: bytes) -> None:
+    try:
+        with pipe:
+            pipe.write(data)
+    except (OSError, ValueError):  # the reader died (or was killed) before reading it all: its exit says why
+        pass
+
+
+# Runs with -I: only built-in modules before the path is set.
+_CHILD = "import sys; sys.path[:] = sys.argv[3:]; from batchrun.mediafacts import child_main; child_main()"
+
+
+class _ToParent(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(["log", self.format(record)])
+
+
+_said = threading.Lock()
+
+
+def _say(message: list) -> None:
+    with _said:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
 
 
 def child_main() -> None:
-    """The reader: `[[job id, path], ...]` as JSON on stdin; one `[job id, facts or null]` JSON line per
-    video on stdout, each flushed as soon as known (in order when reading with one thread); its log on
-    stderr."""
-    output_dir, threads = Path(sys.argv[2]), int(sys.argv[3])
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    """The reader: `[[job id, path], ...]` as JSON on stdin; JSON lines on stdout: `["ready"]` once started,
+    then `["answer", job id, facts or null]` per video as soon as it is read (in order when reading with one
+    thread) and `["log", text]` for its log lines."""
+    output_dir, threads = Path(sys.argv[1]), int(sys.argv[2])
+    handler = _ToParent()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    _say(["ready"])
     todo = json.loads(sys.stdin.buffer.read())
 
-    def read(item: list[str]) -> tuple[str, dict[str, Any] | None]:
+    def read(item: list[str]) -> None:
         job_id, path = item
         crashpoint("media_read")
         facts = probe(output_dir / path)
         if facts is not None:
             make_poster(output_dir / path, output_dir / poster_path(job_id))
-        return job_id, facts
-
-    def answer(job_id: str, facts: dict[str, Any] | None) -> None:
-        sys.stdout.write(json.dumps([job_id, facts]) + "\n")
-        sys.stdout.flush()
+        _say(["answer", job_id, facts])
 
     if threads <= 1:
         for item in todo:
-            answer(*read(item))
+            read(item)
         return
     # FFmpeg decodes without holding the GIL: a few threads read a long batch's videos several times
     # faster. Each thread takes `READ_CHUNK` videos at a time: one hand-off per video cost more than a
     # short read.
     chunks = [todo[start:start + READ_CHUNK] for start in range(0, len(todo), READ_CHUNK)]
     with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
-        for done in pool.map(lambda chunk: [read(item) for item in chunk], chunks):
-            for job_id, facts in done:
-                answer(job_id, facts)
+        for _ in pool.map(lambda chunk: [read(item) for item in chunk], chunks):
+            pass

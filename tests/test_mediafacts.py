@@ -140,3 +140,51 @@ def test_the_media_reader_keeps_pyav_out_of_the_runs_own_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path), str(sample)], capture_output=True,
                           text=True, check=True)
     assert done.stdout.split() == ["2.0", "False"]
+
+
+def test_a_video_that_hangs_the_reader_costs_its_facts_and_about_two_stalls(tmp_path):
+    # A FIFO with no writer where a video should be: FFmpeg's open never returns. The reader is given up
+    # on after `stall_seconds` without a word, twice (all threads, then one at a time), not once per video.
+    import os
+    import time
+    from pathlib import Path
+
+    from batchrun import mediafacts
+    from batchrun.sandbox import server
+
+    sample = Path(server.__file__).with_name("sample.mp4").read_bytes()
+    todo = []
+    for i in range(6):
+        (tmp_path / f"v{i}.mp4").write_bytes(sample)
+        todo.append((f"v{i}", f"v{i}.mp4"))
+    os.unlink(tmp_path / "v2.mp4")
+    os.mkfifo(tmp_path / "v2.mp4")
+    started = time.monotonic()
+    got = dict(mediafacts.read_all(tmp_path, todo, stall_seconds=1.5))
+    took = time.monotonic() - started
+    assert got["v2"] is None
+    assert {k: v["duration_s"] for k, v in got.items() if k != "v2"} == {f"v{i}": 2.0 for i in range(6) if i != 2}
+    assert took < 3 * 1.5 + 10, took
+    assert (tmp_path / "posters" / "v5.jpg").is_file()
+
+
+def test_a_planted_module_in_the_current_directory_does_not_run_in_the_reader(tmp_path, monkeypatch):
+    # The reader is started with `python -I`: the current directory is not on its import path, so a
+    # json.py (or av.py) left there by someone else never runs, and the facts are read as usual.
+    from pathlib import Path
+
+    from batchrun import mediafacts
+    from batchrun.sandbox import server
+
+    planted = tmp_path / "cwd"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    for name in ("json", "av", "re"):
+        (planted / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.mp4").write_bytes(Path(server.__file__).with_name("sample.mp4").read_bytes())
+    monkeypatch.chdir(planted)
+    got = mediafacts.read_all(out, [("a", "a.mp4")])
+    assert got[0][1]["duration_s"] == 2.0
+    assert not marker.exists()
