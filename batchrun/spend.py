@@ -50,16 +50,8 @@ class Spend:
 
 def add_up(rows) -> Spend:
     """The `Spend` of rows of (state, submissions, cost_usd, estimated_cost_usd, simulated)."""
-    real = simulated = 0.0
-    for state, submissions, cost, estimate, is_simulated in rows:
-        usd, _ = job_cost(state, submissions, cost, estimate)
-        if usd is None:
-            continue
-        if is_simulated:
-            simulated += usd
-        else:
-            real += usd
-    return Spend(real, simulated)
+    return _total((job_cost(state, submissions, cost, estimate)[0], is_simulated)
+                  for state, submissions, cost, estimate, is_simulated in rows)
 
 
 def add_up_groups(groups) -> Spend:
@@ -67,9 +59,14 @@ def add_up_groups(groups) -> Spend:
     is submissions > 0, `has_cost` whether the API gave the jobs' cost, and `money` the kind's sum of
     each job's cost, else its estimate, else 0 (`Ledger.spend`, `Ledger.tally`). A kind counts when
     `job_cost` counts its jobs, so the rule stays the one above."""
+    return _total((job_cost(state, int(bool(sent)), money if has_cost else None, money)[0], is_simulated)
+                  for state, sent, has_cost, is_simulated, money in groups)
+
+
+def _total(costs) -> Spend:
+    """The `Spend` of (usd or None, simulated) pairs: None is money not spent."""
     real = simulated = 0.0
-    for state, sent, has_cost, is_simulated, money in groups:
-        usd, _ = job_cost(state, int(bool(sent)), money if has_cost else None, money)
+    for usd, is_simulated in costs:
         if usd is None:
             continue
         if is_simulated:
