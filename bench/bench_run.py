@@ -89,23 +89,33 @@ def batchrun_argv(manifest: Path, base_url: str, out: Path) -> list[str]:
             "--no-progress"]
 
 
+def bench_video() -> bytes:
+    """64 KB that start as an MP4 (the download's checks pass) and do not compress."""
+    return b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + os.urandom(64 * 1024 - 24)
+
+
+def client_argv(name: str, manifest: Path, base_url: str, jobs: int, out: Path) -> list[str]:
+    """The command of one side of the overhead and syscalls benches: "baseline" (the bare script), "floor"
+    (the bare script keeping the promises) or batchrun (any other name), 64 at once."""
+    if name in ("baseline", "floor"):
+        script = HERE / ("baseline_client.py" if name == "baseline" else "floor_client.py")
+        return [sys.executable, str(script), base_url, str(jobs), "64", str(out)]
+    return batchrun_argv(manifest, base_url, out)
+
+
 def child_env() -> dict:
     return {**os.environ, "RUNCOMFY_API_TOKEN": "bench-token"}
 
 
 async def overhead_once(jobs: int, workdir: Path) -> dict:
-    video = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + os.urandom(64 * 1024 - 24)  # starts as an MP4
+    video = bench_video()
     manifest = workdir / "overhead.yaml"
     write_manifest(manifest, jobs, 64)
     figures = {}
     for name in ("baseline", "floor", "batchrun"):
         async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
             out = workdir / f"out-{name}-{time.monotonic_ns()}"
-            if name in ("baseline", "floor"):
-                script = HERE / ("baseline_client.py" if name == "baseline" else "floor_client.py")
-                argv = [sys.executable, str(script), sandbox.base_url, str(jobs), "64", str(out)]
-            else:
-                argv = batchrun_argv(manifest, sandbox.base_url, out)
+            argv = client_argv(name, manifest, sandbox.base_url, jobs, out)
             wall, rss, code, cpu = await run_child(argv, child_env())
             figures[name] = {"wall_s": wall, "rss_mb": rss, "exit": code, "cpu_s": cpu, "calls": dict(sandbox.calls)}
     figures["ratio"] = figures["batchrun"]["wall_s"] / figures["baseline"]["wall_s"]
@@ -154,7 +164,7 @@ def wal_bytes(trace: str) -> int:
 
 
 async def syscalls_once(jobs: int, workdir: Path) -> dict:
-    video = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + os.urandom(64 * 1024 - 24)
+    video = bench_video()
     manifest = workdir / "syscalls.yaml"
     write_manifest(manifest, jobs, 64)
     figures = {}
@@ -162,11 +172,7 @@ async def syscalls_once(jobs: int, workdir: Path) -> dict:
         async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
             out = workdir / f"out-sys-{name}-{time.monotonic_ns()}"
             trace = workdir / f"strace-{name}-{time.monotonic_ns()}.txt"
-            if name in ("baseline", "floor"):
-                script = HERE / ("baseline_client.py" if name == "baseline" else "floor_client.py")
-                argv = [sys.executable, str(script), sandbox.base_url, str(jobs), "64", str(out)]
-            else:
-                argv = batchrun_argv(manifest, sandbox.base_url, out)
+            argv = client_argv(name, manifest, sandbox.base_url, jobs, out)
             if name == "batchrun-wal":
                 strace = [STRACE, "-f", "-qq", "-y", "-e", "trace=pwrite64,write", "-o", str(trace)]
             else:

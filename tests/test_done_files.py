@@ -8,7 +8,7 @@ import json
 import os
 import sqlite3
 
-from helpers import cli, jobs, run, write_manifest
+from helpers import cli, forge_keeping_stat, jobs, run, write_manifest
 
 from batchrun.ledger import MIGRATIONS
 from batchrun.plan import RunOptions
@@ -307,12 +307,7 @@ async def test_each_jobs_recorded_provenance_stat_is_its_own_when_some_jobs_have
             conn.execute("DELETE FROM provenance_files WHERE job_id IN ('clip-00', 'clip-02')")
         conn.close()
         # clip-03's file edited in place, its size, inode and mtime kept: trusted by its own recorded stat.
-        path = out / "clip-03.json"
-        before, data = path.stat(), path.read_bytes()
-        request_id = json.loads(data)["request_id"]
-        with open(path, "r+b") as handle:
-            handle.write(data.replace(request_id.encode(), b"x" * len(request_id)))
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        forge_keeping_stat(out / "clip-03.json")
         # clip-02's file, whose stat is not recorded, is read: its damage is seen.
         (out / "clip-02.json").write_text("{}")
         assert [d["path"] for d in (await _status(manifest))["damaged"]] == ["clip-02.json"]
