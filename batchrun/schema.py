@@ -14,13 +14,14 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import jsonschema
 
 from batchrun import echo, imageinfo, schemacompile
 from batchrun.models import Model
+
+if TYPE_CHECKING:
+    import jsonschema
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ def validator_for(model: Model):
     # Keyed by id, checked by schema object: a user file may replace a model of the same id.
     validator = cached[1] if cached is not None and cached[0] is model.input_schema else None
     if validator is None:
+        import jsonschema  # here: a command that reads a cached manifest never validates (60 ms)
+
         cls = jsonschema.validators.validator_for(model.input_schema)
         cls.check_schema(model.input_schema)
         # JSON Schema counts 5.0 as an integer; the API wants 5, and the prose rules add up ints.
@@ -435,6 +438,8 @@ def quick_check(model: Model) -> schemacompile.Check | None:
     cached = _quick_checks.get(model.model_id)
     if cached is None or cached[0] is not model.input_schema:
         validator = validator_for(model)
+        import jsonschema
+
         base = jsonschema.validators.validator_for(model.input_schema)
         cached = (model.input_schema, schemacompile.compile_schema(model.input_schema, type(validator), base))
         _quick_checks[model.model_id] = cached

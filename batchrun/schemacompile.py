@@ -22,14 +22,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import jsonschema
-
 Check = Callable[[Any], bool]  # True: the value is valid for the schema; False: ask jsonschema
 
 # Drafts whose keywords below mean what the checks assume (draft 4's boolean exclusiveMinimum, draft 3's
 # `required` inside properties differ).
-_DRAFTS = (jsonschema.Draft6Validator, jsonschema.Draft7Validator, jsonschema.Draft201909Validator,
-           jsonschema.Draft202012Validator)
+_DRAFTS = ("Draft6Validator", "Draft7Validator", "Draft201909Validator", "Draft202012Validator")
 _REFERENCES = {"$ref", "$dynamicRef", "$recursiveRef"}
 _COMPILED = {"type", "enum", "const", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
              "items", "properties", "required", "additionalProperties"}
@@ -66,7 +63,9 @@ def _uses_references(schema: Any) -> bool:
 def compile_schema(schema: Any, validator_class: type, base_class: type) -> Check | None:
     """The check of `schema` for `validator_class` (built on jsonschema's `base_class`), or None when it
     cannot be compiled (see the module's docstring): then every input goes to jsonschema."""
-    if base_class not in _DRAFTS or _uses_references(schema):
+    import jsonschema  # here: only a command that validates needs it (60 ms)
+
+    if base_class not in {getattr(jsonschema, name) for name in _DRAFTS} or _uses_references(schema):
         return None
     return _compile(schema, validator_class)
 

@@ -6,7 +6,6 @@ failed; check 0 when the same, 1 when something differs.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from importlib import resources
@@ -153,7 +152,7 @@ def cmd_pull(args, out: TextIO, err: TextIO) -> int:
         raise UsageError("set BATCHRUN_MODELS (or --models-dir) to the folder pulled model files go to")
     base_url, token = _connection(args)
     known = all_models(folder, missing_ok=True)
-    entries = asyncio.run(_fetch_all(base_url, token, args.model_ids))
+    entries = _run_async(_fetch_all(base_url, token, args.model_ids))
     failed = 0
     for model_id, entry in entries.items():
         try:
@@ -176,7 +175,7 @@ def cmd_check(args, out: TextIO, err: TextIO) -> int:
         if model_id not in models:
             raise UsageError(f"unknown model {model_id!r}; `batchrun models list` shows the known models")
     base_url, token = _connection(args)
-    entries = asyncio.run(_fetch_all(base_url, token, model_ids))
+    entries = _run_async(_fetch_all(base_url, token, model_ids))
     differ = 0
     for model_id in model_ids:
         entry = entries[model_id]
@@ -241,3 +240,8 @@ def add_commands(commands) -> None:
         command_.set_defaults(handler=_guarded(handler))
     models.set_defaults(handler=lambda args, out, err: (models.print_help(out), EXIT_USAGE)[1])
 
+
+def _run_async(coroutine):
+    import asyncio  # here: `batchrun` builds its command line with this module, and most commands never need it
+
+    return asyncio.run(coroutine)

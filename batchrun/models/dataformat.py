@@ -21,8 +21,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from batchrun import readlog
 from batchrun.errors import BatchrunError
 from batchrun.models.pricing import UNITS, Price
@@ -187,6 +185,8 @@ def read_model_data(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw_schema, dict) or not isinstance(raw_schema.get("properties"), dict):
         raise _fail(where, "input_schema", "must be a JSON Schema object with properties")
     schema, media, validations = normalise_schema(raw_schema)
+    import jsonschema  # here: a command that reads a cached manifest never validates, and this import is 60 ms
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
