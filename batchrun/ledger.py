@@ -46,7 +46,6 @@ What a crash can lose, and why that is safe:
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import logging
@@ -58,11 +57,14 @@ from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun import gcpause
 from batchrun.errors import LedgerError
 from batchrun.spend import Spend, add_up_groups
+
+if TYPE_CHECKING:
+    import asyncio
 
 LEDGER_NAME = "ledger.sqlite"
 # Longest a run's queued writes wait for a commit to ride when no intent comes (see group commit above).
@@ -392,6 +394,19 @@ class InJobOrder:
         return found
 
 
+def unusable(path: Path, exc: Exception) -> LedgerError:
+    """What a person is told of a ledger SQLite cannot read (`exc`: what SQLite said)."""
+    return LedgerError(f"{path} is not a usable batchrun ledger ({exc}); it was left untouched. "
+                       "Move it aside to start over, or restore it from a backup")
+
+
+# A done job's identity as `results.provenance_identity` writes it, in SQL over `jobs j` and its output `o`
+# (idx 0); and whether the job has another output.
+_IDENTITY = ("j.request_id || '|' || j.model || '|' || j.input_sha256 || '|' || o.path || ':' || o.bytes || ':'"
+             " || o.sha256")
+_MORE_OUTPUTS = "SELECT 1 FROM outputs c WHERE c.job_id = j.id AND c.idx <> 0"
+
+
 class LedgerWriteError(LedgerError):
     """A ledger write failed (disk full, I/O error): the run cannot record what happens, so it stops."""
 
@@ -431,7 +446,10 @@ class Ledger:
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, output_dir: Path, *, create: bool = True, readonly: bool = False) -> Ledger:
+    def open(cls, output_dir: Path, *, create: bool = True, readonly: bool = False, check: bool = True) -> Ledger:
+        """The ledger of `output_dir`. Raises LedgerError: no ledger (and not `create`), not a regular file, a
+        linked companion file, a newer schema, or a file that fails SQLite's integrity check. `check=False`
+        (read-only only): the caller runs that check itself (`integrity`) before it shows anything read."""
         path = output_dir / LEDGER_NAME
         if not path.exists():
             if not create:
@@ -450,20 +468,25 @@ class Ledger:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             ledger = cls(conn, path)
-            ledger._prepare(readonly)
+            ledger._prepare(readonly, check or not readonly)
         except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{path} is not a usable batchrun ledger ({exc}); it was left untouched. "
-                              "Move it aside to start over, or restore it from a backup") from None
+            raise unusable(path, exc) from None
         return ledger
 
-    def _prepare(self, readonly: bool) -> None:
+    def integrity(self) -> None:
+        """SQLite's quick integrity check of the whole file (O(size): 0.14 s for 100,000 jobs). Raises
+        sqlite3.DatabaseError when it fails."""
+        check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+
+    def _prepare(self, readonly: bool, check: bool) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise LedgerError(f"{self.path} was written by a newer batchrun (ledger schema {version}, this "
                               f"batchrun knows up to {SCHEMA_VERSION}); upgrade batchrun to use it")
-        check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+        if check:
+            self.integrity()
         if readonly:
             self._history = version >= 4  # migration 4 added the requests table and `simulated`
             self._file_stats = version >= 7
@@ -507,6 +530,8 @@ class Ledger:
         """Within this block (inside a running event loop), hot-path writes are queued and committed
         together at the end of each turn of the loop; on leaving it, whatever is queued is committed. A
         commit that fails is handed to `on_write_error` (logged without one), never raised from here."""
+        import asyncio  # here: the commands that only read a ledger never need it (40 ms)
+
         self._loop = asyncio.get_running_loop()
         try:
             yield
@@ -723,7 +748,7 @@ class Ledger:
             if self.conn.in_transaction:
                 self.conn.execute("COMMIT")
 
-    def briefs(self, *, media: bool = False, asked: bool = False) -> sqlite3.Cursor | None:
+    def briefs(self, *, media: bool = False, asked: bool = False, identity: bool = True) -> sqlite3.Cursor | None:
         """Every job as a short tuple, in one query: enough to tell a done job whose files are as recorded
         from one that needs its full row (batchrun.settled). Each tuple is
 
@@ -740,7 +765,11 @@ class Ledger:
         `inode` are that output's; `provenance_*` the recorded stat of its `<id>.json`. With `media`, the
         jobs table's `media_json`; with `asked` too, the input's `duration` and whether it asks for audio, as
         `mediafacts.asked` reads them (both None when the input is not valid JSON). None for a ledger older
-        than schema 7 opened read-only (no recorded stats: every job needs its full row)."""
+        than schema 7 opened read-only (no recorded stats: every job needs its full row).
+
+        `identity=False`: `quick` leaves out the comparison of identities and the count of outputs (a third
+        of the query's time), and is 1 for every done job with an output idx 0 and a recorded `<id>.json`;
+        the caller takes `identity_mismatches` from it (batchrun.sidereads reads them beside this query)."""
         self.flush()
         if not self._file_stats:
             return None
@@ -753,14 +782,25 @@ class Ledger:
                      " END")
         # An identity that does not match here (a NULL request id, a number SQL writes otherwise) only sends
         # the job to the full check, which compares it as Python writes it.
+        quick = (f"p.identity = {_IDENTITY} AND NOT EXISTS ({_MORE_OUTPUTS})" if identity
+                 else "o.job_id IS NOT NULL AND p.job_id IS NOT NULL")
         cursor.execute(
-            "SELECT j.id, j.state = 'done' AND p.identity = j.request_id || '|' || j.model || '|' || j.input_sha256"
-            " || '|' || o.path || ':' || o.bytes || ':' || o.sha256"
-            " AND NOT EXISTS (SELECT 1 FROM outputs c WHERE c.job_id = j.id AND c.idx <> 0),"
+            f"SELECT j.id, j.state = 'done' AND {quick},"
             " j.input_sha256, j.refusal IS NOT NULL, o.path, o.bytes, o.mtime_ns, o.inode, p.bytes, p.mtime_ns,"
             f" p.inode, j.first_seen_at, j.rowid{more} FROM jobs j LEFT JOIN outputs o ON o.job_id = j.id"
             " AND o.idx = 0 LEFT JOIN provenance_files p ON p.job_id = j.id")
         return cursor
+
+    def identity_mismatches(self) -> list[tuple[str, tuple[str, int]]]:
+        """(id, place in the ledger's order) of each done job with a recorded `<id>.json` and an output idx 0
+        whose recorded identity differs from the ledger's fields now, or that has another output: the done
+        jobs `briefs(identity=False)` calls quick that `briefs()` would not. One step of SQLite (rows only for
+        such jobs: none in a ledger nobody edited)."""
+        self.flush()
+        return [(r[0], (r[1], r[2])) for r in self.conn.execute(
+            "SELECT j.id, j.first_seen_at, j.rowid FROM jobs j JOIN outputs o ON o.job_id = j.id AND o.idx = 0"
+            " JOIN provenance_files p ON p.job_id = j.id WHERE j.state = 'done'"
+            f" AND (p.identity IS NOT {_IDENTITY} OR EXISTS ({_MORE_OUTPUTS}))")]
 
     def ids(self) -> list[str]:
         """Every job's id, oldest first."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,15 +47,18 @@ class Sweep:
 
 
 def sweep(ledger: Ledger, output_dir: Path, jobs: Mapping[str, Job] | None, *, media: bool = False,
-          full: bool = False) -> Sweep:
+          full: bool = False,
+          mismatches: Callable[[], list[tuple[str, tuple[str, int]]]] | None = None) -> Sweep:
     """Split the ledger's jobs into settled and unsettled (see the module docstring). `jobs`: the
     manifest's jobs by id (None: no manifest); `media`: also say which settled jobs' media facts raise
     flags, and where every job listed stands in the ledger's order (to list flags in that order). Reads
     the ledger once; call it inside `ledger.snapshot()` when the unsettled rows are read next. Writes
-    nothing."""
+    nothing. `mismatches`: gives `Ledger.identity_mismatches` as of this snapshot once the files are
+    statted (batchrun.sidereads reads them meanwhile); the briefs are then read without comparing
+    identities."""
     # The unsettled are listed in the ledger's order, so that their full rows are read in that order.
     found = Sweep()
-    briefs = None if full else ledger.briefs(media=media, asked=jobs is None)
+    briefs = None if full else ledger.briefs(media=media, asked=jobs is None, identity=mismatches is None)
     folder = None
     if briefs is not None:
         try:
@@ -72,9 +75,26 @@ def sweep(ledger: Ledger, output_dir: Path, jobs: Mapping[str, Job] | None, *, m
         unsettled = _split(briefs, folder, jobs, media, found)
     finally:
         os.close(folder)
+    if mismatches is not None:
+        _unsettle(found, unsettled, mismatches(), media)
     unsettled.sort()
     found.unsettled = [job_id for _, job_id in unsettled]
     return found
+
+
+def _unsettle(found: Sweep, unsettled: list[tuple[tuple[str, int], str]],
+              mismatches: list[tuple[str, tuple[str, int]]], media: bool) -> None:
+    """Move the jobs whose recorded identity does not match from settled to unsettled."""
+    moved = {job_id for job_id, _ in mismatches if job_id in found.settled}
+    if not moved:
+        return
+    found.settled -= moved
+    found.flagged[:] = [entry for entry in found.flagged if entry[1] not in moved]
+    for job_id, place in mismatches:
+        if job_id in moved:
+            unsettled.append((place, job_id))
+            if media:
+                found.places[job_id] = place
 
 
 def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool,

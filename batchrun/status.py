@@ -10,19 +10,22 @@ missing or damaged is listed, and the next run repairs it.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
 from batchrun import filecheck, gcpause, mediafacts, settled, takes
-from batchrun.ledger import STATES, JobRow, Ledger
+from batchrun.ledger import STATES, JobRow, Ledger, unusable
 from batchrun.lock import LOCK_NAME, live_pid
 from batchrun.manifest import Manifest
 from batchrun.owners import FileOwners
 from batchrun.plan import refusal
 from batchrun.results import ProvenanceStat, provenance_check, provenance_path
+from batchrun.sidereads import SideReads
 from batchrun.spend import Spend, add_up_groups
 
 ATTENTION = ("unknown", "failed", "cancelled", "submitting")
@@ -76,15 +79,29 @@ def damaged_files(output_dir: Path, row: JobRow, *, full: bool = False,
 def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool = False) -> StatusReport:
     """What `status` shows. Done files are checked by size, mtime and inode, or hashed in full with
     `verify` (see batchrun.filecheck); nothing is written (a stat found stale is recorded by the next run)."""
-    ledger = Ledger.open(output_dir, create=False, readonly=True)
+    ledger = Ledger.open(output_dir, create=False, readonly=True, check=False)
     try:
-        with gcpause.paused():  # 100,000 rows of small objects, no cycles
-            return _collect(output_dir, ledger, manifest, verify)
+        try:
+            # The integrity check, the counts and the identity mismatches on a second connection meanwhile
+            # (batchrun.sidereads); an older ledger (no change count) is read as before, checked first.
+            side = SideReads(output_dir) if SideReads.usable(ledger) else None
+            if side is None:
+                ledger.integrity()
+            with gcpause.paused():  # 100,000 rows of small objects, no cycles
+                report = _collect(output_dir, ledger, manifest, verify, side)
+        except sqlite3.DatabaseError as exc:
+            if side is not None:
+                side.result()  # a damaged file: said as its integrity check says it
+            raise unusable(ledger.path, exc) from None
+        if side is not None:
+            side.result()  # nothing read is shown before the integrity check has passed
+        return report
     finally:
         ledger.close()
 
 
-def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify: bool) -> StatusReport:
+def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify: bool,
+             side: SideReads | None) -> StatusReport:
     jobs = None  # id -> the manifest's job, once the manifest's re-rolled takes are added
     counts: Counter[str] = Counter()
     decisions: Counter[str] = Counter()
@@ -99,16 +116,20 @@ def _collect(output_dir: Path, ledger: Ledger, manifest: Manifest | None, verify
         takes.with_rerolls(manifest, ledger.rerolls())
         jobs = {job.id: job for job in manifest.jobs}
     with ledger.snapshot():  # one view of the ledger for every read below, while a run may be writing
-        tally = ledger.tally()
+        mismatches = None
+        if side is not None:
+            changes = ledger.change_count()  # the snapshot's first read: the side's answers are used if equal
+            mismatches = partial(side.mismatches_at, ledger, changes)
+        # Done jobs whose files are as recorded are counted below and need nothing more; only the others
+        # are read in full (batchrun.settled).
+        found = settled.sweep(ledger, output_dir, jobs, media=True, full=verify, mismatches=mismatches)
+        tally = ledger.tally() if side is None else side.tally_at(ledger, changes)
         for model, state, decision, n, *_ in tally:
             counts[state] += n
             per_model.setdefault(model, Counter())[state] += n
             if decision or state == "done":
                 decisions[decision or "unrated"] += n
         spent = add_up_groups((state, *money) for _, state, _, _, *money in tally)
-        # Done jobs whose files are as recorded are counted above and need nothing more; only the others
-        # are read in full (batchrun.settled).
-        found = settled.sweep(ledger, output_dir, jobs, media=True, full=verify)
         flagged = found.flagged  # (place in the ledger's order, id, flags): settled jobs' first, then the others'
         for row, known in ledger.rows_of(found.unsettled):
             candidate = False
