@@ -216,6 +216,10 @@ MIGRATIONS: list[str] = [
         inode INTEGER NOT NULL
     );
     """,
+    # 9: no index of jobs by state. No query asks for one state (a run keeps the states in memory; status
+    # and the end of a run scan), and every change of state rewrote one or two of its pages: 1.8 of the
+    # 10 pages a job wrote to the WAL (39.5 -> 32.4 KB per job, 7 fewer pwrite calls per job).
+    "DROP INDEX IF EXISTS jobs_state;",
 ]
 DECISIONS = ("picked", "rejected")
 SCHEMA_VERSION = len(MIGRATIONS)

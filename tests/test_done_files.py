@@ -172,7 +172,7 @@ def _as_schema_6(ledger_path) -> None:
 
 
 async def test_a_ledger_from_before_the_stat_is_hashed_once_then_checked_by_stat(tmp_path):
-    assert len(MIGRATIONS) == 8
+    assert len(MIGRATIONS) == 9
     manifest = write_manifest(tmp_path, jobs(3))
     out = tmp_path / "out"
     async with Sandbox() as sandbox:

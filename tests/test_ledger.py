@@ -161,6 +161,9 @@ def test_a_ledger_of_an_older_schema_is_migrated_in_place(tmp_path):
     ledger = Ledger.open(tmp_path)
     try:
         assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        # Migration 9 dropped the first schema's index of jobs by state (pages rewritten on every change).
+        assert ledger.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'jobs_state'"
+                                   ).fetchall() == []
         ledger.save_preflight([{"url": "https://x/a.png", "ok": True, "problem": None, "content_type": "image/png",
                                 "bytes": 10, "width": 400, "height": 400}])
         assert [row["url"] for row in ledger.preflight_cache()] == ["https://x/a.png"]
