@@ -339,6 +339,7 @@ def child_main() -> None:
     `parallel_after_s` (argv), else on in order; either way its answers are written a few at a time
     (`_Answers`)."""
     output_dir, threads, parallel_after_s = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    logging.logProcesses = False  # a getpid() per record (per unreadable video) for a field never shown
     handler = _ToParent()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger().addHandler(handler)
