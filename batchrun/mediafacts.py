@@ -238,10 +238,13 @@ def _read_in_child(output_dir: Path, todo: list[tuple[str, str]], threads: int, 
                    parallel_after_s: float) -> tuple[list[tuple[str, dict[str, Any] | None]], bool, bool]:
     """Run the reader on `todo`; returns the answers it gave, whether it finished, and whether it started."""
     # -I: nothing from the current directory or PYTHON* variables runs in it (a planted json.py would,
-    # before the path below is set); it imports batchrun from where this process did (a checkout, a venv).
-    # Not given the token.
+    # before the path below is set); it imports batchrun from where this process did (a checkout, a venv,
+    # an editable install, whose import hook is not on the path: hence batchrun's own folder first).
+    # -S: no `site` (a thousand system calls of .pth files and site folders): the path below is this
+    # process's, which site already made. Not given the token.
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    argv = [sys.executable, "-I", "-c", _CHILD, str(output_dir), str(threads), repr(parallel_after_s), *sys.path]
+    path = [str(Path(__file__).resolve().parent.parent), *sys.path]
+    argv = [sys.executable, "-I", "-S", "-c", _CHILD, str(output_dir), str(threads), repr(parallel_after_s), *path]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env=env)
