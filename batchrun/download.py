@@ -686,8 +686,13 @@ class _Durability:
     """Settles finished downloads of one event loop in batches: one worker-thread trip per batch, which
     fsyncs each file, renames it into place, then fsyncs each directory once. Self-clocking: the first
     file starts a trip at the end of this turn of the loop; files finishing while a trip runs wait and go
-    together in the next one. Each file's waiter gets its own outcome (its stat, or its error); a failed
-    directory sync fails every file of that directory in the batch."""
+    together in the next one. Each file's waiter gets its own outcome (None, or its error); a failed
+    directory sync fails every file of that directory in the batch.
+
+    Each directory is opened once, on the loop's thread, and kept open for the loop's life (closed when
+    this object goes with its loop): not an open and a close in each trip, each of which costs the
+    worker thread the interpreter lock back. As with the ledger's own open file, a run's output directory
+    moved away mid-run is synced where it went."""
 
     _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Durability] = weakref.WeakKeyDictionary()
 
@@ -697,6 +702,8 @@ class _Durability:
         self._busy = False
         self.trips = 0  # worker-thread trips made, for tests and benchmarks
         self.files = 0  # files settled
+        self._dirs: dict[Path, int] = {}  # an open fd of each directory
+        weakref.finalize(self, _close_dirs, self._dirs)
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Durability:
@@ -709,6 +716,10 @@ class _Durability:
         """A future done once `part` is durable under the name `dest` (OSError/DownloadError if not).
         `fd` is the .part's, closed once its batch's trip is over."""
         waiter = self.loop.create_future()
+        if dest.parent not in self._dirs:
+            # Not opened (too many open files, say): the trip opens it for itself, and says why if it cannot.
+            with contextlib.suppress(OSError):
+                self._dirs[dest.parent] = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._queue.append((part, fd, dest, waiter))
         if not self._busy:
             self._busy = True
@@ -722,7 +733,7 @@ class _Durability:
             return
         self.trips += 1
         self.files += len(batch)
-        trip = self.loop.run_in_executor(None, _settle_batch, [entry[:3] for entry in batch])
+        trip = self.loop.run_in_executor(None, _settle_batch, [entry[:3] for entry in batch], dict(self._dirs))
         trip.add_done_callback(lambda done: self._finished(batch, done))
 
     def _finished(self, batch: list, done: asyncio.Future) -> None:
@@ -746,10 +757,10 @@ class _Durability:
         self._start()
 
 
-def _settle_batch(batch: list[tuple[_Part, int, Path]]) -> list[BaseException | None]:
-    """In a worker thread: each file synced and renamed, then each directory synced once. Each file's
-    outcome: None, or its error. Only calls that must wait for the disk run here (`_Durability._finished`
-    closes the fds)."""
+def _settle_batch(batch: list[tuple[_Part, int, Path]], dirs: dict[Path, int]) -> list[BaseException | None]:
+    """In a worker thread: each file synced and renamed, then each directory synced once (`dirs`: the fds
+    of those open already). Each file's outcome: None, or its error. Only calls that must wait for the
+    disk run here (`_Durability` opens and closes the fds)."""
     outcomes: list[BaseException | None] = []
     directories: dict[Path, list[int]] = {}
     for i, (part, fd, dest) in enumerate(batch):
@@ -761,16 +772,20 @@ def _settle_batch(batch: list[tuple[_Part, int, Path]]) -> list[BaseException | 
             outcomes.append(exc)
     for directory, members in directories.items():
         try:
-            _fsync_dir(directory)
+            _fsync_dir(directory, dirs.get(directory))
         except DownloadError as exc:
             for i in members:
                 outcomes[i] = exc
     return outcomes
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable. Some filesystems cannot fsync a directory; nothing more to do there."""
+def _fsync_dir(directory: Path, fd: int | None) -> None:
+    """Make the renames in `directory` (open as `fd`, or None: opened here) durable. Some filesystems
+    cannot fsync a directory; nothing more to do there."""
     try:
+        if fd is not None:
+            os.fsync(fd)
+            return
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -779,6 +794,12 @@ def _fsync_dir(directory: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise DownloadError(f"cannot sync directory {directory}: {exc.strerror}") from exc
+
+
+def _close_dirs(dirs: dict[Path, int]) -> None:
+    for fd in dirs.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _refuse_credentials(session: aiohttp.ClientSession) -> None:
