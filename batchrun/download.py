@@ -689,21 +689,29 @@ class _Durability:
     together in the next one. Each file's waiter gets its own outcome (None, or its error); a failed
     directory sync fails every file of that directory in the batch.
 
-    Each directory is opened once, on the loop's thread, and kept open for the loop's life (closed when
-    this object goes with its loop): not an open and a close in each trip, each of which costs the
-    worker thread the interpreter lock back. As with the ledger's own open file, a run's output directory
-    moved away mid-run is synced where it went."""
+    Each directory is opened once, on the loop's thread, and kept open for the loop's life (closed once
+    the loop is gone and this object with it): not an open and a close in each trip, each of which costs
+    the worker thread the interpreter lock back. As with the ledger's own open file, a run's output
+    directory moved away mid-run is synced where it went."""
 
     _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Durability] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        # Weakly: the loop is this object's key in `_per_loop`, which a strong reference would keep alive
+        # (and its directories open) for the life of the process.
+        self._loop = weakref.ref(loop)
         self._queue: list[tuple[_Part, int, Path, asyncio.Future]] = []
         self._busy = False
         self.trips = 0  # worker-thread trips made, for tests and benchmarks
         self.files = 0  # files settled
         self._dirs: dict[Path, int] = {}  # an open fd of each directory
         weakref.finalize(self, _close_dirs, self._dirs)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        assert loop is not None, "used only from its own running loop"
+        return loop
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Durability:

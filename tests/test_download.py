@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -629,3 +630,46 @@ def test_parse_retry_after():
     assert _parse_retry_after("soon") is None
     assert _parse_retry_after("nan") is None
     assert _parse_retry_after(None) is None
+
+
+def test_a_finished_event_loop_leaves_no_file_of_its_downloads_open(tmp_path):
+    # Durability keeps each output directory open while its loop lives (one open, not one per batch),
+    # and nothing once the loop is gone: a long-lived process running loop after loop leaks no fds.
+    import gc
+
+    async def one_run(folder: Path) -> None:
+        async def plain(request):
+            return whole()
+
+        app = web.Application()  # no middleware: aiohttp caches those with their app, and the app its loop
+        app.router.add_get("/plain.mp4", plain)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        try:
+            async with aiohttp.ClientSession() as session:
+                for name in ("a.mp4", "b.mp4"):
+                    assert_complete(await download(session, f"http://{host}:{port}/plain.mp4", folder / name),
+                                    folder / name)
+        finally:
+            await runner.cleanup()
+
+    def open_under(folder: Path) -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(str(folder)):
+                    found.append(target)
+        return found
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to list open files")
+    folders = [tmp_path / f"run-{i}" for i in range(3)]
+    for folder in folders:
+        folder.mkdir()
+        asyncio.run(one_run(folder))
+    gc.collect()
+    assert [open_under(folder) for folder in folders] == [[], [], []]
