@@ -43,7 +43,7 @@ READ_CHUNK = 16  # videos a reading thread takes at a time
 # even the fastest of them took `PARALLEL_AFTER_S` does it read the rest in threads.
 PARALLEL_SAMPLE = 3
 PARALLEL_AFTER_S = 0.002
-ANSWER_EVERY_S = 0.5  # how often a reader reading in threads sends the answers it has (see child_main)
+ANSWER_EVERY_S = 0.5  # how often a reader allowed threads sends the answers it has (see `_Answers`)
 STALL_SECONDS = 60.0  # a reader that says nothing for this long is taken to hang (a video takes < 1 s)
 DURATION_TOLERANCE_S = 0.5  # containers round; a whole second off is what a user would notice
 
