@@ -169,8 +169,8 @@ async def download(
         raise ValueError("download() with `hosts` needs a session made by hosts.session(): names are checked there")
     dest = Path(dest)
     where = _redact(url)
-    _check_dest(dest)
-    _drop_non_media(dest, kind)
+    if _check_dest(dest):
+        _drop_non_media(dest, kind)
     part = await _Part.open(part_path(dest))
     try:
         if part.size > max_bytes:
@@ -183,7 +183,7 @@ async def download(
             # Nothing worth resuming: leave no empty .part behind (e.g. after a 403 on the first try).
             with contextlib.suppress(DownloadError):
                 part.discard()
-        elif part.fd >= 0:
+        elif not part.discarded:
             # The bytes kept are resumed by the next attempt: it needs their validator on disk. Without
             # it (a full disk), that attempt starts over, which costs a download, never a payment.
             with contextlib.suppress(DownloadError):
@@ -383,7 +383,7 @@ def _drop_non_media(dest: Path, kind: str | None) -> None:
     try:
         fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        return  # missing, a symlink (replaced on commit), unreadable: _check_dest and commit decide
+        return  # gone since, or unreadable: commit decides
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode) or media.accepts(kind, os.pread(fd, media.HEAD_BYTES, 0)):
             return
@@ -412,10 +412,13 @@ class _Part:
         self.if_range = if_range
         self.total = total
         self.meta_pending = False  # a validator held in memory, not yet in .meta (see `remember`)
+        self.discarded = False  # removed (`discard`): nothing left to resume
 
     @classmethod
     async def open(cls, path: Path) -> _Part:
-        fd = _open_part(path)
+        fd, created = _open_part(path)
+        if created:  # empty, at offset 0: nothing to read back
+            return cls(path, fd, 0, hashlib.sha256())
         try:
             size = os.fstat(fd).st_size
             sha, head = hashlib.sha256(), b""
@@ -509,29 +512,46 @@ class _Part:
 
     async def commit(self, dest: Path) -> Downloaded:
         """Make the bytes durable, then give them their final name, durably too (in a batch with the other
-        downloads finishing now: see `_Durability`)."""
+        downloads finishing now: see `_Durability`).
+
+        Checked here, on the loop's thread, that the .part is still the file written (its fd's stat, taken
+        once the last byte is written: the mtime and inode an fsync and a rename leave as they are, and
+        the ones recorded). The fd then goes with the batch, which closes it after its trip: a caller
+        cancelled meanwhile cannot close it under the worker thread (a reused descriptor number could be
+        another file)."""
         try:
-            st = await _Durability.of(asyncio.get_running_loop()).settle(self, dest)
+            held, named = os.fstat(self.fd), os.lstat(self.path)
         except OSError as exc:
             raise self._storage_error(exc, "finish") from exc
-        self.close()
-        return Downloaded(dest, self.size, self.sha.hexdigest(), st.st_mtime_ns, st.st_ino)
-
-    def _sync_and_rename(self, fd: int, dest: Path) -> os.stat_result:
-        """fsync, check the .part is still ours, rename it to `dest` (the directory is synced by the caller).
-        Returns the file's stat after the rename."""
-        os.fsync(fd)
-        held, named = os.fstat(fd), os.lstat(self.path)
         if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
             raise DownloadError(f"{self.path} was replaced by something else during the download")
-        _check_dest(dest)
-        os.replace(self.path, dest)
+        fd, self.fd = self.fd, -1
+        try:
+            await _Durability.of(asyncio.get_running_loop()).settle(self, fd, dest)
+        except OSError as exc:
+            raise self._storage_error(exc, "finish") from exc
+        return Downloaded(dest, self.size, self.sha.hexdigest(), held.st_mtime_ns, held.st_ino)
+
+    def _sync_and_rename(self, fd: int, dest: Path) -> None:
+        """fsync, then rename the .part to `dest` (the directory is synced by the caller). Runs in the
+        durability worker thread: only calls that wait for the disk, or must follow one, are made here
+        (each call there lets go of the interpreter lock and takes it back from the loop's thread, a few
+        futex calls every time).
+
+        `dest` was checked when the download began (`_check_dest`); a directory put there since makes the
+        rename fail, with the same message. (Anything else put there since, a FIFO say, is replaced as a
+        file or a link would be: the rename never writes through it.)"""
+        os.fsync(fd)
+        try:
+            os.replace(self.path, dest)
+        except IsADirectoryError as exc:
+            raise _refused_dest(dest, None) from exc
         if self.if_range is not None and not self.meta_pending:  # else no validator file was written
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.meta)
-        return os.fstat(fd)
 
     def discard(self) -> None:
+        self.discarded = True
         self.close()
         for path in (self.path, self.meta):
             try:
@@ -575,10 +595,11 @@ def _read_meta(path: Path) -> tuple[str | None, int | None]:
     return if_range, total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
 
 
-def _open_part(path: Path) -> int:
-    """Open the .part for writing, creating it if absent; never through a symlink or into a non-file."""
+def _open_part(path: Path) -> tuple[int, bool]:
+    """Open the .part for writing, creating it if absent; never through a symlink or into a non-file.
+    Returns the fd and whether it was just created (then it is empty)."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)  # less the umask
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), True  # less the umask
     except FileExistsError:
         pass
     except OSError as exc:
@@ -603,7 +624,7 @@ def _open_part(path: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, False
 
 
 def _require_regular(path: Path, st: os.stat_result) -> None:
@@ -613,19 +634,26 @@ def _require_regular(path: Path, st: os.stat_result) -> None:
         raise DownloadError(f"{path} exists and is not a regular file; refusing to use it")
 
 
-def _check_dest(dest: Path) -> None:
-    """Refuse a final path that os.replace cannot or should not take over."""
+def _check_dest(dest: Path) -> bool:
+    """Refuse a final path that os.replace cannot or should not take over; True when a regular file is
+    there (which `_drop_non_media` looks at), False when nothing or a symlink is."""
     try:
         st = os.lstat(dest)
     except FileNotFoundError:
-        return
+        return False
     except OSError as exc:
         raise DownloadError(f"cannot inspect {dest}: {exc.strerror}") from exc
     # A symlink is fine: os.replace swaps the link itself and never writes through it.
-    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-        return
-    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-    raise DownloadError(f"{dest} is {kind}; refusing to replace it with the download")
+    if stat.S_ISREG(st.st_mode):
+        return True
+    if stat.S_ISLNK(st.st_mode):
+        return False
+    raise _refused_dest(dest, st.st_mode)
+
+
+def _refused_dest(dest: Path, mode: int | None) -> DownloadError:
+    kind = "a directory" if mode is None or stat.S_ISDIR(mode) else "not a regular file"
+    return DownloadError(f"{dest} is {kind}; refusing to replace it with the download")
 
 
 def _hash_prefix(fd: int, size: int) -> tuple[hashlib._Hash, int]:
@@ -658,17 +686,32 @@ class _Durability:
     """Settles finished downloads of one event loop in batches: one worker-thread trip per batch, which
     fsyncs each file, renames it into place, then fsyncs each directory once. Self-clocking: the first
     file starts a trip at the end of this turn of the loop; files finishing while a trip runs wait and go
-    together in the next one. Each file's waiter gets its own outcome (its stat, or its error); a failed
-    directory sync fails every file of that directory in the batch."""
+    together in the next one. Each file's waiter gets its own outcome (None, or its error); a failed
+    directory sync fails every file of that directory in the batch.
+
+    Each directory is opened once, on the loop's thread, and kept open for the loop's life (closed once
+    the loop is gone and this object with it): not an open and a close in each trip, each of which costs
+    the worker thread the interpreter lock back. As with the ledger's own open file, a run's output
+    directory moved away mid-run is synced where it went."""
 
     _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Durability] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        # Weakly: the loop is this object's key in `_per_loop`, which a strong reference would keep alive
+        # (and its directories open) for the life of the process.
+        self._loop = weakref.ref(loop)
         self._queue: list[tuple[_Part, int, Path, asyncio.Future]] = []
         self._busy = False
         self.trips = 0  # worker-thread trips made, for tests and benchmarks
         self.files = 0  # files settled
+        self._dirs: dict[Path, int] = {}  # an open fd of each directory
+        weakref.finalize(self, _close_dirs, self._dirs)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        assert loop is not None, "used only from its own running loop"
+        return loop
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Durability:
@@ -677,12 +720,15 @@ class _Durability:
             found = cls._per_loop[loop] = cls(loop)
         return found
 
-    def settle(self, part: _Part, dest: Path) -> asyncio.Future:
-        """A future of `dest`'s stat once `part` is durable under that name (OSError/DownloadError if not)."""
+    def settle(self, part: _Part, fd: int, dest: Path) -> asyncio.Future:
+        """A future done once `part` is durable under the name `dest` (OSError/DownloadError if not).
+        `fd` is the .part's, closed once its batch's trip is over."""
         waiter = self.loop.create_future()
-        # The thread gets its own duplicate: if the caller is cancelled meanwhile, it closes `part.fd`
-        # while the thread may still use it, and a reused descriptor number could be another file.
-        self._queue.append((part, os.dup(part.fd), dest, waiter))
+        if dest.parent not in self._dirs:
+            # Not opened (too many open files, say): the trip opens it for itself, and says why if it cannot.
+            with contextlib.suppress(OSError):
+                self._dirs[dest.parent] = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._queue.append((part, fd, dest, waiter))
         if not self._busy:
             self._busy = True
             self.loop.call_soon(self._start)
@@ -695,15 +741,21 @@ class _Durability:
             return
         self.trips += 1
         self.files += len(batch)
-        trip = self.loop.run_in_executor(None, _settle_batch, [(part, fd, dest) for part, fd, dest, _ in batch])
+        trip = self.loop.run_in_executor(None, _settle_batch, [entry[:3] for entry in batch], dict(self._dirs))
         trip.add_done_callback(lambda done: self._finished(batch, done))
 
     def _finished(self, batch: list, done: asyncio.Future) -> None:
+        if not done.cancelled():  # (never is: nothing cancels it; a thread still running would use them)
+            # Closed here rather than in the thread: a call there lets go of the interpreter lock and
+            # takes it back from this thread, which costs futex calls; here, with the thread idle, none.
+            for _, fd, *_ in batch:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         try:
             outcomes = done.result()
         except BaseException as exc:  # noqa: BLE001 - handed to every file of the batch
             outcomes = [exc] * len(batch)
-        for (_, _, _, waiter), outcome in zip(batch, outcomes, strict=True):
+        for (*_, waiter), outcome in zip(batch, outcomes, strict=True):
             if waiter.done():
                 continue
             if isinstance(outcome, BaseException):
@@ -713,30 +765,35 @@ class _Durability:
         self._start()
 
 
-def _settle_batch(batch: list[tuple[_Part, int, Path]]) -> list[os.stat_result | BaseException]:
-    """In a worker thread: each file synced and renamed, then each directory synced once."""
-    outcomes: list[os.stat_result | BaseException] = []
+def _settle_batch(batch: list[tuple[_Part, int, Path]], dirs: dict[Path, int]) -> list[BaseException | None]:
+    """In a worker thread: each file synced and renamed, then each directory synced once (`dirs`: the fds
+    of those open already). Each file's outcome: None, or its error. Only calls that must wait for the
+    disk run here (`_Durability` opens and closes the fds)."""
+    outcomes: list[BaseException | None] = []
     directories: dict[Path, list[int]] = {}
     for i, (part, fd, dest) in enumerate(batch):
         try:
-            outcomes.append(part._sync_and_rename(fd, dest))
+            part._sync_and_rename(fd, dest)
+            outcomes.append(None)
             directories.setdefault(dest.parent, []).append(i)
         except Exception as exc:  # noqa: BLE001 - this file's own outcome
             outcomes.append(exc)
-        finally:
-            os.close(fd)
     for directory, members in directories.items():
         try:
-            _fsync_dir(directory)
+            _fsync_dir(directory, dirs.get(directory))
         except DownloadError as exc:
             for i in members:
                 outcomes[i] = exc
     return outcomes
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable. Some filesystems cannot fsync a directory; nothing more to do there."""
+def _fsync_dir(directory: Path, fd: int | None) -> None:
+    """Make the renames in `directory` (open as `fd`, or None: opened here) durable. Some filesystems
+    cannot fsync a directory; nothing more to do there."""
     try:
+        if fd is not None:
+            os.fsync(fd)
+            return
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -745,6 +802,12 @@ def _fsync_dir(directory: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise DownloadError(f"cannot sync directory {directory}: {exc.strerror}") from exc
+
+
+def _close_dirs(dirs: dict[Path, int]) -> None:
+    for fd in dirs.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _refuse_credentials(session: aiohttp.ClientSession) -> None:

@@ -21,6 +21,7 @@ import selectors
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -33,39 +34,63 @@ log = logging.getLogger("batchrun.run")
 
 POSTERS = "posters"
 POSTER_WIDTH = 480  # pixels; the galleries show takes about this wide
-READ_THREADS = 4
+READ_THREADS = 4  # at most; never more than the CPUs this process may run on (`reading_threads`)
 READ_CHUNK = 16  # videos a reading thread takes at a time
+# Threads pay only when FFmpeg decodes (a 720p poster frame: ~50 ms, without the interpreter lock). A
+# video that fails to open in well under a millisecond gains nothing from them, and several threads
+# then spend their time handing the lock to each other (about 20 futex calls per video with 4 threads
+# on 2 CPUs, none with one). So the reader reads `PARALLEL_SAMPLE` videos in order first, and only if
+# even the fastest of them took `PARALLEL_AFTER_S` does it read the rest in threads.
+PARALLEL_SAMPLE = 3
+PARALLEL_AFTER_S = 0.002
+ANSWER_EVERY_S = 0.5  # how often a reader allowed threads sends the answers it has (see `_Answers`)
 STALL_SECONDS = 60.0  # a reader that says nothing for this long is taken to hang (a video takes < 1 s)
 DURATION_TOLERANCE_S = 0.5  # containers round; a whole second off is what a user would notice
 
 
-def probe(path: Path) -> dict[str, Any] | None:
-    """The media facts of the video at `path`, or None when it cannot be read (or PyAV is missing)."""
+def read_video(path: Path, poster: Path | None = None) -> dict[str, Any] | None:
+    """The media facts of the video at `path`, or None when it cannot be read (or PyAV is missing); with
+    `poster`, its first frame is also written there as a JPEG (POSTER_WIDTH wide), from the same opening
+    of the file: opening an mp4 parses its index and decodes a few frames to learn its streams, which
+    was a third of a 720p video's reading time when the poster opened it again. A poster that cannot be
+    made is logged and leaves the facts as read."""
     try:
         import av
     except ImportError:  # pragma: no cover - av is a dependency; an odd install degrades to no facts
         return None
     try:
         with av.open(str(path)) as container:
-            video = next((s for s in container.streams if s.type == "video"), None)
-            if video is None:
-                return None
-            duration = None
-            if container.duration is not None:
-                duration = container.duration / 1_000_000  # microseconds (AV_TIME_BASE)
-            elif video.duration is not None and video.time_base:
-                duration = float(video.duration * video.time_base)
-            rate = video.average_rate or video.guessed_rate
-            return {
-                "duration_s": round(duration, 3) if duration is not None else None,
-                "width": video.codec_context.width or None,
-                "height": video.codec_context.height or None,
-                "fps": round(float(rate), 3) if isinstance(rate, Fraction) and rate else None,
-                "has_audio": any(s.type == "audio" for s in container.streams),
-            }
+            facts = _facts(container)
+            if facts is not None and poster is not None:
+                _write_poster(container, path, poster)
+            return facts
     except Exception as exc:  # noqa: BLE001 - av raises its own FFmpeg error tree, and OSError
         log.info("could not read media facts of %s: %s", path, exc)
         return None
+
+
+def probe(path: Path) -> dict[str, Any] | None:
+    """The media facts of the video at `path`, or None when it cannot be read (or PyAV is missing)."""
+    return read_video(path)
+
+
+def _facts(container) -> dict[str, Any] | None:
+    video = next((s for s in container.streams if s.type == "video"), None)
+    if video is None:
+        return None
+    duration = None
+    if container.duration is not None:
+        duration = container.duration / 1_000_000  # microseconds (AV_TIME_BASE)
+    elif video.duration is not None and video.time_base:
+        duration = float(video.duration * video.time_base)
+    rate = video.average_rate or video.guessed_rate
+    return {
+        "duration_s": round(duration, 3) if duration is not None else None,
+        "width": video.codec_context.width or None,
+        "height": video.codec_context.height or None,
+        "fps": round(float(rate), 3) if isinstance(rate, Fraction) and rate else None,
+        "has_audio": any(s.type == "audio" for s in container.streams),
+    }
 
 
 def make_poster(path: Path, poster: Path) -> bool:
@@ -74,10 +99,20 @@ def make_poster(path: Path, poster: Path) -> bool:
         import av
     except ImportError:  # pragma: no cover
         return False
-    part = poster.with_name(poster.name + ".part")
     try:
         with av.open(str(path)) as container:
-            frame = next(container.decode(video=0))
+            return _write_poster(container, path, poster)
+    except Exception as exc:  # noqa: BLE001 - see read_video
+        log.info("could not make a poster frame of %s: %s", path, exc)
+        return False
+
+
+def _write_poster(container, path: Path, poster: Path) -> bool:
+    import av
+
+    part = poster.with_name(poster.name + ".part")
+    try:
+        frame = next(container.decode(video=0))
         width = min(POSTER_WIDTH, frame.width) // 2 * 2
         height = max(2, round(frame.height * width / frame.width) // 2 * 2)
         poster.parent.mkdir(exist_ok=True)
@@ -91,7 +126,7 @@ def make_poster(path: Path, poster: Path) -> bool:
                 out.mux(packet)
         part.replace(poster)
         return True
-    except Exception as exc:  # noqa: BLE001 - see probe
+    except Exception as exc:  # noqa: BLE001 - see read_video
         log.info("could not make a poster frame of %s: %s", path, exc)
         part.unlink(missing_ok=True)
         return False
@@ -153,8 +188,18 @@ def fill(ledger, output_dir: Path, limit: int | None = None) -> int:
     return len(todo)
 
 
-def read_all(output_dir: Path, todo: list[tuple[str, str]], *,
-             stall_seconds: float = STALL_SECONDS) -> list[tuple[str, dict[str, Any] | None]]:
+def reading_threads() -> int:
+    """How many threads the reader may read with: READ_THREADS, or fewer CPUs (2 CPUs shared by 4 threads
+    read 200 720p videos no faster than 2 threads, and with more lock hand-offs)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(READ_THREADS, cpus))
+
+
+def read_all(output_dir: Path, todo: list[tuple[str, str]], *, stall_seconds: float = STALL_SECONDS,
+             parallel_after_s: float = PARALLEL_AFTER_S) -> list[tuple[str, dict[str, Any] | None]]:
     """The facts of each `(job id, path relative to output_dir)`, read (and posters made) in a child
     process; a video that crashes or hangs the reader gets None, and the others their facts. Videos left
     out of the answer (the reader could not start at all) are simply not in it: the next run reads them.
@@ -163,11 +208,14 @@ def read_all(output_dir: Path, todo: list[tuple[str, str]], *,
     file would take the run down with it at its very end; in a child, it costs that one file's facts. The
     child also keeps PyAV's libraries (about 20 MB) out of a long run's memory. A child that dies, or says
     nothing for `stall_seconds`, is replaced by one reading a video at a time, in order, so the video it
-    dies or hangs on is known: that one gets None and the next child goes on after it."""
+    dies or hangs on is known: that one gets None and the next child goes on after it.
+
+    `parallel_after_s`: the time a video must take to read before the reader reads in threads
+    (PARALLEL_AFTER_S; 0 always does when it may, for tests)."""
     answers: list[tuple[str, dict[str, Any] | None]] = []
-    remaining, threads = list(todo), READ_THREADS
+    remaining, threads = list(todo), reading_threads()
     while remaining:
-        got, finished, started = _read_in_child(output_dir, remaining, threads, stall_seconds)
+        got, finished, started = _read_in_child(output_dir, remaining, threads, stall_seconds, parallel_after_s)
         answers += got
         seen = {job_id for job_id, _ in got}
         remaining = [item for item in remaining if item[0] not in seen]
@@ -186,14 +234,17 @@ def read_all(output_dir: Path, todo: list[tuple[str, str]], *,
     return answers
 
 
-def _read_in_child(output_dir: Path, todo: list[tuple[str, str]], threads: int,
-                   stall_seconds: float) -> tuple[list[tuple[str, dict[str, Any] | None]], bool, bool]:
+def _read_in_child(output_dir: Path, todo: list[tuple[str, str]], threads: int, stall_seconds: float,
+                   parallel_after_s: float) -> tuple[list[tuple[str, dict[str, Any] | None]], bool, bool]:
     """Run the reader on `todo`; returns the answers it gave, whether it finished, and whether it started."""
     # -I: nothing from the current directory or PYTHON* variables runs in it (a planted json.py would,
-    # before the path below is set); it imports batchrun from where this process did (a checkout, a venv).
-    # Not given the token.
+    # before the path below is set); it imports batchrun from where this process did (a checkout, a venv,
+    # an editable install, whose import hook is not on the path: hence batchrun's own folder first).
+    # -S: no `site` (a thousand system calls of .pth files and site folders): the path below is this
+    # process's, which site already made. Not given the token.
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    argv = [sys.executable, "-I", "-c", _CHILD, str(output_dir), str(threads), *sys.path]
+    path = [str(Path(__file__).resolve().parent.parent), *sys.path]
+    argv = [sys.executable, "-I", "-S", "-c", _CHILD, str(output_dir), str(threads), repr(parallel_after_s), *path]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env=env)
@@ -239,7 +290,7 @@ def _feed(pipe, data: bytes) -> None:
 
 
 # Runs with -I: only built-in modules before the path is set.
-_CHILD = "import sys; sys.path[:] = sys.argv[3:]; from batchrun.mediafacts import child_main; child_main()"
+_CHILD = "import sys; sys.path[:] = sys.argv[4:]; from batchrun.mediafacts import child_main; child_main()"
 
 
 class _ToParent(logging.Handler):
@@ -247,20 +298,51 @@ class _ToParent(logging.Handler):
         _say(["log", self.format(record)])
 
 
-_said = threading.Lock()
+class _Answers:
+    """The reader's stdout. `eager`: each message written as it is said (a reader reading one video at a
+    time, whose parent learns from the last answer which video it died on). Otherwise messages are
+    gathered and written at most every ANSWER_EVERY_S, and at the end: one write for many videos, where
+    a crash or a hang costs only their reading again (the parent then reads the unanswered ones one at
+    a time) and the parent, which gives up on a reader silent for 60 s, still hears from it often."""
+
+    def __init__(self) -> None:
+        self.eager = True
+        self._lock = threading.Lock()
+        self._lines: list[str] = []
+        self._sent = time.monotonic()
+
+    def say(self, message: list) -> None:
+        with self._lock:
+            self._lines.append(json.dumps(message) + "\n")
+            if self.eager or time.monotonic() - self._sent >= ANSWER_EVERY_S:
+                self._flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._lines:
+            sys.stdout.write("".join(self._lines))
+            sys.stdout.flush()
+            self._lines.clear()
+        self._sent = time.monotonic()
 
 
-def _say(message: list) -> None:
-    with _said:
-        sys.stdout.write(json.dumps(message) + "\n")
-        sys.stdout.flush()
+_answers = _Answers()
+_say = _answers.say
 
 
 def child_main() -> None:
     """The reader: `[[job id, path], ...]` as JSON on stdin; JSON lines on stdout: `["ready"]` once started,
-    then `["answer", job id, facts or null]` per video as soon as it is read (in order when reading with one
-    thread) and `["log", text]` for its log lines."""
-    output_dir, threads = Path(sys.argv[1]), int(sys.argv[2])
+    then `["answer", job id, facts or null]` per video and `["log", text]` for its log lines.
+
+    Given one thread (argv), each answer is written as soon as its video is read, in order. Given more,
+    it reads `PARALLEL_SAMPLE` videos in order, then the rest in threads if even the fastest of those took
+    `parallel_after_s` (argv), else on in order; either way its answers are written a few at a time
+    (`_Answers`)."""
+    output_dir, threads, parallel_after_s = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    logging.logProcesses = False  # a getpid() per record (per unreadable video) for a field never shown
     handler = _ToParent()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger().addHandler(handler)
@@ -268,22 +350,33 @@ def child_main() -> None:
     _say(["ready"])
     todo = json.loads(sys.stdin.buffer.read())
 
-    def read(item: list[str]) -> None:
+    def read(item: list[str]) -> float:
         job_id, path = item
         crashpoint("media_read")
-        facts = probe(output_dir / path)
-        if facts is not None:
-            make_poster(output_dir / path, output_dir / poster_path(job_id))
+        started = time.perf_counter()
+        facts = read_video(output_dir / path, output_dir / poster_path(job_id))
+        took = time.perf_counter() - started
         _say(["answer", job_id, facts])
+        return took
 
     if threads <= 1:
         for item in todo:
             read(item)
         return
-    # FFmpeg decodes without holding the GIL: a few threads read a long batch's videos several times
-    # faster. Each thread takes `READ_CHUNK` videos at a time: one hand-off per video cost more than a
-    # short read.
-    chunks = [todo[start:start + READ_CHUNK] for start in range(0, len(todo), READ_CHUNK)]
-    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
-        for _ in pool.map(lambda chunk: [read(item) for item in chunk], chunks):
-            pass
+    _answers.eager = False
+    try:
+        sample = [read(item) for item in todo[:PARALLEL_SAMPLE]]
+        rest = todo[PARALLEL_SAMPLE:]
+        if rest and min(sample) < parallel_after_s:
+            for item in rest:
+                read(item)
+        elif rest:
+            # FFmpeg decodes without holding the GIL: a few threads read a long batch's videos several
+            # times faster. Each thread takes `READ_CHUNK` videos at a time: one hand-off per video cost
+            # more than a short read.
+            chunks = [rest[start:start + READ_CHUNK] for start in range(0, len(rest), READ_CHUNK)]
+            with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+                for _ in pool.map(lambda chunk: [read(item) for item in chunk], chunks):
+                    pass
+    finally:
+        _answers.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -155,6 +156,16 @@ def make_app(state: Server) -> web.Application:
         await state.release.wait()
         return resp
 
+    async def held(request):
+        # All of DATA with its ETag, the last 1,000 bytes only once released.
+        resp = web.StreamResponse(headers={"ETag": ETAG})
+        resp.content_length = len(DATA)
+        await resp.prepare(request)
+        await resp.write(DATA[:-1000])
+        await state.release.wait()
+        await resp.write(DATA[-1000:])
+        return resp
+
     async def chunked(request):
         resp = web.StreamResponse()
         resp.enable_chunked_encoding()
@@ -182,6 +193,7 @@ def make_app(state: Server) -> web.Application:
     app.router.add_get("/hang.mp4", hang)
     app.router.add_get("/big-hang.mp4", big_hang)
     app.router.add_get("/chunked.mp4", chunked)
+    app.router.add_get("/held.mp4", held)
     app.router.add_get("/status/{code}", status)
     return app
 
@@ -467,6 +479,40 @@ async def test_directory_at_dest_is_refused(server, session, dest):
     assert not part_path(dest).exists()
 
 
+async def test_directory_made_at_dest_during_the_download_is_refused_and_the_bytes_kept(server, session, dest):
+    fetching = asyncio.create_task(download(session, server.url("/held.mp4"), dest))
+    await wait_until(lambda: part_path(dest).exists() and part_path(dest).stat().st_size >= len(DATA) - 1000)
+    dest.mkdir()
+    server.release.set()
+    with pytest.raises(DownloadError, match="is a directory; refusing to replace it"):
+        await fetching
+    assert dest.is_dir() and part_path(dest).read_bytes() == DATA  # nothing lost, nothing placed
+    dest.rmdir()
+    assert_complete(await download(session, server.url("/ranged.mp4"), dest), dest)
+    assert server.ranges("/ranged.mp4")[0] == f"bytes={len(DATA)}-"  # the kept bytes were offered for resuming
+
+
+@pytest.mark.parametrize("planted", ["file", "symlink"])
+async def test_a_part_replaced_during_the_download_is_never_renamed_into_place(server, session, dest, tmp_path,
+                                                                               planted):
+    fetching = asyncio.create_task(download(session, server.url("/held.mp4"), dest))
+    await wait_until(lambda: part_path(dest).exists() and part_path(dest).stat().st_size >= len(DATA) - 1000)
+    outside = tmp_path / "precious.bin"
+    outside.write_bytes(b"precious")
+    part_path(dest).unlink()
+    if planted == "file":
+        part_path(dest).write_bytes(b"someone else's bytes")
+    else:
+        part_path(dest).symlink_to(outside)
+    server.release.set()
+    with pytest.raises(DownloadError, match="replaced by something else during the download"):
+        await fetching
+    assert not dest.exists() and not dest.is_symlink()
+    assert outside.read_bytes() == b"precious"
+    if planted == "file":
+        assert part_path(dest).read_bytes() == b"someone else's bytes"
+
+
 # --- disk full ----------------------------------------------------------------------------------
 
 
@@ -584,3 +630,46 @@ def test_parse_retry_after():
     assert _parse_retry_after("soon") is None
     assert _parse_retry_after("nan") is None
     assert _parse_retry_after(None) is None
+
+
+def test_a_finished_event_loop_leaves_no_file_of_its_downloads_open(tmp_path):
+    # Durability keeps each output directory open while its loop lives (one open, not one per batch),
+    # and nothing once the loop is gone: a long-lived process running loop after loop leaks no fds.
+    import gc
+
+    async def one_run(folder: Path) -> None:
+        async def plain(request):
+            return whole()
+
+        app = web.Application()  # no middleware: aiohttp caches those with their app, and the app its loop
+        app.router.add_get("/plain.mp4", plain)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        try:
+            async with aiohttp.ClientSession() as session:
+                for name in ("a.mp4", "b.mp4"):
+                    assert_complete(await download(session, f"http://{host}:{port}/plain.mp4", folder / name),
+                                    folder / name)
+        finally:
+            await runner.cleanup()
+
+    def open_under(folder: Path) -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(str(folder)):
+                    found.append(target)
+        return found
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to list open files")
+    folders = [tmp_path / f"run-{i}" for i in range(3)]
+    for folder in folders:
+        folder.mkdir()
+        asyncio.run(one_run(folder))
+    gc.collect()
+    assert [open_under(folder) for folder in folders] == [[], [], []]

@@ -188,3 +188,48 @@ def test_a_planted_module_in_the_current_directory_does_not_run_in_the_reader(tm
     got = mediafacts.read_all(out, [("a", "a.mp4")])
     assert got[0][1]["duration_s"] == 2.0
     assert not marker.exists()
+
+
+def _sample_videos(directory, count: int) -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    from batchrun.sandbox import server
+
+    sample = Path(server.__file__).with_name("sample.mp4").read_bytes()
+    todo = []
+    for i in range(count):
+        (directory / f"v{i}.mp4").write_bytes(sample)
+        todo.append((f"v{i}", f"v{i}.mp4"))
+    return todo
+
+
+def test_a_reader_reading_in_threads_gives_every_video_its_facts_and_poster(tmp_path):
+    # parallel_after_s=0: the reader goes on in threads after its sample, whatever the videos cost.
+    from batchrun import mediafacts
+
+    todo = _sample_videos(tmp_path, mediafacts.PARALLEL_SAMPLE + mediafacts.READ_CHUNK * 2 + 5)
+    got = mediafacts.read_all(tmp_path, todo, parallel_after_s=0.0)
+    assert sorted(job_id for job_id, _ in got) == sorted(job_id for job_id, _ in todo)
+    assert {facts["duration_s"] for _, facts in got} == {2.0}
+    assert all((tmp_path / "posters" / f"{job_id}.jpg").stat().st_size > 500 for job_id, _ in todo)
+
+
+@pytest.mark.parametrize("parallel_after_s", [0.0, 3600.0])  # read in threads / in order after the sample
+def test_a_reader_that_dies_with_answers_not_yet_sent_costs_their_reading_again_not_their_facts(
+        tmp_path, monkeypatch, parallel_after_s):
+    # A reader reading a batch sends its answers a few at a time: killed, those it had not sent are read
+    # again by readers reading one video at a time, each of which dies on its 6th video here (the kill
+    # counts per process), so exactly those get no facts.
+    from batchrun import mediafacts
+
+    if mediafacts.reading_threads() < 2:
+        pytest.skip("one CPU: the reader reads one video at a time from the start")
+    monkeypatch.setenv("BATCHRUN_CRASH_AT", "media_read:6")
+    todo = _sample_videos(tmp_path, 40)
+    got = dict(mediafacts.read_all(tmp_path, todo, parallel_after_s=parallel_after_s))
+    assert sorted(got) == sorted(job_id for job_id, _ in todo)
+    lost = [job_id for job_id, facts in got.items() if facts is None]
+    assert {facts["duration_s"] for facts in got.values() if facts is not None} == {2.0}
+    # The first reader died on its 6th video with at most 5 answers sent; the one-at-a-time readers then
+    # lose one video in each 6 of the 35 to 40 left: 5 or 6, and every other video has its facts.
+    assert 5 <= len(lost) <= 6, lost
