@@ -108,6 +108,7 @@ def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool,
     keep = unsettled.append
     lstat, is_regular = os.stat, stat.S_ISREG
     get = jobs.get if jobs is not None else None
+    asked = mediafacts.asked
     raised: dict[tuple, list[str]] = {}  # (media facts' text, asked duration, audio) -> the flags they raise
     for brief in briefs:
         job_id = brief[0]
@@ -133,21 +134,26 @@ def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool,
                       and record.st_mtime_ns == brief[9] and record.st_ino == brief[10]
                       and record.st_size == brief[8] and is_regular(video.st_mode) and is_regular(record.st_mode))
         if ok and media and brief[13] is not None:
-            asked = mediafacts.asked(job.input) if job is not None else brief[14:16]
-            if asked[1] is None:  # its input is not JSON: the full row says what it can
+            # (media facts' text, *mediafacts.asked(input)): the input's own when the manifest's is the one
+            # the job was made with, else what SQL read of the ledger's
+            key = (brief[13], *asked(job.input)) if job is not None else brief[13:16]
+            if key[2] is None:  # its input is not JSON: the full row says what it can
                 ok = False
             else:
-                key = (brief[13], *asked)
                 try:
                     found_flags = raised.get(key)
                 except TypeError:  # an unhashable duration (a list): not cached
-                    key, found_flags = None, None
+                    found_flags = None
+                    uncached = True
+                else:
+                    uncached = False
                 if found_flags is None:
-                    found_flags = mediafacts.flags_for(json.loads(brief[13]) or None, *asked)
-                    if key is not None:
+                    found_flags = mediafacts.flags_for(json.loads(brief[13]) or None, key[1], key[2])
+                    if not uncached:
                         raised[key] = found_flags
                 if found_flags:
-                    flagged.append(((brief[11], brief[12]), job_id, list(found_flags)))
+                    # One list per kind of difference, shared by the jobs that show it (nothing changes it).
+                    flagged.append(((brief[11], brief[12]), job_id, found_flags))
         if ok:
             settle(job_id)
         else:
