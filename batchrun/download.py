@@ -413,6 +413,7 @@ class _Part:
         self.total = total
         self.meta_pending = False  # a validator held in memory, not yet in .meta (see `remember`)
         self.discarded = False  # removed (`discard`): nothing left to resume
+        self.written: tuple[int, int] | None = None  # (st_dev, st_ino) of the file written, set by `commit`
 
     @classmethod
     async def open(cls, path: Path) -> _Part:
@@ -514,17 +515,17 @@ class _Part:
         """Make the bytes durable, then give them their final name, durably too (in a batch with the other
         downloads finishing now: see `_Durability`).
 
-        Checked here, on the loop's thread, that the .part is still the file written (its fd's stat, taken
-        once the last byte is written: the mtime and inode an fsync and a rename leave as they are, and
-        the ones recorded). The fd then goes with the batch, which closes it after its trip: a caller
-        cancelled meanwhile cannot close it under the worker thread (a reused descriptor number could be
-        another file)."""
+        The fd's stat is taken here, on the loop's thread, once the last byte is written: the mtime and inode
+        an fsync and a rename leave as they are, and the ones recorded. That the .part is still this file
+        is checked by the trip, after the fsync and just before the rename (`_sync_and_rename`): a check
+        made any earlier leaves the fsync's length for another file to be put in its place. The fd goes
+        with the batch, which closes it after its trip: a caller cancelled meanwhile cannot close it under
+        the worker thread (a reused descriptor number could be another file)."""
         try:
-            held, named = os.fstat(self.fd), os.lstat(self.path)
+            held = os.fstat(self.fd)
         except OSError as exc:
             raise self._storage_error(exc, "finish") from exc
-        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
-            raise DownloadError(f"{self.path} was replaced by something else during the download")
+        self.written = (held.st_dev, held.st_ino)
         fd, self.fd = self.fd, -1
         try:
             await _Durability.of(asyncio.get_running_loop()).settle(self, fd, dest)
@@ -538,10 +539,14 @@ class _Part:
         (each call there lets go of the interpreter lock and takes it back from the loop's thread, a few
         futex calls every time).
 
-        `dest` was checked when the download began (`_check_dest`); a directory put there since makes the
-        rename fail, with the same message. (Anything else put there since, a FIFO say, is replaced as a
-        file or a link would be: the rename never writes through it.)"""
+        The .part must still be the file written (`written`, its fd's identity): else DownloadError, and
+        nothing is renamed. `dest` was checked when the download began (`_check_dest`); a directory put
+        there since makes the rename fail, with the same message. (Anything else put there since, a FIFO
+        say, is replaced as a file or a link would be: the rename never writes through it.)"""
         os.fsync(fd)
+        named = os.lstat(self.path)
+        if (named.st_dev, named.st_ino) != self.written:
+            raise DownloadError(f"{self.path} was replaced by something else during the download")
         try:
             os.replace(self.path, dest)
         except IsADirectoryError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -511,6 +512,34 @@ async def test_a_part_replaced_during_the_download_is_never_renamed_into_place(s
     assert outside.read_bytes() == b"precious"
     if planted == "file":
         assert part_path(dest).read_bytes() == b"someone else's bytes"
+
+
+async def test_a_part_replaced_while_it_is_being_made_durable_is_never_renamed_into_place(server, session, dest,
+                                                                                          tmp_path):
+    # The swap lands after the last byte and the loop's own stat, in the durability trip's thread, before
+    # its fsync and rename: the window a check made before the fsync would leave open (found by a tester
+    # swapping a 300 MB download's .part while it synced).
+    impostor = tmp_path / "impostor.bin"
+    impostor.write_bytes(b"someone else's bytes")
+
+    class SwapFirst(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            def swapped_then_run():
+                if part_path(dest).exists():
+                    os.replace(impostor, part_path(dest))
+                return fn(*args, **kwargs)
+            return super().submit(swapped_then_run)
+
+    loop = asyncio.get_running_loop()
+    executor = SwapFirst(max_workers=1)
+    loop.set_default_executor(executor)
+    try:
+        with pytest.raises(DownloadError, match="replaced by something else during the download"):
+            await download(session, server.url("/plain.mp4"), dest)
+    finally:
+        executor.shutdown(wait=True)
+    assert not dest.exists() and not dest.is_symlink()
+    assert part_path(dest).read_bytes() == b"someone else's bytes"  # left as found, never renamed into place
 
 
 # --- disk full ----------------------------------------------------------------------------------
