@@ -80,6 +80,7 @@ def collect(output_dir: Path, manifest: Manifest | None = None, *, verify: bool 
     """What `status` shows. Done files are checked by size, mtime and inode, or hashed in full with
     `verify` (see batchrun.filecheck); nothing is written (a stat found stale is recorded by the next run)."""
     ledger = Ledger.open(output_dir, create=False, readonly=True, check=False)
+    side = None
     try:
         try:
             # The integrity check, the counts and the identity mismatches on a second connection meanwhile

@@ -84,3 +84,28 @@ async def test_a_commit_between_the_two_snapshots_is_read_again_in_the_main_one(
     report = json.loads(stdout)
     assert report["counts"] == {"done": 3, "failed": 1}
     assert report["damaged"] == [{"id": "clip-03", "path": "clip-03.json", "problem": "damaged"}]
+
+
+async def test_status_of_a_ledger_whose_first_read_fails_says_so(tmp_path):
+    # Its header damaged (the schema's own bytes), or the change count's table gone: the very first read,
+    # before the integrity check has started, is the one that fails.
+    for damage in ("header", "table"):
+        (tmp_path / damage).mkdir()
+        manifest = write_manifest(tmp_path / damage, jobs(3))
+        out = tmp_path / damage / "out"
+        async with Sandbox() as sandbox:
+            outcome, _ = await run(manifest, sandbox)
+            assert outcome.exit_code == 0
+        if damage == "table":
+            _edit_ledger(out, "DROP TABLE ledger_changes")
+        else:
+            _page_of(out, "jobs")  # folds the WAL into the file
+            path = out / LEDGER_NAME
+            data = bytearray(path.read_bytes())
+            data[100:116] = bytes(b ^ 0x5A for b in data[100:116])
+            path.write_bytes(bytes(data))
+        for argv in (["status", str(manifest)], ["status", str(out), "--json"]):
+            code, stdout, stderr = await cli(argv)
+            assert code == 2, (damage, argv, stderr)
+            assert "is not a usable batchrun ledger" in stderr and "Traceback" not in stderr
+            assert stdout == ""
