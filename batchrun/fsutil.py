@@ -88,6 +88,19 @@ def replace_with(tmp: Path | str, path: Path | str) -> None:
     os.replace(tmp, path)
 
 
+def own_folder(path: Path) -> Path:
+    """`path` as a folder batchrun may write into: made when missing. Raises NotADirectoryError when a
+    symbolic link (to a folder or not) or anything but a directory is there: writing through a link
+    planted in the output dir would write wherever it points."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "a symbolic link or not a folder; batchrun never writes "
+                                     "through a link in the output directory (remove it)", str(path)) from None
+    return path
+
+
 def atomic_write(path: Path, data: bytes | Sequence[bytes], mode: int = 0o666, *, durable: bool = True,
                  before_rename: Callable[[], None] | None = None) -> None:
     """Replace `path` with `data` (bytes, or parts written one after the other, to spare a caller joining

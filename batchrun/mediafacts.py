@@ -14,6 +14,7 @@ the file has no audio track though `generate_audio: true` was paid for.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.crashpoints import crashpoint
+from batchrun.fsutil import atomic_write, own_folder
 from batchrun.settings import TOKEN_ENV
 
 log = logging.getLogger("batchrun.run")
@@ -110,13 +112,14 @@ def make_poster(path: Path, poster: Path) -> bool:
 def _write_poster(container, path: Path, poster: Path) -> bool:
     import av
 
-    part = poster.with_name(poster.name + ".part")
     try:
         frame = next(container.decode(video=0))
         width = min(POSTER_WIDTH, frame.width) // 2 * 2
         height = max(2, round(frame.height * width / frame.width) // 2 * 2)
-        poster.parent.mkdir(exist_ok=True)
-        with av.open(str(part), "w", format="image2") as out:
+        # Encoded in memory, then written by atomic_write into a folder that is no link: FFmpeg opens a
+        # file by name, following a link planted at it or at its folder, out of the output dir.
+        jpeg = io.BytesIO()
+        with av.open(jpeg, "w", format="mjpeg") as out:
             stream = out.add_stream("mjpeg")
             stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
             image = frame.reformat(width=width, height=height, format="yuvj420p")
@@ -124,11 +127,10 @@ def _write_poster(container, path: Path, poster: Path) -> bool:
                 out.mux(packet)
             for packet in stream.encode(None):
                 out.mux(packet)
-        part.replace(poster)
+        atomic_write(own_folder(poster.parent) / poster.name, jpeg.getvalue(), durable=False)
         return True
     except Exception as exc:  # noqa: BLE001 - see read_video
         log.info("could not make a poster frame of %s: %s", path, exc)
-        part.unlink(missing_ok=True)
         return False
 
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from batchrun.fsutil import atomic_write
+from batchrun.fsutil import atomic_write, own_folder
 from batchrun.inputfile import read_regular
 from batchrun.localfiles import MAX_INLINE_BYTES
 
@@ -47,8 +47,7 @@ def copy_local(output_dir: Path, jobs: Iterable) -> int:
             data, _ = read_regular(Path(source), MAX_INLINE_BYTES)
             if target.is_file() and not target.is_symlink() and target.read_bytes() == data:
                 continue
-            target.parent.mkdir(exist_ok=True)
-            atomic_write(target, data, durable=False)
+            atomic_write(own_folder(target.parent) / target.name, data, durable=False)
             written += 1
         except Exception as exc:  # noqa: BLE001 - a picture for people; never stops a run
             log.warning("could not copy start image %s into %s: %s", source, output_dir, exc)

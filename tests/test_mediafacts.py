@@ -233,3 +233,46 @@ def test_a_reader_that_dies_with_answers_not_yet_sent_costs_their_reading_again_
     # The first reader died on its 6th video with at most 5 answers sent; the one-at-a-time readers then
     # lose one video in each 6 of the 35 to 40 left: 5 or 6, and every other video has its facts.
     assert 5 <= len(lost) <= 6, lost
+
+
+@pytest.mark.parametrize("planted", ["folder", "part"])
+async def test_posters_are_never_written_through_a_link_planted_in_the_output_dir(tmp_path, planted):
+    # FFmpeg opened the poster's file by name, following a link at it or at its folder out of the output dir.
+    manifest = write_manifest(tmp_path, [job("cliff")])
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.txt"
+    victim.write_bytes(b"precious")
+    out.mkdir()
+    if planted == "folder":
+        (out / "posters").symlink_to(elsewhere, target_is_directory=True)
+    else:
+        (out / "posters").mkdir()
+        (out / "posters" / "cliff.jpg.part").symlink_to(victim)
+    async with Sandbox() as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0
+    assert victim.read_bytes() == b"precious" and sorted(p.name for p in elsewhere.iterdir()) == ["victim.txt"]
+    assert results(out)["cliff"]["media"]["width"] == 160  # the facts do not depend on the poster
+    if planted == "folder":
+        assert (out / "posters").is_symlink()  # left as found; no poster
+    else:
+        assert (out / "posters" / "cliff.jpg").read_bytes().startswith(b"\xff\xd8\xff")
+
+
+async def test_start_images_are_never_copied_through_a_linked_folder(tmp_path):
+    from test_preflight import image
+
+    (tmp_path / "harbor.png").write_bytes(image((640, 480)))
+    manifest = write_manifest(tmp_path, [job("harbor", start_image_url="harbor.png")])
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "start-images").symlink_to(elsewhere, target_is_directory=True)
+    async with Sandbox() as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+    assert outcome.exit_code == 0 and results(out)["harbor"]["state"] == "done"
+    assert list(elsewhere.iterdir()) == []
+    assert "could not copy start image" in (out / "run.log").read_text()
