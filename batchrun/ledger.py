@@ -398,8 +398,23 @@ class InJobOrder:
         return found
 
 
+_ACCESS_ERRORS = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_BUSY", "SQLITE_LOCKED")
+_ACCESS_TEXTS = ("unable to open database file", "attempt to write a readonly database", "access permission denied",
+                 "authorization denied", "database is locked", "database table is locked")  # sqlite3_errstr's
+
+
 def unusable(path: Path, exc: Exception) -> LedgerError:
-    """What a person is told of a ledger SQLite cannot read (`exc`: what SQLite said)."""
+    """What a person is told of a ledger SQLite cannot read (`exc`: what SQLite said).
+
+    A damaged file (SQLite's CORRUPT or NOTADB, a failed integrity check, a table gone) may be moved aside.
+    A file SQLite could not open or write (CANTOPEN, READONLY, PERM, AUTH, a lock) is most likely fine, and
+    moving it aside would start a new ledger that pays again for every job it records: the message says to
+    fix the access instead."""
+    name = getattr(exc, "sqlite_errorname", None)  # Python 3.11+; before, SQLite's own text for the code
+    if name.startswith(_ACCESS_ERRORS) if name else any(text in str(exc) for text in _ACCESS_TEXTS):
+        return LedgerError(f"cannot use the ledger {path} here ({exc}); it was left untouched. Check that you may "
+                           "read and write it and its folder (SQLite writes a -shm file beside it even to read). "
+                           "Do not move it aside: it is the record of the jobs already paid for")
     return LedgerError(f"{path} is not a usable batchrun ledger ({exc}); it was left untouched. "
                        "Move it aside to start over, or restore it from a backup")
 

@@ -226,3 +226,22 @@ def test_rows_stream_each_job_with_its_own_outputs_and_requests_in_ledger_order(
         assert by_id["c"].outputs == () and by_id["c"].request_ids == ()
     finally:
         ledger.close()
+
+
+def test_a_ledger_sqlite_cannot_open_is_not_called_damaged(tmp_path):
+    # Moving a ledger aside "to start over" pays again for every job it records: said only of a damaged file.
+    (tmp_path / "out").mkdir()
+    ledger = Ledger.open(tmp_path / "out")
+    _add(ledger, "a")
+    ledger.close()
+    (tmp_path / "out" / f"{LEDGER_NAME}-shm").unlink(missing_ok=True)
+    (tmp_path / "out" / f"{LEDGER_NAME}-wal").mkdir()  # SQLite cannot open its write-ahead log: CANTOPEN
+    with pytest.raises(LedgerError) as caught:
+        Ledger.open(tmp_path / "out", create=False)
+    said = str(caught.value)
+    assert "Do not move it aside" in said and "start over" not in said
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / LEDGER_NAME).write_bytes(b"not a database at all" * 100)
+    with pytest.raises(LedgerError, match="Move it aside to start over"):
+        Ledger.open(garbage, create=False)
