@@ -123,6 +123,16 @@ async def run(manifest_path: Path, sandbox: Sandbox, *, token: str = TOKEN, cloc
     return outcome, stream.getvalue()
 
 
+async def finished_run(folder: Path, n: int) -> tuple[Path, Path]:
+    """A manifest of `n` jobs in `folder` run to the end against a fresh sandbox (every job done); returns
+    (the manifest, its output dir)."""
+    manifest = write_manifest(folder, jobs(n))
+    async with Sandbox() as sandbox:
+        outcome, _ = await run(manifest, sandbox)
+        assert outcome.exit_code == 0
+    return manifest, folder / "out"
+
+
 async def _no_wait(seconds: float) -> None:
     await asyncio.sleep(0)
 

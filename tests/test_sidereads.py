@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from helpers import cli, jobs, run, write_manifest
+from helpers import cli, finished_run
 
 from batchrun.ledger import LEDGER_NAME, Ledger
-from batchrun.sandbox import Sandbox
 from batchrun.sidereads import SideReads
 
 
@@ -34,11 +33,7 @@ def _page_of(out, table: str) -> int:
 
 
 async def test_status_of_a_ledger_with_a_damaged_page_says_so_and_shows_nothing_read(tmp_path):
-    manifest = write_manifest(tmp_path, jobs(40))
-    out = tmp_path / "out"
-    async with Sandbox() as sandbox:
-        outcome, _ = await run(manifest, sandbox)
-        assert outcome.exit_code == 0
+    manifest, out = await finished_run(tmp_path, 40)
     # A page status does not read when every job is done and intact (the request history): only the
     # integrity check can find it.
     page = _page_of(out, "requests")
@@ -57,11 +52,7 @@ async def test_status_of_a_ledger_with_a_damaged_page_says_so_and_shows_nothing_
 
 
 async def test_a_commit_between_the_two_snapshots_is_read_again_in_the_main_one(tmp_path):
-    manifest = write_manifest(tmp_path, jobs(4))
-    out = tmp_path / "out"
-    async with Sandbox() as sandbox:
-        outcome, _ = await run(manifest, sandbox)
-        assert outcome.exit_code == 0
+    manifest, out = await finished_run(tmp_path, 4)
     ledger = Ledger.open(out, create=False, readonly=True, check=False)
     try:
         side = SideReads(out).result()  # its snapshot: four done jobs, nothing edited
@@ -91,11 +82,7 @@ async def test_status_of_a_ledger_whose_first_read_fails_says_so(tmp_path):
     # before the integrity check has started, is the one that fails.
     for damage in ("header", "table"):
         (tmp_path / damage).mkdir()
-        manifest = write_manifest(tmp_path / damage, jobs(3))
-        out = tmp_path / damage / "out"
-        async with Sandbox() as sandbox:
-            outcome, _ = await run(manifest, sandbox)
-            assert outcome.exit_code == 0
+        manifest, out = await finished_run(tmp_path / damage, 3)
         if damage == "table":
             _edit_ledger(out, "DROP TABLE ledger_changes")
         else:
