@@ -183,6 +183,11 @@ async def download(
             # Nothing worth resuming: leave no empty .part behind (e.g. after a 403 on the first try).
             with contextlib.suppress(DownloadError):
                 part.discard()
+        elif part.foreign:
+            # Left as found, but without our validator: it would vouch for another file's bytes, and the next
+            # attempt would resume from them (a planted prefix recorded as the video).
+            with contextlib.suppress(OSError):
+                os.unlink(part.meta)
         elif not part.discarded:
             # The bytes kept are resumed by the next attempt: it needs their validator on disk. Without
             # it (a full disk), that attempt starts over, which costs a download, never a payment.
@@ -414,6 +419,7 @@ class _Part:
         self.meta_pending = False  # a validator held in memory, not yet in .meta (see `remember`)
         self.discarded = False  # removed (`discard`): nothing left to resume
         self.written: tuple[int, int] | None = None  # (st_dev, st_ino) of the file written, set by `commit`
+        self.foreign = False  # the .part path was found to hold another file: nothing there is ours to resume
 
     @classmethod
     async def open(cls, path: Path) -> _Part:
@@ -546,6 +552,7 @@ class _Part:
         os.fsync(fd)
         named = os.lstat(self.path)
         if (named.st_dev, named.st_ino) != self.written:
+            self.foreign = True
             raise DownloadError(f"{self.path} was replaced by something else during the download")
         try:
             os.replace(self.path, dest)

@@ -535,11 +535,17 @@ async def test_a_part_replaced_while_it_is_being_made_durable_is_never_renamed_i
     loop.set_default_executor(executor)
     try:
         with pytest.raises(DownloadError, match="replaced by something else during the download"):
-            await download(session, server.url("/plain.mp4"), dest)
+            await download(session, server.url("/ranged.mp4"), dest)
     finally:
         executor.shutdown(wait=True)
     assert not dest.exists() and not dest.is_symlink()
     assert part_path(dest).read_bytes() == b"someone else's bytes"  # left as found, never renamed into place
+    # Nor resumed from: the next attempt has no validator for those bytes, fetches the whole file again
+    # and records the server's bytes, not a planted prefix and the server's tail.
+    assert not meta_path(dest).exists()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+    assert_complete(await download(session, server.url("/ranged.mp4"), dest), dest)
+    assert server.ranges("/ranged.mp4")[-1] is None
 
 
 # --- disk full ----------------------------------------------------------------------------------
