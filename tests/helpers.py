@@ -123,6 +123,20 @@ async def run(manifest_path: Path, sandbox: Sandbox, *, token: str = TOKEN, cloc
     return outcome, stream.getvalue()
 
 
+def old_ledger(folder: Path, version: int) -> sqlite3.Connection:
+    """A new `ledger.sqlite` in `folder` made by the first `version` migrations only, as an older batchrun
+    left it; returns the open connection, for the caller to add rows, commit and close."""
+    from batchrun.ledger import LEDGER_NAME, MIGRATIONS
+
+    conn = sqlite3.connect(folder / LEDGER_NAME)
+    for migration in MIGRATIONS[:version]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={version}")
+    return conn
+
+
 async def finished_run(folder: Path, n: int) -> tuple[Path, Path]:
     """A manifest of `n` jobs in `folder` run to the end against a fresh sandbox (every job done); returns
     (the manifest, its output dir)."""

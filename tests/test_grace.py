@@ -8,13 +8,22 @@ own count, and its video is downloaded.
 from __future__ import annotations
 
 import io
-import sqlite3
 
 import pytest
-from helpers import FakeClock, assert_done, assert_spend_consistent, jobs, model_input, results, run, write_manifest
+from helpers import (
+    FakeClock,
+    assert_done,
+    assert_spend_consistent,
+    jobs,
+    model_input,
+    old_ledger,
+    results,
+    run,
+    write_manifest,
+)
 
 from batchrun.cli import main
-from batchrun.ledger import LEDGER_NAME, MIGRATIONS, Ledger
+from batchrun.ledger import Ledger
 from batchrun.plan import RunOptions
 from batchrun.sandbox import Faults, Sandbox
 
@@ -118,12 +127,7 @@ async def test_retry_failed_resubmits_a_job_that_failed_remotely_and_keeps_its_o
 
 
 def test_an_older_ledger_keeps_its_request_ids_in_the_history_when_migrated(tmp_path):
-    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
-    for migration in MIGRATIONS[:2]:
-        for statement in migration.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    conn.execute("PRAGMA user_version=2")
+    conn = old_ledger(tmp_path, 2)
     conn.execute("INSERT INTO jobs (id, state, model, input_json, input_sha256, request_id, submissions,"
                  " first_seen_at, submitted_at, updated_at) VALUES ('a', 'failed', 'm', '{}', 'x', 'r-old', 1,"
                  " 't', 't', 't')")

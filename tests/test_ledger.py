@@ -7,6 +7,7 @@ import os
 import sqlite3
 
 import pytest
+from helpers import old_ledger
 
 from batchrun.cli import main
 from batchrun.errors import LedgerError
@@ -149,13 +150,9 @@ def test_no_ledger_without_create(tmp_path):
 
 
 def test_a_ledger_of_an_older_schema_is_migrated_in_place(tmp_path):
-    from batchrun.ledger import MIGRATIONS, SCHEMA_VERSION
+    from batchrun.ledger import SCHEMA_VERSION
 
-    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
-    for statement in MIGRATIONS[0].split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    conn.execute("PRAGMA user_version=1")
+    conn = old_ledger(tmp_path, 1)
     conn.commit()
     conn.close()
     ledger = Ledger.open(tmp_path)

@@ -11,9 +11,8 @@ import os
 import sqlite3
 
 import pytest
-from helpers import cli, forge_keeping_stat, job, jobs, run, write_manifest
+from helpers import cli, forge_keeping_stat, job, jobs, old_ledger, run, write_manifest
 
-from batchrun.ledger import MIGRATIONS
 from batchrun.sandbox import Faults, Sandbox
 from batchrun.sandbox.server import _sample_video
 
@@ -135,12 +134,7 @@ async def test_status_reads_a_ledger_from_before_recorded_stats_without_migratin
     # Schema 2: no request history, no `simulated`, no decisions, no recorded stats: every job is checked in full.
     out = tmp_path / "out"
     out.mkdir()
-    conn = sqlite3.connect(out / "ledger.sqlite")
-    for migration in MIGRATIONS[:2]:
-        for statement in migration.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    conn.execute("PRAGMA user_version=2")
+    conn = old_ledger(out, 2)
     conn.executemany("INSERT INTO jobs (id, state, model, input_json, input_sha256, request_id, submissions, cost_usd,"
                      " first_seen_at, updated_at) VALUES (?, ?, 'm', '{}', 'x', ?, 1, ?, ?, 't')",
                      [("a", "done", "r-a", 0.5, "t1"), ("b", "failed", "r-b", None, "t2")])
