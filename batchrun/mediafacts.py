@@ -71,11 +71,6 @@ def read_video(path: Path, poster: Path | None = None) -> dict[str, Any] | None:
         return None
 
 
-def probe(path: Path) -> dict[str, Any] | None:
-    """The media facts of the video at `path`, or None when it cannot be read (or PyAV is missing)."""
-    return read_video(path)
-
-
 def _facts(container) -> dict[str, Any] | None:
     video = next((s for s in container.streams if s.type == "video"), None)
     if video is None:
@@ -93,20 +88,6 @@ def _facts(container) -> dict[str, Any] | None:
         "fps": round(float(rate), 3) if isinstance(rate, Fraction) and rate else None,
         "has_audio": any(s.type == "audio" for s in container.streams),
     }
-
-
-def make_poster(path: Path, poster: Path) -> bool:
-    """Write the first frame of the video at `path` as a JPEG at `poster` (POSTER_WIDTH wide); True if done."""
-    try:
-        import av
-    except ImportError:  # pragma: no cover
-        return False
-    try:
-        with av.open(str(path)) as container:
-            return _write_poster(container, path, poster)
-    except Exception as exc:  # noqa: BLE001 - see read_video
-        log.info("could not make a poster frame of %s: %s", path, exc)
-        return False
 
 
 def _write_poster(container, path: Path, poster: Path) -> bool:

@@ -82,10 +82,9 @@ def _media_facts(ledger: Ledger, output_dir: Path, jobs: list) -> None:
     if not jobs:
         return
     first = output_dir / f"{jobs[0].id}.mp4"
-    facts = mediafacts.probe(first) or {}
     poster = output_dir / mediafacts.poster_path(jobs[0].id)
-    made = bool(facts) and mediafacts.make_poster(first, poster)
-    image = poster.read_bytes() if made else None
+    facts = mediafacts.read_video(first, poster) or {}
+    image = poster.read_bytes() if poster.is_file() else None
     for job in jobs:
         if image is not None and job is not jobs[0]:
             (output_dir / mediafacts.poster_path(job.id)).write_bytes(image)
