@@ -104,6 +104,27 @@ def _utc_iso(text: str | None) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class _Signal(asyncio.Event):
+    """An `asyncio.Event` a nap can wait for without a task of its own: `set` also ends the naps waiting
+    on it (`naps`, the futures of `Scheduler._nap`). Why: each task and each `asyncio.wait` asks CPython
+    3.11 for the running loop, a getpid system call every time, and a run naps once or twice per job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.naps: set[asyncio.Future] = set()
+
+    def set(self) -> None:
+        super().set()
+        naps, self.naps = self.naps, set()
+        for nap in naps:
+            _end_nap(nap)
+
+
+def _end_nap(nap: asyncio.Future) -> None:
+    if not nap.done():
+        nap.set_result(None)
+
+
 class _IntentBatch:
     """Makes the intents of jobs about to be POSTed durable together: the ledger's commit at the end of
     this turn of the event loop carries them all (and every other write queued in the turn) and is FULL.
@@ -198,15 +219,16 @@ class Scheduler:
         self.budget_block: tuple[str, float] | None = None  # (job id, estimate) that did not fit the budget
         self._active = 0  # submit, poll and recheck tasks running: jobs whose money may still move
         self._budget_waiters = 0
-        self._money_moved = asyncio.Event()
-        self._stopping = asyncio.Event()  # set once submitting stops, for whatever reason
-        self._leaving = asyncio.Event()  # set when the run must end at once (the API cannot be reached)
+        self._money_moved = _Signal()
+        self._stopping = _Signal()  # set once submitting stops, for whatever reason
+        self._leaving = _Signal()  # set when the run must end at once (the API cannot be reached)
         # More failures than jobs in flight: at least one job failed twice, so it is not one blip.
         self._unreachable_after = max(unreachable_after, self._in_flight_cap + 1)
         self._connect_failures = 0
         self._unanswered = 0  # submits in a row whose outcome is unknown, none accepted in between
         self._pacer = SubmitPacer(clock, rand, lambda seconds: self._nap(seconds, submit=True))
         self._submits_accepted = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, once `run` starts
 
     # -- control -------------------------------------------------------------------------------
     def stop_submitting(self, reason: str) -> None:
@@ -252,7 +274,7 @@ class Scheduler:
     def _notify(self) -> None:
         """Wake the jobs waiting for budget: money or the number of jobs in flight changed."""
         self._money_moved.set()
-        self._money_moved = asyncio.Event()
+        self._money_moved = _Signal()
 
     def _release(self, usd: float) -> None:
         self.committed_usd -= usd
@@ -260,7 +282,7 @@ class Scheduler:
 
     # -- waiting -----------------------------------------------------------------------------------
     async def _nap(self, seconds: float, *, submit: bool = False, clip: bool = False,
-                   wake: asyncio.Event | None = None) -> bool:
+                   wake: _Signal | None = None) -> bool:
         """Wait `seconds` by the injected clock, or raise `_OutOfTime`: when the run leaves, when the
         wait would end past `max_wait` (with `clip`, it waits until then first), or for a submit's wait
         (`submit`) when submitting stops (Ctrl-C, auth error, ...). Returns True if `wake` was set
@@ -279,14 +301,22 @@ class Scheduler:
             if event.is_set():
                 raise _OutOfTime
             return wake is not None and wake.is_set()
-        sleeper = asyncio.ensure_future(self.sleep(seconds))
-        woken = asyncio.ensure_future(event.wait())
-        waiters = (sleeper, woken) if wake is None else (sleeper, woken, asyncio.ensure_future(wake.wait()))
+        if wake is not None and wake.is_set():
+            return True
+        # One future, ended by the sleep or by a signal (`_Signal`): no task per signal, no asyncio.wait.
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        nap = loop.create_future()
+        sleeper = loop.create_task(self.sleep(seconds))
+        sleeper.add_done_callback(lambda _: _end_nap(nap))
+        signals = (event,) if wake is None else (event, wake)
+        for signal in signals:
+            signal.naps.add(nap)
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await nap
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            sleeper.cancel()
+            for signal in signals:
+                signal.naps.discard(nap)
         if event.is_set():
             raise _OutOfTime
         return wake is not None and wake.is_set()
@@ -317,6 +347,7 @@ class Scheduler:
 
     # -- the run ---------------------------------------------------------------------------------
     async def run(self, plan: Plan) -> None:
+        self._loop = asyncio.get_running_loop()
         self._previous = {job_id: row for job_id, (row, _) in plan.previous.items()}
         # Jobs already paid for come first: their slots and downloads matter more than new ones.
         work: list[tuple[str, Job, JobRow | None]] = (
@@ -339,6 +370,7 @@ class Scheduler:
                 self._provenance.close()
 
     async def _run(self, work: list[tuple[str, Job, JobRow | None]], room: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
         try:
             for action, job, row in work:
                 if self.aborted or self._leaving.is_set() or (action == "submit" and self._submitting_stopped()):
@@ -351,7 +383,7 @@ class Scheduler:
                         self._slots.release()
                     room.release()
                     break
-                task = asyncio.create_task(self._drive(action, job, row))
+                task = loop.create_task(self._drive(action, job, row))
                 self._tasks.add(task)
                 task.add_done_callback(lambda t: (self._tasks.discard(t), room.release()))
             while self._tasks:
@@ -602,7 +634,7 @@ class Scheduler:
         anchor = submitted  # when the job was submitted, later when it was first seen completed
         polls, state = 0, "queued"
         unfinished_at = submitted  # when the job was last known unfinished, on this run's clock
-        wake = self._wakes[job.id] = asyncio.Event()
+        wake = self._wakes[job.id] = _Signal()
         self._starts.submitted(job.id, submitted)
         try:
             while True:
