@@ -51,10 +51,14 @@ async def test_writes_of_one_turn_share_one_commit_and_an_intent_is_on_disk_befo
         assert ledger.commits == before + 1  # one (FULL) commit carried all six intents
         assert {_on_disk(tmp_path)[i][0] for i in ids} == {"submitting"}
 
-        for i, job_id in enumerate(ids):  # a request id is committed at once: losing it costs a person work
+        # The POST answers of one turn share the next commit: at the end of the turn, or group_seconds after
+        # the last commit began (here: the intents' one, just now).
+        for i, job_id in enumerate(ids):
             ledger.mark_submitted(job_id, f"req-{i}")
-            assert _on_disk(tmp_path)[job_id] == ("queued", f"req-{i}")
-        assert ledger.commits == before + 1 + len(ids)
+        assert {_on_disk(tmp_path)[i][0] for i in ids} == {"submitting"}  # not yet: the last commit was just now
+        await asyncio.sleep(ledger.group_seconds * 3)
+        assert ledger.commits == before + 2  # one commit carried all six request ids
+        assert all(_on_disk(tmp_path)[job_id] == ("queued", f"req-{i}") for i, job_id in enumerate(ids))
 
         # Writes with no intent after them get a commit of their own within ride_seconds.
         ledger.set_state("j0", "downloading", output_urls=["https://x/v.mp4"])
@@ -64,7 +68,7 @@ async def test_writes_of_one_turn_share_one_commit_and_an_intent_is_on_disk_befo
         await asyncio.sleep(0)
         assert _on_disk(tmp_path)["j0"][0] == "queued"  # still waiting for a commit to ride
         await asyncio.sleep(ledger.ride_seconds * 3)
-        assert ledger.commits == before + 2 + len(ids)
+        assert ledger.commits == before + 3
         assert _on_disk(tmp_path)["j0"][0] == "done" and _on_disk(tmp_path)["j1"][0] == "running"
 
         # ... and ride an intent's commit when one comes first.
@@ -81,7 +85,7 @@ async def test_writes_of_one_turn_share_one_commit_and_an_intent_is_on_disk_befo
     conn.close()
 
 
-async def test_a_commit_that_fails_is_raised_or_stops_the_run_and_memory_follows_the_disk(tmp_path):
+async def test_a_commit_that_fails_is_raised_or_stops_the_run_and_memory_follows_the_disk(tmp_path, caplog):
     ledger = Ledger.open(tmp_path)
     _add(ledger, "a", "b")
     ledger.mark_submitting(["a", "b"])
@@ -91,16 +95,22 @@ async def test_a_commit_that_fails_is_raised_or_stops_the_run_and_memory_follows
     blocker = sqlite3.connect(tmp_path / LEDGER_NAME, isolation_level=None)
     with ledger.group_commits():
         ledger.mark_submitted("a", "req-a")
+        await asyncio.sleep(ledger.group_seconds * 3)
+        assert _on_disk(tmp_path)["a"] == ("queued", "req-a")
         ledger.set_state("a", "downloading", output_urls=["https://x/a.mp4"])  # queued, to ride
         blocker.execute("BEGIN IMMEDIATE")  # another writer holds the ledger: no commit can be made
-        with pytest.raises(LedgerWriteError):
-            ledger.mark_submitted("b", "req-b")  # the caller hears of it at once (and names the request)
+        ledger.mark_submitted("b", "req-b")  # queued for the commit at the end of this turn, which fails
+        await asyncio.sleep(ledger.group_seconds * 3)
+        assert len(failures) == 1  # no caller waits for it: the run is told, and stops
+        # The job was accepted, so paid for: its request id is named where a person can see it.
+        assert any("b: accepted as request req-b, but the ledger could not record it" in r.getMessage()
+                   for r in caplog.records)
         assert ledger.state_of("a") == "queued"  # the queued write it carried is gone: memory agrees with disk
         ledger.set_state("a", "downloading", output_urls=["https://x/a.mp4"])
-        await asyncio.sleep(ledger.ride_seconds * 3)  # a commit with no caller to tell: the run is told
+        await asyncio.sleep(ledger.ride_seconds * 3)  # a ride's commit fails too: the run is told again
         blocker.execute("ROLLBACK")
     blocker.close()
-    assert len(failures) == 1
+    assert len(failures) == 2
     assert ledger.state_of("a") == "queued" and ledger.state_of("b") == "submitting"
     assert _on_disk(tmp_path)["a"] == ("queued", "req-a") and _on_disk(tmp_path)["b"] == ("submitting", None)
     ledger.close()
