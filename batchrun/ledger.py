@@ -19,12 +19,11 @@ commit at the end of the current turn of the event loop, which is then FULL and 
 queued, and each job's POST waits until it has returned: the intents of one turn share one fsync. What
 settles a POST's outcome (the request id the API gave, or "certainly not created") also asks for the
 commit at the end of the turn: the outcomes of one turn share it, with that turn's intents (it was a
-commit of its own, one per job: the largest share of a run's system calls). Those commits come at most
-every `GROUP_SECONDS` (2 ms): one asked for sooner after the last waits that long, so that the answers
-and intents of several turns share it (a turn of a busy run is often one job's; a POST waits at most
-2 ms more, against renders of minutes). Losing a request id is the
-one loss that costs a person work; the crash soak (200 SIGKILLs) left as many `unknown` jobs with the
-outcomes of a turn committed together as with each committed at once (14 of 2,100 both times). Other
+commit of its own, one per job: the largest share of a run's system calls). Losing a request id is the
+one loss that costs a person work, so it waits no longer than that. The crash soak (200 SIGKILLs, seed
+13) left 19 `unknown` jobs of 2,100 so, against 14 and 16 with each committed at once: within its noise.
+Spacing those commits at least 2 ms apart (fewer commits, each with more jobs) left 21 of 1,800: not
+kept. Other
 writes (poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most
 `RIDE_SECONDS` (20 ms) for one of those commits, then get one of their own. Reads through this object
 commit what is queued first, so a run always reads what it wrote.
@@ -34,7 +33,7 @@ What a crash can lose, and why that is safe:
   so the ledger on disk is always a prefix of the run's history: never a later state without the
   earlier ones (e.g. never `done` without the request id that led to it).
 - SIGKILL can lose only the writes still queued, those of the last `RIDE_SECONDS` (a request id is
-  committed at most `GROUP_SECONDS` and one turn after its answer arrived); a power loss can also lose NORMAL
+  committed at the end of the turn its answer arrived in); a power loss can also lose NORMAL
   commits made since the last FULL one. Both only ever lose a suffix:
   - a lost intent is impossible: the POST is sent only after its FULL commit has returned;
   - a lost request id leaves the job `submitting`, which the next run holds as `unknown` and never
@@ -74,8 +73,6 @@ if TYPE_CHECKING:
 LEDGER_NAME = "ledger.sqlite"
 # Longest a run's queued writes wait for a commit to ride when no intent comes (see group commit above).
 RIDE_SECONDS = 0.02
-# Shortest time from one commit of intents or POST outcomes to the next (see group commit above).
-GROUP_SECONDS = 0.002
 log = logging.getLogger("batchrun.ledger")
 
 STATES = ("pending", "submitting", "unknown", "queued", "running", "downloading", "done", "failed", "cancelled")
@@ -459,8 +456,6 @@ class Ledger:
         self._commit_handle: asyncio.Handle | None = None
         self._commit_soon = False
         self.ride_seconds = RIDE_SECONDS
-        self.group_seconds = GROUP_SECONDS
-        self._committed_at = float("-inf")  # the loop's time when the last grouped commit began
         self.on_write_error: Callable[[LedgerWriteError], None] | None = None
         self.commits = 0  # write transactions committed through this object (a benchmark figure)
         self._counted = True  # likewise: the change count and results.jsonl's stamp (schema 8)
@@ -587,8 +582,7 @@ class Ledger:
 
     def _schedule(self, *, soon: bool) -> None:
         """Make sure a commit will come: with `soon` (an intent, a POST's outcome) at the end of this turn,
-        or `group_seconds` after the last one began if that is later; else within `ride_seconds` (writes
-        queued meanwhile, and any sooner commit before then, carry them)."""
+        else within `ride_seconds` (writes queued meanwhile, and any sooner commit before then, carry them)."""
         if self._loop is None:
             return
         if self._commit_handle is not None:
@@ -596,19 +590,13 @@ class Ledger:
                 return
             self._commit_handle.cancel()
         self._commit_soon = soon
-        if not soon:
-            self._commit_handle = self._loop.call_later(self.ride_seconds, self._commit_turn)
-            return
-        at = self._committed_at + self.group_seconds
-        self._commit_handle = (self._loop.call_soon(self._commit_turn) if at <= self._loop.time()
-                               else self._loop.call_at(at, self._commit_turn))
+        self._commit_handle = (self._loop.call_soon(self._commit_turn) if soon
+                               else self._loop.call_later(self.ride_seconds, self._commit_turn))
 
     def _commit_turn(self) -> None:
         if self._commit_handle is not None:
             self._commit_handle.cancel()  # a no-op when it is the handle running now
             self._commit_handle = None
-        if self._loop is not None:
-            self._committed_at = self._loop.time()
         try:
             self.flush()
         except LedgerWriteError as exc:

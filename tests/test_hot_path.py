@@ -51,12 +51,11 @@ async def test_writes_of_one_turn_share_one_commit_and_an_intent_is_on_disk_befo
         assert ledger.commits == before + 1  # one (FULL) commit carried all six intents
         assert {_on_disk(tmp_path)[i][0] for i in ids} == {"submitting"}
 
-        # The POST answers of one turn share the next commit: at the end of the turn, or group_seconds after
-        # the last commit began (here: the intents' one, just now).
+        # The POST answers of one turn share the commit at the end of the turn.
         for i, job_id in enumerate(ids):
             ledger.mark_submitted(job_id, f"req-{i}")
-        assert {_on_disk(tmp_path)[i][0] for i in ids} == {"submitting"}  # not yet: the last commit was just now
-        await asyncio.sleep(ledger.group_seconds * 3)
+        assert {_on_disk(tmp_path)[i][0] for i in ids} == {"submitting"}  # not before the end of the turn
+        await asyncio.sleep(0)
         assert ledger.commits == before + 2  # one commit carried all six request ids
         assert all(_on_disk(tmp_path)[job_id] == ("queued", f"req-{i}") for i, job_id in enumerate(ids))
 
@@ -95,12 +94,12 @@ async def test_a_commit_that_fails_is_raised_or_stops_the_run_and_memory_follows
     blocker = sqlite3.connect(tmp_path / LEDGER_NAME, isolation_level=None)
     with ledger.group_commits():
         ledger.mark_submitted("a", "req-a")
-        await asyncio.sleep(ledger.group_seconds * 3)
+        await asyncio.sleep(0)
         assert _on_disk(tmp_path)["a"] == ("queued", "req-a")
         ledger.set_state("a", "downloading", output_urls=["https://x/a.mp4"])  # queued, to ride
         blocker.execute("BEGIN IMMEDIATE")  # another writer holds the ledger: no commit can be made
         ledger.mark_submitted("b", "req-b")  # queued for the commit at the end of this turn, which fails
-        await asyncio.sleep(ledger.group_seconds * 3)
+        await asyncio.sleep(0)
         assert len(failures) == 1  # no caller waits for it: the run is told, and stops
         # The job was accepted, so paid for: its request id is named where a person can see it.
         assert any("b: accepted as request req-b, but the ledger could not record it" in r.getMessage()
