@@ -23,8 +23,7 @@ commit of its own, one per job: the largest share of a run's system calls). Losi
 one loss that costs a person work, so it waits no longer than that. The crash soak (200 SIGKILLs, seed
 13) left 19 `unknown` jobs of 2,100 so, against 14 and 16 with each committed at once: within its noise.
 Spacing those commits at least 2 ms apart (fewer commits, each with more jobs) left 21 of 1,800: not
-kept. Other
-writes (poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most
+kept. Other writes (poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most
 `RIDE_SECONDS` (20 ms) for one of those commits, then get one of their own. Reads through this object
 commit what is queued first, so a run always reads what it wrote.
 
