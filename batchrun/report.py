@@ -21,7 +21,7 @@ from batchrun.crashpoints import crashpoint
 from batchrun.fsutil import atomic_write
 from batchrun.ledger import STATES, JobRow, Ledger
 from batchrun.report_assets import CSS, JS
-from batchrun.report_cards import ImageBudget, Job, card_html, fmt_seconds, fmt_usd, parse_time, seconds_between
+from batchrun.report_cards import Files, ImageBudget, Job, card_html, fmt_seconds, fmt_usd, parse_time, seconds_between
 from batchrun.report_timeline import JobTimes, esc, timeline_svg
 from batchrun.spend import add_up
 
@@ -206,7 +206,8 @@ def render(output_dir: Path, rows: list[JobRow], runs: list[dict[str, Any]], now
     jobs = [Job.of(row, i) for i, row in enumerate(rows)]
     budget = ImageBudget()
     title = f"batchrun report: {output_dir.resolve().name}"
-    cards = "\n".join(card_html(j, output_dir, budget, gone=listed is not None and j.row.id not in listed)
+    files = Files(output_dir)
+    cards = "\n".join(card_html(j, files, budget, gone=listed is not None and j.row.id not in listed)
                       for j in jobs)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

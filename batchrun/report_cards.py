@@ -7,6 +7,7 @@ standard library's `html.escape`), attribute values included; URLs are checked f
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -167,11 +168,50 @@ class ImageBudget:
         return True
 
 
-def image_src(value: Any, budget: ImageBudget, output_dir: Path | None = None) -> tuple[str | None, str]:
+class Files:
+    """Which regular files (or links to one, as `Path.is_file` counts them) the output dir `root` holds:
+    each folder is listed once, when first asked about. A page asks about each job's video and poster, a
+    stat each, two system calls per job; a listing reads a folder's names a few hundred per call."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._listed: dict[str, set[str] | None] = {}
+
+    def has(self, relative: str) -> bool:
+        """Whether the file `relative` (a relative POSIX path under `root`) is there."""
+        path = PurePosixPath(relative)
+        folder = str(path.parent)
+        names = self._listed.get(folder, ())
+        if names == ():
+            names = self._listed[folder] = self._list(self.root / folder)
+        if names is None:  # a folder that cannot be listed: ask about the file itself
+            return (self.root / relative).is_file()
+        return path.name in names
+
+    @staticmethod
+    def _list(folder: Path) -> set[str] | None:
+        try:
+            with os.scandir(folder) as entries:
+                return {entry.name for entry in entries if _is_file(entry)}
+        except FileNotFoundError:
+            return set()
+        except OSError:
+            return None
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()  # no system call for a regular file (the listing's type); a link is followed
+    except OSError:
+        return False
+
+
+def image_src(value: Any, budget: ImageBudget, files: Files | None = None) -> tuple[str | None, str]:
     """A URL the page can show a start image from, or None and what to say instead.
 
     A local path as written in a manifest is relative to the manifest's folder, not to the output dir
-    where the page lives: the run's copy of it (`startimages`) is shown when `output_dir` holds one."""
+    where the page lives: the run's copy of it (`startimages`) is shown when the output dir (`files`)
+    holds one."""
     if not isinstance(value, str) or not value.strip():
         return None, "no start image"
     scheme = urlsplit(value).scheme.lower()
@@ -183,16 +223,16 @@ def image_src(value: Any, budget: ImageBudget, output_dir: Path | None = None) -
         return (value, "") if budget.take(len(value)) else (None, "inline image left out to keep the page small")
     if len(scheme) > 1:  # javascript: and friends; a single letter is a Windows drive
         return None, f"{scheme}: URL not shown"
-    if output_dir is not None and (output_dir / startimages.copy_name(value)).is_file():
+    if files is not None and files.has(startimages.copy_name(value)):
         return quote(startimages.copy_name(value)), ""
     path = Path(value)
-    if output_dir is not None and not path.is_absolute():
+    if files is not None and not path.is_absolute():
         return None, f"local image {value} (not copied into this folder: run 'batchrun report MANIFEST')"
     return (path.as_uri() if path.is_absolute() else quote(value)), ""
 
 
-def _start_image(job: Job, budget: ImageBudget, output_dir: Path) -> str:
-    src, why = image_src(job.row.input.get("start_image_url"), budget, output_dir)
+def _start_image(job: Job, budget: ImageBudget, files: Files) -> str:
+    src, why = image_src(job.row.input.get("start_image_url"), budget, files)
     if src is not None:
         return f'<img loading="lazy" decoding="async" src="{esc(src)}" alt="start image of {esc(job.row.id)}">'
     return f'<div class="ph">{esc(why)}</div>'
@@ -203,9 +243,9 @@ def _relative(path: str) -> bool:
     return bool(path) and not pure.is_absolute() and ".." not in pure.parts and ":" not in pure.parts[0]
 
 
-def _media(job: Job, output_dir: Path) -> str:
+def _media(job: Job, files: Files) -> str:
     row = job.row
-    present = [o for o in row.outputs if _relative(o.path) and (output_dir / o.path).is_file()]
+    present = [o for o in row.outputs if _relative(o.path) and files.has(o.path)]
     missing = [o.path for o in row.outputs if o not in present]
     if not present:
         if missing:
@@ -217,7 +257,7 @@ def _media(job: Job, output_dir: Path) -> str:
         return f'<div class="media"><div class="none">{esc(text)}</div></div>'
     first, *others = present
     poster = mediafacts.poster_path(row.id)
-    poster_attr = f' poster="{esc(quote(poster))}"' if (output_dir / poster).is_file() else ""
+    poster_attr = f' poster="{esc(quote(poster))}"' if files.has(poster) else ""
     html = [f'<div class="media">{media_element(first.path, poster_attr)}</div>']
     if others or missing:
         links = " ".join(f'<a href="{esc(quote(o.path))}">{esc(o.path)}</a>' for o in others)
@@ -279,7 +319,7 @@ def _review(row: JobRow, gone: bool) -> str:
     return badges
 
 
-def card_html(job: Job, output_dir: Path, budget: ImageBudget, gone: bool = False) -> str:
+def card_html(job: Job, files: Files, budget: ImageBudget, gone: bool = False) -> str:
     row = job.row
     usd, _ = job.cost
     render = job.render_time
@@ -291,10 +331,10 @@ def card_html(job: Job, output_dir: Path, budget: ImageBudget, gone: bool = Fals
             f'data-order="{job.order}" data-id="{esc(row.id)}" data-decision="{esc(row.decision or "")}" '
             f'data-gone="{str(gone).lower()}" data-cost="{"" if usd is None else f"{usd:.6f}"}" '
             f'data-render="{"" if render is None else f"{render:.3f}"}">'
-            f"{_media(job, output_dir)}"
+            f"{_media(job, files)}"
             f'<div class="body"><div class="head"><h3>{esc(row.id)}</h3>'
             f'<span class="badge {esc(row.state)}">{esc(row.state)}</span>{_review(row, gone)}</div>'
-            f'<div class="start">{_start_image(job, budget, output_dir)}<div>{_prompt(job)}</div></div>'
+            f'<div class="start">{_start_image(job, budget, files)}<div>{_prompt(job)}</div></div>'
             + (f'<p class="note">{esc(row.note)}</p>' if row.note else "")
             + f"{error}{_facts(job)}</div></article>")
 

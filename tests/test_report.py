@@ -267,6 +267,36 @@ def test_missing_timestamps_show_what_there_is(tmp_path):
     assert "file missing: done.mp4" in page.card_text["done"] and not page.find("video")
 
 
+def test_a_card_shows_a_video_or_poster_only_when_it_is_a_file_there(tmp_path):
+    """What is on disk decides (as a stat would, the folders being listed once): a video or poster that is a
+    link to a file counts; a dangling link, a folder in its place, or a file in a subfolder of another
+    name does not; a second output in a subfolder is found in that subfolder."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "real.mp4").write_bytes(b"video")
+    (tmp_path / "linked.mp4").symlink_to(tmp_path / "elsewhere" / "real.mp4")
+    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "linked-2.mp4").write_bytes(b"video 2")
+    (tmp_path / "posters").mkdir()
+    (tmp_path / "posters" / "linked.jpg").symlink_to(tmp_path / "elsewhere" / "real.mp4")
+    (tmp_path / "posters" / "folder.jpg").mkdir()
+
+    def done(job_id, *paths):
+        return row(job_id, "done", (0, 1, 9, 10), cost_usd=0.42,
+                   outputs=tuple(Output(i, p, 5, "0" * 64) for i, p in enumerate(paths)))
+
+    rows = [done("linked", "linked.mp4", "extra/linked-2.mp4", "extra/gone-3.mp4"), done("dangling", "dangling.mp4"),
+            done("folder", "folder.mp4")]
+    text = render(tmp_path, rows, [], datetime.now(timezone.utc))
+    page = Page(text)
+    linked = text[text.index('id="card-linked"'):text.index("</article>", text.index('id="card-linked"'))]
+    assert 'src="linked.mp4"' in linked and 'poster="posters/linked.jpg"' in linked
+    assert 'href="extra/linked-2.mp4"' in linked and "missing: extra/gone-3.mp4" in linked
+    assert "file missing: dangling.mp4" in page.card_text["dangling"]
+    assert "file missing: folder.mp4" in page.card_text["folder"]
+
+
 def test_start_images_of_every_kind(tmp_path):
     pixel = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
     inputs = {"data": pixel, "local": "images/harbor one.png", "absolute": "/srv/img/a.png",
