@@ -305,24 +305,67 @@ class JobRow:
         raw = self.__dict__.get(lazy[0], _ABSENT) if lazy else _ABSENT
         if raw is _ABSENT:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        value = self.__dict__[name] = lazy[1](raw)
+        value = self.__dict__[name] = lazy[1](raw, self.__dict__.get("id"))
         return value
 
 
+def _job_input(text: Any, job_id: Any) -> dict[str, Any]:
+    """A ledger's `input_json`: the JSON object batchrun wrote. Raises LedgerError for anything else (a
+    value changed outside batchrun): the input is what was paid for, never guessed."""
+    value = _json_column(text, job_id, "input_json")
+    if not isinstance(value, dict):
+        raise _changed(job_id, "input_json", "a JSON object")
+    return value
+
+
+def _output_urls(text: Any, job_id: Any) -> list[str]:
+    """A ledger's `output_urls`: a JSON list of URLs, or NULL for none. Raises LedgerError for anything else."""
+    value = _json_column(text or "[]", job_id, "output_urls")
+    if not isinstance(value, list) or not all(isinstance(url, str) for url in value):
+        raise _changed(job_id, "output_urls", "a JSON list of URLs")
+    return value
+
+
+def media_facts(text: Any) -> dict[str, Any] | None:
+    """A ledger's `media_json`: the facts read from a job's video, or None when none are (not read yet,
+    nothing readable, or a value changed outside batchrun: facts are read from the file, so an unusable
+    record only leaves them unknown)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) and value else None
+
+
+def _json_column(text: Any, job_id: Any, column: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise _changed(job_id, column, "valid JSON", f" ({exc})" if isinstance(exc, ValueError) else "") from None
+
+
+def _changed(job_id: Any, column: str, what: str, detail: str = "") -> LedgerError:
+    return LedgerError(f"the ledger's {column} of job {job_id!r} is not {what}{detail}: it was changed outside "
+                       f"batchrun. Put back what batchrun wrote there (with the sqlite3 shell, or from a "
+                       f"backup of {LEDGER_NAME}), then run the command again")
+
+
 _ABSENT = object()
-# field -> (where `_bulk_rows` leaves its column's text, how to decode it), as `_row` decodes them
-_LAZY_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "input": ("_input_json", json.loads),
-    "output_urls": ("_output_urls_json", lambda text: json.loads(text or "[]")),
+# field -> (where `_bulk_rows` leaves its column's text, how to decode it given the job's id), as `_row` does
+_LAZY_FIELDS: dict[str, tuple[str, Callable[[Any, Any], Any]]] = {
+    "input": ("_input_json", _job_input),
+    "output_urls": ("_output_urls_json", _output_urls),
 }  # not `media`: a field with a default is a class attribute, which __getattr__ never sees
 
 
 def _row(record: sqlite3.Row, outputs: tuple[Output, ...], request_ids: tuple[str, ...]) -> JobRow:
     data = dict(record)
-    data["input"] = json.loads(data.pop("input_json"))
-    data["output_urls"] = json.loads(data["output_urls"] or "[]")
+    data["input"] = _job_input(data.pop("input_json"), data.get("id"))
+    data["output_urls"] = _output_urls(data["output_urls"], data.get("id"))
     data["simulated"] = bool(data.get("simulated"))
-    data["media"] = json.loads(data.pop("media_json", None) or "null") or None
+    data["media"] = media_facts(data.pop("media_json", None))
     data.pop("updated_at")
     return JobRow(**data, outputs=outputs, request_ids=request_ids)
 
@@ -347,7 +390,7 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]] | InJobO
         return
     missing = {name: value for name, value in _JOB_DEFAULTS.items() if name not in names}  # an older ledger's
     names = [_LAZY_FIELDS[name][0] if name in _LAZY_FIELDS else name for name in names]
-    loads, new = json.loads, object.__new__
+    new = object.__new__
     for record in cursor:
         row = new(JobRow)
         data = row.__dict__  # filled in place: no dict per row to copy from
@@ -358,7 +401,7 @@ def _bulk_rows(cursor: sqlite3.Cursor, outputs: dict[str, list[Output]] | InJobO
         job_id, request_id = data["id"], data["request_id"]
         data["simulated"] = bool(data.get("simulated"))
         media = data.get("media")
-        data["media"] = loads(media) or None if media else None
+        data["media"] = media_facts(media) if media else None
         data["outputs"] = tuple(outputs.pop(job_id, ()))
         data["request_ids"] = tuple(requests.pop(job_id, None) or ([request_id] if request_id else []))
         yield row

@@ -21,7 +21,6 @@ differs from what was paid for, mediafacts.flags) are worked out in the same pas
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchrun import mediafacts
+from batchrun.ledger import media_facts
 
 if TYPE_CHECKING:
     from batchrun.ledger import Ledger
@@ -148,7 +148,7 @@ def _split(briefs, folder: int, jobs: Mapping[str, Job] | None, media: bool,
                 else:
                     uncached = False
                 if found_flags is None:
-                    found_flags = mediafacts.flags_for(json.loads(brief[13]) or None, key[1], key[2])
+                    found_flags = mediafacts.flags_for(media_facts(brief[13]), key[1], key[2])
                     if not uncached:
                         raised[key] = found_flags
                 if found_flags:

@@ -242,3 +242,64 @@ def test_a_ledger_sqlite_cannot_open_is_not_called_damaged(tmp_path):
     (garbage / LEDGER_NAME).write_bytes(b"not a database at all" * 100)
     with pytest.raises(LedgerError, match="Move it aside to start over"):
         Ledger.open(garbage, create=False)
+
+
+@pytest.mark.parametrize(("column", "value", "what"), [
+    ("input_json", "{bad", "valid JSON"),
+    ("input_json", "[1, 2]", "a JSON object"),
+    ("output_urls", '{"url": 1}', "a JSON list of URLs"),
+    ("output_urls", "[3]", "a JSON list of URLs"),
+    ("output_urls", "[", "valid JSON"),
+])
+async def test_a_json_field_changed_outside_batchrun_is_named_and_nothing_is_written(tmp_path, monkeypatch, column,
+                                                                                      value, what):
+    """A ledger edited by hand: a command that needs the job's field (export shows both; a run resubmits
+    nothing, but reads the input it paid for) says which job and field, in one message with exit 2, and
+    leaves the ledger as it found it; one that does not need it goes on. Never a traceback."""
+    from helpers import TOKEN, cli, finished_run, ledger_rows
+
+    from batchrun.sandbox import Sandbox
+
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    manifest, out = await finished_run(tmp_path, 3)
+    conn = sqlite3.connect(out / LEDGER_NAME)
+    conn.execute(f"UPDATE jobs SET {column}=? WHERE id='clip-02'", (value,))
+    conn.commit()
+    conn.close()
+    before = ledger_rows(out)
+    message = f"the ledger's {column} of job 'clip-02' is not {what}"
+    async with Sandbox() as sandbox:
+        named = []
+        for argv in (["status", str(out)], ["report", str(out)], ["export", str(out)],
+                     ["run", str(manifest), "--base-url", sandbox.base_url, "--no-preflight", "--no-progress"]):
+            code, said, err = await cli(argv)
+            assert code == 0 or (code == 2 and message in err), (argv, said, err)
+            assert "Traceback" not in err + said
+            named += [argv[0]] if code == 2 else []
+        assert sandbox.posts_total == 0
+    assert column != "input_json" or {"export", "run"} <= set(named), named
+    assert ledger_rows(out) == before
+    ledger = Ledger.open(out)  # what reads the field (a run collecting the job reads its output URLs)
+    try:
+        with pytest.raises(LedgerError, match=f"the ledger's {column} of job 'clip-02' is not {what}"):
+            ledger.get("clip-02")
+        assert ledger.get("clip-01").input["prompt"]  # the other jobs read as ever
+    finally:
+        ledger.close()
+
+
+async def test_media_facts_changed_outside_batchrun_are_only_unknown(tmp_path):
+    """The facts read from a video are derived data: a value that is not a JSON object leaves them unknown
+    (no flag, no traceback); every command goes on."""
+    from helpers import cli, finished_run
+
+    manifest, out = await finished_run(tmp_path, 2)
+    conn = sqlite3.connect(out / LEDGER_NAME)
+    conn.execute("UPDATE jobs SET media_json='[oops' WHERE id='clip-01'")
+    conn.execute("UPDATE jobs SET media_json='42' WHERE id='clip-02'")
+    conn.commit()
+    conn.close()
+    for argv in (["status", str(out)], ["status", str(manifest)], ["report", str(out)], ["export", str(out)]):
+        code, said, err = await cli(argv)
+        assert code == 0, (argv, said, err)
+        assert "Traceback" not in said + err
