@@ -61,6 +61,7 @@ from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from batchrun import gcpause
 from batchrun.errors import LedgerError
@@ -529,7 +530,9 @@ class Ledger:
             if (output_dir / companion).is_symlink():
                 raise LedgerError(f"{output_dir / companion} is a symbolic link; batchrun never writes through "
                                   "a link in the output directory. Remove the link and run again")
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        # The path percent-encoded: SQLite reads a URI's `?` and `#` as the start of its query and fragment,
+        # and decodes `%XX`, so an output dir named `shots #2` would open a ledger elsewhere (`shots `).
+        uri = f"file:{quote(str(path), safe='/')}" + ("?mode=ro" if readonly else "")
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)
             conn.row_factory = sqlite3.Row

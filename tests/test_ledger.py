@@ -303,3 +303,33 @@ async def test_media_facts_changed_outside_batchrun_are_only_unknown(tmp_path):
         code, said, err = await cli(argv)
         assert code == 0, (argv, said, err)
         assert "Traceback" not in said + err
+
+
+@pytest.mark.parametrize("name", ["shots #2", "what?", "100%41 sure", "a b/é ?x=1#y"])
+async def test_the_ledger_lives_in_the_output_dir_whatever_its_name(tmp_path, monkeypatch, name):
+    """SQLite reads `?`, `#` and `%XX` in a URI: an output dir named `shots #2` once opened a ledger
+    beside it (`shots `), shared by every dir of that prefix, and the dir moved elsewhere paid again for
+    its done jobs. The ledger is inside the dir, and a move keeps every job done: nothing is sent again."""
+    from helpers import TOKEN, cli, jobs, write_manifest
+
+    from batchrun.sandbox import Sandbox
+
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    manifest = write_manifest(tmp_path, jobs(2))
+    out = tmp_path / "first" / name / "out"
+    async with Sandbox() as sandbox:
+        argv = ["run", str(manifest), "--base-url", sandbox.base_url, "--no-preflight", "--no-progress"]
+        code, said, err = await cli([*argv, "--output", str(out)])
+        assert code == 0, (said, err)
+        assert {p.parent for p in tmp_path.rglob(f"{LEDGER_NAME}*")} == {out}  # nothing beside the dir
+        moved = tmp_path / "moved" / name / "out"
+        moved.parent.mkdir(parents=True)
+        out.rename(moved)
+        code, said, err = await cli([*argv, "--output", str(moved)])
+        assert code == 0, (said, err)
+        assert sandbox.posts_total == 2  # the first run's two, none again
+    code, said, err = await cli(["status", str(moved)])
+    assert code == 0 and "done" in said, (said, err)
+    # Neither run nor status left a file where the name was cut (`shots `, `what`) or anywhere else.
+    assert not [p for p in (tmp_path / "first").rglob("*") if not p.is_dir()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.yaml", "first", "moved"]
