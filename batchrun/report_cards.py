@@ -185,7 +185,10 @@ class Files:
         if names == ():
             names = self._listed[folder] = self._list(self.root / folder)
         if names is None:  # a folder that cannot be listed: ask about the file itself
-            return (self.root / relative).is_file()
+            try:
+                return (self.root / relative).is_file()
+            except OSError:  # not even that (a folder without search permission): not shown
+                return False
         return path.name in names
 
     @staticmethod

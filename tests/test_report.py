@@ -323,3 +323,15 @@ def test_parse_time_reads_both_ledger_formats():
                                                                         timezone.utc)
     assert parse_time("2026-11-25T19:14:20+00:00").second == 20
     assert parse_time(None) is None and parse_time("yesterday") is None
+
+
+def test_a_folder_that_cannot_be_listed_or_searched_shows_nothing_from_it(tmp_path):
+    """`Files` asks about the file itself when its folder cannot be listed, and takes "cannot even ask"
+    (no search permission on the folder, a name too long) as "not there", never as an error."""
+    from batchrun.report_cards import Files
+
+    (tmp_path / "clip.mp4").write_bytes(b"video")
+    files = Files(tmp_path)
+    assert files.has("clip.mp4") and not files.has("other.mp4")
+    assert not files.has("x" * 300 + "/poster.jpg")  # listing and stat both fail (ENAMETOOLONG)
+    assert not files.has("posters/none.jpg")  # no such folder
