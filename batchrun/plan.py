@@ -239,7 +239,9 @@ def decide(manifest: Manifest, ledger: Ledger | None, options: RunOptions) -> Pl
                 plan.submit.append(job)
             else:
                 plan.held.append((job, "unknown: its POST may have created a job; check your RunComfy "
-                                       "dashboard, then use --resubmit-unknown to send it again"))
+                                       "dashboard: if it did (a run that could not record it names its request "
+                                       f"id in run.log), 'batchrun adopt MANIFEST {job.id} REQUEST_ID' collects "
+                                       "it; if not, use --resubmit-unknown to send it again"))
         elif state == "failed" and row.submissions == 0 and not row.request_id:
             plan.submit.append(job)  # it never reached the server (a local image changed, say): nothing was paid
         elif state in ("failed", "cancelled"):

@@ -358,6 +358,7 @@ async def test_lost_submit_answer_is_unknown_and_only_resubmitted_when_asked(tmp
         again, said = await run(manifest, sandbox)
         assert again.exit_code == 1
         assert "--resubmit-unknown" in said
+        assert "'batchrun adopt MANIFEST lost REQUEST_ID' collects it" in said  # the way that pays nothing again
         assert sandbox.posts_for(lost_input) == 1
         assert results(out)["lost"]["state"] == "unknown"
 
