@@ -53,7 +53,9 @@ import gc
 import json
 import logging
 import os
+import re
 import sqlite3
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -450,6 +452,43 @@ _ACCESS_TEXTS = ("unable to open database file", "attempt to write a readonly da
                  "authorization denied", "database is locked", "database table is locked")  # sqlite3_errstr's
 
 
+def misplaced_location(path: Path) -> Path | None:
+    """Where batchrun 0.1 kept the ledger `path` when the output dir's path holds `?`, `#` or `%`: it gave
+    SQLite the path unencoded, which SQLite cut at `?` or `#` and decoded `%XX` in. None when that is
+    `path` itself."""
+    text = str(path)
+    cut = re.split(r"[?#]", text, maxsplit=1)[0]
+    old = re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m[1], 16)), cut) if "%" in cut else cut
+    return Path(old) if old != text else None
+
+
+def _refuse_misplaced(path: Path) -> None:
+    """Raise LedgerError when `path` is missing or empty while batchrun 0.1's misplaced ledger of this
+    output dir (`misplaced_location`) holds data: a run would otherwise start over and pay again for every
+    job that ledger records."""
+    old = misplaced_location(path)
+    if old is None:
+        return
+    try:
+        if path.stat().st_size > 0:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return  # the open says what is wrong with it
+    try:
+        with open(old, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode) or file.read(16) != b"SQLite format 3\0":
+                return
+    except OSError:
+        return
+    raise LedgerError(
+        f"the ledger of {path.parent} may be {old}: batchrun 0.1 put a ledger there when the output directory's "
+        f"path held '?', '#' or '%', and starting over here would pay again for every job it records. If it "
+        f"is this directory's (it holds the jobs of every directory whose path starts the same way), move it "
+        f"here with its -wal file: mv '{old}' '{path}'; if it is not, rename it. Then run again")
+
+
 def unusable(path: Path, exc: Exception) -> LedgerError:
     """What a person is told of a ledger SQLite cannot read (`exc`: what SQLite said).
 
@@ -518,6 +557,8 @@ class Ledger:
         linked companion file, a newer schema, or a file that fails SQLite's integrity check. `check=False`
         (read-only only): the caller runs that check itself (`integrity`) before it shows anything read."""
         path = output_dir / LEDGER_NAME
+        if not readonly:
+            _refuse_misplaced(path)
         if not path.exists():
             if not create:
                 raise LedgerError(f"no ledger at {path}: nothing has run with this output directory yet")
@@ -556,6 +597,9 @@ class Ledger:
                               f"batchrun knows up to {SCHEMA_VERSION}); upgrade batchrun to use it")
         if check:
             self.integrity()
+        if readonly and version == 0:  # an empty file (or one no batchrun made): nothing to read, and no tables
+            raise LedgerError(f"{self.path} holds no ledger yet (an empty file): nothing has run with this output "
+                              "directory, or its ledger was emptied")
         if readonly:
             self._history = version >= 4  # migration 4 added the requests table and `simulated`
             self._file_stats = version >= 7

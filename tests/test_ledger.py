@@ -333,3 +333,47 @@ async def test_the_ledger_lives_in_the_output_dir_whatever_its_name(tmp_path, mo
     # Neither run nor status left a file where the name was cut (`shots `, `what`) or anywhere else.
     assert not [p for p in (tmp_path / "first").rglob("*") if not p.is_dir()]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.yaml", "first", "moved"]
+
+
+@pytest.mark.parametrize("name", ["shots #2", "what?x"])
+async def test_a_ledger_an_older_batchrun_put_beside_a_dir_with_such_a_name_is_found_not_paid_again(
+        tmp_path, monkeypatch, name):
+    """batchrun 0.1 kept the ledger of an output dir whose path held `?`, `#` or `%` beside it, cut where
+    SQLite's URI reading cut it, and left an empty ledger.sqlite inside. A run of the same manifest now
+    finds it and refuses to start over (exit 2, nothing sent) with the move that fixes it; once moved,
+    every job is done and nothing is sent again."""
+    import shutil
+
+    from helpers import TOKEN, cli, jobs, write_manifest
+
+    from batchrun.ledger import misplaced_location
+    from batchrun.sandbox import Sandbox
+
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    manifest = write_manifest(tmp_path, jobs(2))
+    out = tmp_path / name / "out"
+    async with Sandbox() as sandbox:
+        argv = ["run", str(manifest), "--base-url", sandbox.base_url, "--no-preflight", "--no-progress",
+                "--output", str(out)]
+        code, said, err = await cli(argv)
+        assert code == 0, (said, err)
+        # What 0.1 left: the ledger where the path was cut, an empty one inside.
+        old = misplaced_location(out / LEDGER_NAME)
+        assert old is not None and old.parent.exists()
+        shutil.move(out / LEDGER_NAME, old)
+        (out / LEDGER_NAME).write_bytes(b"")
+        code, said, err = await cli(argv)
+        assert code == 2 and str(old) in err and "pay again" in err, (said, err)
+        assert sandbox.posts_total == 2
+        shutil.move(old, out / LEDGER_NAME)  # the move the message gives
+        code, said, err = await cli(argv)
+        assert code == 0, (said, err)
+        assert sandbox.posts_total == 2  # every job done: nothing sent again
+    # A read-only command on an empty ledger says so, with no traceback and no file left anywhere else.
+    (out / LEDGER_NAME).rename(tmp_path / "kept.sqlite")
+    for suffix in ("-wal", "-shm"):
+        (out / f"{LEDGER_NAME}{suffix}").unlink(missing_ok=True)
+    (out / LEDGER_NAME).write_bytes(b"")
+    for command in ("status", "report", "export"):
+        code, said, err = await cli([command, str(out)])
+        assert code == 2 and "holds no ledger yet" in err and "Traceback" not in said + err, (command, said, err)
