@@ -489,6 +489,37 @@ def _refuse_misplaced(path: Path) -> None:
         f"here with its -wal file: mv '{old}' '{path}'; if it is not, rename it. Then run again")
 
 
+def _refuse_orphaned_results(path: Path) -> None:
+    """Raise LedgerError when the ledger `path` is missing or empty while its folder's results.jsonl names
+    jobs the API accepted (a request id): the ledger was deleted or emptied, and starting over would pay
+    again for each of them."""
+    try:
+        if path.stat().st_size > 0:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return  # the open says what is wrong with it
+    results = path.parent / "results.jsonl"
+    paid = 0
+    try:
+        with open(results, "rb") as file:
+            for line in file:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                paid += isinstance(row, dict) and bool(row.get("request_id"))
+    except OSError:
+        return
+    if paid:
+        raise LedgerError(
+            f"{path.parent} has no ledger ({path} is missing or empty), but its results.jsonl names {paid} "
+            f"job{'s' if paid != 1 else ''} the API accepted: the ledger was deleted or emptied, and starting "
+            f"over would pay again for each. Put the ledger back (from a backup); or, to start over here and "
+            f"pay again, move results.jsonl aside")
+
+
 def unusable(path: Path, exc: Exception) -> LedgerError:
     """What a person is told of a ledger SQLite cannot read (`exc`: what SQLite said).
 
@@ -557,8 +588,9 @@ class Ledger:
         linked companion file, a newer schema, or a file that fails SQLite's integrity check. `check=False`
         (read-only only): the caller runs that check itself (`integrity`) before it shows anything read."""
         path = output_dir / LEDGER_NAME
+        _refuse_misplaced(path)
         if not readonly:
-            _refuse_misplaced(path)
+            _refuse_orphaned_results(path)
         if not path.exists():
             if not create:
                 raise LedgerError(f"no ledger at {path}: nothing has run with this output directory yet")

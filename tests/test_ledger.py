@@ -377,3 +377,34 @@ async def test_a_ledger_an_older_batchrun_put_beside_a_dir_with_such_a_name_is_f
     for command in ("status", "report", "export"):
         code, said, err = await cli([command, str(out)])
         assert code == 2 and "holds no ledger yet" in err and "Traceback" not in said + err, (command, said, err)
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+async def test_a_run_does_not_start_over_where_results_name_paid_jobs_but_the_ledger_is_gone(tmp_path, monkeypatch,
+                                                                                            how):
+    """The ledger deleted or emptied by hand while results.jsonl still names jobs the API accepted: a run
+    refuses to start over (exit 2, nothing sent) and says how to put it back or start over knowingly."""
+    import shutil
+
+    from helpers import TOKEN, cli, jobs, write_manifest
+
+    from batchrun.sandbox import Sandbox
+
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    manifest = write_manifest(tmp_path, jobs(3))
+    out = tmp_path / "out"
+    async with Sandbox() as sandbox:
+        argv = ["run", str(manifest), "--base-url", sandbox.base_url, "--no-preflight", "--no-progress"]
+        code, said, err = await cli(argv)
+        assert code == 0, (said, err)
+        shutil.move(out / LEDGER_NAME, tmp_path / "backup.sqlite")
+        for suffix in ("-wal", "-shm"):
+            (out / f"{LEDGER_NAME}{suffix}").unlink(missing_ok=True)
+        if how == "emptied":
+            (out / LEDGER_NAME).write_bytes(b"")
+        code, said, err = await cli(argv)
+        assert code == 2 and "names 3 jobs the API accepted" in err and "move results.jsonl aside" in err, (said, err)
+        assert sandbox.posts_total == 3
+        shutil.move(out / "results.jsonl", tmp_path / "results-before.jsonl")  # starting over, knowingly
+        code, said, err = await cli(argv)
+        assert code == 0 and sandbox.posts_total == 6, (said, err)
