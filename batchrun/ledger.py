@@ -62,7 +62,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote
 
 from batchrun import gcpause
@@ -467,21 +467,17 @@ def _refuse_misplaced(path: Path) -> None:
     output dir (`misplaced_location`) holds data: a run would otherwise start over and pay again for every
     job that ledger records."""
     old = misplaced_location(path)
-    if old is None:
+    if old is None or not _missing_or_empty(path):
         return
-    try:
-        if path.stat().st_size > 0:
-            return
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return  # the open says what is wrong with it
-    try:
-        with open(old, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode) or file.read(16) != b"SQLite format 3\0":
+    file = _regular_file(old)
+    if file is None:
+        return
+    with file:
+        try:
+            if file.read(16) != b"SQLite format 3\0":
                 return
-    except OSError:
-        return
+        except OSError:
+            return
     raise LedgerError(
         f"the ledger of {path.parent} may be {old}: batchrun 0.1 put a ledger there when the output directory's "
         f"path held '?', '#' or '%', and starting over here would pay again for every job it records. If it "
@@ -489,21 +485,42 @@ def _refuse_misplaced(path: Path) -> None:
         f"here with its -wal file: mv '{old}' '{path}'; if it is not, rename it. Then run again")
 
 
+def _missing_or_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # the open says what is wrong with it
+
+
+def _regular_file(path: Path) -> BinaryIO | None:
+    """`path` open for reading when it is a regular file, else None: a FIFO planted there never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return os.fdopen(fd, "rb")
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
 def _refuse_orphaned_results(path: Path) -> None:
     """Raise LedgerError when the ledger `path` is missing or empty while its folder's results.jsonl names
     jobs the API accepted (a request id): the ledger was deleted or emptied, and starting over would pay
     again for each of them."""
-    try:
-        if path.stat().st_size > 0:
-            return
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return  # the open says what is wrong with it
-    results = path.parent / "results.jsonl"
+    if not _missing_or_empty(path):
+        return
+    file = _regular_file(path.parent / "results.jsonl")
+    if file is None:
+        return
     paid = 0
     try:
-        with open(results, "rb") as file:
+        with file:
             for line in file:
                 try:
                     row = json.loads(line)

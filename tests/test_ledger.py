@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import sqlite3
@@ -408,3 +409,23 @@ async def test_a_run_does_not_start_over_where_results_name_paid_jobs_but_the_le
         shutil.move(out / "results.jsonl", tmp_path / "results-before.jsonl")  # starting over, knowingly
         code, said, err = await cli(argv)
         assert code == 0 and sandbox.posts_total == 6, (said, err)
+
+
+async def test_fifos_planted_where_those_checks_look_never_block_a_first_run(tmp_path, monkeypatch):
+    """The checks for a deleted or misplaced ledger read results.jsonl and the place batchrun 0.1 cut the
+    path at: a FIFO at either is not read (it would block until someone writes to it)."""
+    from helpers import TOKEN, cli, jobs, write_manifest
+
+    from batchrun.sandbox import Sandbox
+
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    manifest = write_manifest(tmp_path, jobs(1))
+    out = tmp_path / "shots #2" / "out"
+    out.mkdir(parents=True)
+    os.mkfifo(tmp_path / "shots ")
+    os.mkfifo(out / "results.jsonl")
+    async with Sandbox() as sandbox:
+        code, said, err = await asyncio.wait_for(cli(["run", str(manifest), "--base-url", sandbox.base_url,
+                                                      "--no-preflight", "--no-progress", "--output", str(out)]), 60)
+        assert code == 0, (said, err)
+        assert sandbox.posts_total == 1
