@@ -25,9 +25,11 @@ from fractions import Fraction
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's batchrun, whatever else is installed
+# This checkout's batchrun, whatever else is installed; the sibling script and the tests' helpers.
+sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 
 from bench_run import bench_video  # noqa: E402 - a sibling script, not a package
+from helpers import mux_silence  # noqa: E402 - the tests' video maker, shared
 
 from batchrun import mediafacts  # noqa: E402
 
@@ -56,14 +58,7 @@ def made_720p(path: Path, seconds: int = 5, fps: int = 24) -> None:
             frame.pts, frame.time_base = i, Fraction(1, fps)
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
-        samples = 1024
-        for i in range(seconds * 44100 // samples):
-            chunk = av.AudioFrame(format="fltp", layout="stereo", samples=samples)
-            for plane in chunk.planes:
-                plane.update(bytes(plane.buffer_size))
-            chunk.sample_rate, chunk.pts = 44100, i * samples
-            out.mux(sound.encode(chunk))
-        out.mux(sound.encode(None))
+        mux_silence(out, sound, seconds)
 
 
 def video_of(kind: str, workdir: Path) -> bytes:

@@ -248,3 +248,18 @@ def forge_keeping_stat(path: Path) -> None:
     with open(path, "r+b") as handle:
         handle.write(data.replace(request_id.encode(), b"x" * len(request_id)))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def mux_silence(out: Any, sound: Any, seconds: int) -> None:
+    """Encode `seconds` of stereo silence through PyAV's audio stream `sound` into the container `out`,
+    then flush the encoder."""
+    import av
+
+    samples = 1024
+    for i in range(seconds * 44100 // samples):
+        frame = av.AudioFrame(format="fltp", layout="stereo", samples=samples)
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        frame.sample_rate, frame.pts = 44100, i * samples
+        out.mux(sound.encode(frame))
+    out.mux(sound.encode(None))

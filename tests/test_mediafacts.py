@@ -7,7 +7,7 @@ import io
 from fractions import Fraction
 
 import pytest
-from helpers import cli, job, results, run, write_manifest
+from helpers import cli, job, mux_silence, results, run, write_manifest
 
 from batchrun.sandbox import Sandbox
 
@@ -29,14 +29,7 @@ def made_video(seconds: int = 5, fps: int = 24, audio: bool = True) -> bytes:
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
         if sound is not None:
-            samples = 1024
-            for i in range(seconds * 44100 // samples):
-                frame = av.AudioFrame(format="fltp", layout="stereo", samples=samples)
-                for plane in frame.planes:
-                    plane.update(bytes(plane.buffer_size))
-                frame.sample_rate, frame.pts = 44100, i * samples
-                out.mux(sound.encode(frame))
-            out.mux(sound.encode(None))
+            mux_silence(out, sound, seconds)
     return buffer.getvalue()
 
 
