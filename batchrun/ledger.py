@@ -63,7 +63,7 @@ from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from batchrun import gcpause
 from batchrun.errors import LedgerError
@@ -458,7 +458,7 @@ def misplaced_location(path: Path) -> Path | None:
     `path` itself."""
     text = str(path)
     cut = re.split(r"[?#]", text, maxsplit=1)[0]
-    old = re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m[1], 16)), cut) if "%" in cut else cut
+    old = unquote(cut)  # as UTF-8, as SQLite reads the bytes it decodes
     return Path(old) if old != text else None
 
 

@@ -181,9 +181,9 @@ class Files:
         """Whether the file `relative` (a relative POSIX path under `root`) is there."""
         path = PurePosixPath(relative)
         folder = str(path.parent)
-        names = self._listed.get(folder, ())
-        if names == ():
-            names = self._listed[folder] = self._list(self.root / folder)
+        if folder not in self._listed:
+            self._listed[folder] = self._list(self.root / folder)
+        names = self._listed[folder]
         if names is None:  # a folder that cannot be listed: ask about the file itself
             try:
                 return (self.root / relative).is_file()

@@ -370,7 +370,8 @@ class Scheduler:
                 self._provenance.close()
 
     async def _run(self, work: list[tuple[str, Job, JobRow | None]], room: asyncio.Semaphore) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop  # set by `run`
+        assert loop is not None
         try:
             for action, job, row in work:
                 if self.aborted or self._leaving.is_set() or (action == "submit" and self._submitting_stopped()):
