@@ -14,25 +14,31 @@ and is made durable by the next FULL commit. Schema changes are ordered migratio
 `PRAGMA user_version`.
 
 Group commit (`Ledger.group_commits`, used by a run): the run's per-job writes are not committed one
-by one. They are queued in order and ride the next commit. An intent (`mark_submitting_soon`) asks for a
-commit at the end of the current turn of the event loop, which is then FULL and carries everything
-queued, and each job's POST waits until it has returned: the intents of one turn share one fsync. What
-settles a POST's outcome (the request id the API gave, or "certainly not created") also asks for the
-commit at the end of the turn: the outcomes of one turn share it, with that turn's intents (it was a
-commit of its own, one per job: the largest share of a run's system calls). Losing a request id is the
-one loss that costs a person work, so it waits no longer than that. The crash soak (200 SIGKILLs, seed
-13) left 19 `unknown` jobs of 2,100 so, against 14 and 16 with each committed at once: within its noise.
-Spacing those commits at least 2 ms apart (fewer commits, each with more jobs) left 21 of 1,800: not
-kept. Other writes (poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most
-`RIDE_SECONDS` (20 ms) for one of those commits, then get one of their own. Reads through this object
-commit what is queued first, so a run always reads what it wrote.
+by one. They are queued in order and ride the next commit.
+- What settles a POST's outcome (the request id the API gave, or "certainly not created") asks for the
+  commit at the end of the current turn of the event loop: the outcomes of one turn share it (it was a
+  commit of its own, one per job: the largest share of a run's system calls). Losing a request id is
+  the one loss that costs a person work, so it waits no longer than that. The crash soak (200
+  SIGKILLs, seed 13) left 19 `unknown` jobs of 2,100 so, against 14 and 16 with each committed at
+  once: within its noise. Spacing those commits at least 2 ms apart left 21 of 1,800: not kept.
+- An intent (`mark_submitting_soon`) rides the next commit, at most `RIDE_SECONDS` (20 ms) later; that
+  commit is then FULL, and each job's POST waits until it has returned. Intents share an fsync with
+  each other and with the request ids answered meanwhile, which it also makes durable against power
+  loss. A POST leaves up to 20 ms later than it could (nothing beside a render of minutes); in
+  exchange a 500-job run at full speed makes about a third of the commits (bench/README). Waiting
+  costs no safety: nothing is sent before its intent is on disk, and the intent of a job that stops
+  waiting is withdrawn (`withdraw_intent`), so a stopped run leaves no intent without its POST.
+- Other writes (poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most
+  `RIDE_SECONDS` for one of those commits, then get one of their own.
+Reads through this object commit what is queued first, so a run always reads what it wrote.
 
 What a crash can lose, and why that is safe:
 - SQLite commits are atomic and applied in order, and every commit holds all writes queued before it,
   so the ledger on disk is always a prefix of the run's history: never a later state without the
   earlier ones (e.g. never `done` without the request id that led to it).
 - SIGKILL can lose only the writes still queued, those of the last `RIDE_SECONDS` (a request id is
-  committed at the end of the turn its answer arrived in); a power loss can also lose NORMAL
+  committed at the end of the turn its answer arrived in; an intent still queued has sent nothing);
+  a power loss can also lose NORMAL
   commits made since the last FULL one. Both only ever lose a suffix:
   - a lost intent is impossible: the POST is sent only after its FULL commit has returned;
   - a lost request id leaves the job `submitting`, which the next run holds as `unknown` and never
@@ -583,6 +589,8 @@ class Ledger:
         self._queued: list[tuple[str, Any, bool]] = []  # (sql, parameters, executemany)
         self._durable_waiters: list[asyncio.Future] = []
         self._queued_requests: list[tuple[str, str]] = []  # (job id, request id) of queued request ids
+        # Intents not yet committed, by job: their two queued statements and the job's state before them.
+        self._queued_intents: dict[str, tuple[list[tuple[str, Any, bool]], str | None]] = {}
         self._commit_handle: asyncio.Handle | None = None
         self._commit_soon = False
         self.ride_seconds = RIDE_SECONDS
@@ -769,6 +777,7 @@ class Ledger:
         statements, waiters, requests = self._queued, self._durable_waiters, self._queued_requests
         if carry:
             self._queued, self._durable_waiters, self._queued_requests = [], [], []
+            self._queued_intents = {}
             durable = durable or bool(waiters)
         try:
             if durable:
@@ -1173,18 +1182,41 @@ class Ledger:
             self._moved(job_id, "submitting")
 
     def mark_submitting_soon(self, job_id: str, *, simulated: bool = False) -> asyncio.Future:
-        """The intent of one job, queued for the commit at the end of this turn of the event loop, which
-        is then FULL: the returned future is done once it is on disk (or fails with LedgerWriteError).
-        Send the POST only after awaiting it. Needs `group_commits`."""
+        """The intent of one job, queued to ride the next commit (at most `ride_seconds` away), which is
+        then FULL: the returned future is done once it is on disk (or fails with LedgerWriteError). Send
+        the POST only after awaiting it; if the job stops waiting first, call `withdraw_intent`. Needs
+        `group_commits`."""
         assert self._loop is not None, "mark_submitting_soon needs group_commits()"
         now = utc_now()
-        self._queued.append((self._SUBMITTING, (now, int(simulated), now, job_id), False))
-        self._queued.append(("DELETE FROM outputs WHERE job_id=?", (job_id,), False))
+        statements = [(self._SUBMITTING, (now, int(simulated), now, job_id), False),
+                      ("DELETE FROM outputs WHERE job_id=?", (job_id,), False)]
+        self._queued.extend(statements)
+        self._read_states()
+        self._queued_intents[job_id] = (statements, self._states.get(job_id))
         waiter = self._loop.create_future()
         self._durable_waiters.append(waiter)
         self._moved(job_id, "submitting")
-        self._schedule(soon=True)
+        self._schedule(soon=False)
         return waiter
+
+    def withdraw_intent(self, job_id: str, waiter: asyncio.Future | None) -> None:
+        """The job will not send the POST its intent (`mark_submitting_soon`) was for. Still queued, the
+        intent is dropped as if never made; already committed, the job goes back to `pending` with its
+        attempt uncounted, at the end of this turn: nothing was sent, so nothing is held back."""
+        queued = self._queued_intents.pop(job_id, None)
+        if queued is not None:
+            statements, before = queued
+            self._queued = [s for s in self._queued if all(s is not mine for mine in statements)]
+            self._durable_waiters = [w for w in self._durable_waiters if w is not waiter]
+            if before is None:
+                self._states.pop(job_id, None)
+                self._counts["submitting"] -= 1
+            else:
+                self._moved(job_id, before)
+            return
+        self._queue([("UPDATE jobs SET state='pending', submissions=submissions-1, updated_at=? WHERE id=?"
+                      " AND state='submitting'", (utc_now(), job_id), False)], soon=True)
+        self._moved(job_id, "pending")
 
     def mark_submitted(self, job_id: str, request_id: str) -> None:
         """Record the request id the API gave. Committed at once, or, while commits are grouped, by the

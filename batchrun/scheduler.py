@@ -126,11 +126,12 @@ def _end_nap(nap: asyncio.Future) -> None:
 
 
 class _IntentBatch:
-    """Makes the intents of jobs about to be POSTed durable together: the ledger's commit at the end of
-    this turn of the event loop carries them all (and every other write queued in the turn) and is FULL.
+    """Makes the intents of jobs about to be POSTed durable together: the ledger's next commit (at most
+    `RIDE_SECONDS` away) carries them all, with every other write queued meanwhile, and is FULL.
 
     Each job still waits for its own intent to be on disk before sending. A job whose wait is cancelled
-    may have its intent recorded without a POST: the next run then holds it as `unknown`, the safe side.
+    has its intent withdrawn (dropped if still queued, else the job goes back to `pending`), so a stopped
+    run leaves no intent without its POST for the next run to hold as `unknown`.
     """
 
     def __init__(self, ledger: Ledger, simulated: bool = False):
@@ -145,9 +146,18 @@ class _IntentBatch:
     async def commit(self, job_id: str) -> None:
         self._waiting += 1
         try:
-            await self.ledger.mark_submitting_soon(job_id, simulated=self.simulated)
+            waiter = self.ledger.mark_submitting_soon(job_id, simulated=self.simulated)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self.ledger.withdraw_intent(job_id, waiter)
+                raise
         finally:
             self._waiting -= 1
+
+    def withdraw(self, job_id: str) -> None:
+        """The job's intent is on disk but its POST will not be sent (the run stopped meanwhile)."""
+        self.ledger.withdraw_intent(job_id, None)
 
 
 class Scheduler:
@@ -515,6 +525,9 @@ class Scheduler:
                     if self._must_not_send():  # the stop came while this job waited for its turn
                         raise _OutOfTime()
                     await self._intents.commit(job.id)
+                    if self._must_not_send():  # the stop came while its intent waited for its commit
+                        self._intents.withdraw(job.id)
+                        raise _OutOfTime()
                     crashpoint("after_intent")
                     self.calls["submit"] += 1
                     submitted = await self.client.submit(self.manifest.model_of(job).model_id, payload)

@@ -84,6 +84,46 @@ async def test_writes_of_one_turn_share_one_commit_and_an_intent_is_on_disk_befo
     conn.close()
 
 
+def _submissions(folder: Path) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{folder / LEDGER_NAME}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT id, submissions FROM jobs"))
+    finally:
+        conn.close()
+
+
+async def test_an_intent_rides_the_request_ids_commit_and_a_withdrawn_one_leaves_no_trace(tmp_path):
+    ledger = Ledger.open(tmp_path)
+    _add(ledger, "a", "b", "c")
+    ledger.mark_submitting(["b"])  # b's POST is under way
+    with ledger.group_commits():
+        before = ledger.commits
+        wait_a = ledger.mark_submitting_soon("a")
+        ledger.mark_submitted("b", "req-b")  # b's answer arrives while a waits for a commit to ride
+        await wait_a
+        assert ledger.commits == before + 1  # one commit (FULL, as it carries an intent) holds both
+        assert _on_disk(tmp_path)["a"] == ("submitting", None) and _on_disk(tmp_path)["b"] == ("queued", "req-b")
+
+        # c's job stops waiting before its intent's commit: the intent is dropped, as if never made.
+        wait_c = ledger.mark_submitting_soon("c")
+        assert ledger.counts()["submitting"] == 2
+        ledger.withdraw_intent("c", wait_c)
+        wait_c.cancel()
+        assert ledger.state_of("c") == "pending" and ledger.counts()["submitting"] == 1
+        await asyncio.sleep(ledger.ride_seconds * 3)
+        assert ledger.commits == before + 1  # nothing was left to commit
+        assert _on_disk(tmp_path)["c"] == ("pending", None) and _submissions(tmp_path)["c"] == 0
+
+        # Its next intent is committed, then the run stops before the POST: back to pending, uncounted.
+        await ledger.mark_submitting_soon("c")
+        assert _on_disk(tmp_path)["c"] == ("submitting", None) and _submissions(tmp_path)["c"] == 1
+        ledger.withdraw_intent("c", None)
+        await asyncio.sleep(0)
+        assert _on_disk(tmp_path)["c"] == ("pending", None) and _submissions(tmp_path)["c"] == 0
+        assert ledger.state_of("c") == "pending"
+    ledger.close()
+
+
 async def test_a_commit_that_fails_is_raised_or_stops_the_run_and_memory_follows_the_disk(tmp_path, caplog):
     ledger = Ledger.open(tmp_path)
     _add(ledger, "a", "b")
