@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
-from tqdm import tqdm
 
 from batchrun import console, mediafacts, outputhosts, provenance, schema, startimages, stoprequest
 from batchrun.api import Client, make_limiter
@@ -35,7 +34,7 @@ from batchrun.ledger_index import LedgerIndex, check_new_ledger
 from batchrun.lock import OutputDirLock
 from batchrun.manifest import Manifest
 from batchrun.plan import GONE, PREVIOUS_INPUT, Plan, RunOptions, make_plan, outputs_intact
-from batchrun.progress import Progress, describe
+from batchrun.progress import Progress, describe, write_line
 from batchrun.results import results_current, write_results
 from batchrun.scheduler import Scheduler
 from batchrun.servertext import server_text
@@ -96,7 +95,7 @@ class _ConsoleHandler(logging.Handler):
         self.stream = stream
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(f"batchrun: {record.getMessage()}", file=self.stream)
+        write_line(f"batchrun: {record.getMessage()}", self.stream)
 
 
 class _RunLogHandler(logging.handlers.RotatingFileHandler):
@@ -127,7 +126,7 @@ class _RunLogHandler(logging.handlers.RotatingFileHandler):
         # A full disk must not turn every later log line into a traceback: say it once, then drop lines.
         if not self._broken:
             self._broken = True
-            tqdm.write(f"batchrun: cannot write {RUN_LOG} any more: {sys.exc_info()[1]}", file=self._console)
+            write_line(f"batchrun: cannot write {RUN_LOG} any more: {sys.exc_info()[1]}", self._console)
 
     def format(self, record: logging.LogRecord) -> str:
         # shouldRollover and emit both format each record: the second time costs nothing.
@@ -508,8 +507,8 @@ def _install_signals(scheduler: Scheduler, stream: TextIO) -> Callable[[], None]
     def on_interrupt() -> None:
         presses["n"] += 1
         if presses["n"] == 1:
-            tqdm.write("batchrun: stopping: no new jobs; finishing those in flight (Ctrl-C again to leave now)",
-                       file=stream)
+            write_line("batchrun: stopping: no new jobs; finishing those in flight (Ctrl-C again to leave now)",
+                       stream)
             scheduler.stop_submitting("interrupted")
         else:
             scheduler.abort()
