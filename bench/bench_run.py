@@ -4,10 +4,12 @@
         10,000 jobs, zero latency, concurrency 64, 64 KB videos: batchrun's wall time against a bare
         aiohttp script making the same calls in the same run (target <= 1.3x), CPU per job of both
         (target <= 1.2 ms for batchrun), batchrun's peak RSS (target <= 100 MB at 10,000 jobs) and its
-        ledger commits per job (from the run's own record).
+        ledger commits per job (from the run's own record). Beside them, the two floors of
+        floor_client.py: the bare script keeping batchrun's promises ("floor"), and the same also doing
+        what SPEC requires of every run ("product floor": manifest validated, media facts, results.jsonl).
     python bench/bench_run.py syscalls [--jobs 500] [--runs 1]
-        The same calls under `strace -c -f`: system calls per job of batchrun, the floor and the baseline (target
-        <= 70 for batchrun), the top calls of each, and, from a second traced run of batchrun, the
+        The same calls under `strace -c -f`: system calls per job of batchrun, both floors and the baseline
+        (target <= 70 for batchrun), the top calls of each, and, from a second traced run of batchrun, the
         bytes written to the ledger's WAL per job and its commits per job.
     python bench/bench_run.py busy [--runs 3] [--queue-ahead 2 10] [--seed 1]
         100 jobs, capacity = concurrency = 10, two scenarios: `spread` (renders uniform in 0.6-1.2 s, full
@@ -96,10 +98,13 @@ def bench_video() -> bytes:
 
 def client_argv(name: str, manifest: Path, base_url: str, jobs: int, out: Path) -> list[str]:
     """The command of one side of the overhead and syscalls benches: "baseline" (the bare script), "floor"
-    (the bare script keeping the promises) or batchrun (any other name), 64 at once."""
-    if name in ("baseline", "floor"):
+    (the bare script keeping the promises), "product" (the floor also doing what SPEC requires of every
+    run: the manifest read and validated, media facts read, results.jsonl) or batchrun (any other name),
+    64 at once."""
+    if name in ("baseline", "floor", "product"):
         script = HERE / ("baseline_client.py" if name == "baseline" else "floor_client.py")
-        return [sys.executable, str(script), base_url, str(jobs), "64", str(out)]
+        extra = [str(manifest)] if name == "product" else []
+        return [sys.executable, str(script), base_url, str(jobs), "64", str(out), *extra]
     return batchrun_argv(manifest, base_url, out)
 
 
@@ -112,7 +117,7 @@ async def overhead_once(jobs: int, workdir: Path) -> dict:
     manifest = workdir / "overhead.yaml"
     write_manifest(manifest, jobs, 64)
     figures = {}
-    for name in ("baseline", "floor", "batchrun"):
+    for name in ("baseline", "floor", "product", "batchrun"):
         async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
             out = workdir / f"out-{name}-{time.monotonic_ns()}"
             argv = client_argv(name, manifest, sandbox.base_url, jobs, out)
@@ -121,6 +126,8 @@ async def overhead_once(jobs: int, workdir: Path) -> dict:
     figures["ratio"] = figures["batchrun"]["wall_s"] / figures["baseline"]["wall_s"]
     figures["floor_ratio"] = figures["floor"]["wall_s"] / figures["baseline"]["wall_s"]
     figures["over_floor"] = figures["batchrun"]["wall_s"] / figures["floor"]["wall_s"]
+    figures["product_ratio"] = figures["product"]["wall_s"] / figures["baseline"]["wall_s"]
+    figures["over_product"] = figures["batchrun"]["wall_s"] / figures["product"]["wall_s"]
     figures["batchrun"]["commits"] = ledger_commits(out)
     return figures
 
@@ -168,7 +175,7 @@ async def syscalls_once(jobs: int, workdir: Path) -> dict:
     manifest = workdir / "syscalls.yaml"
     write_manifest(manifest, jobs, 64)
     figures = {}
-    for name in ("baseline", "floor", "batchrun", "batchrun-wal"):
+    for name in ("baseline", "floor", "product", "batchrun", "batchrun-wal"):
         async with Sandbox(capacity=64, render_seconds=0.0, video_bytes=video) as sandbox:
             out = workdir / f"out-sys-{name}-{time.monotonic_ns()}"
             trace = workdir / f"strace-{name}-{time.monotonic_ns()}.txt"
@@ -265,7 +272,9 @@ async def main() -> None:
                 base, floor, ours = figures["baseline"], figures["floor"], figures["batchrun"]
                 print(f"run {i + 1}: baseline {base['wall_s']:.1f}s (cpu {base['cpu_s']:.1f}s, "
                       f"{base['cpu_s'] / jobs * 1000:.2f} ms/job), floor {floor['wall_s']:.1f}s "
-                      f"(cpu {floor['cpu_s'] / jobs * 1000:.2f} ms/job, {figures['floor_ratio']:.2f}x), "
+                      f"(cpu {floor['cpu_s'] / jobs * 1000:.2f} ms/job, {figures['floor_ratio']:.2f}x), product floor "
+                      f"{figures['product']['wall_s']:.1f}s (cpu {figures['product']['cpu_s'] / jobs * 1000:.2f} "
+                      f"ms/job, {figures['product_ratio']:.2f}x), "
                       f"batchrun {ours['wall_s']:.1f}s "
                       f"(cpu {ours['cpu_s']:.1f}s, {ours['cpu_s'] / jobs * 1000:.2f} ms/job, exit {ours['exit']}), "
                       f"ratio {figures['ratio']:.2f}, batchrun peak RSS {ours['rss_mb']:.0f} MB, "
@@ -274,7 +283,10 @@ async def main() -> None:
                   f"{median([r['ratio'] for r in results]):.2f} (target <= 1.3), floor "
                   f"{median([r['floor_ratio'] for r in results]):.2f}x, batchrun/floor "
                   f"{median([r['over_floor'] for r in results]):.2f}x, floor CPU per job "
-                  f"{median([r['floor']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms; batchrun wall "
+                  f"{median([r['floor']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms; product floor "
+                  f"{median([r['product_ratio'] for r in results]):.2f}x, batchrun/product floor "
+                  f"{median([r['over_product'] for r in results]):.2f}x, its CPU per job "
+                  f"{median([r['product']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms; batchrun wall "
                   f"{median([r['batchrun']['wall_s'] for r in results]):.1f}s vs baseline "
                   f"{median([r['baseline']['wall_s'] for r in results]):.1f}s; CPU per job "
                   f"{median([r['batchrun']['cpu_s'] for r in results]) / jobs * 1000:.2f} ms (target <= 1.2) vs "
@@ -287,7 +299,7 @@ async def main() -> None:
             for i in range(runs):
                 figures = await syscalls_once(jobs, workdir)
                 results.append(figures)
-                for name in ("baseline", "floor", "batchrun"):
+                for name in ("baseline", "floor", "product", "batchrun"):
                     top = ", ".join(f"{call} {n / jobs:.1f}" for call, n in figures[name]["top"])
                     print(f"run {i + 1}: {name}: {figures[name]['per_job']:.1f} syscalls/job (exit "
                           f"{figures[name]['exit']}); top per job: {top}", flush=True)
@@ -297,7 +309,8 @@ async def main() -> None:
             print(f"median over {runs} runs of {jobs} jobs: batchrun "
                   f"{median([r['batchrun']['per_job'] for r in results]):.1f} syscalls/job (target <= 70) vs "
                   f"baseline {median([r['baseline']['per_job'] for r in results]):.1f}, floor "
-                  f"{median([r['floor']['per_job'] for r in results]):.1f}; WAL "
+                  f"{median([r['floor']['per_job'] for r in results]):.1f}, product floor "
+                  f"{median([r['product']['per_job'] for r in results]):.1f}; WAL "
                   f"{median([r['wal_bytes_per_job'] for r in results]) / 1024:.1f} KB/job")
         else:
             summary = []

@@ -1,5 +1,5 @@
 """The floor for bench_run.py: the bare script of `baseline_client.py` keeping batchrun's promises in
-the leanest way we know, and nothing else. Usage: floor_client.py BASE_URL JOBS CONCURRENCY OUTDIR
+the leanest way we know, and nothing else. Usage: floor_client.py BASE_URL JOBS CONCURRENCY OUTDIR [MANIFEST]
 
 What a tool that never pays twice and never loses a paid result must do per job, beyond the calls:
 - the intent is durable before its POST: intents of the jobs posting in the same event-loop turn share
@@ -17,6 +17,18 @@ What a tool that never pays twice and never loses a paid result must do per job,
 No retries, no polling schedule, no logging, no media probing, no report, no results.jsonl: those are
 batchrun's features, not its promises. The figure it gives, against the bare script in the same run,
 is what the promises cost at best; batchrun's figure against it is what batchrun adds on top.
+
+With MANIFEST ("the product floor"), it also does, as leanly, what SPEC.md and the issues require of
+every run beyond the promises, and nothing more:
+- reads the YAML manifest (pyyaml's C loader) and validates each job's input against the model's
+  JSON schema (jsonschema, one compiled validator) before sending anything (SPEC: "validates it
+  against each model's schema");
+- reads each new video's media facts with PyAV once the run's jobs are done (issue 12: duration,
+  resolution, frame rate, audio, stored in the ledger in one commit), in one child process that
+  imports only PyAV and reads every path in one go: a file crafted to crash FFmpeg may kill that
+  child, not the run holding the ledger;
+- writes results.jsonl (SPEC), one line per job, in one go at the end.
+Still no retries, polling schedule, log, poster frames, report, checks of local files or prices.
 """
 
 import asyncio
@@ -28,6 +40,57 @@ import sys
 from pathlib import Path
 
 import aiohttp
+
+# The media reader: one isolated child (-I -S: nothing from the working directory, no site), given
+# the parent's sys.path, reading the paths on stdin and answering one JSON line each, in one write.
+MEDIA_CHILD = r"""
+import sys
+sys.path[:] = sys.argv[1:]
+import json, av
+out = []
+for path in sys.stdin.read().split("\n"):
+    facts = None
+    try:
+        with av.open(path) as container:
+            video = next((s for s in container.streams if s.type == "video"), None)
+            facts = {"duration_s": container.duration / 1e6 if container.duration else None,
+                     "width": video.codec_context.width if video else None,
+                     "height": video.codec_context.height if video else None,
+                     "fps": float(video.average_rate) if video and video.average_rate else None,
+                     "has_audio": any(s.type == "audio" for s in container.streams)}
+    except Exception:
+        pass
+    out.append(json.dumps([path, facts]))
+sys.stdout.write("\n".join(out) + "\n")
+"""
+
+
+def load_inputs(manifest: Path, model_data: Path) -> list[tuple[str, dict]]:
+    """Each job's (id, input), defaults applied, each validated against the model's schema."""
+    import jsonschema
+    import yaml
+
+    with open(manifest, encoding="utf-8") as stream:
+        doc = yaml.load(stream, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schema = json.loads(model_data.read_text())["input_schema"]
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    inputs = []
+    for job in doc["jobs"]:
+        body = {**doc.get("defaults", {}), **{k: v for k, v in job.items() if k != "id"}}
+        errors = list(validator.iter_errors(body))
+        if errors:
+            raise SystemExit(f"{manifest}: job {job['id']}: {errors[0].message}")
+        inputs.append((str(job["id"]), body))
+    return inputs
+
+
+def read_media(paths: list[Path]) -> list[tuple[str, dict | None]]:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", MEDIA_CHILD, *sys.path],
+                          input="\n".join(map(str, paths)).encode(), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, check=False)
+    return [tuple(json.loads(line)) for line in done.stdout.decode().splitlines()]
 
 MODEL = "kling/kling-3.0/standard/image-to-video"
 IMAGE = "https://example.com/bench/start.png"
@@ -139,9 +202,11 @@ class Provenance:
 
 
 async def one(session, base, i, out: Path, slots: asyncio.Semaphore, ledger: Ledger, files: Files,
-              provenance: Provenance):
+              provenance: Provenance, job: tuple[str, dict] | None = None):
     job_id = f"job-{i}"
     body = {"prompt": f"bench job {i}", "start_image_url": IMAGE, "duration": 5, "generate_audio": False}
+    if job is not None:
+        job_id, body = job
     async with slots:
         await ledger.write("INSERT INTO jobs (id, state, input) VALUES (?, 'submitting', ?)",
                            (job_id, json.dumps(body)), now=True, durable=True)
@@ -174,20 +239,39 @@ async def one(session, base, i, out: Path, slots: asyncio.Semaphore, ledger: Led
     provenance.add({"id": job_id, "request_id": request_id, "input": body, "sha256": sha, "bytes": size})
 
 
-async def main(base: str, jobs: int, concurrency: int, out: Path):
+async def main(base: str, jobs: int, concurrency: int, out: Path, manifest: Path | None = None):
+    inputs = None
+    if manifest is not None:
+        models = Path(__file__).resolve().parents[1] / "batchrun" / "models"
+        inputs = load_inputs(manifest, models / "kling-3.0-standard-image-to-video.json")[:jobs]
     out.mkdir(parents=True, exist_ok=True)
     ledger, files, provenance = Ledger(out / "ledger.sqlite"), Files(out), Provenance(out)
     slots = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         pending = set()
         for i in range(jobs):
-            pending.add(asyncio.create_task(one(session, base, i, out, slots, ledger, files, provenance)))
+            job = inputs[i] if inputs is not None else None
+            pending.add(asyncio.create_task(one(session, base, i, out, slots, ledger, files, provenance, job)))
             if len(pending) >= concurrency * 2:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.gather(*pending)
     ledger.commit()
     provenance.flush()
+    if inputs is not None:
+        ids = [job_id for job_id, _ in inputs]
+        facts = dict(read_media([out / f"{job_id}.mp4" for job_id in ids]))
+        ledger.conn.execute("ALTER TABLE jobs ADD COLUMN media TEXT")
+        ledger.conn.execute("BEGIN")
+        ledger.conn.executemany("UPDATE jobs SET media = ? WHERE id = ?",
+                                [(json.dumps(facts.get(str(out / f"{job_id}.mp4"))), job_id) for job_id in ids])
+        ledger.conn.execute("COMMIT")
+        rows = ledger.conn.execute("SELECT id, state, request_id, input, sha256, bytes, media FROM jobs")
+        with open(out / "results.jsonl", "w", encoding="utf-8") as results:
+            results.writelines(json.dumps({"id": r[0], "state": r[1], "request_id": r[2], "input": json.loads(r[3]),
+                                           "outputs": [{"path": f"{r[0]}.mp4", "sha256": r[4], "bytes": r[5]}],
+                                           "media": json.loads(r[6])}) + "\n" for r in rows)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]),
+                     Path(sys.argv[5]) if len(sys.argv) > 5 else None))
