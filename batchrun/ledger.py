@@ -21,11 +21,12 @@ by one. They are queued in order and ride the next commit.
   the one loss that costs a person work, so it waits no longer than that. The crash soak (200
   SIGKILLs, seed 13) left 19 `unknown` jobs of 2,100 so, against 14 and 16 with each committed at
   once: within its noise. Spacing those commits at least 2 ms apart left 21 of 1,800: not kept.
-- An intent (`mark_submitting_soon`) rides the next commit, at most `RIDE_SECONDS` (20 ms) later; that
-  commit is then FULL, and each job's POST waits until it has returned. Intents share an fsync with
-  each other and with the request ids answered meanwhile, which it also makes durable against power
-  loss. A POST leaves up to 20 ms later than it could (nothing beside a render of minutes); in
-  exchange a 500-job run at full speed makes about a third of the commits (bench/README). Waiting
+- An intent (`mark_submitting_soon`) rides the next commit, at most `within` seconds later (a run
+  gives a fifth of its shortest poll interval, at most `RIDE_SECONDS`, 20 ms); that commit is then
+  FULL, and each job's POST waits until it has returned. Intents share an fsync with each other and
+  with the request ids answered meanwhile, which it also makes durable against power loss. A POST
+  leaves up to 20 ms later than it could (nothing beside a render of minutes); in exchange a 500-job
+  run at full speed makes about half the commits (bench/README). Waiting
   costs no safety: nothing is sent before its intent is on disk, and the intent of a job that stops
   waiting is withdrawn (`withdraw_intent`), so a stopped run leaves no intent without its POST.
 - Other writes (poll answers, `downloading`, outputs and `done`, errors, media facts) wait at most
@@ -592,7 +593,7 @@ class Ledger:
         # Intents not yet committed, by job: their two queued statements and the job's state before them.
         self._queued_intents: dict[str, tuple[list[tuple[str, Any, bool]], str | None]] = {}
         self._commit_handle: asyncio.Handle | None = None
-        self._commit_soon = False
+        self._commit_at = 0.0  # the loop time the scheduled commit comes at
         self.ride_seconds = RIDE_SECONDS
         self.on_write_error: Callable[[LedgerWriteError], None] | None = None
         self.commits = 0  # write transactions committed through this object (a benchmark figure)
@@ -724,20 +725,21 @@ class Ledger:
                     (conn.executemany if many else conn.execute)(sql, params)
             return
         self._queued.extend(statements)
-        self._schedule(soon=soon)
+        self._schedule(0.0 if soon else self.ride_seconds)
 
-    def _schedule(self, *, soon: bool) -> None:
-        """Make sure a commit will come: with `soon` (an intent, a POST's outcome) at the end of this turn,
-        else within `ride_seconds` (writes queued meanwhile, and any sooner commit before then, carry them)."""
+    def _schedule(self, within: float) -> None:
+        """Make sure a commit will come within `within` seconds (0: at the end of this turn of the loop);
+        writes queued meanwhile, and any sooner commit before then, carry them."""
         if self._loop is None:
             return
+        when = self._loop.time() + within
         if self._commit_handle is not None:
-            if self._commit_soon or not soon:
+            if self._commit_at <= when:
                 return
             self._commit_handle.cancel()
-        self._commit_soon = soon
-        self._commit_handle = (self._loop.call_soon(self._commit_turn) if soon
-                               else self._loop.call_later(self.ride_seconds, self._commit_turn))
+        self._commit_at = when
+        self._commit_handle = (self._loop.call_soon(self._commit_turn) if within <= 0
+                               else self._loop.call_at(when, self._commit_turn))
 
     def _commit_turn(self) -> None:
         if self._commit_handle is not None:
@@ -1181,11 +1183,12 @@ class Ledger:
         for job_id in job_ids:
             self._moved(job_id, "submitting")
 
-    def mark_submitting_soon(self, job_id: str, *, simulated: bool = False) -> asyncio.Future:
-        """The intent of one job, queued to ride the next commit (at most `ride_seconds` away), which is
-        then FULL: the returned future is done once it is on disk (or fails with LedgerWriteError). Send
-        the POST only after awaiting it; if the job stops waiting first, call `withdraw_intent`. Needs
-        `group_commits`."""
+    def mark_submitting_soon(self, job_id: str, *, simulated: bool = False,
+                             within: float = RIDE_SECONDS) -> asyncio.Future:
+        """The intent of one job, queued to ride the next commit (at most `within` seconds away), which
+        is then FULL: the returned future is done once it is on disk (or fails with LedgerWriteError).
+        Send the POST only after awaiting it; if the job stops waiting first, call `withdraw_intent`.
+        Needs `group_commits`."""
         assert self._loop is not None, "mark_submitting_soon needs group_commits()"
         now = utc_now()
         statements = [(self._SUBMITTING, (now, int(simulated), now, job_id), False),
@@ -1196,7 +1199,7 @@ class Ledger:
         waiter = self._loop.create_future()
         self._durable_waiters.append(waiter)
         self._moved(job_id, "submitting")
-        self._schedule(soon=False)
+        self._schedule(within)
         return waiter
 
     def withdraw_intent(self, job_id: str, waiter: asyncio.Future | None) -> None:

@@ -50,7 +50,7 @@ from batchrun.errors import (
     SubmitOutcomeUnknown,
     TransientApiError,
 )
-from batchrun.ledger import JobRow, Ledger, LedgerWriteError, Output, utc_now
+from batchrun.ledger import RIDE_SECONDS, JobRow, Ledger, LedgerWriteError, Output, utc_now
 from batchrun.localfiles import LocalFileError
 from batchrun.manifest import Job, Manifest
 from batchrun.outputhosts import HostPolicy
@@ -127,16 +127,17 @@ def _end_nap(nap: asyncio.Future) -> None:
 
 class _IntentBatch:
     """Makes the intents of jobs about to be POSTed durable together: the ledger's next commit (at most
-    `RIDE_SECONDS` away) carries them all, with every other write queued meanwhile, and is FULL.
+    `within` seconds away) carries them all, with every other write queued meanwhile, and is FULL.
 
     Each job still waits for its own intent to be on disk before sending. A job whose wait is cancelled
     has its intent withdrawn (dropped if still queued, else the job goes back to `pending`), so a stopped
     run leaves no intent without its POST for the next run to hold as `unknown`.
     """
 
-    def __init__(self, ledger: Ledger, simulated: bool = False):
+    def __init__(self, ledger: Ledger, simulated: bool = False, within: float = RIDE_SECONDS):
         self.ledger = ledger
         self.simulated = simulated
+        self.within = within
         self._waiting = 0
 
     def __len__(self) -> int:
@@ -146,7 +147,7 @@ class _IntentBatch:
     async def commit(self, job_id: str) -> None:
         self._waiting += 1
         try:
-            waiter = self.ledger.mark_submitting_soon(job_id, simulated=self.simulated)
+            waiter = self.ledger.mark_submitting_soon(job_id, simulated=self.simulated, within=self.within)
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -213,7 +214,9 @@ class Scheduler:
         self._in_flight_cap = self.settings.concurrency + self.settings.queue_ahead
         self._slots = asyncio.Semaphore(self._in_flight_cap)
         self.simulated = simulated  # sending to the built-in sandbox, which ends with this process
-        self._intents = _IntentBatch(ledger, simulated)
+        # An intent waits for a commit to share at most a fifth of the shortest poll interval (20 ms at
+        # most): a POST's delay well below the time resolution the manifest asks of its jobs.
+        self._intents = _IntentBatch(ledger, simulated, min(RIDE_SECONDS, self.settings.poll_min_interval / 5))
         self._provenance = ProvenanceWriter(ledger, manifest.output_dir)
         self._downloads = asyncio.Semaphore(options.download_concurrency)
         self._tasks: set[asyncio.Task] = set()
