@@ -124,6 +124,25 @@ async def test_an_intent_rides_the_request_ids_commit_and_a_withdrawn_one_leaves
     ledger.close()
 
 
+async def test_an_intent_waits_no_longer_than_it_was_given_and_a_sooner_commit_takes_it(tmp_path):
+    """A run gives its intents a fifth of its shortest poll interval (20 ms at most): a POST's delay well
+    below what polling resolves. Any commit due sooner carries the intents already waiting."""
+    ledger = Ledger.open(tmp_path)
+    _add(ledger, "a", "b", "c")
+    with ledger.group_commits():
+        before = ledger.commits
+        slow = ledger.mark_submitting_soon("a", within=0.5)
+        await asyncio.sleep(0.05)
+        assert not slow.done() and _on_disk(tmp_path)["a"][0] == "pending"
+        await ledger.mark_submitting_soon("b", within=0.0)  # due at the end of this turn: takes a along
+        assert slow.done() and ledger.commits == before + 1
+        assert _on_disk(tmp_path)["a"][0] == _on_disk(tmp_path)["b"][0] == "submitting"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await ledger.mark_submitting_soon("c", within=0.05)
+        assert 0.04 <= loop.time() - started < 2 and ledger.commits == before + 2
+
+
 async def test_a_commit_that_fails_is_raised_or_stops_the_run_and_memory_follows_the_disk(tmp_path, caplog):
     ledger = Ledger.open(tmp_path)
     _add(ledger, "a", "b")
