@@ -573,10 +573,18 @@ class Client:
         API's own: see `servertext.server_text`, with this client's token blanked out."""
         return server_text(text, limit, (self._token,))
 
-    async def submit(self, model_id: str, input: dict) -> Submitted:
-        """POST a job. Raises `SubmitOutcomeUnknown` when a job may exist despite the failure."""
+    async def turn(self) -> None:
+        """Wait for the rate limit's next place and take it, for one `submit(..., paced=True)`: a caller that
+        must do something between that wait and the POST (record the job's intent) waits first."""
+        if self._limiter is not None:
+            async with self._limiter:
+                pass
+
+    async def submit(self, model_id: str, input: dict, *, paced: bool = False) -> Submitted:
+        """POST a job. Raises `SubmitOutcomeUnknown` when a job may exist despite the failure. `paced`: its
+        place in the rate limit was taken with `turn`."""
         body = json.dumps(input).encode()  # before sending: a bad input must fail with nothing sent
-        return await self._call("submit", "POST", ("v1", "models", *_model_path(model_id)), body)
+        return await self._call("submit", "POST", ("v1", "models", *_model_path(model_id)), body, paced=paced)
 
     async def model(self, model_id: str) -> dict:
         """GET /v1/models/{model_id}: the model's catalogue entry (price and input schema) as a JSON object."""
@@ -602,12 +610,12 @@ class Client:
         return await self._call("cancel", "POST", path, request_id=request_id)
 
     async def _call(self, call: str, method: str, path: tuple[str, ...], body: bytes | None = None,
-                    query: str = "", request_id: str = "") -> Any:
+                    query: str = "", request_id: str = "", paced: bool = False) -> Any:
         url = URL(f"{self._base}/{'/'.join(path)}" + (f"?{query}" if query else ""), encoded=True)
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        if self._limiter is not None:
+        if self._limiter is not None and not paced:
             async with self._limiter:
                 answer = await self._send(call, method, url, headers, body)
         else:

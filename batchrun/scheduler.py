@@ -527,13 +527,19 @@ class Scheduler:
                 async with self._pacer.turn():
                     if self._must_not_send():  # the stop came while this job waited for its turn
                         raise _OutOfTime()
+                    # Its place in the rate limit before its intent: a job waiting for the limit (seconds,
+                    # for many jobs at a few calls per second) has recorded nothing and is sent nothing
+                    # once the run is told to stop; after its intent only the POST itself remains.
+                    await self.client.turn()
+                    if self._must_not_send():
+                        raise _OutOfTime()
                     await self._intents.commit(job.id)
                     if self._must_not_send():  # the stop came while its intent waited for its commit
                         self._intents.withdraw(job.id)
                         raise _OutOfTime()
                     crashpoint("after_intent")
                     self.calls["submit"] += 1
-                    submitted = await self.client.submit(self.manifest.model_of(job).model_id, payload)
+                    submitted = await self.client.submit(self.manifest.model_of(job).model_id, payload, paced=True)
             except SubmitOutcomeUnknown as exc:
                 self._reached()
                 self.ledger.set_state(job.id, "unknown", error=("unknown", str(exc)))

@@ -610,6 +610,16 @@ async def test_limiter_is_entered_once_per_call(server, session):
     assert limiter.entered == 5 and not limiter.inside
 
 
+async def test_a_submit_whose_place_was_taken_with_turn_enters_the_limiter_once(server, session):
+    limiter = CountingLimiter()
+    client = Client(session, server.base_url, TOKEN, limiter=limiter)
+    server.reply(200, {"request_id": "r-1", "status": "in_queue"})
+    await client.turn()
+    assert limiter.entered == 1 and not server.seen  # the place is taken, nothing sent yet
+    await client.submit(MODEL, {"prompt": "x"}, paced=True)
+    assert limiter.entered == 1 and len(server.seen) == 1
+
+
 async def test_limiter_is_not_entered_when_nothing_can_be_sent(server, session):
     limiter = CountingLimiter()
     client = Client(session, server.base_url, TOKEN, limiter=limiter)

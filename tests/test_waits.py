@@ -106,6 +106,32 @@ async def test_a_signal_ends_a_submit_waiting_out_a_429_at_once_and_nothing_is_s
     assert _status_json(out)["spent_usd"] == 0
 
 
+async def test_ctrl_c_while_submits_wait_for_the_rate_limit_sends_none_of_them_and_records_nothing(tmp_path):
+    """Real time: 12 jobs at 2 API calls per second; Ctrl-C once the first POSTs went. The jobs still
+    waiting for their place in the rate limit had recorded no intent: none is sent, each stays pending
+    with no attempt counted (not `unknown`, which would ask the user to look for a job never made)."""
+    manifest = write_manifest(tmp_path, jobs(12), concurrency=12, requests_per_second=2)
+    out = tmp_path / "out"
+    async with Sandbox(video_bytes=VIDEO, render_seconds=0.0) as sandbox:
+
+        async def interrupt_after_two_posts() -> None:
+            while sandbox.posts_total < 2:
+                await asyncio.sleep(0.005)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        killer = asyncio.create_task(interrupt_after_two_posts())
+        outcome = await run_manifest(load_manifest(manifest), base_url=sandbox.base_url, token=TOKEN,
+                                     options=RunOptions(preflight=False), stream=io.StringIO(), progress=False,
+                                     handle_signals=True)
+        await killer
+        posted = sandbox.posts_total
+    assert outcome.exit_code == 130
+    assert posted <= 3  # at most one more passed the limit as the signal came
+    rows = results(out)
+    assert sum(row["submissions"] for row in rows.values()) == posted
+    assert sorted(row["state"] for row in rows.values()) == ["done"] * posted + ["pending"] * (12 - posted)
+
+
 # -- Retry-After as an HTTP-date is read on the server's clock ------------------------------------
 
 
