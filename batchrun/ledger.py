@@ -568,7 +568,8 @@ _MORE_OUTPUTS = "SELECT 1 FROM outputs c WHERE c.job_id = j.id AND c.idx <> 0"
 
 
 class LedgerWriteError(LedgerError):
-    """A ledger write failed (disk full, I/O error): the run cannot record what happens, so it stops."""
+    """A ledger write failed (disk full, I/O error, locked, or a constraint broken by a change made outside
+    batchrun): the run cannot record what happens, so it stops."""
 
 
 class Ledger:
@@ -592,6 +593,9 @@ class Ledger:
         self._queued_requests: list[tuple[str, str]] = []  # (job id, request id) of queued request ids
         # Intents not yet committed, by job: their two queued statements and the job's state before them.
         self._queued_intents: dict[str, tuple[list[tuple[str, Any, bool]], str | None]] = {}
+        # For an intent of a job that was not `pending` (resubmitted `unknown`, retried `failed`): the
+        # statement that gives its row back what the intent overwrote, and that state (`withdraw_intent`).
+        self._undo_intents: dict[str, tuple[tuple[str, Any, bool], str]] = {}
         self._commit_handle: asyncio.Handle | None = None
         self._commit_at = 0.0  # the loop time the scheduled commit comes at
         self.ride_seconds = RIDE_SECONDS
@@ -803,7 +807,7 @@ class Ledger:
             finally:
                 if durable:
                     self.conn.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:  # disk full, locked, I/O; or a row changed outside batchrun (a constraint)
             error = LedgerWriteError(f"cannot write the ledger {self.path}: {exc}")
             if carry and (statements or waiters):
                 self._lost(waiters, requests, error)
@@ -1190,22 +1194,41 @@ class Ledger:
         Send the POST only after awaiting it; if the job stops waiting first, call `withdraw_intent`.
         Needs `group_commits`."""
         assert self._loop is not None, "mark_submitting_soon needs group_commits()"
+        self._read_states()
+        before = self._states.get(job_id)
+        if before in (None, "pending"):
+            self._undo_intents.pop(job_id, None)  # one left by an earlier attempt of this run is not this one's
+        else:
+            self._undo_intents[job_id] = (self._undo_statement(job_id), before)
         now = utc_now()
         statements = [(self._SUBMITTING, (now, int(simulated), now, job_id), False),
                       ("DELETE FROM outputs WHERE job_id=?", (job_id,), False)]
         self._queued.extend(statements)
-        self._read_states()
-        self._queued_intents[job_id] = (statements, self._states.get(job_id))
+        self._queued_intents[job_id] = (statements, before)
         waiter = self._loop.create_future()
         self._durable_waiters.append(waiter)
         self._moved(job_id, "submitting")
         self._schedule(within)
         return waiter
 
+    # The columns the intent (`_SUBMITTING`) overwrites, besides `state` and `submissions`.
+    _UNDONE = ("submitted_at", "request_id", "error_kind", "error_message", "cost_usd", "remote_status",
+               "started_at", "finished_at", "downloaded_at", "output_urls", "simulated", "cost_flag")
+
+    def _undo_statement(self, job_id: str) -> tuple[str, Any, bool]:
+        """An UPDATE giving the job's row back its columns as they are now, for after its intent."""
+        self.flush()
+        row = self.conn.execute(f"SELECT state, {', '.join(self._UNDONE)} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        assignments = ", ".join(f"{column}=?" for column in self._UNDONE)
+        return (f"UPDATE jobs SET state=?, submissions=submissions-1, {assignments}, updated_at=? WHERE id=?"
+                " AND state='submitting'", (*tuple(row), utc_now(), job_id), False)
+
     def withdraw_intent(self, job_id: str, waiter: asyncio.Future | None) -> None:
         """The job will not send the POST its intent (`mark_submitting_soon`) was for. Still queued, the
-        intent is dropped as if never made; already committed, the job goes back to `pending` with its
-        attempt uncounted, at the end of this turn: nothing was sent, so nothing is held back."""
+        intent is dropped as if never made; already committed, the job gets back the state it had (a new
+        job `pending`, a resubmitted one `unknown` with its error...) with the attempt uncounted, at the
+        end of this turn: nothing was sent, so nothing is held back, and nothing is forgotten."""
+        undo = self._undo_intents.pop(job_id, None)
         queued = self._queued_intents.pop(job_id, None)
         if queued is not None:
             statements, before = queued
@@ -1217,9 +1240,13 @@ class Ledger:
             else:
                 self._moved(job_id, before)
             return
-        self._queue([("UPDATE jobs SET state='pending', submissions=submissions-1, updated_at=? WHERE id=?"
-                      " AND state='submitting'", (utc_now(), job_id), False)], soon=True)
-        self._moved(job_id, "pending")
+        if undo is None:
+            self._queue([("UPDATE jobs SET state='pending', submissions=submissions-1, updated_at=? WHERE id=?"
+                          " AND state='submitting'", (utc_now(), job_id), False)], soon=True)
+            self._moved(job_id, "pending")
+        else:
+            self._queue([undo[0]], soon=True)
+            self._moved(job_id, undo[1])
 
     def mark_submitted(self, job_id: str, request_id: str) -> None:
         """Record the request id the API gave. Committed at once, or, while commits are grouped, by the

@@ -124,6 +124,60 @@ async def test_an_intent_rides_the_request_ids_commit_and_a_withdrawn_one_leaves
     ledger.close()
 
 
+def _row(folder: Path, job_id: str) -> dict:
+    conn = sqlite3.connect(f"file:{folder / LEDGER_NAME}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return dict(conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+    finally:
+        conn.close()
+
+
+async def test_a_committed_intent_withdrawn_gives_a_resubmitted_job_back_what_it_was(tmp_path):
+    """A job resubmitted on request (`unknown`) or retried (`failed`), stopped after its intent's commit
+    and before its POST: it is again what it was, so no later run takes it for a job never sent (and
+    pays for it again without being asked) and `adopt` can still attach what its first POST made."""
+    ledger = Ledger.open(tmp_path)
+    _add(ledger, "u", "f")
+    ledger.mark_submitting(["u", "f"])
+    ledger.set_state("u", "unknown", error=("unknown", "submit: no answer (the connection dropped)"))
+    ledger.mark_submitted("f", "req-f")
+    ledger.set_state("f", "failed", error=("remote", "content policy"), remote_status="failed")
+    before = {job_id: _row(tmp_path, job_id) for job_id in ("u", "f")}
+    with ledger.group_commits():
+        for job_id in ("u", "f"):
+            await ledger.mark_submitting_soon(job_id)
+            assert _row(tmp_path, job_id)["state"] == "submitting"
+            ledger.withdraw_intent(job_id, None)
+        await asyncio.sleep(0)
+    for job_id in ("u", "f"):
+        after = _row(tmp_path, job_id)
+        assert {k: v for k, v in after.items() if k != "updated_at"} == \
+            {k: v for k, v in before[job_id].items() if k != "updated_at"}
+        assert ledger.state_of(job_id) == before[job_id]["state"]
+    ledger.close()
+
+
+async def test_a_commit_a_change_outside_batchrun_breaks_stops_the_run_with_a_message(tmp_path):
+    """A job's row deleted with the sqlite3 shell while the run works on it: the commit carrying its
+    outputs breaks a constraint. The run is told (and stops) as for any write that fails: no traceback."""
+    ledger = Ledger.open(tmp_path)
+    _add(ledger, "a", "b")
+    failures: list[LedgerWriteError] = []
+    ledger.on_write_error = failures.append
+    other = sqlite3.connect(tmp_path / LEDGER_NAME, isolation_level=None)
+    other.execute("DELETE FROM jobs WHERE id='a'")
+    other.close()
+    with ledger.group_commits():
+        ledger.mark_done("a", [Output(0, "a.mp4", 10, "f" * 64)])
+        await asyncio.sleep(ledger.ride_seconds * 3)
+    assert len(failures) == 1 and "FOREIGN KEY" in str(failures[0])
+    with pytest.raises(LedgerWriteError, match="cannot write the ledger .*FOREIGN KEY"):  # not grouped: raised
+        ledger.mark_done("a", [Output(0, "a.mp4", 10, "f" * 64)])
+    assert ledger.state_of("b") == "pending"
+    ledger.close()
+
+
 async def test_an_intent_waits_no_longer_than_it_was_given_and_a_sooner_commit_takes_it(tmp_path):
     """A run gives its intents a fifth of its shortest poll interval (20 ms at most): a POST's delay well
     below what polling resolves. Any commit due sooner carries the intents already waiting."""
