@@ -593,9 +593,10 @@ class Ledger:
         self._queued_requests: list[tuple[str, str]] = []  # (job id, request id) of queued request ids
         # Intents not yet committed, by job: their two queued statements and the job's state before them.
         self._queued_intents: dict[str, tuple[list[tuple[str, Any, bool]], str | None]] = {}
-        # For an intent of a job that was not `pending` (resubmitted `unknown`, retried `failed`): the
-        # statement that gives its row back what the intent overwrote, and that state (`withdraw_intent`).
-        self._undo_intents: dict[str, tuple[tuple[str, Any, bool], str]] = {}
+        # For an intent of a job that was not `pending` (resubmitted `unknown`, retried `failed`): its row's
+        # columns the intent overwrites, as they were (`_UNDONE`, state first), for `withdraw_intent` and
+        # `mark_not_sent` to give back.
+        self._undo_intents: dict[str, tuple[Any, ...]] = {}
         self._commit_handle: asyncio.Handle | None = None
         self._commit_at = 0.0  # the loop time the scheduled commit comes at
         self.ride_seconds = RIDE_SECONDS
@@ -1199,7 +1200,9 @@ class Ledger:
         if before in (None, "pending"):
             self._undo_intents.pop(job_id, None)  # one left by an earlier attempt of this run is not this one's
         else:
-            self._undo_intents[job_id] = (self._undo_statement(job_id), before)
+            self.flush()
+            self._undo_intents[job_id] = tuple(self.conn.execute(
+                f"SELECT state, {', '.join(self._UNDONE)} FROM jobs WHERE id=?", (job_id,)).fetchone())
         now = utc_now()
         statements = [(self._SUBMITTING, (now, int(simulated), now, job_id), False),
                       ("DELETE FROM outputs WHERE job_id=?", (job_id,), False)]
@@ -1215,22 +1218,26 @@ class Ledger:
     _UNDONE = ("submitted_at", "request_id", "error_kind", "error_message", "cost_usd", "remote_status",
                "started_at", "finished_at", "downloaded_at", "output_urls", "simulated", "cost_flag")
 
-    def _undo_statement(self, job_id: str) -> tuple[str, Any, bool]:
-        """An UPDATE giving the job's row back its columns as they are now, for after its intent."""
-        self.flush()
-        row = self.conn.execute(f"SELECT state, {', '.join(self._UNDONE)} FROM jobs WHERE id=?", (job_id,)).fetchone()
+    def _give_back(self, job_id: str, uncount: int) -> bool:
+        """Queue (to commit at the end of this turn) the row the job had before its intent, if it was not
+        `pending`, with `uncount` (0 or 1) taken off its submissions; False if there is none to give back."""
+        row = self._undo_intents.pop(job_id, None)
+        if row is None:
+            return False
         assignments = ", ".join(f"{column}=?" for column in self._UNDONE)
-        return (f"UPDATE jobs SET state=?, submissions=submissions-1, {assignments}, updated_at=? WHERE id=?"
-                " AND state='submitting'", (*tuple(row), utc_now(), job_id), False)
+        self._queue([(f"UPDATE jobs SET state=?, submissions=submissions-?, {assignments}, updated_at=? WHERE id=?"
+                      " AND state='submitting'", (row[0], uncount, *row[1:], utc_now(), job_id), False)], soon=True)
+        self._moved(job_id, row[0])
+        return True
 
     def withdraw_intent(self, job_id: str, waiter: asyncio.Future | None) -> None:
         """The job will not send the POST its intent (`mark_submitting_soon`) was for. Still queued, the
         intent is dropped as if never made; already committed, the job gets back the state it had (a new
         job `pending`, a resubmitted one `unknown` with its error...) with the attempt uncounted, at the
         end of this turn: nothing was sent, so nothing is held back, and nothing is forgotten."""
-        undo = self._undo_intents.pop(job_id, None)
         queued = self._queued_intents.pop(job_id, None)
         if queued is not None:
+            self._undo_intents.pop(job_id, None)
             statements, before = queued
             self._queued = [s for s in self._queued if all(s is not mine for mine in statements)]
             self._durable_waiters = [w for w in self._durable_waiters if w is not waiter]
@@ -1240,13 +1247,10 @@ class Ledger:
             else:
                 self._moved(job_id, before)
             return
-        if undo is None:
+        if not self._give_back(job_id, 1):
             self._queue([("UPDATE jobs SET state='pending', submissions=submissions-1, updated_at=? WHERE id=?"
                           " AND state='submitting'", (utc_now(), job_id), False)], soon=True)
             self._moved(job_id, "pending")
-        else:
-            self._queue([undo[0]], soon=True)
-            self._moved(job_id, undo[1])
 
     def mark_submitted(self, job_id: str, request_id: str) -> None:
         """Record the request id the API gave. Committed at once, or, while commits are grouped, by the
@@ -1256,6 +1260,7 @@ class Ledger:
         `unknown`: it can cost a result to look up by hand, never a second payment. Forcing it to disk
         here would double the fsyncs of every job."""
         now = utc_now()
+        self._undo_intents.pop(job_id, None)
         if self._loop is not None:
             self._queued_requests.append((job_id, request_id))
         self._queue([
@@ -1280,8 +1285,13 @@ class Ledger:
         self._moved(job_id, "queued")
 
     def mark_not_sent(self, job_id: str, kind: str, message: str, *, reached_server: bool) -> None:
-        """The POST certainly created no job: back to pending (the attempt counts only if it was sent).
-        Committed as `mark_submitted` is."""
+        """The POST certainly created no job: the job is back to what it was before this attempt (the
+        attempt counts only if it was sent). A new job goes `pending` with this error; one resubmitted
+        or retried on request gets its row back as it was, `unknown` or `failed`, so that no later run
+        takes it for a job never sent: an earlier POST of it may have created a job (the error is in the
+        log). Committed as `mark_submitted` is."""
+        if self._give_back(job_id, 0 if reached_server else 1):
+            return
         self._queue([(
             "UPDATE jobs SET state='pending', submissions=submissions-?, error_kind=?, error_message=?,"
             " updated_at=? WHERE id=?", (0 if reached_server else 1, kind, message, utc_now(), job_id), False)],

@@ -211,7 +211,7 @@ class ReviewApp:
             made = takes.request_more(self.manifest, self.ledger, [job_id], count)
         except KeyError:
             return _problem(404, f"no job {job_id!r} in the manifest")
-        except ValueError as exc:
+        except (ValueError, LedgerError) as exc:
             return _problem(400, str(exc))
         return web.json_response({"asked": made})
 

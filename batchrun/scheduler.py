@@ -465,7 +465,10 @@ class Scheduler:
             payload = await asyncio.to_thread(job.api_input) if job.local_files else job.api_input()
         except LocalFileError as exc:
             # Nothing was sent, so nothing is held back: the next run submits the job with its file as it is then.
-            self.ledger.set_state(job.id, "pending", error=("local_file", str(exc)))
+            # A job resubmitted or retried on request keeps its state (`unknown`: an earlier POST may have
+            # created it, so no later run may take it for a job never sent).
+            if self.ledger.state_of(job.id) == "pending":
+                self.ledger.set_state(job.id, "pending", error=("local_file", str(exc)))
             self.problems.add(job.id)
             log.warning("%s: not submitted: %s", job.id, exc)
             return None

@@ -4,6 +4,7 @@ store, and that the run afterwards submits exactly the asked takes."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import urllib.error
 import urllib.request
 
@@ -81,6 +82,27 @@ async def test_decisions_and_rerolls_are_stored_and_the_next_run_submits_exactly
     assert rows["cliff-t4"]["state"] == "done" and rows["cliff-t4"]["take"] == 4
     code, said, _ = await cli(["export", str(out), "--picked"])
     assert code == 0 and '"id": "harbor-t2"' in said and said.count("\n") == 1
+
+
+@pytest.fixture
+def own_batch(tmp_path):
+    return make_reviewed_batch(tmp_path)
+
+
+async def test_a_reroll_the_ledger_refuses_is_a_400_saying_why_not_a_crash(own_batch, session):
+    """A trigger added by hand refuses new takes: the page gets the reason, the server keeps serving."""
+    batch = own_batch
+    out = batch.parent / "out"
+    conn = sqlite3.connect(out / "ledger.sqlite")
+    conn.execute("CREATE TRIGGER no_rerolls BEFORE INSERT ON rerolls BEGIN SELECT RAISE(ABORT, 'closed by hand'); END")
+    conn.commit()
+    conn.close()
+    async with ReviewServer(out, load_manifest(batch)) as server:
+        base, token = server.url.split("/?")[0], server.app.token
+        async with session.post(f"{base}/api/reroll?token={token}", json={"id": "cliff", "takes": 1}) as r:
+            assert r.status == 400 and "closed by hand" in (await r.json())["error"]
+        async with session.get(f"{base}/api/jobs?token={token}") as r:
+            assert r.status == 200
 
 
 async def test_review_without_a_ledger_is_a_usage_error(tmp_path):

@@ -371,6 +371,33 @@ async def test_lost_submit_answer_is_unknown_and_only_resubmitted_when_asked(tmp
         assert sandbox.jobs_for(model_input(manifest, "fine")) == 1
 
 
+async def test_a_resubmit_refused_keeps_the_job_unknown_so_no_later_run_pays_for_it_again(tmp_path):
+    """`--resubmit-unknown`, and the API refuses that POST (429) until max_wait: it created nothing, but
+    the job's first POST may have. It stays `unknown` with its error: a plain run holds it, and `adopt`
+    can still attach the job the first POST made. (It went `pending`, and the next run paid again.)"""
+    manifest = write_manifest(tmp_path, [job("lost")], concurrency=1, max_wait=5)
+    out = tmp_path / "out"
+    lost_input = model_input(manifest, "lost")
+    clock = FakeClock()
+    async with Sandbox(video_bytes=VIDEO, faults=Faults(lose_submit_answer=1), clock=clock) as sandbox:
+        await run(manifest, sandbox, clock=clock)
+        before = results(out)["lost"]
+        assert before["state"] == "unknown" and sandbox.jobs_for(lost_input) == 1
+
+        sandbox.faults.rate_limit_every, sandbox.faults.retry_after = 1, "1000"
+        refused, said = await run(manifest, sandbox, clock=clock, options=RunOptions(resubmit_unknown=True))
+        row = results(out)["lost"]
+        assert sandbox.posts_for(lost_input) == 2 and sandbox.jobs_for(lost_input) == 1
+        assert row["state"] == "unknown" and row["error"] == before["error"], said
+        assert row["submissions"] == 2  # the refused POST was sent: it counts
+
+        sandbox.faults.rate_limit_every = 0
+        again, said = await run(manifest, sandbox, clock=clock)
+        assert sandbox.posts_for(lost_input) == 2  # held, not paid for again
+        assert results(out)["lost"]["state"] == "unknown"
+        assert "'batchrun adopt MANIFEST lost REQUEST_ID' collects it" in said
+
+
 # -- the concurrency cap -----------------------------------------------------------------------
 
 
