@@ -573,6 +573,11 @@ class Client:
         API's own: see `servertext.server_text`, with this client's token blanked out."""
         return server_text(text, limit, (self._token,))
 
+    def turn_free(self) -> bool:
+        """Whether `turn` would take a place now, without waiting (no limit, or it has room)."""
+        has_capacity = getattr(self._limiter, "has_capacity", None)
+        return self._limiter is None or (has_capacity is not None and has_capacity())
+
     async def turn(self) -> None:
         """Wait for the rate limit's next place and take it, for one `submit(..., paced=True)`: a caller that
         must do something between that wait and the POST (record the job's intent) waits first."""

@@ -334,6 +334,38 @@ class Scheduler:
             raise _OutOfTime
         return wake is not None and wake.is_set()
 
+    async def _rate_turn(self) -> None:
+        """Take this POST's place in the API rate limit, waiting as a submit's nap does: the wait ends
+        with `_OutOfTime` at once when submitting stops (Ctrl-C, a cancel, an auth error) or at `max_wait`,
+        and the place is then left to the polls of the jobs in flight."""
+        if self.client.turn_free():  # the usual case: no task, no wait
+            await self.client.turn()
+            return
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        nap = loop.create_future()
+        turn = loop.create_task(self.client.turn())
+        turn.add_done_callback(lambda _: _end_nap(nap))
+        left = self._time_left()
+        sleeper = loop.create_task(self.sleep(max(0.0, left))) if left is not None else None
+        if sleeper is not None:
+            sleeper.add_done_callback(lambda _: _end_nap(nap))
+        self._stopping.naps.add(nap)
+        try:
+            await nap
+        finally:
+            self._stopping.naps.discard(nap)
+            if sleeper is not None:
+                sleeper.cancel()
+            waited_out = not turn.done()
+            if waited_out:
+                turn.cancel()
+        if self._stopping.is_set():
+            raise _OutOfTime
+        if waited_out:  # max_wait came first
+            self.stop_submitting("deadline")
+            raise _OutOfTime
+        turn.result()
+
     async def _retry_nap(self, seconds: float) -> None:
         await self._nap(seconds)
 
@@ -533,7 +565,7 @@ class Scheduler:
                     # Its place in the rate limit before its intent: a job waiting for the limit (seconds,
                     # for many jobs at a few calls per second) has recorded nothing and is sent nothing
                     # once the run is told to stop; after its intent only the POST itself remains.
-                    await self.client.turn()
+                    await self._rate_turn()
                     if self._must_not_send():
                         raise _OutOfTime()
                     await self._intents.commit(job.id)

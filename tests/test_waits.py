@@ -132,6 +132,20 @@ async def test_ctrl_c_while_submits_wait_for_the_rate_limit_sends_none_of_them_a
     assert sorted(row["state"] for row in rows.values()) == ["done"] * posted + ["pending"] * (12 - posted)
 
 
+async def test_max_wait_ends_the_waits_for_the_rate_limit_too(tmp_path):
+    """Real time: 12 jobs at 2 API calls per second, max_wait 1.2 s. The jobs still waiting for their place
+    in the rate limit at the deadline are not sent (they all were, seconds past it) and stay pending."""
+    manifest = write_manifest(tmp_path, jobs(12), concurrency=12, requests_per_second=2, max_wait=1.2)
+    async with Sandbox(video_bytes=VIDEO, render_seconds=0.0) as sandbox:
+        outcome, said = await run(manifest, sandbox)
+        posted = sandbox.posts_total
+    assert posted <= 5, said  # 2 at once, then one every 0.5 s until the deadline
+    assert any("max_wait reached" in line for line in outcome.lines)
+    rows = results(tmp_path / "out")
+    assert sum(row["submissions"] for row in rows.values()) == posted
+    assert [row["state"] for row in rows.values()].count("pending") == 12 - posted
+
+
 # -- Retry-After as an HTTP-date is read on the server's clock ------------------------------------
 
 
