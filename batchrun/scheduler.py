@@ -626,7 +626,10 @@ class Scheduler:
             except ApiError as exc:  # rejected input, unknown model: nothing was created
                 self._reached()
                 self.ledger.mark_not_sent(job.id, exc.kind, str(exc), reached_server=True)
-                self.ledger.set_state(job.id, "failed", error=(exc.kind, str(exc)))
+                # Not a job resubmitted while its earlier POST may have created one (`unknown`, or
+                # `submitting` from a run that died): it stays so, to adopt or resubmit knowingly.
+                if self.ledger.state_of(job.id) not in ("unknown", "submitting"):
+                    self.ledger.set_state(job.id, "failed", error=(exc.kind, str(exc)))
                 self._release(estimate)
                 log.warning("%s: failed: %s", job.id, exc)
                 return None

@@ -7,6 +7,7 @@ and what the sandbox (the "server") says it received and created.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -14,8 +15,10 @@ import time
 from email.utils import formatdate
 
 import pytest
+from aiohttp import web
 from helpers import (
     IMAGE,
+    TOKEN,
     FakeClock,
     assert_done,
     assert_spend_consistent,
@@ -32,6 +35,7 @@ from helpers import (
 from batchrun.ledger import Ledger
 from batchrun.manifest import load_manifest
 from batchrun.plan import RunOptions
+from batchrun.run import run_manifest
 from batchrun.sandbox import Faults, Sandbox
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40  # ~10 KB, distinct from the sample
@@ -396,6 +400,44 @@ async def test_a_resubmit_refused_keeps_the_job_unknown_so_no_later_run_pays_for
         assert sandbox.posts_for(lost_input) == 2  # held, not paid for again
         assert results(out)["lost"]["state"] == "unknown"
         assert "'batchrun adopt MANIFEST lost REQUEST_ID' collects it" in said
+
+
+async def test_a_resubmit_rejected_as_invalid_keeps_the_job_unknown(tmp_path):
+    """`--resubmit-unknown`, and an API that now rejects the input (422): nothing new was created, but the
+    first POST may have made a job. The job stays `unknown` (not `failed`): adopt still collects it."""
+    manifest = write_manifest(tmp_path, [job("lost")], concurrency=1)
+    out = tmp_path / "out"
+    async with Sandbox(video_bytes=VIDEO, faults=Faults(lose_submit_answer=1)) as sandbox:
+        await run(manifest, sandbox)
+    before = results(out)["lost"]
+    assert before["state"] == "unknown"
+
+    posts = []
+
+    async def reject(request: web.Request) -> web.Response:
+        posts.append(request.path)
+        return web.json_response({"error_code": 422001, "error_message": "validation error: prompt"}, status=422)
+
+    async def balance(request: web.Request) -> web.Response:
+        return web.json_response({"balance_usd": 100.0, "balance_microdollars": 100_000_000, "currency": "USD"})
+
+    app = web.Application()
+    app.router.add_post("/v1/models/{path:.*}", reject)
+    app.router.add_get("/prod/v2/balance", balance)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        outcome = await run_manifest(load_manifest(manifest), base_url=base, token=TOKEN,
+                                     options=RunOptions(preflight=False, resubmit_unknown=True),
+                                     stream=io.StringIO(), progress=False)
+    finally:
+        await runner.cleanup()
+    assert len(posts) == 1 and outcome.exit_code != 0
+    row = results(out)["lost"]
+    assert row["state"] == "unknown" and row["error"] == before["error"]
 
 
 # -- the concurrency cap -----------------------------------------------------------------------
