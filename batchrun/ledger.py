@@ -1195,8 +1195,7 @@ class Ledger:
         Send the POST only after awaiting it; if the job stops waiting first, call `withdraw_intent`.
         Needs `group_commits`."""
         assert self._loop is not None, "mark_submitting_soon needs group_commits()"
-        self._read_states()
-        before = self._states.get(job_id)
+        before = self.state_of(job_id)
         if before in (None, "pending"):
             self._undo_intents.pop(job_id, None)  # one left by an earlier attempt of this run is not this one's
         else:
@@ -1247,10 +1246,7 @@ class Ledger:
             else:
                 self._moved(job_id, before)
             return
-        if not self._give_back(job_id, 1):
-            self._queue([("UPDATE jobs SET state='pending', submissions=submissions-1, updated_at=? WHERE id=?"
-                          " AND state='submitting'", (utc_now(), job_id), False)], soon=True)
-            self._moved(job_id, "pending")
+        self.mark_not_sent(job_id, None, None, reached_server=False)
 
     def mark_submitted(self, job_id: str, request_id: str) -> None:
         """Record the request id the API gave. Committed at once, or, while commits are grouped, by the
@@ -1284,12 +1280,12 @@ class Ledger:
                              (job_id, request_id, now))
         self._moved(job_id, "queued")
 
-    def mark_not_sent(self, job_id: str, kind: str, message: str, *, reached_server: bool) -> None:
+    def mark_not_sent(self, job_id: str, kind: str | None, message: str | None, *, reached_server: bool) -> None:
         """The POST certainly created no job: the job is back to what it was before this attempt (the
-        attempt counts only if it was sent). A new job goes `pending` with this error; one resubmitted
-        or retried on request gets its row back as it was, `unknown` or `failed`, so that no later run
-        takes it for a job never sent: an earlier POST of it may have created a job (the error is in the
-        log). Committed as `mark_submitted` is."""
+        attempt counts only if it was sent). A new job goes `pending` with this error (None: none); one
+        resubmitted or retried on request gets its row back as it was, `unknown` or `failed`, so that no
+        later run takes it for a job never sent: an earlier POST of it may have created a job (the error
+        is in the log). Committed as `mark_submitted` is."""
         if self._give_back(job_id, 0 if reached_server else 1):
             return
         self._queue([(

@@ -335,35 +335,20 @@ class Scheduler:
         return wake is not None and wake.is_set()
 
     async def _rate_turn(self) -> None:
-        """Take this POST's place in the API rate limit, waiting as a submit's nap does: the wait ends
-        with `_OutOfTime` at once when submitting stops (Ctrl-C, a cancel, an auth error) or at `max_wait`,
-        and the place is then left to the polls of the jobs in flight."""
+        """Take this POST's place in the API rate limit, waiting as a submit's nap does (`_nap`): the wait
+        ends with `_OutOfTime` at once when submitting stops (Ctrl-C, a cancel, an auth error) or at
+        `max_wait`, and the place is then left to the polls of the jobs in flight."""
         if self.client.turn_free():  # the usual case: no task, no wait
             await self.client.turn()
             return
-        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
-        nap = loop.create_future()
-        turn = loop.create_task(self.client.turn())
-        turn.add_done_callback(lambda _: _end_nap(nap))
-        left = self._time_left()
-        sleeper = loop.create_task(self.sleep(max(0.0, left))) if left is not None else None
-        if sleeper is not None:
-            sleeper.add_done_callback(lambda _: _end_nap(nap))
-        self._stopping.naps.add(nap)
+        turn = (self._loop or asyncio.get_running_loop()).create_task(self.client.turn())
+        taken = _Signal()
+        turn.add_done_callback(lambda _: taken.set())
         try:
-            await nap
+            while not turn.done():  # naps clipped to max_wait; the next one past it raises
+                await self._nap(3600.0, submit=True, clip=True, wake=taken)
         finally:
-            self._stopping.naps.discard(nap)
-            if sleeper is not None:
-                sleeper.cancel()
-            waited_out = not turn.done()
-            if waited_out:
-                turn.cancel()
-        if self._stopping.is_set():
-            raise _OutOfTime
-        if waited_out:  # max_wait came first
-            self.stop_submitting("deadline")
-            raise _OutOfTime
+            turn.cancel()  # (a no-op once it is done)
         turn.result()
 
     async def _retry_nap(self, seconds: float) -> None:
