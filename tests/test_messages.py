@@ -172,3 +172,16 @@ def test_the_bar_of_a_rerun_starts_at_the_jobs_already_done():
     bar.close()
     shown = stream.getvalue()
     assert "3/4" in shown and "committed=$1.26" in shown
+
+
+def test_a_warning_while_a_bar_is_drawn_is_one_whole_line_and_the_bar_comes_back():
+    from batchrun.progress import Progress, write_line
+
+    stream = io.StringIO()
+    bar = Progress(4, lambda: {"done": 1, "queued": 3}, lambda: 1.68, stream=stream, bar=True)
+    write_line("batchrun: clip-02: slow storage", stream)
+    bar.close()
+    shown = stream.getvalue()
+    at = shown.index("batchrun: clip-02: slow storage\n")
+    assert shown[at - 1] in "\r\n"  # the bar's line was cleared first: not glued to the end of the bar
+    assert shown.rindex("1/4") > at  # drawn again after the line
